@@ -1,0 +1,175 @@
+"""Typed configuration: dataclasses filled from YAML plus `key.sub=value` overrides.
+
+Every config is a tree of (frozen-free) dataclasses. Loading walks the tree, so an unknown key
+or a value of the wrong type is an error that names the full key path and lists the valid keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config's dataclass."""
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any, path: str) -> Any:
+    """Convert a YAML value to `annotation`, or raise ConfigError naming `path`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"`{path}`: {value!r} fits none of {args}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"`{path}` must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"`{path}` must be a mapping of {annotation.__name__} fields, got {value!r}")
+        return from_dict(annotation, value, prefix=path)
+    if origin in (list, tuple, Sequence) or annotation in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"`{path}` must be a list, got {value!r}")
+        item_type = args[0] if args else Any
+        items = [_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or annotation is tuple else items
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"`{path}` must be a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"`{path}` must be a bool (true/false), got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"`{path}` must be an int, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"`{path}` must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"`{path}` must be a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict, *, prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError."""
+    types_by_name = _field_types(cls)
+    unknown = sorted(set(data) - set(types_by_name))
+    if unknown:
+        where = f"`{prefix}`" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown config key {_join(prefix, unknown[0])!r} at {where}; "
+            f"valid keys: {', '.join(sorted(types_by_name))}"
+        )
+    kwargs = {name: _coerce(value, types_by_name[name], _join(prefix, name)) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config) -> dict:
+    """The config as plain nested dicts/lists (YAML-serialisable)."""
+    return dataclasses.asdict(config)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into (["a", "b", "c"], value), the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Set each `key.sub=value` in a nested dict (creating intermediate mappings)."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: `{key}` is not a mapping")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Load `cls` from a YAML file (or defaults when `path` is None) and apply overrides.
+
+    Errors name the file and the offending key.
+    """
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    data = apply_overrides(data, overrides)
+    try:
+        return _merge_defaults(cls, data)
+    except ConfigError as err:
+        source = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{source}{err}") from None
+
+
+def _merge_defaults(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Like from_dict, but nested dataclass fields absent from `data` keep their defaults
+    while present ones are merged field by field."""
+    types_by_name = _field_types(cls)
+    unknown = sorted(set(data) - set(types_by_name))
+    if unknown:
+        where = f"`{prefix}`" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown config key {_join(prefix, unknown[0])!r} at {where}; "
+            f"valid keys: {', '.join(sorted(types_by_name))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        annotation = types_by_name[name]
+        if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+            kwargs[name] = _merge_defaults(annotation, value, _join(prefix, name))
+        else:
+            kwargs[name] = _coerce(value, annotation, _join(prefix, name))
+    return cls(**kwargs)
