@@ -1,0 +1,46 @@
+"""The `rlhf-jax` command: one subcommand per pipeline stage.
+
+    rlhf-jax STAGE [--config configs/NAME.yaml] [--resume] [key.sub=value ...]
+
+Each stage is a function `run(config_path, overrides, *, resume) -> dict` in its own module,
+imported only when its subcommand runs, so `rlhf-jax --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rlhf_jax.pipeline.config import ConfigError
+
+# subcommand -> (module, function, one-line help)
+STAGES: dict[str, tuple[str, str, str]] = {
+    "classic": ("rlhf_jax.classic.run", "run_classic", "PPO / REINFORCE on gymnax environments (CartPole, Acrobot)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf-jax", description="RLHF in JAX: run a pipeline stage from a YAML config.")
+    commands = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (_, _, help_text) in STAGES.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", default=None, help="YAML config file (defaults apply when omitted)")
+        sub.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+        sub.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, function_name, _ = STAGES[args.stage]
+    run = getattr(importlib.import_module(module_name), function_name)
+    try:
+        run(args.config, args.overrides, resume=args.resume)
+    except ConfigError as err:
+        print(f"rlhf-jax {args.stage}: config error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

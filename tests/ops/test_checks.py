@@ -1,0 +1,42 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.ops.checks import check_floating, check_in, check_positive, check_rank, check_same_shape
+
+
+def test_check_rank_accepts_and_rejects():
+    check_rank(np.zeros((2, 3)), 2, "x")
+    check_rank(np.zeros((2,)), (1, 2), "x")
+    with pytest.raises(ValueError, match=r"`logp` must have rank 2, got shape \(2,\)"):
+        check_rank(np.zeros((2,)), 2, "logp")
+
+
+def test_check_same_shape_names_both_arguments():
+    check_same_shape(a=np.zeros((2, 3)), b=np.ones((2, 3)), c=None)
+    with pytest.raises(ValueError, match=r"`mask` has shape \(2, 4\) but `logp` has shape \(2, 3\)"):
+        check_same_shape(logp=np.zeros((2, 3)), mask=np.zeros((2, 4)))
+
+
+def test_checks_are_static_under_jit():
+    @jax.jit
+    def f(x, mask):
+        check_same_shape(x=x, mask=mask)
+        check_floating(x, "x")
+        return x * mask
+
+    assert f(jnp.ones((2, 3)), jnp.ones((2, 3))).shape == (2, 3)
+    with pytest.raises(ValueError, match="`mask` has shape"):
+        f(jnp.ones((2, 3)), jnp.ones((3, 2)))
+
+
+def test_check_floating_positive_and_in():
+    with pytest.raises(ValueError, match="floating-point"):
+        check_floating(np.zeros(3, dtype=np.int32), "tokens")
+    check_positive(0.5, "beta")
+    check_positive(jnp.float32(-1.0), "beta")  # traced or array values are not checked
+    with pytest.raises(ValueError, match="`beta` must be > 0"):
+        check_positive(0.0, "beta")
+    with pytest.raises(ValueError, match=r"`kind` must be one of \['k1', 'k2'\], got 'k9'"):
+        check_in("k9", ("k1", "k2"), "kind")
