@@ -1,0 +1,90 @@
+"""Plots write real PNGs; reports hold the tables and relative image links."""
+import os
+
+import matplotlib
+import numpy as np
+import pytest
+
+from rlhf_jax.pipeline.plots import plot_curves, plot_pass_at_k
+from rlhf_jax.pipeline.report import Section, markdown_table, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _rows(scale):
+    return [{"step": s, "loss": scale / s, "reward": scale * np.log(s), "kl": 0.01 * s}
+            for s in range(1, 21)]
+
+
+def _assert_png(path, min_width=200):
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 2000
+    width = int.from_bytes(data[16:20], "big")
+    assert width >= min_width
+    image = matplotlib.image.imread(path)
+    assert image.std() > 0  # not a blank canvas
+
+
+def test_plot_curves_single_and_overlaid_runs(tmp_path):
+    backend = matplotlib.get_backend()
+    path = plot_curves(_rows(1.0), ["loss", "reward", "kl"], tmp_path / "sub" / "curves.png", "SFT")
+    _assert_png(path)
+    assert matplotlib.get_backend() == backend  # no global backend switch
+    runs = {"ppo": _rows(1.0), "dpo": _rows(2.0)[::2]}
+    rows_with_gaps = [{"step": 1, "loss": float("nan")}, {"step": 2, "other": 1.0}]
+    path = plot_curves({**runs, "partial": rows_with_gaps}, ["loss", "kl", "missing", "reward"],
+                       tmp_path / "overlay.png", columns=2)
+    _assert_png(path)
+    with pytest.raises(ValueError, match="keys"):
+        plot_curves(_rows(1.0), [], tmp_path / "x.png")
+
+
+def test_plot_pass_at_k(tmp_path):
+    ks = np.array([1, 2, 4, 8, 16, 32, 64])
+    curves = {"sft": (ks, 1 - 0.9 ** ks), "ppo": (ks, 1 - 0.7 ** np.minimum(ks, 4))}
+    _assert_png(plot_pass_at_k(curves, tmp_path / "pass_at_k.png"))
+    with pytest.raises(ValueError, match="equal"):
+        plot_pass_at_k({"bad": ([1, 2], [0.1])}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="empty"):
+        plot_pass_at_k({}, tmp_path / "bad.png")
+
+
+def test_markdown_table():
+    rows = [{"model": "sft", "pass@1": 0.123456, "n": 64},
+            {"model": "ppo|v2", "pass@1": 0.5, "kl": float("nan")}]
+    text = markdown_table(rows)
+    assert text.splitlines() == [
+        "| model | pass@1 | n | kl |",
+        "|---|---|---|---|",
+        "| sft | 0.1235 | 64 |  |",
+        "| ppo\\|v2 | 0.5 |  | nan |",
+    ]
+    assert markdown_table(rows, ["n", "model"]).splitlines()[2] == "| 64 | sft |"
+    with pytest.raises(ValueError, match="no columns"):
+        markdown_table([])
+
+
+def test_write_report(tmp_path):
+    out = tmp_path / "run"
+    plots = out / "plots"
+    curve = plot_curves(_rows(1.0), ["loss"], plots / "loss.png")
+    pass_k = plot_pass_at_k({"sft": ([1, 2, 4], [0.2, 0.3, 0.4])}, plots / "pass_at_k.png")
+    path = write_report(out / "report.md", "Quickstart report", [
+        Section("Summary", text="PPO beats SFT.",
+                tables=[[{"model": "sft", "pass@1": 0.25}, {"model": "ppo", "pass@1": 0.5}]]),
+        {"heading": "Curves", "images": [curve, ("pass@k of SFT", pass_k)]},
+    ])
+    text = open(path).read()
+    assert text.startswith("# Quickstart report\n")
+    assert "## Summary\n\nPPO beats SFT.\n\n| model | pass@1 |\n|---|---|\n| sft | 0.25 |\n| ppo | 0.5 |" in text
+    assert "![loss](plots/loss.png)" in text
+    assert "![pass@k of SFT](plots/pass_at_k.png)" in text
+    for link in ("plots/loss.png", "plots/pass_at_k.png"):
+        assert os.path.exists(os.path.join(out, link))
+    assert not os.path.exists(str(path) + ".tmp")
+
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        write_report(out / "r2.md", "x", [Section("s", images=[plots / "nope.png"])])
+    with pytest.raises(ValueError, match="list of tables"):
+        write_report(out / "r3.md", "x", [Section("s", tables=[{"a": 1}])])
