@@ -37,6 +37,7 @@ def test_yaml_and_overrides_merge_nested_defaults(tmp_path):
 
 def test_int_is_accepted_for_float_but_not_the_reverse():
     assert load_config(Run, None, ["optim.lr=1"]).optim.lr == 1.0
+    assert load_config(Run, None, ["optim.lr=3e-4"]).optim.lr == 3e-4  # YAML 1.1 reads this as a string
     with pytest.raises(ConfigError, match="`seed` must be an int, got 1.5"):
         load_config(Run, None, ["seed=1.5"])
 
