@@ -2,6 +2,8 @@
 
 A mask holds 1 on tokens that count (response tokens) and 0 on padding; it may be boolean
 or float. Every reduction divides by the number of counted tokens, guarded against zero.
+Padding never leaks: entries under a zero mask are replaced by 0 (not multiplied by 0, which
+would keep a NaN or -inf), and reductions run in at least float32.
 """
 from __future__ import annotations
 
@@ -10,18 +12,26 @@ import jax.numpy as jnp
 from rlhf_jax.ops.checks import check_same_shape
 
 
+def _select(x, mask):
+    """`x * mask` for a 0/1 mask, in at least float32, with padding exactly 0 even if x is NaN there."""
+    dtype = jnp.promote_types(jnp.result_type(x), jnp.float32)
+    mask = mask.astype(dtype)
+    return jnp.where(mask != 0, x.astype(dtype) * mask, 0.0), mask
+
+
 def masked_sum(x, mask, axis=None):
     """`sum(x * mask)` over `axis` (all axes when None)."""
     check_same_shape(x=x, mask=mask)
-    return jnp.sum(x * mask.astype(x.dtype), axis=axis)
+    selected, _ = _select(x, mask)
+    return jnp.sum(selected, axis=axis)
 
 
 def masked_mean(x, mask, axis=None):
     """`sum(x * mask) / max(sum(mask), 1)` over `axis` (all axes when None)."""
     check_same_shape(x=x, mask=mask)
-    mask = mask.astype(x.dtype)
+    selected, mask = _select(x, mask)
     count = jnp.sum(mask, axis=axis)
-    return jnp.sum(x * mask, axis=axis) / jnp.maximum(count, 1.0)
+    return jnp.sum(selected, axis=axis) / jnp.maximum(count, 1.0)
 
 
 def masked_var(x, mask, *, unbiased: bool = True):
@@ -31,7 +41,7 @@ def masked_var(x, mask, *, unbiased: bool = True):
     when whitening advantages.
     """
     check_same_shape(x=x, mask=mask)
-    mask = mask.astype(x.dtype)
+    x, mask = _select(x, mask)
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     if unbiased:
@@ -47,7 +57,7 @@ def masked_whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8):
     whitening in RLHF keeps the mean so the KL penalty keeps its sign).
     """
     check_same_shape(x=x, mask=mask)
-    mask = mask.astype(x.dtype)
+    x, mask = _select(x, mask)
     mean = masked_mean(x, mask)
     var = masked_var(x, mask)
     whitened = (x - mean) * jnp.reciprocal(jnp.sqrt(var + eps))

@@ -40,3 +40,26 @@ def test_check_floating_positive_and_in():
         check_positive(0.0, "beta")
     with pytest.raises(ValueError, match=r"`kind` must be one of \['k1', 'k2'\], got 'k9'"):
         check_in("k9", ("k1", "k2"), "kind")
+
+
+def test_masked_reductions_ignore_nan_and_inf_in_padding():
+    from rlhf_jax.ops.masking import masked_mean, masked_sum, masked_var, masked_whiten
+
+    x = jnp.array([[1.0, 2.0, -jnp.inf], [3.0, jnp.nan, 0.0]])
+    mask = jnp.array([[1, 1, 0], [1, 0, 0]])
+    assert float(masked_sum(x, mask)) == 6.0
+    assert float(masked_mean(x, mask)) == 2.0
+    np.testing.assert_allclose(float(masked_var(x, mask)), 1.0, rtol=1e-6)  # unbiased var of [1, 2, 3]
+    whitened = masked_whiten(x, mask)
+    assert bool(jnp.all(jnp.isfinite(whitened)))
+    np.testing.assert_allclose(np.asarray(whitened)[mask == 0], 0.0)
+    grads = jax.grad(lambda v: masked_mean(v, mask))(jnp.where(mask == 1, x, 0.0))
+    assert bool(jnp.all(jnp.isfinite(grads)))
+
+
+def test_masked_mean_of_bfloat16_counts_in_float32():
+    from rlhf_jax.ops.masking import masked_mean
+
+    x = jnp.ones((1, 1000), jnp.bfloat16)
+    assert masked_mean(x, jnp.ones((1, 1000))).dtype == jnp.float32
+    assert float(masked_mean(x * 3, jnp.ones((1, 1000)))) == 3.0
