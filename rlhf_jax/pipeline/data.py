@@ -1,0 +1,474 @@
+"""Datasets: local JSON / JSONL / parquet files -> fixed-shape padded NumPy arrays.
+
+Files are read with Hugging Face `datasets` (`load_dataset("json" | "parquet", data_files=...)`);
+row formats are described in `rlhf_jax.pipeline.data_formats`. Tokenisation uses the model
+folder's tokenizer:
+
+- string rows: `prompt_ids = tokenizer(prompt)` (with the tokenizer's own special tokens, e.g.
+  BOS), `response_ids = tokenizer(response, add_special_tokens=False) + [eos]` (EOS is not
+  appended twice when the text already ends with it). Prompt and response are tokenised
+  separately and concatenated, so the response boundary is exact.
+- conversational rows: the chat template renders the text (see `data_formats`); it is
+  tokenised without extra special tokens; EOS is appended only when the rendered response
+  holds none.
+
+Lengths and padding (shapes never depend on the data, so jit compiles once):
+
+- a prompt longer than `max_prompt_length` tokens, or of zero tokens, is a malformed row;
+- a response longer than `max_response_length` tokens keeps its first `max_response_length`
+  tokens (its EOS may be cut; `DataStats.num_truncated` counts these);
+- sequences (prompt + response) are RIGHT-padded to `max_prompt_length + max_response_length`;
+  prompts alone are LEFT-padded to `max_prompt_length` (generation appends on the right).
+  The pad value is the tokenizer's pad id (its EOS id if it has none); masks say what is real.
+
+Arrays (`TokenizedData.arrays`, first axis = rows):
+
+    prompt_ids, prompt_mask                    [N, Tp]       int32, left-padded (every kind)
+    input_ids, attention_mask, loss_mask       [N, Tp + Tr]  sft
+    chosen_input_ids, chosen_attention_mask,
+    chosen_loss_mask, rejected_...             [N, Tp + Tr]  preference
+
+`loss_mask` (float32) is 1 on the trained response tokens themselves, aligned with the ids
+(the causal shift is the loss's job, as in `ops.logprobs.sequence_logprobs`).
+
+Malformed rows raise `DataError("<file> row <n>: <problem>")` (rows counted from 1; blank
+lines of a JSONL file are not rows), or with `skip_invalid=True` are skipped and counted in
+`DataStats`. `BatchIterator` cuts the arrays into batches (seeded shuffle, resumable
+position, one slice per process).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from rlhf_jax.pipeline.data_formats import (
+    FORMATS,
+    DataError,
+    RenderedRow,
+    RowError,
+    detect_format,
+    read_rows,
+    render_row,
+    response_names,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """Where a stage's data lives and how it is cut (lives under `data:` in the YAML)."""
+
+    train_files: list[str] = field(default_factory=list)  # .json / .jsonl / .parquet files
+    eval_files: list[str] = field(default_factory=list)  # held-out files (same format)
+    format: Literal["auto", "preference", "prompt", "sft"] = "auto"  # auto: from the columns
+    max_prompt_length: int = 64  # longer prompts are malformed rows
+    max_response_length: int = 64  # longer responses are truncated
+    skip_invalid: bool = False  # skip and count malformed rows instead of failing
+    shuffle: bool = True  # reshuffle every epoch (seeded)
+    drop_last: bool = True  # drop the last incomplete batch (else pad it, example_mask = 0)
+    bucket_multiple: int = 0  # 0: fixed max lengths; k: trim batches to a multiple of k
+
+
+@dataclass
+class DataStats:
+    """What loading did: rows read, kept, skipped (with the first reasons), truncated."""
+
+    num_rows: int = 0
+    num_used: int = 0
+    num_skipped: int = 0
+    num_truncated: int = 0
+    skipped_reasons: list[str] = field(default_factory=list)  # the first few messages
+
+    def add(self, other: "DataStats") -> None:
+        self.num_rows += other.num_rows
+        self.num_used += other.num_used
+        self.num_skipped += other.num_skipped
+        self.num_truncated += other.num_truncated
+        self.skipped_reasons.extend(other.skipped_reasons[: max(0, 5 - len(self.skipped_reasons))])
+
+
+@dataclass
+class TokenizedData:
+    """A tokenised dataset: padded arrays, original text columns and where rows came from."""
+
+    kind: str  # "preference" | "prompt" | "sft"
+    arrays: dict[str, np.ndarray]  # see the module docstring
+    # "prompt_text": each prompt as text before tokenisation (the string, or the chat-template
+    # rendering), plus the file's other columns (e.g. "answer"), None where a file lacks one.
+    columns: dict[str, list[Any]]
+    sources: list[tuple[str, int]]  # (file, row number from 1) of each kept row
+    stats: DataStats
+    pad_token_id: int  # the value of padding positions in the id arrays
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+def check_data_config(config: DataConfig) -> None:
+    """Raise ValueError naming the first DataConfig field that is out of range."""
+    if config.format not in ("auto", "preference", "prompt", "sft"):
+        raise ValueError(f"data.format must be auto, preference, prompt or sft, got {config.format!r}")
+    for name in ("max_prompt_length", "max_response_length"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"data.{name} must be >= 1, got {getattr(config, name)}")
+    if config.bucket_multiple < 0:
+        raise ValueError(f"data.bucket_multiple must be >= 0, got {config.bucket_multiple}")
+
+
+# ----------------------------------------------------------------------------- tokenising
+
+
+def load_data(
+    paths: str | Path | Sequence[str | Path],
+    tokenizer,
+    config: DataConfig,
+    *,
+    kind: str | None = None,
+    cache_dir: str | None = None,
+) -> TokenizedData:
+    """Read, validate and tokenise data files into one `TokenizedData`.
+
+    Args:
+      paths: one file or several (same kind); errors name the file and row.
+      tokenizer: a loaded Hugging Face tokenizer, or the folder to load it from.
+      config: lengths, `format` and `skip_invalid` (file lists in it are not read here).
+      kind: force "preference" | "prompt" | "sft" (default: `config.format`, "auto" meaning
+        detected from the first file's columns).
+      cache_dir: the `datasets` cache folder (its default when None).
+    """
+    check_data_config(config)
+    if isinstance(tokenizer, (str, Path)):
+        from rlhf_jax.pipeline.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no eos_token; responses need one")
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise DataError("no data files given")
+    kind = kind or (None if config.format == "auto" else config.format)
+    if kind is not None and kind not in FORMATS:
+        raise ValueError(f"kind must be one of {FORMATS}, got {kind!r}")
+    parts, stats = [], DataStats()
+    for path in paths:
+        rows, unreadable = read_rows(path, cache_dir=cache_dir)
+        if not rows and not unreadable:
+            raise DataError(f"{path}: the file holds no rows")
+        if kind is None:
+            try:
+                kind = detect_format([name for name in rows[0] if name != "__row__"] if rows else [])
+            except RowError as error:
+                raise DataError(f"{path}: {error}") from None
+        part = _tokenize_file(str(path), rows, unreadable, tokenizer, config, kind)
+        stats.add(part.stats)
+        parts.append(part)
+    if stats.num_skipped:
+        first = stats.skipped_reasons[0]
+        logger.warning("skipped %d invalid rows of %d (first: %s)", stats.num_skipped, stats.num_rows, first)
+    if stats.num_truncated:
+        logger.warning(
+            "%d responses longer than max_response_length=%d were truncated",
+            stats.num_truncated,
+            config.max_response_length,
+        )
+    if stats.num_used == 0:
+        raise DataError(f"{', '.join(map(str, paths))}: no valid rows ({stats.num_skipped} skipped)")
+    return TokenizedData(
+        kind=kind,
+        arrays={name: np.concatenate([part.arrays[name] for part in parts]) for name in parts[0].arrays},
+        columns={
+            name: sum((part.columns.get(name, [None] * len(part)) for part in parts), [])
+            for name in dict.fromkeys(name for part in parts for name in part.columns)
+        },
+        sources=sum((part.sources for part in parts), []),
+        stats=stats,
+        pad_token_id=parts[0].pad_token_id,
+    )
+
+
+def _tokenize_file(path, rows, unreadable, tokenizer, config: DataConfig, kind: str) -> TokenizedData:
+    stats = DataStats(num_rows=len(rows) + len(unreadable))
+
+    def reject(number: int, problem: str) -> None:
+        message = f"{path} row {number}: {problem}"
+        if not config.skip_invalid:
+            raise DataError(message)
+        stats.num_skipped += 1
+        if len(stats.skipped_reasons) < 5:
+            stats.skipped_reasons.append(message)
+
+    for number, problem in unreadable:
+        reject(number, problem)
+
+    def render(messages, add_generation_prompt):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise RowError("conversational rows need a tokenizer with a chat template; this one has none")
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    names = response_names(kind)
+    used_fields = {"prompt", "messages", *names}
+    rendered_rows = []
+    for row in rows:
+        number = row.pop("__row__")
+        try:
+            rendered_rows.append((number, row, render_row(row, kind, render)))
+        except RowError as error:
+            reject(number, str(error))
+    encoded = _encode_texts(tokenizer, [rendered for _, _, rendered in rendered_rows])
+    kept, sources, extras = [], [], []
+    for number, row, rendered in rendered_rows:
+        try:
+            tokens = _tokenize_row(rendered, encoded, tokenizer.eos_token_id, names, config)
+        except RowError as error:
+            reject(number, str(error))
+            continue
+        kept.append(tokens)
+        sources.append((path, number))
+        extras.append({name: value for name, value in row.items() if name not in used_fields})
+    stats.num_used = len(kept)
+    stats.num_truncated = sum(tokens["truncated"] for tokens in kept)
+    columns = {"prompt_text": [tokens["prompt_text"] for tokens in kept]}
+    for name in dict.fromkeys(name for extra in extras for name in extra):
+        columns[name] = [extra.get(name) for extra in extras]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return TokenizedData(kind, _pad_arrays(kept, names, pad, config), columns, sources, stats, pad)
+
+
+def _encode_texts(tokenizer, rendered_rows: list[RenderedRow]) -> dict[tuple[str, bool], list[int]]:
+    """Token ids of every distinct (text, add_special_tokens) the rows need, in batched calls.
+
+    Prompts of string rows get the tokenizer's special tokens; everything else gets none.
+    """
+    needed: dict[tuple[str, bool], None] = {}
+    for rendered in rendered_rows:
+        needed[(rendered.prompt, not rendered.conversational)] = None
+        for segments in rendered.responses.values():
+            needed.update({(text, False): None for text, _ in segments})
+    encoded = {}
+    for special in (True, False):
+        texts = [text for text, flag in needed if flag == special]
+        if texts:
+            ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
+            encoded.update({(text, special): list(row_ids) for text, row_ids in zip(texts, ids)})
+    return encoded
+
+
+def _tokenize_row(rendered: RenderedRow, encoded, eos: int, names, config: DataConfig) -> dict:
+    """Token ids of one rendered row; raises RowError for a prompt that does not fit."""
+    prompt_ids = encoded[(rendered.prompt, not rendered.conversational)]
+    if len(prompt_ids) == 0:
+        raise RowError("prompt is empty (0 tokens)")
+    if len(prompt_ids) > config.max_prompt_length:
+        raise RowError(
+            f"prompt has {len(prompt_ids)} tokens, more than max_prompt_length={config.max_prompt_length}"
+        )
+    tokens = {"prompt_ids": prompt_ids, "prompt_text": rendered.prompt, "truncated": 0}
+    for name in names:
+        ids, trained = [], []
+        for text, is_trained in rendered.responses[name]:
+            segment = encoded[(text, False)]
+            ids += segment
+            trained += [is_trained] * len(segment)
+        has_eos = eos in ids if rendered.conversational else bool(ids) and ids[-1] == eos
+        if not has_eos:
+            ids, trained = ids + [eos], trained + [True]
+        if len(ids) > config.max_response_length:
+            ids, trained = ids[: config.max_response_length], trained[: config.max_response_length]
+            tokens["truncated"] = 1
+        tokens[name] = (ids, trained)
+    return tokens
+
+
+def _pad_arrays(kept: list[dict], names, pad: int, config: DataConfig) -> dict[str, np.ndarray]:
+    prompt_width = config.max_prompt_length
+    width = prompt_width + config.max_response_length
+    count = len(kept)
+    arrays = {
+        "prompt_ids": np.full((count, prompt_width), pad, np.int32),
+        "prompt_mask": np.zeros((count, prompt_width), np.int32),
+    }
+    for name in names:
+        prefix = "" if name == "completion" else f"{name}_"
+        arrays[f"{prefix}input_ids"] = np.full((count, width), pad, np.int32)
+        arrays[f"{prefix}attention_mask"] = np.zeros((count, width), np.int32)
+        arrays[f"{prefix}loss_mask"] = np.zeros((count, width), np.float32)
+    for index, tokens in enumerate(kept):
+        prompt = tokens["prompt_ids"]
+        arrays["prompt_ids"][index, prompt_width - len(prompt) :] = prompt
+        arrays["prompt_mask"][index, prompt_width - len(prompt) :] = 1
+        for name in names:
+            prefix = "" if name == "completion" else f"{name}_"
+            ids, trained = tokens[name]
+            length = len(prompt) + len(ids)
+            arrays[f"{prefix}input_ids"][index, :length] = prompt + ids
+            arrays[f"{prefix}attention_mask"][index, :length] = 1
+            arrays[f"{prefix}loss_mask"][index, len(prompt) : length] = trained
+    return arrays
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where a `BatchIterator` stands: `index` batches of epoch `epoch` are consumed."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+class BatchIterator:
+    """Endless, deterministic batches of a `TokenizedData`.
+
+    Epoch `e` visits the rows in the order `default_rng([seed, e]).permutation(N)` (or in file
+    order when `shuffle=False`). `batch_size` is the GLOBAL batch: process `p` of `P` gets
+    rows `[p * batch_size / P, (p + 1) * batch_size / P)` of each global batch, so the global
+    batch does not depend on the number of processes. With `drop_last=False` the last batch of
+    an epoch is completed with empty rows (all masks 0, `example_mask` 0, `row_index` -1).
+
+    Each batch is a dict of NumPy arrays: the data's arrays for the rows, plus `row_index`
+    [b] int32 (row in the data, for its text columns) and `example_mask` [b] float32.
+    With `bucket_multiple=k > 0` the sequence arrays are trimmed to the batch's longest
+    sequence (over the global batch) rounded up to a multiple of `k`, prompts likewise from
+    the left; chosen and rejected share one length.
+
+    `position` is a `DataPosition`; pass it back (`position=` or `restore`) to continue
+    exactly where a checkpoint left off.
+    """
+
+    def __init__(
+        self,
+        data: TokenizedData,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        bucket_multiple: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        position: DataPosition = DataPosition(),
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(
+                f"need 0 <= process_index < process_count, got {process_index} and {process_count}"
+            )
+        if batch_size % process_count:
+            raise ValueError(f"batch_size {batch_size} must be divisible by process_count {process_count}")
+        if bucket_multiple < 0:
+            raise ValueError(f"bucket_multiple must be >= 0, got {bucket_multiple}")
+        if drop_last and len(data) < batch_size:
+            raise ValueError(
+                f"the data has {len(data)} rows, fewer than one batch of {batch_size} (drop_last=True)"
+            )
+        self.data = data
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.bucket_multiple = bucket_multiple
+        self.process_index = process_index
+        self.process_count = process_count
+        self.restore(position)
+
+    @classmethod
+    def from_config(cls, data: TokenizedData, config: DataConfig, batch_size: int, **options):
+        """An iterator using `config.shuffle`, `config.drop_last` and `config.bucket_multiple`;
+        `options` are the remaining keyword arguments (seed, process_index, ...)."""
+        return cls(
+            data,
+            batch_size,
+            shuffle=config.shuffle,
+            drop_last=config.drop_last,
+            bucket_multiple=config.bucket_multiple,
+            **options,
+        )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        rows = len(self.data)
+        return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+
+    @property
+    def position(self) -> DataPosition:
+        return DataPosition(self._epoch, self._index)
+
+    def restore(self, position: DataPosition) -> None:
+        """Continue from `position` (as returned by `position`)."""
+        if not 0 <= position.index <= self.batches_per_epoch or position.epoch < 0:
+            raise ValueError(f"position {position} is outside 0..{self.batches_per_epoch} batches per epoch")
+        self._epoch, self._index = position.epoch, position.index
+        self._order = self._epoch_order(position.epoch)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.data))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._index >= self.batches_per_epoch:
+            self._epoch, self._index = self._epoch + 1, 0
+            self._order = self._epoch_order(self._epoch)
+        start = self._index * self.batch_size
+        global_rows = self._order[start : start + self.batch_size]
+        self._index += 1
+        global_rows = np.concatenate([global_rows, np.full(self.batch_size - len(global_rows), -1)])
+        share = self.batch_size // self.process_count
+        rows = global_rows[self.process_index * share : (self.process_index + 1) * share]
+        batch = {
+            name: _take_rows(array, rows, self.data.pad_token_id if name.endswith("_ids") else 0)
+            for name, array in self.data.arrays.items()
+        }
+        batch["row_index"] = rows.astype(np.int32)
+        batch["example_mask"] = (rows >= 0).astype(np.float32)
+        if self.bucket_multiple:
+            batch = _trim_to_bucket(batch, self.data.arrays, global_rows, self.bucket_multiple)
+        return batch
+
+    def epoch_batches(self):
+        """The remaining batches of the current epoch (advancing the position)."""
+        while self._index < self.batches_per_epoch:
+            yield next(self)
+
+
+def _take_rows(array: np.ndarray, rows: np.ndarray, fill: int) -> np.ndarray:
+    """`array[rows]`, where a row index of -1 gives a row of `fill`."""
+    taken = array[np.maximum(rows, 0)]
+    taken[rows < 0] = fill
+    return taken
+
+
+def _trim_to_bucket(batch, arrays, global_rows, multiple: int) -> dict[str, np.ndarray]:
+    """Cut padding columns that no row of the global batch uses, keeping a multiple of `multiple`."""
+    real = global_rows[global_rows >= 0]
+
+    def bucket(needed: int, full: int) -> int:
+        return min(full, max(multiple, -(-needed // multiple) * multiple))
+
+    prompt_full = arrays["prompt_mask"].shape[1]
+    prompt_needed = int(arrays["prompt_mask"][real].sum(axis=1).max(initial=1))
+    keep = bucket(prompt_needed, prompt_full)
+    trimmed = dict(batch)
+    for name in ("prompt_ids", "prompt_mask"):
+        trimmed[name] = batch[name][:, prompt_full - keep :]
+    sequence_masks = [name for name in arrays if name.endswith("attention_mask")]
+    if sequence_masks:
+        sequence_full = arrays[sequence_masks[0]].shape[1]
+        needed = max(int(arrays[name][real].sum(axis=1).max(initial=1)) for name in sequence_masks)
+        keep = bucket(needed, sequence_full)
+        for name in arrays:
+            if name.endswith(("input_ids", "attention_mask", "loss_mask")):
+                trimmed[name] = batch[name][:, :keep]
+    return trimmed

@@ -1,0 +1,295 @@
+"""Data file and row formats: reading files, validating and rendering rows into texts.
+
+Files: `.jsonl` (one JSON object per line), `.json` (a list of objects) and `.parquet`, read
+through Hugging Face `datasets`. Rows are numbered from 1 in file order (blank JSONL lines are
+not rows), and every error names the file and the row.
+
+Three kinds of dataset, each as plain strings or as conversations (lists of
+`{"role": ..., "content": ...}` messages):
+
+    preference  prompt/chosen/rejected strings;
+                or `prompt` messages + `chosen`/`rejected` assistant messages;
+                or full `chosen`/`rejected` conversations sharing a prefix (no `prompt`)
+    prompt      `prompt` string or messages (PPO / GRPO / evaluation)
+    sft         prompt/completion strings; `prompt` + `completion` messages; or `messages`
+
+A row becomes a `RenderedRow`: the prompt text and, per response, a list of text segments
+each marked as trained (counted by the loss) or not. String rows are used as they are (the
+tokenizer's own special tokens, e.g. BOS, go in front of the prompt; EOS is appended to the
+response by `rlhf_jax.pipeline.data`). Conversational rows go through the tokenizer's chat
+template: the prompt is the rendering of the prompt messages with `add_generation_prompt=True`
+and the response is what the full conversation's rendering adds after it (this needs a
+template whose renderings of a conversation's prefixes are prefixes of its rendering).
+In `messages` rows every assistant message is trained; the prompt is everything before the
+first one.
+
+Problems are reported by raising `RowError` with a message naming the field; the caller adds
+the file and row.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+FORMATS = ("preference", "prompt", "sft")
+_READERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used; the message names the file (and row)."""
+
+
+class RowError(ValueError):
+    """A problem with one row; the message names the field."""
+
+
+@dataclass(frozen=True)
+class RenderedRow:
+    """One row as text: `responses` maps a response name to its (text, trained) segments."""
+
+    prompt: str
+    responses: dict[str, list[tuple[str, bool]]] = field(default_factory=dict)
+    conversational: bool = False
+
+
+def detect_format(columns: Sequence[str]) -> str:
+    """The dataset kind implied by its column names (see the module docstring)."""
+    names = set(columns)
+    if names & {"chosen", "rejected"}:
+        return "preference"
+    if names & {"messages", "completion"}:
+        return "sft"
+    if "prompt" in names:
+        return "prompt"
+    raise RowError(
+        f"cannot tell the format from the columns {sorted(names)}: expected prompt/chosen/rejected "
+        "(preference), prompt/completion or messages (sft), or prompt (prompt-only)"
+    )
+
+
+def response_names(kind: str) -> tuple[str, ...]:
+    """The responses a row of `kind` carries."""
+    return {"preference": ("chosen", "rejected"), "sft": ("completion",), "prompt": ()}[kind]
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def read_rows(path: str | Path, *, cache_dir: str | None = None) -> tuple[list[dict], list[tuple[int, str]]]:
+    """Read a data file through `datasets`.
+
+    Returns `(rows, unreadable)`: the rows as dicts, each with its number in the file under
+    `"__row__"`, and `(row number, reason)` for records that are not JSON objects. Where
+    `datasets` cannot read a JSON file faithfully (a line that is not JSON, a column mixing
+    types) the file is parsed with the `json` module instead, with the same row numbers.
+    """
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected .json, .jsonl or .parquet")
+    datasets.disable_progress_bars()
+    try:
+        dataset = datasets.load_dataset(reader, data_files=str(path), split="train", cache_dir=cache_dir)
+    except Exception as error:  # datasets wraps arrow/json errors in several classes
+        if reader == "json":
+            return _read_json_by_hand(path)
+        raise DataError(f"{path}: cannot be read as {reader}: {error}") from error
+    if any(type(feature).__name__ == "Json" for feature in dataset.features.values()):
+        # A column whose rows hold different types: datasets re-decodes such values (a
+        # string "12" becomes the number 12), so read the exact values by hand instead.
+        return _read_json_by_hand(path)
+    rows = dataset.to_list()
+    for number, row in enumerate(rows, start=1):
+        row["__row__"] = number
+    return rows, []
+
+
+def _read_json_by_hand(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
+    """The rows of a JSON array file or a JSON-lines file, parsed with the `json` module."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: not valid JSON: {error}") from error
+        lines = [(number, record, None) for number, record in enumerate(records, start=1)]
+    else:
+        lines = []
+        for line in (line for line in text.splitlines() if line.strip()):
+            try:
+                lines.append((len(lines) + 1, json.loads(line), None))
+            except json.JSONDecodeError as error:
+                lines.append((len(lines) + 1, None, f"not valid JSON ({error})"))
+    rows, unreadable = [], []
+    for number, record, problem in lines:
+        if problem is None and not isinstance(record, dict):
+            problem = f"must be a JSON object, got {type(record).__name__}"
+        if problem is not None:
+            unreadable.append((number, problem))
+        else:
+            rows.append({**record, "__row__": number})
+    return rows, unreadable
+
+
+# ----------------------------------------------------------------------------- field checks
+
+
+def _field(row: dict, name: str) -> Any:
+    value = row.get(name)
+    if value is None:
+        raise RowError(f"field '{name}' is missing")
+    return value
+
+
+def _text_or_messages(row: dict, name: str) -> str | list[dict]:
+    """The field as a string or as a validated list of messages."""
+    value = _field(row, name)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return _messages(value, name)
+    raise RowError(
+        f"field '{name}' must be a string or a list of {{role, content}} messages, got {type(value).__name__}"
+    )
+
+
+def _messages(value: Sequence, name: str) -> list[dict]:
+    if len(value) == 0:
+        raise RowError(f"field '{name}' is an empty list of messages")
+    messages = []
+    for index, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise RowError(f"field '{name}' message {index} must be a mapping, got {type(message).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                got = "missing" if message.get(key) is None else f"a {type(message[key]).__name__}"
+                raise RowError(f"field '{name}' message {index}: '{key}' must be a string, got {got}")
+        # Parquet/arrow give every message all keys seen in the column; drop the empty ones.
+        messages.append({key: item for key, item in message.items() if item is not None})
+    return messages
+
+
+def _check_response(value: str | list[dict], name: str) -> None:
+    if isinstance(value, str):
+        if value == "":
+            raise RowError(f"field '{name}' is empty")
+        return
+    assistant = [message for message in value if message["role"] == "assistant"]
+    if not assistant:
+        raise RowError(f"field '{name}' has no assistant message")
+    if any(message["content"] == "" for message in assistant):
+        raise RowError(f"field '{name}' has an empty assistant message")
+
+
+def _same_kind(row_fields: dict[str, str | list]) -> bool:
+    kinds = {isinstance(value, str) for value in row_fields.values()}
+    if len(kinds) > 1:
+        names = " and ".join(f"'{name}'" for name in row_fields)
+        raise RowError(f"fields {names} mix plain strings and message lists")
+    return kinds == {False}
+
+
+# ----------------------------------------------------------------------------- rendering
+
+Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
+
+
+def render_row(row: dict, kind: str, render: Render) -> RenderedRow:
+    """Validate `row` as a `kind` row and render it to text (raises RowError)."""
+    if kind == "prompt":
+        prompt = _text_or_messages(row, "prompt")
+        if isinstance(prompt, str):
+            return RenderedRow(prompt)
+        return RenderedRow(render(prompt, True), conversational=True)
+    if kind == "sft":
+        if row.get("messages") is not None and row.get("completion") is None:
+            return _render_messages(_text_or_messages(row, "messages"), render)
+        return _render_prompt_responses(row, ("completion",), render)
+    if kind == "preference":
+        if row.get("prompt") is None and isinstance(row.get("chosen"), (list, tuple)):
+            return _render_implicit_prompt(row, render)
+        return _render_prompt_responses(row, ("chosen", "rejected"), render)
+    raise ValueError(f"kind must be one of {FORMATS}, got {kind!r}")
+
+
+def _render_prompt_responses(row: dict, names: tuple[str, ...], render: Render) -> RenderedRow:
+    prompt = _text_or_messages(row, "prompt")
+    responses = {name: _text_or_messages(row, name) for name in names}
+    for name, value in responses.items():
+        _check_response(value, name)
+    if not _same_kind({"prompt": prompt, **responses}):
+        return RenderedRow(prompt, {name: [(value, True)] for name, value in responses.items()})
+    prompt_text = _render_checked(render, prompt, True)
+    rendered = {}
+    for name, value in responses.items():
+        full = _render_checked(render, prompt + value, False)
+        if not full.startswith(prompt_text):
+            raise RowError(
+                f"the chat template's rendering of 'prompt' is not a prefix of its rendering of "
+                f"'prompt' + '{name}', so the response cannot be separated"
+            )
+        rendered[name] = [(full[len(prompt_text):], True)]
+    return RenderedRow(prompt_text, rendered, conversational=True)
+
+
+def _render_implicit_prompt(row: dict, render: Render) -> RenderedRow:
+    """Full chosen/rejected conversations: the shared leading messages are the prompt."""
+    chosen, rejected = (_text_or_messages(row, name) for name in ("chosen", "rejected"))
+    _same_kind({"chosen": chosen, "rejected": rejected})
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise RowError("field 'prompt' is missing and 'chosen'/'rejected' share no leading messages")
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if shared == len(messages):
+            raise RowError(f"field '{name}' has no messages after the prompt shared with the other response")
+    return _render_prompt_responses(
+        {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]},
+        ("chosen", "rejected"),
+        render,
+    )
+
+
+def _render_messages(messages: str | list[dict], render: Render) -> RenderedRow:
+    """An SFT conversation: every assistant message is trained, the rest is context."""
+    if isinstance(messages, str):
+        raise RowError("field 'messages' must be a list of {role, content} messages, got str")
+    _check_response(messages, "messages")
+    full = _render_checked(render, messages, False)
+    segments: list[tuple[str, bool]] = []
+    prompt_end, position = None, 0
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render_checked(render, messages[:index], True) if index else ""
+        through = _render_checked(render, messages[: index + 1], False)
+        if not (full.startswith(through) and through.startswith(before) and len(before) >= position):
+            raise RowError(
+                "the chat template's renderings of the leading messages are not prefixes of the "
+                "conversation's rendering, so the assistant messages cannot be separated"
+            )
+        if prompt_end is None:
+            prompt_end = len(before)
+        elif len(before) > position:
+            segments.append((full[position : len(before)], False))
+        segments.append((full[len(before) : len(through)], True))
+        position = len(through)
+    if position < len(full):
+        segments.append((full[position:], False))
+    return RenderedRow(full[:prompt_end], {"completion": segments}, conversational=True)
+
+
+def _render_checked(render: Render, messages: list[dict], add_generation_prompt: bool) -> str:
+    try:
+        return render(messages, add_generation_prompt)
+    except RowError:
+        raise
+    except Exception as error:  # jinja errors, raise_exception() in templates
+        raise RowError(f"the chat template failed: {error}") from error
