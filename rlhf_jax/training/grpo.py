@@ -1,0 +1,185 @@
+"""GRPO and RLOO for language models: G samples per prompt, group baselines, no critic.
+
+Shao et al. 2024 (GRPO, arXiv:2402.03300); Ahmadian et al. 2024 (RLOO, arXiv:2402.14740);
+variants through `grpo_loss` options: DAPO (arXiv:2503.14476: `aggregation="dapo"`,
+`clip_eps_high=0.28`, `beta=0`), Dr. GRPO (arXiv:2503.20783: `aggregation="dr_grpo"`,
+`scale="none"`), GSPO (arXiv:2507.18071: `importance_level="sequence"`).
+
+One iteration on a batch of `n` left-padded prompts:
+
+    repeat each prompt G times (contiguous groups) -> sample -> score (reward model or
+    score_fn) -> sequence advantages: group  A = (R - mean_g R) / (std_g R + 1e-4)
+                                      rloo   A = R - mean_{j != i} R_j
+    -> num_iterations x num_minibatches steps of grpo_loss (clipped ratio against the
+       rollout log-probs, + beta * k3 KL to the reference per token), in one lax.scan
+
+    step = jax.jit(grpo_iteration, static_argnames=GRPO_STATIC_ARGNAMES,
+                   donate_argnames=("policy_state",))
+    policy_state, metrics = step(policy_state, ref_params, prompt_ids, prompt_mask, key,
+                                 config=config, score_fn=score_fn)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.losses.aggregation import check_aggregation
+from rlhf_jax.losses.policy import IMPORTANCE_LEVELS, grpo_loss
+from rlhf_jax.ops.advantages import GROUP_SCALES, group_advantages, rloo_advantages
+from rlhf_jax.ops.checks import check_in, check_positive
+from rlhf_jax.ops.logprobs import entropy_from_logits
+from rlhf_jax.ops.masking import masked_mean
+from rlhf_jax.training.rollout import (
+    Rollout,
+    SamplingConfig,
+    generate_rollout,
+    response_logprobs,
+    rollout_metrics,
+    score_rollout,
+)
+
+GRPO_STATIC_ARGNAMES = ("config", "reward_module", "score_fn")
+ADVANTAGE_ESTIMATORS = ("group", "rloo")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO / RLOO hyperparameters (frozen: a static jit argument)."""
+
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    group_size: int = 4  # G responses per prompt
+    advantage_estimator: Literal["group", "rloo"] = "group"  # GRPO baseline or leave-one-out
+    scale: Literal["group", "batch", "none"] = "group"  # std used by the "group" estimator
+    beta: float = 0.04  # k3 KL coefficient (0: no reference forward pass)
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2  # 0.28 for DAPO's clip-higher
+    aggregation: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | token_mean | ...
+    importance_level: Literal["token", "sequence"] = "token"  # "sequence" = GSPO
+    num_iterations: int = 1  # passes over each rollout (mu in the GRPO paper)
+    num_minibatches: int = 1  # optimizer steps per pass; must divide n_prompts * G
+    missing_eos_score: float | None = None  # score for responses without EOS
+
+    def __post_init__(self):
+        if not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"`group_size` must be an int >= 2, got {self.group_size!r}")
+        check_in(self.advantage_estimator, ADVANTAGE_ESTIMATORS, "advantage_estimator")
+        check_in(self.scale, GROUP_SCALES, "scale")
+        check_in(self.importance_level, IMPORTANCE_LEVELS, "importance_level")
+        check_aggregation(self.aggregation)
+        for name in ("clip_eps_low", "clip_eps_high", "num_iterations", "num_minibatches"):
+            check_positive(getattr(self, name), name)
+        if self.beta < 0:
+            raise ValueError(f"`beta` must be >= 0, got {self.beta}")
+
+
+def sequence_advantages(scores, has_eos, *, config: GRPOConfig):
+    """`[B]` advantages of contiguous groups of `config.group_size` rows.
+
+    Rows without EOS first get `missing_eos_score` when it is set; then `group_advantages`
+    (`advantage_estimator="group"`, with `scale`) or `rloo_advantages` (`"rloo"`).
+    """
+    if config.missing_eos_score is not None:
+        scores = jnp.where(has_eos, scores, jnp.float32(config.missing_eos_score))
+    if config.advantage_estimator == "rloo":
+        return rloo_advantages(scores, config.group_size)
+    return group_advantages(scores, config.group_size, scale=config.scale)
+
+
+def grpo_rollout(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, config: GRPOConfig,
+                 reward_module=None, reward_params=None, score_fn=None) -> Rollout:
+    """Sample G responses per prompt, score them, fill `advantages` `[n * G]`.
+
+    Rows `i*G .. i*G + G - 1` answer prompt i. `ref_logp` is computed only when
+    `config.beta > 0` (then `ref_params` is required). Scorer arguments as in `score_rollout`.
+    """
+    if config.beta > 0 and ref_params is None:
+        raise ValueError("`ref_params` is required when `beta` > 0")
+    prompt_ids = jnp.repeat(prompt_ids, config.group_size, axis=0)  # [n * G, P]
+    prompt_mask = jnp.repeat(prompt_mask, config.group_size, axis=0)
+    data = generate_rollout(policy_state, prompt_ids, prompt_mask, rng, sampling=config.sampling)
+    data = score_rollout(data, policy_state, ref_params if config.beta > 0 else None,
+                         sampling=config.sampling, reward_module=reward_module,
+                         reward_params=reward_params, score_fn=score_fn)
+    return data.replace(advantages=sequence_advantages(data.scores, data.has_eos, config=config))
+
+
+def _grpo_loss(params, apply_fn, batch: Rollout, config: GRPOConfig):
+    mask = batch.response_mask
+    logp, logits = response_logprobs(apply_fn, params, batch.input_ids, batch.attention_mask, mask,
+                                     temperature=config.sampling.temperature)
+    loss, metrics = grpo_loss(
+        logp, batch.logp, batch.ref_logp, batch.advantages, mask,
+        clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high, beta=config.beta,
+        aggregation=config.aggregation, importance_level=config.importance_level,
+        max_len=config.sampling.max_new_tokens,
+    )
+    entropy = entropy_from_logits(jax.lax.stop_gradient(logits), temperature=config.sampling.temperature)
+    metrics["grpo/entropy"] = masked_mean(entropy, mask.astype(jnp.float32))
+    return loss, metrics
+
+
+def grpo_update(policy_state, data: Rollout, rng, *, config: GRPOConfig):
+    """`num_iterations x num_minibatches` steps of `grpo_loss` on one rollout, one `lax.scan`.
+
+    `old_logp` is the rollout's `logp`, so the first step of each rollout has ratio 1 (with
+    `logprobs_source="forward"`). Each pass shuffles the rows afresh.
+
+    Returns `(policy_state, metrics)`: means over steps of `grpo/loss`, `grpo/clipfrac`,
+    `grpo/kl`, `grpo/ratio_mean`, `grpo/entropy`, `optim/grad_norm`, plus `rollout_metrics`.
+    """
+    if data.advantages is None:
+        raise ValueError("`grpo_update` needs a rollout with `advantages` (use `grpo_rollout`)")
+    batch_size = data.input_ids.shape[0]
+    if batch_size % config.num_minibatches:
+        raise ValueError(f"the rollout's {batch_size} rows do not split into "
+                         f"`num_minibatches` = {config.num_minibatches} equal minibatches")
+    passes = config.num_iterations
+    shuffles = jax.vmap(lambda key: jax.random.permutation(key, batch_size))(jax.random.split(rng, passes))
+    minibatch_rows = shuffles.reshape(passes * config.num_minibatches, batch_size // config.num_minibatches)
+    grad_fn = jax.value_and_grad(_grpo_loss, has_aux=True)
+
+    def minibatch_step(state, rows):
+        batch = jax.tree.map(lambda x: x[rows], data)
+        (_, metrics), grads = grad_fn(state.params, state.apply_fn, batch, config)
+        metrics["optim/grad_norm"] = optax.global_norm(grads)
+        return state.apply_gradients(grads=grads), metrics
+
+    policy_state, metrics = jax.lax.scan(minibatch_step, policy_state, minibatch_rows)
+    metrics = {name: jnp.mean(value) for name, value in metrics.items()}
+    metrics.update(rollout_metrics(data))
+    grouped = data.scores.reshape(-1, config.group_size)
+    group_std = jnp.std(grouped, axis=1, ddof=1)
+    metrics["grpo/reward_std"] = jnp.mean(group_std)
+    metrics["grpo/zero_std_fraction"] = jnp.mean((group_std == 0).astype(jnp.float32))
+    return policy_state, metrics
+
+
+def grpo_iteration(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, config: GRPOConfig,
+                   reward_module=None, reward_params=None, score_fn=None):
+    """One GRPO / RLOO iteration: `grpo_rollout` -> `grpo_update`.
+
+    Args:
+      policy_state: `TrainState` of the `CausalLM` policy (donate it).
+      ref_params: frozen reference parameters (may be None when `config.beta == 0`).
+      prompt_ids, prompt_mask: `[n, P]` left-padded prompts (each sampled G times).
+      rng: PRNG key.
+      config: `GRPOConfig` (static).
+      reward_module + reward_params, or score_fn: the scorer (see `score_rollout`).
+
+    Returns:
+      `(policy_state, metrics)` (see `grpo_update`).
+    """
+    sample_key, shuffle_key = jax.random.split(rng)
+    data = grpo_rollout(policy_state, ref_params, prompt_ids, prompt_mask, sample_key, config=config,
+                        reward_module=reward_module, reward_params=reward_params, score_fn=score_fn)
+    return grpo_update(policy_state, data, shuffle_key, config=config)
+
+
+__all__ = [
+    "GRPO_STATIC_ARGNAMES", "ADVANTAGE_ESTIMATORS", "GRPOConfig", "sequence_advantages",
+    "grpo_rollout", "grpo_update", "grpo_iteration",
+]

@@ -1,0 +1,246 @@
+"""PPO for language models: one iteration = rollout -> epochs x minibatches update -> KL coef.
+
+The recipe of Ziegler et al. 2019 (arXiv:1909.08593) and Ouyang et al. 2022
+(arXiv:2203.02155) with the details of NUMERICS.md: KL-shaped per-token rewards with the
+score on the last response token, GAE (gamma 1, lam 0.95), whitened advantages, clipped
+policy surrogate (eps 0.2), clipped value loss (eps 0.2, vf_coef 0.1), 4 epochs with a fresh
+shuffle each, minibatches, and a fixed or adaptive KL coefficient. The policy and the value
+model are separate networks with their own train states; the value model starts from the
+reward model's decoder with a zeroed head (`value_params_from_reward_model`).
+
+    config = PPOConfig(sampling=SamplingConfig(max_new_tokens=32, eos_token_id=1, pad_token_id=0))
+    controller = kl_controller(config)
+    kl_state = controller.init()
+    step = jax.jit(ppo_iteration, static_argnames=PPO_STATIC_ARGNAMES,
+                   donate_argnames=("policy_state", "value_state"))
+    for prompt_ids, prompt_mask in prompts:          # fixed [B, P] shapes: compiles once
+        rng, key = jax.random.split(rng)
+        policy_state, value_state, kl_state, metrics = step(
+            policy_state, value_state, kl_state, ref_params, prompt_ids, prompt_mask, key,
+            config=config, reward_module=reward_model, reward_params=reward_params)
+
+`ppo_update` alone runs every epoch and minibatch inside one `lax.scan`, so one compiled call
+does the whole optimisation phase of an iteration.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.losses.aggregation import check_aggregation
+from rlhf_jax.losses.entropy import entropy_loss
+from rlhf_jax.losses.policy import ppo_policy_loss
+from rlhf_jax.losses.value import value_loss
+from rlhf_jax.ops.checks import check_in, check_positive
+from rlhf_jax.ops.kl import KL_ESTIMATORS
+from rlhf_jax.ops.kl_controller import KLController, adaptive_kl_controller, fixed_kl_controller
+from rlhf_jax.ops.logprobs import entropy_from_logits
+from rlhf_jax.ops.masking import masked_mean
+from rlhf_jax.training.rollout import (
+    Rollout,
+    SamplingConfig,
+    response_logprobs,
+    response_values,
+    rollout,
+    rollout_metrics,
+)
+
+PPO_STATIC_ARGNAMES = ("config", "reward_module", "score_fn")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """PPO hyperparameters (frozen: a static jit argument). Defaults follow NUMERICS.md."""
+
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    # --- reward shaping ---
+    kl_coef: float = 0.05  # KL-penalty coefficient (fixed) or its start (adaptive)
+    adaptive_kl: bool = False  # Ziegler et al. controller towards kl_target
+    kl_target: float = 6.0  # target sequence KL (nats) of the adaptive controller
+    kl_horizon: float = 10000.0  # samples over which the adaptive controller corrects
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # per-token KL in the reward
+    missing_eos_score: float | None = None  # score for responses without EOS (e.g. -1.0)
+    score_clip: float | None = None  # clip scores to [-c, c]
+    whiten_rewards: bool = False  # scale-only whitening of the shaped rewards before GAE
+    # --- advantages ---
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    # --- update ---
+    epochs: int = 4  # passes over the rollout, fresh shuffle each
+    num_minibatches: int = 4  # optimizer steps per epoch; must divide the batch size
+    clip_eps: float = 0.2  # policy ratio clip
+    clip_eps_low: float | None = None  # asymmetric clip overrides
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None  # dual-clip constant c > 1 (Ye et al. 2020)
+    value_clip_eps: float | None = 0.2  # value clip around the rollout values; None = off
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    aggregation: str = "token_mean"  # reduction of the per-token losses
+
+    def __post_init__(self):
+        check_in(self.kl_estimator, KL_ESTIMATORS, "kl_estimator")
+        check_aggregation(self.aggregation)
+        for name in ("epochs", "num_minibatches", "clip_eps", "kl_target", "kl_horizon"):
+            check_positive(getattr(self, name), name)
+        for name in ("kl_coef", "vf_coef", "ent_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}")
+
+
+def kl_controller(config: PPOConfig) -> KLController:
+    """The adaptive (Ziegler et al. 2019) or fixed KL-coefficient controller of `config`."""
+    if config.adaptive_kl:
+        return adaptive_kl_controller(config.kl_coef, config.kl_target, config.kl_horizon)
+    return fixed_kl_controller(config.kl_coef)
+
+
+def value_params_from_reward_model(reward_params):
+    """Value-model parameters from a `RewardModel`'s: same decoder, score head set to zero.
+
+    Both models share the layout `{"decoder", "score": {"kernel", "bias"}}`; a zero head makes
+    the first value estimates 0 (NUMERICS.md: value model initialised from the reward model,
+    value head initialised to zero). The arrays are copies, so donating the value state never
+    invalidates `reward_params`.
+    """
+    if set(reward_params) != {"decoder", "score"}:
+        raise ValueError(f"`reward_params` must have keys decoder, score; got {sorted(reward_params)}")
+    return {
+        "decoder": jax.tree.map(jnp.copy, reward_params["decoder"]),
+        "score": jax.tree.map(jnp.zeros_like, reward_params["score"]),
+    }
+
+
+def _policy_loss(params, apply_fn, batch: Rollout, config: PPOConfig):
+    mask = batch.response_mask
+    response_length = mask.shape[1]
+    logp, logits = response_logprobs(apply_fn, params, batch.input_ids, batch.attention_mask, mask,
+                                     temperature=config.sampling.temperature)
+    loss, metrics = ppo_policy_loss(
+        logp, batch.logp, batch.advantages, mask, clip_eps=config.clip_eps,
+        clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high,
+        dual_clip=config.dual_clip, aggregation=config.aggregation, max_len=response_length,
+    )
+    if config.ent_coef > 0:
+        bonus, entropy_metrics = entropy_loss(logits, mask, temperature=config.sampling.temperature,
+                                              aggregation=config.aggregation, max_len=response_length)
+        loss = loss + config.ent_coef * bonus
+        metrics["ppo/entropy"] = entropy_metrics["entropy/mean"]
+    else:
+        entropy = entropy_from_logits(jax.lax.stop_gradient(logits), temperature=config.sampling.temperature)
+        metrics["ppo/entropy"] = masked_mean(entropy, mask.astype(jnp.float32))
+    return loss, metrics
+
+
+def _value_loss(params, apply_fn, batch: Rollout, config: PPOConfig):
+    mask = batch.response_mask
+    values = response_values(apply_fn, params, batch.input_ids, batch.attention_mask, mask)
+    loss, metrics = value_loss(values, batch.values, batch.returns, mask, clip_eps=config.value_clip_eps,
+                               aggregation=config.aggregation, max_len=mask.shape[1])
+    return config.vf_coef * loss, metrics
+
+
+def ppo_update(policy_state, value_state, data: Rollout, rng, *, config: PPOConfig):
+    """All `epochs x num_minibatches` PPO steps on one rollout, in one `lax.scan`.
+
+    Each epoch draws a fresh permutation of the B rows and cuts it into `num_minibatches`
+    minibatches. On each minibatch the policy takes one optimizer step on
+    `ppo_policy_loss + ent_coef * entropy_loss` and the value model one on
+    `vf_coef * value_loss` (the two networks share no parameters, so this equals one step on
+    the summed loss). Log-probs use `logits / sampling.temperature`, as in the rollout.
+
+    Args:
+      policy_state: `TrainState` of the `CausalLM` policy (donate it).
+      value_state: `TrainState` of the `ValueModel` (donate it).
+      data: a `Rollout` with `logp`, `values`, `advantages` and `returns` (from `rollout`).
+      rng: PRNG key for the shuffles.
+      config: `PPOConfig` (static).
+
+    Returns:
+      `(policy_state, value_state, metrics)`; metrics are means over all minibatch steps of
+      `ppo/*` (policy_loss, clipfrac, approx_kl, ratio_mean, entropy...), `value/*` (loss,
+      clipfrac, mean, explained_variance), `optim/policy_grad_norm`, `optim/value_grad_norm`,
+      plus `rollout_metrics(data)` (objective/kl, objective/scores, ...).
+    """
+    for name in ("values", "advantages", "returns"):
+        if getattr(data, name) is None:
+            raise ValueError(f"`ppo_update` needs a rollout with `{name}` (use `rollout(...)`)")
+    batch_size = data.input_ids.shape[0]
+    if batch_size % config.num_minibatches:
+        raise ValueError(f"the rollout's {batch_size} rows do not split into "
+                         f"`num_minibatches` = {config.num_minibatches} equal minibatches")
+    minibatch_size = batch_size // config.num_minibatches
+    shuffles = jax.vmap(lambda key: jax.random.permutation(key, batch_size))(
+        jax.random.split(rng, config.epochs))  # [E, B]
+    minibatch_rows = shuffles.reshape(config.epochs * config.num_minibatches, minibatch_size)
+    policy_grad_fn = jax.value_and_grad(_policy_loss, has_aux=True)
+    value_grad_fn = jax.value_and_grad(_value_loss, has_aux=True)
+
+    def minibatch_step(states, rows):
+        policy_state, value_state = states
+        batch = jax.tree.map(lambda x: x[rows], data)
+        (policy_loss, metrics), policy_grads = policy_grad_fn(
+            policy_state.params, policy_state.apply_fn, batch, config)
+        (weighted_value_loss, value_metrics), value_grads = value_grad_fn(
+            value_state.params, value_state.apply_fn, batch, config)
+        metrics.update(value_metrics)
+        metrics["ppo/total_loss"] = policy_loss + weighted_value_loss
+        metrics["optim/policy_grad_norm"] = optax.global_norm(policy_grads)
+        metrics["optim/value_grad_norm"] = optax.global_norm(value_grads)
+        states = (policy_state.apply_gradients(grads=policy_grads),
+                  value_state.apply_gradients(grads=value_grads))
+        return states, metrics
+
+    (policy_state, value_state), metrics = jax.lax.scan(
+        minibatch_step, (policy_state, value_state), minibatch_rows)
+    metrics = {name: jnp.mean(value) for name, value in metrics.items()}
+    metrics.update(rollout_metrics(data))
+    return policy_state, value_state, metrics
+
+
+def ppo_iteration(policy_state, value_state, kl_state, ref_params, prompt_ids, prompt_mask, rng, *,
+                  config: PPOConfig, reward_module=None, reward_params=None, score_fn=None):
+    """One PPO iteration: `rollout` -> `ppo_update` -> KL-controller update.
+
+    Args:
+      policy_state, value_state: train states of the `CausalLM` policy and the `ValueModel`.
+      kl_state: `KLControllerState` of `kl_controller(config)`; its `coef` shapes the rewards.
+      ref_params: frozen reference-policy parameters (same module as the policy).
+      prompt_ids, prompt_mask: `[B, P]` left-padded prompt batch.
+      rng: PRNG key (sampling and shuffles).
+      config: `PPOConfig` (static).
+      reward_module, reward_params: a `RewardModel` (static) and its parameters, or
+      score_fn: a traceable `score_fn(prompt_ids, response_ids, response_mask) -> [B]` (static).
+
+    Returns:
+      `(policy_state, value_state, kl_state, metrics)`; metrics are those of `ppo_update` plus
+      `objective/kl_coef` (the coefficient used for this rollout).
+    """
+    sample_key, shuffle_key = jax.random.split(rng)
+    data = rollout(
+        policy_state, ref_params, prompt_ids, prompt_mask, sample_key, sampling=config.sampling,
+        kl_coef=kl_state.coef, value_state=value_state, reward_module=reward_module,
+        reward_params=reward_params, score_fn=score_fn, kl_estimator=config.kl_estimator,
+        gamma=config.gamma, lam=config.lam, whiten_rewards=config.whiten_rewards,
+        whiten_advantages=config.whiten_advantages, missing_eos_score=config.missing_eos_score,
+        score_clip=config.score_clip,
+    )
+    policy_state, value_state, metrics = ppo_update(policy_state, value_state, data, shuffle_key,
+                                                    config=config)
+    metrics["objective/kl_coef"] = jnp.asarray(kl_state.coef, jnp.float32)
+    kl_state = kl_controller(config).update(kl_state, metrics["objective/kl"],
+                                            n_steps=prompt_ids.shape[0])
+    return policy_state, value_state, kl_state, metrics
+
+
+__all__ = [
+    "PPO_STATIC_ARGNAMES", "PPOConfig", "kl_controller", "value_params_from_reward_model",
+    "ppo_update", "ppo_iteration",
+]
