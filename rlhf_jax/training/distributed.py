@@ -89,6 +89,9 @@ def initialize_distributed(config: DistributedConfig | None = None) -> bool:
     """Start JAX's multi-process runtime as `config` and the environment say; return True if
     `jax.distributed.initialize` was called, False for a single process."""
     config = DistributedConfig() if config is None else config
+    if config.coordinator_address is None and os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        # jax.distributed reads this variable itself; count it as given.
+        config = dataclasses.replace(config, coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"])
     validate_distributed_config(config)
     values = _explicit_values(config)
     given = [name for name, value in values.items() if value is not None]

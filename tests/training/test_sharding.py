@@ -284,3 +284,12 @@ def test_inconsistent_config_raises(recorded_initialize, config, message):
     with pytest.raises(ValueError, match=message):
         initialize_distributed(config)
     assert recorded_initialize == []
+
+
+def test_coordinator_address_from_environment_counts_as_given(recorded_initialize, monkeypatch):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "node0:7000")
+    assert initialize_distributed(DistributedConfig(num_processes=2, process_id=1)) is True
+    assert recorded_initialize[0]["coordinator_address"] == "node0:7000"
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "no-port")
+    with pytest.raises(ValueError, match="host:port"):
+        initialize_distributed(DistributedConfig(num_processes=2, process_id=1))
