@@ -1,0 +1,141 @@
+"""Autoregressive sampling with a KV cache, compiled as one program.
+
+    generate_fn = jax.jit(generate, static_argnames=GENERATE_STATIC_ARGNAMES)
+    out = generate_fn(module, params, prompt_ids, prompt_mask, rng, max_new_tokens=64,
+                      temperature=1.0, eos_token_id=2, pad_token_id=0)
+    out.tokens, out.mask, out.logprobs, out.finished   # [B, N], [B, N], [B, N], [B]
+
+The prompt batch is LEFT-padded (the last column holds every row's last prompt token). One
+prefill pass fills the cache and yields the first token's logits (projected to the
+vocabulary at the last position only); then a `lax.while_loop` feeds one token per step
+through the cache until `max_new_tokens` tokens exist or every row has produced an EOS.
+Everything stays on device: no host round trip per token. The loop state is small (step,
+last token, next position, cache, finished flags, output buffers), and the random numbers
+of all steps (one uniform per row and step) are drawn before the loop.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.kv_cache import init_cache
+from rlhf_jax.models.sampling import open_uniforms, select_tokens, validate_sampling_options
+from rlhf_jax.models.transformer import CausalLM
+from rlhf_jax.ops.checks import check_rank, check_same_shape
+
+# Arguments that shape the compiled program; `temperature` may be static or traced.
+GENERATE_STATIC_ARGNAMES = (
+    "module", "max_new_tokens", "top_k", "top_p", "greedy", "eos_token_id", "pad_token_id",
+)
+
+
+class GenerationOutput(NamedTuple):
+    """Sampled continuations of a prompt batch (a pytree)."""
+
+    tokens: jax.Array  # [B, N] int32; pad_token_id after the first EOS
+    mask: jax.Array  # [B, N] int32; 1 up to and including the first EOS, 0 after
+    logprobs: jax.Array  # [B, N] float32; log_softmax(logits / T) of each token, 0 where mask is 0
+    finished: jax.Array  # [B] bool; the row produced an EOS
+
+
+def _eos_ids(eos_token_id) -> tuple[int, ...]:
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, int):
+        return (eos_token_id,)
+    if isinstance(eos_token_id, Sequence) and all(isinstance(i, int) for i in eos_token_id):
+        return tuple(eos_token_id)
+    raise ValueError(f"`eos_token_id` must be an int, a tuple of ints or None, got {eos_token_id!r}")
+
+
+def _is_eos(tokens, eos_ids: tuple[int, ...]):
+    hit = jnp.zeros(tokens.shape, bool)
+    for eos in eos_ids:
+        hit = hit | (tokens == eos)
+    return hit
+
+
+def generate(module: CausalLM, params, prompt_ids, prompt_mask, rng, *, max_new_tokens: int,
+             temperature=1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+             eos_token_id, pad_token_id: int) -> GenerationOutput:
+    """Sample `max_new_tokens` tokens after each left-padded prompt.
+
+    module, params: a `CausalLM` and its parameters. prompt_ids / prompt_mask [B, P]:
+    left-padded prompts and their attention mask (1 = real token; every row's last column
+    must be a real token, since the first new token is read there). rng: a PRNG key (unused
+    when greedy). temperature: logits are divided by it before filtering and for the
+    returned log-probs. top_k: keep the k most likely tokens (0 = off). top_p: nucleus
+    mass (1 = off). greedy: argmax instead of sampling. eos_token_id: int, tuple of ints
+    (any ends a row) or None (never stop). pad_token_id: written after a row's EOS.
+    Returns a `GenerationOutput`; see `GENERATE_STATIC_ARGNAMES` for jitting.
+    """
+    if not isinstance(module, CausalLM):
+        raise ValueError(f"`module` must be a CausalLM, got {type(module).__name__}")
+    check_rank(prompt_ids, 2, "prompt_ids")
+    check_same_shape(prompt_ids=prompt_ids, prompt_mask=prompt_mask)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be a static int >= 1, got {max_new_tokens!r}")
+    if not isinstance(pad_token_id, int):
+        raise ValueError(f"`pad_token_id` must be a static int, got {pad_token_id!r}")
+    validate_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+    eos_ids = _eos_ids(eos_token_id)
+    config = module.config
+    batch, prompt_len = prompt_ids.shape
+    total_len = prompt_len + max_new_tokens
+    if config.position_embedding == "learned" and total_len > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"max_position_embeddings {config.max_position_embeddings}"
+        )
+    variables = {"params": params}
+    select = partial(select_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     greedy=greedy)
+    # Every random number the loop needs, drawn once: one uniform per row and step.
+    uniforms = None if greedy else open_uniforms(rng, (max_new_tokens, batch))
+    prompt_mask = prompt_mask.astype(jnp.int32)
+
+    # Prefill: the whole prompt in one pass, vocabulary logits at the last position only.
+    cache = init_cache(config, batch, total_len)
+    hidden, cache = module.apply(
+        variables, prompt_ids, prompt_mask, cache=cache, method="hidden_states"
+    )
+    logits = module.apply(variables, hidden[:, -1], method="lm_logits")  # [B, V] float32
+    next_position = jnp.sum(prompt_mask, axis=1)  # [B]: position of the first new token
+
+    def choose(step, logits, finished):
+        row_uniforms = None if greedy else jax.lax.dynamic_index_in_dim(uniforms, step, keepdims=False)
+        token, logprob = select(logits, row_uniforms)
+        token = jnp.where(finished, pad_token_id, token)
+        logprob = jnp.where(finished, 0.0, logprob)
+        return token, logprob, finished | _is_eos(token, eos_ids)
+
+    token, logprob, finished = choose(0, logits, jnp.zeros((batch,), bool))
+    tokens = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
+    logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logprob)
+    new_token_mask = jnp.ones((batch, 1), jnp.int32)
+
+    def keep_going(state):
+        step, _, _, _, finished, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(finished)
+
+    def decode_step(state):
+        step, token, position, cache, finished, tokens, logprobs = state
+        logits, cache = module.apply(
+            variables, token[:, None], new_token_mask, position_ids=position[:, None], cache=cache
+        )
+        token, logprob, finished = choose(step, logits[:, 0], finished)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
+        logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logprob[:, None], step, axis=1)
+        return step + 1, token, position + 1, cache, finished, tokens, logprobs
+
+    state = (jnp.int32(1), token, next_position, cache, finished, tokens, logprobs)
+    _, _, _, _, finished, tokens, logprobs = jax.lax.while_loop(keep_going, decode_step, state)
+
+    # A slot counts when no EOS precedes it (tokens after an EOS are pad, possibly == EOS).
+    eos_hits = _is_eos(tokens, eos_ids).astype(jnp.int32)
+    eos_before = jnp.cumsum(eos_hits, axis=1) - eos_hits
+    mask = (eos_before == 0).astype(jnp.int32)
+    return GenerationOutput(tokens=tokens, mask=mask, logprobs=logprobs, finished=finished)

@@ -1,0 +1,72 @@
+"""The key/value cache: a plain pytree that the forward pass takes and returns.
+
+    cache = {
+        "index":  int32 [],                    # slots already written (same for every row)
+        "mask":   int32 [B, S],                # 1 where a written slot holds a real token
+        "layers": ({"key":   [B, K, Dh, S],    # one dict per layer, in the compute dtype;
+                    "value": [B, K, S, Dh]}, ...), # K key/value heads, S slots, Dh head size
+    }
+
+A forward call with `cache=` writes its T new tokens at slots [index, index + T), records
+their attention mask, and returns the cache with `index + T`. Queries attend to written
+slots at or before their own slot whose mask is 1, so left-padded prompts stay masked for
+the whole generation. The caller keeps `index + T <= S` (XLA clamps out-of-range writes).
+Keys are stored transposed ([..., Dh, S]) so that both attention matmuls of a decode step
+are plain batched products; on CPU that is several times faster than q @ k^T.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.config import ModelConfig
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> dict:
+    """An empty cache for `batch_size` rows of up to `max_length` tokens (dtype: config.dtype)."""
+    if batch_size <= 0 or max_length <= 0:
+        raise ValueError(f"`batch_size` and `max_length` must be > 0, got {batch_size}, {max_length}")
+    dtype = jnp.dtype(dtype or config.dtype)
+    heads, head_dim = config.kv_heads, config.dims_per_head
+    layers = tuple(
+        {
+            "key": jnp.zeros((batch_size, heads, head_dim, max_length), dtype),  # transposed
+            "value": jnp.zeros((batch_size, heads, max_length, head_dim), dtype),
+        }
+        for _ in range(config.num_layers)
+    )
+    return {
+        "index": jnp.zeros((), jnp.int32),
+        "mask": jnp.zeros((batch_size, max_length), jnp.int32),
+        "layers": layers,
+    }
+
+
+def positions_from_mask(attention_mask):
+    """Position ids `clip(cumsum(mask) - 1, 0)` [B, T]: real tokens count 0, 1, 2, ... from
+    the first non-pad token, whatever the padding side; pad slots get 0."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def causal_mask(attention_mask):
+    """[B, T, T] bool: query i may attend key j iff j <= i and key j is not padding."""
+    time = attention_mask.shape[1]
+    causal = jnp.tril(jnp.ones((time, time), dtype=bool))
+    return causal[None] & attention_mask.astype(bool)[:, None, :]
+
+
+def write_cache_mask(cache: dict, attention_mask):
+    """Record the new tokens' mask [B, T] at the cache index.
+
+    Returns (cache mask [B, S], attend mask [B, T, S], positions [B, T]) where positions
+    continue from the number of real tokens already in the cache.
+    """
+    index = cache["index"]
+    time = attention_mask.shape[1]
+    mask = jax.lax.dynamic_update_slice(cache["mask"], attention_mask.astype(jnp.int32), (0, index))
+    slots = jnp.arange(mask.shape[1])
+    query_slots = index + jnp.arange(time)
+    attend = (slots[None, :] <= query_slots[:, None])[None] & mask.astype(bool)[:, None, :]
+    seen = jnp.sum(cache["mask"], axis=1)  # real tokens before this call, [B]
+    positions = seen[:, None] + positions_from_mask(attention_mask)
+    return mask, attend, positions

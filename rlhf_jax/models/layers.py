@@ -1,0 +1,204 @@
+"""Transformer building blocks: norms, rotary embeddings, attention with a KV cache, MLPs.
+
+Shapes: B batch, T new tokens, S key slots (T without a cache, the cache length with one),
+D hidden size, H query heads, K key/value heads (H = K * G for grouped-query attention),
+Dh head size.
+
+Numerics: parameters live in `config.param_dtype`; matmuls run in `config.dtype`; norms,
+rotary embeddings and the attention softmax are computed in float32.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.models.config import ModelConfig
+
+INIT_STD = 0.02  # weight init of fresh (untrained) models, as in GPT-2 and Llama
+
+
+def dense(features: int, use_bias: bool, config: ModelConfig, name: str) -> nn.Dense:
+    """A linear layer with kernel [in, features] (Hugging Face nn.Linear stores the transpose)."""
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        kernel_init=nn.initializers.normal(INIT_STD), name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """`x / sqrt(mean(x**2) + eps) * scale` (Zhang & Sennrich 2019, arXiv:1910.07467)."""
+
+    eps: float
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.dtype(self.param_dtype))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(jnp.dtype(self.dtype))
+
+
+def make_norm(config: ModelConfig, name: str) -> nn.Module:
+    """The family's normalisation layer: RMSNorm (Llama, Qwen2) or LayerNorm (GPT-2)."""
+    if config.norm_type == "rmsnorm":
+        return RMSNorm(eps=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype, name=name)
+    return nn.LayerNorm(
+        epsilon=config.norm_eps, dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype), use_fast_variance=False, name=name,
+    )
+
+
+def activation_fn(name: str):
+    """The MLP non-linearity for a Hugging Face activation name."""
+    table = {
+        "silu": jax.nn.silu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "relu": jax.nn.relu,
+    }
+    return table[name]
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """Rotary inverse frequencies `theta ** (-2i / Dh)`, i < Dh/2, after the config's scaling.
+
+    RoPE: Su et al. 2021 (arXiv:2104.09864). "linear" (position interpolation, Chen et al.
+    2023, arXiv:2306.15595) divides every frequency by `factor`. "llama3" divides the low
+    frequencies (wavelength > original_max / low_freq_factor) by `factor`, keeps the high
+    ones (wavelength < original_max / high_freq_factor) and interpolates smoothly between.
+    Computed with NumPy at trace time, so it is a constant of the compiled program.
+    """
+    dim = config.dims_per_head
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(config.rope_factor)
+    elif config.rope_type == "llama3":
+        factor = config.rope_factor
+        old_context = config.rope_original_max_position_embeddings
+        low_wavelen = old_context / config.rope_low_freq_factor
+        high_wavelen = old_context / config.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - config.rope_low_freq_factor) / (
+            config.rope_high_freq_factor - config.rope_low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
+    elif config.rope_type != "default":
+        raise ValueError(f"rope scaling type {config.rope_type!r} is not supported")
+    return inv_freq
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate `x` [B, T, N, Dh] by angles `positions * inv_freq` (half-split layout).
+
+    `x_rot = x * cos + rotate_half(x) * sin` with `rotate_half([a, b]) = [-b, a]`, the layout
+    of Hugging Face Llama checkpoints. Computed in float32, returned in x's dtype.
+    """
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped-query heads and an optional KV cache.
+
+    `softmax(q k^T / sqrt(Dh) + mask) v` (Vaswani et al. 2017, arXiv:1706.03762); K < H
+    key/value heads are shared by groups of H/K query heads (Ainslie et al. 2023,
+    arXiv:2305.13245). Masked scores get the most negative finite float, so rows that see
+    no key (left-padding queries) stay finite.
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        q_size, kv_size = c.num_heads * c.dims_per_head, c.kv_heads * c.dims_per_head
+        if c.fused_qkv:
+            self.qkv_proj = dense(q_size + 2 * kv_size, c.qkv_bias, c, "qkv_proj")
+        else:
+            self.q_proj = dense(q_size, c.qkv_bias, c, "q_proj")
+            self.k_proj = dense(kv_size, c.qkv_bias, c, "k_proj")
+            self.v_proj = dense(kv_size, c.qkv_bias, c, "v_proj")
+        self.o_proj = dense(c.hidden_size, c.attn_out_bias, c, "o_proj")
+
+    def __call__(self, x, positions, attend_mask, layer_cache=None, cache_index=None):
+        """x [B, T, D]; positions [B, T]; attend_mask [B, T, S] bool (True = may attend).
+
+        With `layer_cache = {"key": [B, K, Dh, S], "value": [B, K, S, Dh]}` the new keys/values are
+        written at slots [cache_index, cache_index + T) and attention reads all S slots.
+        Returns (output [B, T, D], updated layer cache or None).
+        """
+        c = self.config
+        batch, time, _ = x.shape
+        heads, kv_heads, head_dim = c.num_heads, c.kv_heads, c.dims_per_head
+        if c.fused_qkv:
+            qkv = self.qkv_proj(x)
+            q, k, v = jnp.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(batch, time, heads, head_dim)  # [B, T, H, Dh]
+        k = k.reshape(batch, time, kv_heads, head_dim)  # [B, T, K, Dh]
+        v = v.reshape(batch, time, kv_heads, head_dim)  # [B, T, K, Dh]
+        if c.position_embedding == "rope":
+            inv_freq = rope_inverse_frequencies(c)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+        # Heads-major layouts in which both attention matmuls are plain batched products
+        # (no transposed operand, no copy of the cache): keys [B, K, Dh, S], values [B, K, S, Dh].
+        k = k.transpose(0, 2, 3, 1)  # [B, K, Dh, T]
+        v = v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
+
+        new_cache = None
+        if layer_cache is not None:
+            cache_dtype = layer_cache["key"].dtype
+            k = jax.lax.dynamic_update_slice(
+                layer_cache["key"], k.astype(cache_dtype), (0, 0, 0, cache_index)
+            )  # [B, K, Dh, S]
+            v = jax.lax.dynamic_update_slice(
+                layer_cache["value"], v.astype(cache_dtype), (0, 0, cache_index, 0)
+            )  # [B, K, S, Dh]
+            new_cache = {"key": k, "value": v}
+
+        groups = heads // kv_heads
+        q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+        q = q.reshape(batch, time, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
+        scores = jnp.einsum(
+            "bkgtd,bkds->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+        )  # [B, K, G, T, S]
+        scores = jnp.where(attend_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)  # [B, K, G, T, Dh]
+        out = out.transpose(0, 3, 1, 2, 4).reshape(batch, time, heads * head_dim)
+        out = out.astype(jnp.dtype(c.dtype))
+        return self.o_proj(out), new_cache
+
+
+class MLP(nn.Module):
+    """Gated (SwiGLU, Shazeer 2020, arXiv:2002.05202) or plain two-layer feed-forward block."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):  # [B, T, D] -> [B, T, D]
+        c = self.config
+        act = activation_fn(c.activation)
+        if c.gated_mlp:
+            gate = dense(c.intermediate_size, c.mlp_bias, c, "gate_proj")(x)
+            up = dense(c.intermediate_size, c.mlp_bias, c, "up_proj")(x)
+            return dense(c.hidden_size, c.mlp_bias, c, "down_proj")(act(gate) * up)
+        hidden = act(dense(c.intermediate_size, c.mlp_bias, c, "fc_in")(x))
+        return dense(c.hidden_size, c.mlp_bias, c, "fc_out")(hidden)

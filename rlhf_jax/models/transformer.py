@@ -1,0 +1,163 @@
+"""The decoder-only transformer (`Decoder`) and the causal language model (`CausalLM`).
+
+Forward API (the training code calls these; params come from `load_pretrained` or `init`):
+
+    model = CausalLM(config)
+    logits = model.apply({"params": params}, input_ids, attention_mask)
+        # input_ids [B, T] int, attention_mask [B, T] (1 = real token, 0 = pad; None = all 1)
+        # -> logits [B, T, V] float32
+    logits, new_cache = model.apply({"params": params}, input_ids, attention_mask, cache=cache)
+    logits, hidden = model.apply({"params": params}, input_ids, attention_mask, return_hidden=True)
+        # hidden [B, T, D]: final-norm hidden states in the compute dtype
+        # order of outputs: logits, then hidden (if return_hidden), then new_cache (if cache)
+    hidden = model.apply({"params": params}, input_ids, attention_mask, method="hidden_states")
+    logits = model.apply({"params": params}, hidden, method="lm_logits")
+        # any [..., D] hidden -> [..., V] float32; project only the positions a loss reads
+
+Position ids default to `clip(cumsum(attention_mask) - 1, 0)` (any padding side; with a
+cache they continue from the real tokens already cached) and can be passed as
+`position_ids=` [B, T]. Caches come from `rlhf_jax.models.kv_cache.init_cache`.
+
+Parameter tree (`params`):
+    decoder/embed/embedding [V, D]; decoder/position_embed/embedding [P, D] (GPT-2 only)
+    decoder/layers_{i}/{attn_norm, mlp_norm}/{scale, bias?}
+    decoder/layers_{i}/attn/{q_proj, k_proj, v_proj | qkv_proj, o_proj}/{kernel [in, out], bias?}
+    decoder/layers_{i}/mlp/{gate_proj, up_proj, down_proj | fc_in, fc_out}/{kernel, bias?}
+    decoder/final_norm/{scale, bias?}; lm_head/kernel [D, V] (untied embeddings only)
+There is no dropout (RLHF fine-tuning runs with dropout off).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.kv_cache import causal_mask, positions_from_mask, write_cache_mask
+from rlhf_jax.models.layers import INIT_STD, MLP, Attention, make_norm
+from rlhf_jax.ops.checks import check_rank, check_same_shape
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, attend_mask, layer_cache=None, cache_index=None):
+        c = self.config
+        attn_out, new_layer_cache = Attention(c, name="attn")(
+            make_norm(c, "attn_norm")(x), positions, attend_mask, layer_cache, cache_index
+        )
+        x = x + attn_out
+        x = x + MLP(c, name="mlp")(make_norm(c, "mlp_norm")(x))
+        return x, new_layer_cache
+
+
+class Decoder(nn.Module):
+    """Token (+ learned position) embeddings, `num_layers` blocks and the final norm."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        embed_kwargs = dict(
+            dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+            embedding_init=nn.initializers.normal(INIT_STD),
+        )
+        self.embed = nn.Embed(c.vocab_size, c.hidden_size, **embed_kwargs)
+        if c.position_embedding == "learned":
+            self.position_embed = nn.Embed(c.max_position_embeddings, c.hidden_size, **embed_kwargs)
+        block = nn.remat(Block) if c.remat else Block
+        self.layers = [block(c) for _ in range(c.num_layers)]
+        self.final_norm = make_norm(c, "final_norm")
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """Final hidden states [B, T, D] and the updated cache (None without a cache)."""
+        check_rank(input_ids, 2, "input_ids")
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        check_same_shape(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if cache is None:
+            attend_mask = causal_mask(attention_mask)  # [B, T, T]
+            positions = positions_from_mask(attention_mask)
+        else:
+            cache_mask, attend_mask, positions = write_cache_mask(cache, attention_mask)  # [B, T, S]
+        if position_ids is not None:
+            positions = position_ids
+
+        x = self.embed(input_ids)  # [B, T, D]
+        if self.config.position_embedding == "learned":
+            x = x + self.position_embed(positions)
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache["layers"][i]
+            index = None if cache is None else cache["index"]
+            x, new_layer_cache = layer(x, positions, attend_mask, layer_cache, index)
+            new_layers.append(new_layer_cache)
+        hidden = self.final_norm(x)
+        if cache is None:
+            return hidden, None
+        new_cache = {
+            "index": cache["index"] + input_ids.shape[1],
+            "mask": cache_mask,
+            "layers": tuple(new_layers),
+        }
+        return hidden, new_cache
+
+    def attend(self, hidden):
+        """Logits from tied embeddings: `hidden @ embedding.T`, accumulated in float32."""
+        embedding = self.embed.embedding.astype(jnp.dtype(self.config.dtype))
+        return jnp.einsum(
+            "...d,vd->...v", hidden.astype(embedding.dtype), embedding,
+            preferred_element_type=jnp.float32,
+        )
+
+
+class LMHead(nn.Module):
+    """Untied output projection: `hidden @ kernel` [D, V], accumulated in float32."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden):
+        c = self.config
+        kernel = self.param(
+            "kernel", nn.initializers.normal(INIT_STD), (c.hidden_size, c.vocab_size),
+            jnp.dtype(c.param_dtype),
+        ).astype(jnp.dtype(c.dtype))
+        return jnp.einsum(
+            "...d,dv->...v", hidden.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32
+        )
+
+
+class CausalLM(nn.Module):
+    """Decoder + language-model head; see the module docstring for the call conventions."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.decoder = Decoder(c)
+        if not c.tie_word_embeddings:
+            self.lm_head = LMHead(c)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None,
+                 return_hidden: bool = False):
+        hidden, new_cache = self.decoder(input_ids, attention_mask, position_ids, cache)
+        outputs = (self.lm_logits(hidden),)
+        if return_hidden:
+            outputs += (hidden,)
+        if cache is not None:
+            outputs += (new_cache,)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """Final hidden states [B, T, D]; `(hidden, new_cache)` when a cache is given."""
+        hidden, new_cache = self.decoder(input_ids, attention_mask, position_ids, cache)
+        return hidden if cache is None else (hidden, new_cache)
+
+    def lm_logits(self, hidden):
+        """Vocabulary logits [..., V] in float32 from hidden states [..., D]."""
+        if self.config.tie_word_embeddings:
+            return self.decoder.attend(hidden)
+        return self.lm_head(hidden)
