@@ -1,0 +1,68 @@
+"""Reward-model step: Bradley-Terry on (chosen, rejected) pairs.
+
+    loss = mean_b -logsig(r(x, y_w) - r(x, y_l) - margin_b) + center_coef * mean_b (r_w + r_l)^2
+
+(Ouyang et al. 2022, arXiv:2203.02155; margin: Touvron et al. 2023, arXiv:2307.09288;
+centering: Eisenstein et al. 2023, arXiv:2312.09244), with `r` a `RewardModel` score read at
+the last non-pad token. Chosen and rejected rows run through ONE forward pass of `2B` rows
+(interleaved, so a batch sharded over its leading axis stays in place).
+
+Usage (the caller jits; the state is donated):
+
+    step = jax.jit(reward_step, donate_argnames=("state",),
+                   static_argnames=("center_coef", "num_microbatches"))
+    state, metrics = step(state, PreferenceBatch(...))   # margin optional in the batch
+"""
+from __future__ import annotations
+
+from rlhf_jax.losses.reward import reward_model_loss
+from rlhf_jax.training.batches import PreferenceBatch
+from rlhf_jax.training.policy_logps import interleave
+from rlhf_jax.training.step_runner import gradient_step
+
+
+def pair_scores(apply_fn, params, batch: PreferenceBatch):
+    """Reward-model scores `(chosen [B], rejected [B])` from one forward pass of 2B rows."""
+    input_ids = interleave(batch.chosen_input_ids, batch.rejected_input_ids)  # [2B, T]
+    attention_mask = interleave(batch.chosen_attention_mask, batch.rejected_attention_mask)
+    scores = apply_fn({"params": params}, input_ids, attention_mask).reshape(-1, 2)  # [B, 2]
+    return scores[:, 0], scores[:, 1]
+
+
+def reward_step(
+    state,
+    batch: PreferenceBatch,
+    *,
+    center_coef: float = 0.0,
+    num_microbatches: int = 1,
+    axis_name=None,
+):
+    """One reward-model update.
+
+    Args:
+      state: `TrainState` with `apply_fn = RewardModel.apply` ([B] scores) and its params.
+      batch: `PreferenceBatch`; loss masks and reference fields are not read; `margin` [B]
+        (optional) is the per-pair margin.
+      center_coef: weight of the score-centering term (static).
+      num_microbatches: split the batch into this many slices and accumulate gradients.
+      axis_name: mapped axis name inside `shard_map`/`pmap`; None under `jit`.
+
+    Returns:
+      `(new_state, metrics)` with `reward/loss`, `reward/accuracy`, `reward/margin`,
+      `reward/chosen`, `reward/rejected` (see `reward_model_loss`) and `optim/grad_norm`.
+    """
+    if not isinstance(batch, PreferenceBatch):
+        raise ValueError(f"`batch` must be a PreferenceBatch, got {type(batch).__name__}")
+    batch.validate(need_loss_masks=False)
+    # The loss masks and reference log-probs are not read: keep them out of the microbatch scan.
+    batch = batch.replace(chosen_loss_mask=None, rejected_loss_mask=None,
+                          ref_chosen_logps=None, ref_rejected_logps=None)
+
+    def loss_fn(params, microbatch):
+        chosen, rejected = pair_scores(state.apply_fn, params, microbatch)
+        return reward_model_loss(chosen, rejected, margin=microbatch.margin, center_coef=center_coef)
+
+    return gradient_step(state, loss_fn, batch, num_microbatches=num_microbatches, axis_name=axis_name)
+
+
+__all__ = ["reward_step", "pair_scores"]
