@@ -16,6 +16,14 @@ from rlhf_jax.pipeline.config import ConfigError
 # subcommand -> (module, function, one-line help)
 STAGES: dict[str, tuple[str, str, str]] = {
     "classic": ("rlhf_jax.classic.run", "run_classic", "PPO / REINFORCE on gymnax environments (CartPole, Acrobot)"),
+    "sft": ("rlhf_jax.pipeline.stages.sft", "run", "supervised fine-tuning on prompt/completion data"),
+    "reward": ("rlhf_jax.pipeline.stages.reward", "run", "train a reward model on preference pairs"),
+    "ppo": ("rlhf_jax.pipeline.stages.ppo", "run", "PPO against a reward model (or the gold scorer)"),
+    "dpo": ("rlhf_jax.pipeline.stages.dpo", "run", "DPO / IPO / SimPO / ... on preference pairs"),
+    "grpo": ("rlhf_jax.pipeline.stages.grpo", "run", "GRPO with group-relative advantages"),
+    "eval": ("rlhf_jax.pipeline.stages.evaluate", "run", "evaluate policies: pass@k, win rate, KL, report"),
+    "quickstart": ("rlhf_jax.pipeline.stages.quickstart", "run",
+                   "the whole pipeline on the built-in task, with a report"),
 }
 
 
@@ -33,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module_name, function_name, _ = STAGES[args.stage]
+    # Under a launcher or cluster (JAX_COORDINATOR_ADDRESS + RLHF_JAX_NUM_PROCESSES/PROCESS_ID, SLURM,
+    # Open MPI, TPU pods) every process joins one runtime; a plain run stays single-process.
+    from rlhf_jax.training.multihost import initialize_from_env
+
+    initialize_from_env()
     run = getattr(importlib.import_module(module_name), function_name)
     try:
         run(args.config, args.overrides, resume=args.resume)

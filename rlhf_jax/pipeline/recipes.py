@@ -1,0 +1,320 @@
+"""Typed configs of the pipeline stages: one dataclass tree per `rlhf-jax` subcommand.
+
+Every stage config is loaded with `rlhf_jax.pipeline.config.load_config`, so an unknown key or
+a value of the wrong type is a `ConfigError` naming the key and listing the valid ones. The
+supervised stages (sft, reward, dpo) share `StageConfig`:
+
+    output_dir, seed
+    model       a Hugging Face folder (`path`) or the architecture of a fresh model (`init`)
+    tokenizer   tokenizer folder (default: the model folder)
+    data        files and lengths (`rlhf_jax.pipeline.data.DataConfig`)
+    optim       optimizer (`rlhf_jax.training.optim.OptimizerConfig`); `total_steps` is set
+                to the stage's `train.steps`, so the schedule always spans the run
+    mesh        device mesh (`rlhf_jax.training.sharding.MeshConfig`); with no -1 entry the
+                mesh uses the first data*fsdp*tensor devices
+    train       length, batch size, micro-batching, `stop_after` (stop early to test resuming)
+    eval        held-out evaluation during and after training
+    checkpoint  interval and how many to keep
+    logging     metrics rows, TensorBoard, progress bar
+
+The RL stages (`PPOStageConfig`, `GRPOStageConfig`) name their models (policy, reference, value,
+reward) and hold the algorithm's own frozen config (`rlhf_jax.training.ppo.PPOConfig`,
+`rlhf_jax.training.grpo.GRPOConfig`) as their `ppo` / `grpo` section; `eval` and `quickstart`
+have their own configs. `QuickstartConfig` holds one config per stage plus the built-in task
+and the fresh model's architecture; the quickstart fills in the paths that connect the stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.pipeline.config import ConfigError, load_config
+from rlhf_jax.pipeline.data import DataConfig
+from rlhf_jax.pipeline.task import TaskConfig
+from rlhf_jax.training.dpo_step import PreferenceLossConfig
+from rlhf_jax.training.grpo import GRPOConfig as GRPOAlgorithmConfig
+from rlhf_jax.training.optim import OptimizerConfig
+from rlhf_jax.training.ppo import PPOConfig as PPOAlgorithmConfig
+from rlhf_jax.training.sharding import MeshConfig
+
+
+# ----------------------------------------------------------------------------- shared sections
+
+
+@dataclass
+class ModelSection:
+    """Where a stage's model comes from."""
+
+    path: str | None = None  # Hugging Face folder (config.json + *.safetensors)
+    init: ModelConfig | None = None  # architecture of a fresh random model (when path is None);
+    # its vocab_size and bos/eos/pad ids are taken from the tokenizer
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
+    remat: bool = False  # rematerialise blocks in the backward pass (saves memory)
+
+
+@dataclass
+class TrainSection:
+    """How long and on what batches a stage trains."""
+
+    steps: int = 1000  # optimizer steps (also the learning-rate schedule's length)
+    batch_size: int = 32  # global batch: rows (sft) or pairs (reward, dpo) per step
+    num_microbatches: int = 1  # gradient accumulation inside one compiled step
+    response_window: int | None = None  # project to the vocabulary at this many positions per row
+    stop_after: int | None = None  # debugging: end this run after that many steps WITHOUT a final
+    # checkpoint, as if it were killed; `--resume` continues it
+
+
+@dataclass
+class EvalSection:
+    """Held-out evaluation on `data.eval_files` (metrics logged as `eval/...`)."""
+
+    every: int = 0  # also evaluate every N steps (0: only at the end)
+    batch_size: int = 64
+    max_batches: int | None = None  # cap on held-out batches per evaluation (None: all)
+
+
+@dataclass
+class CheckpointSection:
+    interval: int = 100  # save every N steps (0: only at the end); the end is always saved
+    keep: int | None = 2  # newest checkpoints kept (None: all)
+    async_save: bool = True  # write in a background thread
+
+
+@dataclass
+class LoggingSection:
+    every: int = 1  # a metrics.jsonl row every N steps
+    tensorboard: bool = True  # TensorBoard event files in <output_dir>/tensorboard
+    progress: bool | None = None  # progress bar; None: when stderr is a terminal
+
+
+@dataclass
+class StageConfig:
+    """Fields every supervised stage shares (see the module docstring)."""
+
+    output_dir: str = "runs/stage"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: str | None = None  # tokenizer folder; None: model.path
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+# ----------------------------------------------------------------------------- supervised stages
+
+
+@dataclass
+class SFTOptions:
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    output_dir: str = "runs/sft"
+    sft: SFTOptions = field(default_factory=SFTOptions)
+
+
+@dataclass
+class RewardOptions:
+    center_coef: float = 0.0  # weight of mean((r_w + r_l)^2), keeps scores near 0
+
+
+@dataclass
+class RewardConfig(StageConfig):
+    """A reward model: the decoder of `model` plus a fresh scalar head (or the folder's head)."""
+
+    output_dir: str = "runs/reward"
+    reward: RewardOptions = field(default_factory=RewardOptions)
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    """Preference optimisation (DPO, IPO, ... SimPO, CPO, ORPO) of `model` on pairs."""
+
+    output_dir: str = "runs/dpo"
+    reference: str | None = None  # frozen reference policy folder; None: model.path
+    dpo: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
+
+
+# ----------------------------------------------------------------------------- RL stages
+
+
+@dataclass
+class RewardSource:
+    """What scores a response: a reward-model folder or the built-in task's gold scorer."""
+
+    kind: Literal["reward_model", "gold"] = "reward_model"
+    path: str | None = None  # reward-model folder when kind = reward_model
+    gold_kind: Literal["exact", "graded"] = "exact"  # the gold scorer's variant (kind = gold)
+
+
+@dataclass
+class RLTrainSection:
+    iterations: int = 100  # rollout + update rounds
+    batch_size: int = 64  # prompts per rollout
+    stop_after: int | None = None  # debugging: end this run early without a final checkpoint
+
+
+@dataclass
+class PPOStageConfig:
+    """KL-regularised PPO: policy, value model (from the reward model), frozen reference.
+
+    `ppo` is `rlhf_jax.training.ppo.PPOConfig` (its `sampling` section sets the response
+    length and temperature; the EOS and pad ids always come from the tokenizer).
+    """
+
+    output_dir: str = "runs/ppo"
+    seed: int = 0
+    policy: ModelSection = field(default_factory=ModelSection)
+    value: str | None = None  # value-model folder; None: reward.path, else the policy's folder
+    reference: str | None = None  # reference policy folder; None: policy.path
+    tokenizer: str | None = None  # None: policy.path
+    reward: RewardSource = field(default_factory=RewardSource)
+    data: DataConfig = field(default_factory=DataConfig)  # prompt files
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)  # policy optimizer
+    value_optim: OptimizerConfig | None = None  # None: the policy's
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    ppo: PPOAlgorithmConfig = field(default_factory=PPOAlgorithmConfig)
+    train: RLTrainSection = field(default_factory=RLTrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+@dataclass
+class GRPOStageConfig:
+    """GRPO / RLOO: `grpo.group_size` samples per prompt, group baselines, no value model.
+
+    `grpo` is `rlhf_jax.training.grpo.GRPOConfig` (`grpo.sampling` as in PPO; EOS and pad ids
+    come from the tokenizer). `train.batch_size` counts prompts: a rollout has
+    `batch_size * group_size` responses.
+    """
+
+    output_dir: str = "runs/grpo"
+    seed: int = 0
+    policy: ModelSection = field(default_factory=ModelSection)
+    reference: str | None = None  # reference policy folder; None: policy.path
+    tokenizer: str | None = None  # None: policy.path
+    reward: RewardSource = field(default_factory=lambda: RewardSource(kind="gold"))
+    data: DataConfig = field(default_factory=DataConfig)  # prompt files
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    grpo: GRPOAlgorithmConfig = field(default_factory=GRPOAlgorithmConfig)
+    train: RLTrainSection = field(default_factory=RLTrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate policies with the built-in task's gold scorer (see `stages/evaluate.py`)."""
+
+    output_dir: str = "runs/eval"
+    seed: int = 0
+    policies: dict[str, str] = field(default_factory=dict)  # name -> policy folder
+    reference: str | None = None  # reference policy folder (win rate, KL); None: no comparison
+    reward_model: str | None = None  # reward-model folder (held-out accuracy); None: skip
+    tokenizer: str | None = None  # None: the reference's (or the first policy's) folder
+    prompts_file: str = ""  # prompt rows with an `answer` column (the task's eval_prompts.jsonl)
+    preferences_file: str | None = None  # held-out pairs for reward-model accuracy
+    max_prompts: int | None = None  # evaluate on the first N prompts (None: all)
+    num_samples: int = 64  # samples per prompt (pass@k for k <= num_samples)
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    batch_size: int = 4096  # sequences per generation call
+    max_prompt_length: int = 64
+    report: bool = True  # write report.md with tables and plots
+    runs: dict[str, str] = field(default_factory=dict)  # stage name -> output dir, for curves
+
+
+# ----------------------------------------------------------------------------- quickstart
+
+
+@dataclass
+class QuickstartConfig:
+    """The whole pipeline on the built-in task: task -> SFT -> reward -> PPO / DPO / GRPO -> eval.
+
+    Each stage section is that stage's full config; the quickstart fills in `output_dir`,
+    the model/tokenizer/reference paths and the data files (values set there are replaced).
+    Loaded with `load_quickstart_config`, whose defaults are `QUICKSTART_RECIPE` (the values
+    of configs/quickstart.yaml), not the plain stage defaults.
+    """
+
+    output_dir: str = "runs/quickstart"
+    seed: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the fresh policy's architecture
+    stages: list[str] = field(default_factory=lambda: list(QUICKSTART_STAGES))
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+QUICKSTART_STAGES = ("sft", "reward", "ppo", "dpo", "grpo", "eval")
+
+
+def load_stage_config(cls, path, overrides):
+    """`load_config(cls, path, overrides)` where a value a config's own checks reject
+    (e.g. `optim.schedule: cosin`) is a ConfigError too, naming the file."""
+    try:
+        config = load_config(cls, path, overrides)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        source = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{source}{err}") from None
+    check_stage_config(config, path)
+    return config
+
+
+def _positive(config, names: tuple[str, ...], path) -> None:
+    for name in names:
+        node = config
+        for part in name.split("."):
+            node = getattr(node, part)
+        if node is not None and node < 1:
+            source = f"{path}: " if path is not None else ""
+            raise ConfigError(f"{source}`{name}` must be >= 1, got {node}")
+
+
+def check_stage_config(config, path=None) -> None:
+    """Range checks the dataclasses themselves do not make (raises ConfigError)."""
+    if isinstance(config, StageConfig):
+        _positive(config, ("train.steps", "train.batch_size", "train.num_microbatches",
+                           "train.stop_after", "eval.batch_size", "logging.every"), path)
+    if isinstance(config, (PPOStageConfig, GRPOStageConfig)):
+        _positive(config, ("train.iterations", "train.stop_after", "train.batch_size", "logging.every"), path)
+    if isinstance(config, EvalConfig):
+        _positive(config, ("num_samples", "max_new_tokens", "batch_size"), path)
+    if isinstance(config, QuickstartConfig):
+        unknown = [name for name in config.stages if name not in QUICKSTART_STAGES]
+        if unknown:
+            raise ConfigError(f"unknown quickstart stage {unknown[0]!r} in `stages`; valid stages: "
+                              f"{', '.join(QUICKSTART_STAGES)}")
+        for name in QUICKSTART_STAGES:
+            check_stage_config(getattr(config, name), path)
+
+
+def with_schedule_length(optim: OptimizerConfig, steps: int) -> OptimizerConfig:
+    """`optim` with `total_steps = steps` (warmup capped below it), so the schedule spans the run."""
+    warmup = min(optim.warmup_steps, max(steps - 1, 0))
+    return dataclasses.replace(optim, total_steps=max(steps, warmup + 1), warmup_steps=warmup)
+
+
+__all__ = [
+    "ModelSection", "TrainSection", "EvalSection", "CheckpointSection", "LoggingSection",
+    "StageConfig", "SFTOptions", "SFTConfig", "RewardOptions", "RewardConfig", "DPOConfig",
+    "RewardSource", "RLTrainSection", "PPOStageConfig", "GRPOStageConfig", "EvalConfig", "QuickstartConfig", "QUICKSTART_STAGES", "load_stage_config",
+    "check_stage_config", "with_schedule_length",
+]

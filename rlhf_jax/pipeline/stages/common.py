@@ -1,0 +1,178 @@
+"""What the stage modules share: output folders, tokenizer and model set-up, mesh, export.
+
+Every stage writes into its `output_dir`:
+
+    config.yaml        the resolved config (file + overrides + defaults)
+    metrics.jsonl      one row per logged step (see `rlhf_jax.pipeline.metrics_log`)
+    tensorboard/       TensorBoard event files
+    checkpoints/<step> orbax checkpoints (train state, RNG, data position)
+    model/             the final model as a Hugging Face folder, its tokenizer saved alongside,
+                       so the next stage (or `transformers`) loads it with one path
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from rlhf_jax.models.checkpoint_io import load_pretrained, save_pretrained
+from rlhf_jax.models.heads import RewardModel, ValueModel
+from rlhf_jax.models.transformer import CausalLM
+from rlhf_jax.pipeline.config import ConfigError, to_dict
+from rlhf_jax.pipeline.recipes import ModelSection
+from rlhf_jax.pipeline.tokenizer import load_tokenizer
+from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
+from rlhf_jax.training.sharding import (
+    MeshConfig,
+    make_mesh,
+    param_shardings,
+    replicated,
+    shard_batch,
+)
+from rlhf_jax.training.state import create_train_state, train_state_shardings
+
+MODEL_DIR = "model"
+_MODULES = {"lm": CausalLM, "reward": RewardModel, "value": ValueModel}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively (YAML safe_dump writes lists only)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def prepare_output_dir(config) -> Path:
+    """Create `config.output_dir` and write the resolved config to `config.yaml` in it."""
+    output_dir = Path(config.output_dir)
+    if jax.process_index() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(_plain(to_dict(config)), sort_keys=False)
+        (output_dir / "config.yaml").write_text(text)
+    return output_dir
+
+
+def require(value, key: str, why: str):
+    """`value`, or a ConfigError naming `key` when it is None or empty."""
+    if value is None or value == "" or value == [] or value == {}:
+        raise ConfigError(f"`{key}` must be set: {why}")
+    return value
+
+
+def stage_tokenizer(tokenizer_path: str | None, model_path: str | None, key: str = "tokenizer"):
+    """The tokenizer of `tokenizer_path`, else of the model folder."""
+    folder = tokenizer_path or model_path
+    require(folder, key, "a tokenizer folder (or a model folder that holds one) is needed")
+    try:
+        return load_tokenizer(folder)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"`{key}`: cannot load a tokenizer from {folder}: {err}") from None
+
+
+def fresh_model_config(section: ModelSection, tokenizer):
+    """`section.init` with the tokenizer's vocabulary size and special token ids."""
+    config = require(section.init, "model.init", "give `model.path` (a model folder) or "
+                     "`model.init` (the architecture of a fresh model)")
+    return config.replace(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          dtype=section.dtype, remat=section.remat)
+
+
+def build_model(section: ModelSection, tokenizer, rng, *, head: str = "lm", key: str = "model"):
+    """`(module, params)`: `section.path` loaded as a Hugging Face folder with `head`, or a
+    fresh model from `section.init` (initialised from `rng`)."""
+    if section.path:
+        if not Path(section.path).is_dir():
+            raise ConfigError(f"`{key}.path`: model folder {section.path} does not exist")
+        return load_pretrained(section.path, head=head, dtype=section.dtype, remat=section.remat, rng=rng)
+    module = _MODULES[head](fresh_model_config(section, tokenizer))
+    params = module.init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
+    return module, params
+
+
+def load_folder(path: str | None, *, head: str, key: str, rng=None):
+    """A model folder as `(module, params)`; a missing folder is a ConfigError naming `key`."""
+    require(path, key, "a model folder is needed")
+    if not Path(path).is_dir():
+        raise ConfigError(f"`{key}`: model folder {path} does not exist")
+    return load_pretrained(path, head=head, rng=rng)
+
+
+def stage_mesh(config: MeshConfig):
+    """A mesh over all devices, or over the first data*fsdp*tensor devices when no axis is -1."""
+    sizes = (config.data, config.fsdp, config.tensor)
+    devices = jax.devices()
+    if -1 not in sizes and math.prod(sizes) < len(devices):
+        devices = devices[: math.prod(sizes)]
+    try:
+        return make_mesh(config, devices)
+    except ValueError as err:
+        raise ConfigError(f"`mesh`: {err}") from None
+
+
+def make_state(module, params, optim: OptimizerConfig, mesh):
+    """A train state on `mesh` (FSDP-sharded when the mesh has an fsdp axis > 1), its step a
+    replicated int32 array so a restored state has the same leaf types; and its shardings."""
+    shardings = param_shardings(params, mesh)
+    state = create_train_state(module, params, make_optimizer(optim), param_shardings=shardings)
+    state = state.replace(step=jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh)))
+    return state, train_state_shardings(state, shardings)
+
+
+def place(tree, mesh):
+    """Host arrays -> device arrays split over the mesh's batch axes."""
+    return shard_batch(jax.tree.map(np.asarray, tree), mesh)
+
+
+def rng_key(seed: int, *stream: int):
+    """A PRNG key for one purpose of a stage (streams keep uses independent)."""
+    key = jax.random.PRNGKey(seed)
+    for index in stream:
+        key = jax.random.fold_in(key, index)
+    return key
+
+
+def export_model(output_dir, module, params, tokenizer) -> Path:
+    """Save the final model as a Hugging Face folder `<output_dir>/model` with the tokenizer."""
+    folder = Path(output_dir) / MODEL_DIR
+    if jax.process_index() == 0:
+        host_params = jax.device_get(params)
+        save_pretrained(folder, module, host_params, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def summary(stage: str, output_dir, result, extra: dict | None = None) -> dict:
+    """The dict a stage's `run` returns, and a one-line report on stdout."""
+    info = {
+        "stage": stage, "output_dir": str(output_dir), "steps": result.step,
+        "finished": result.finished, "seconds": round(result.seconds, 2),
+        "steps_per_second": round(result.steps_per_second, 2), "resumed_from": result.resumed_from,
+        "metrics": result.last_metrics, **(extra or {}),
+    }
+    if jax.process_index() == 0:
+        state = "done" if result.finished else "stopped early (resume with --resume)"
+        print(f"[{stage}] {state}: {result.step} steps in {result.seconds:.1f}s "
+              f"({result.steps_per_second:.1f} steps/s after compilation) -> {output_dir}", flush=True)
+    return info
+
+
+def replace(config, **changes):
+    return dataclasses.replace(config, **changes)
+
+
+__all__ = [
+    "MODEL_DIR", "prepare_output_dir", "require", "stage_tokenizer", "fresh_model_config",
+    "build_model", "load_folder", "stage_mesh", "make_state", "place", "rng_key",
+    "export_model", "summary", "replace",
+]

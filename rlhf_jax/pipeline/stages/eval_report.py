@@ -1,0 +1,104 @@
+"""The evaluation report: `report.md` with tables of the evaluation results, the pass@k curves
+of every policy on one plot, and the training curves (loss, reward, KL) of each stage run.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from rlhf_jax.pipeline.metrics_log import METRICS_FILE, read_metrics
+from rlhf_jax.pipeline.plots import plot_curves, plot_pass_at_k
+from rlhf_jax.pipeline.report import Section, write_report
+
+# The curves drawn for each stage's metrics.jsonl (keys a run lacks show "no data").
+CURVE_KEYS = {
+    "sft": ("sft/loss", "eval/sft/loss", "sft/accuracy", "eval/sft/accuracy"),
+    "reward": ("reward/loss", "reward/accuracy", "eval/reward/accuracy", "reward/margin"),
+    "ppo": ("objective/scores", "objective/kl", "objective/rlhf_reward", "ppo/policy_loss",
+            "value/loss", "ppo/clipfrac", "ppo/entropy", "rollout/response_length"),
+    "dpo": ("dpo/loss", "dpo/accuracy", "dpo/margin", "eval/dpo/accuracy"),
+    "grpo": ("objective/scores", "grpo/kl", "grpo/loss", "grpo/clipfrac", "grpo/entropy",
+             "grpo/zero_std_fraction", "rollout/response_length"),
+}
+_FALLBACK_PREFIXES = ("loss", "accuracy", "score", "kl", "reward")
+
+
+def _curve_keys(stage: str, rows: Sequence[Mapping]) -> list[str]:
+    present = {key for row in rows for key in row if key != "step"}
+    keys = [key for key in CURVE_KEYS.get(stage, ()) if key in present]
+    if not keys:  # an unknown stage: its loss/accuracy/score/KL-like metrics
+        keys = sorted(key for key in present if any(part in key for part in _FALLBACK_PREFIXES))[:6]
+    return keys
+
+
+def _fmt(value, digits: int = 3):
+    return None if value is None else round(float(value), digits)
+
+
+def policy_table(results: dict) -> list[dict]:
+    rows = []
+    num_samples = results["num_samples"]
+    for name, metrics in results["policies"].items():
+        passes = metrics["pass@k"]
+        rows.append({
+            "policy": name,
+            "pass@1": _fmt(metrics["pass@1"]),
+            "pass@8": _fmt(passes.get(8) if 8 in passes else passes.get(str(8))),
+            f"pass@{num_samples}": _fmt(passes.get(num_samples, passes.get(str(num_samples)))),
+            "gold reward (graded)": _fmt(metrics["gold_graded"]),
+            "win rate vs ref": _fmt(metrics.get("win_rate")),
+            "KL to ref (nats)": _fmt(metrics.get("kl_to_reference")),
+            "RM score": _fmt(metrics.get("reward_model_score")),
+            "length": _fmt(metrics["response_length"], 2),
+            "EOS rate": _fmt(metrics["eos_rate"]),
+            "distinct-2": _fmt(metrics["distinct_2"]),
+            "repetition-4": _fmt(metrics["repetition_4"]),
+        })
+    return rows
+
+
+def pass_at_k_table(results: dict) -> list[dict]:
+    rows = []
+    for name, metrics in results["policies"].items():
+        row = {"policy": name}
+        row.update({f"k={k}": _fmt(v) for k, v in metrics["pass@k"].items()})
+        rows.append(row)
+    return rows
+
+
+def write_eval_report(output_dir, results: dict, runs: Mapping[str, str],
+                      extra_sections: Sequence[Section] = (), title: str = "rlhf_jax evaluation") -> Path:
+    """Write `<output_dir>/report.md` (+ PNGs in `<output_dir>/plots`); returns its path."""
+    output_dir = Path(output_dir)
+    plots = output_dir / "plots"
+    curves = {name: ([int(k) for k in m["pass@k"]], list(m["pass@k"].values()))
+              for name, m in results["policies"].items()}
+    pass_plot = plot_pass_at_k(curves, plots / "pass_at_k.png",
+                               title=f"pass@k on {results['num_prompts']} held-out prompts")
+    text = (f"{results['num_prompts']} held-out prompts, {results['num_samples']} samples each "
+            f"(temperature sampling, the same random keys for every policy). pass@k uses the unbiased "
+            f"estimator of Chen et al. (2021); the win rate compares each sample's graded gold reward "
+            f"with the reference policy's sample for the same prompt and key (ties count half); KL is "
+            f"the mean summed log-ratio log pi - log pi_ref of the policy's own samples.")
+    sections = list(extra_sections)
+    sections.append(Section("Policies", text, tables=[policy_table(results)]))
+    if "reward_model_accuracy" in results:
+        sections.append(Section("Reward model", tables=[[{
+            "held-out pair accuracy": _fmt(results["reward_model_accuracy"])}]]))
+    sections.append(Section(
+        "pass@k", "A curve that starts low but ends high samples diverse answers; RL usually lifts "
+                  "pass@1 more than pass@k at large k.",
+        tables=[pass_at_k_table(results)], images=[("pass@k", pass_plot)]))
+    for stage, run_dir in runs.items():
+        path = os.path.join(run_dir, METRICS_FILE)
+        if not os.path.exists(path):
+            continue
+        rows = read_metrics(path)
+        keys = _curve_keys(stage, rows)
+        if not rows or not keys:
+            continue
+        image = plot_curves(rows, keys, plots / f"{stage}_curves.png", title=f"{stage} training")
+        sections.append(Section(f"Training curves: {stage}", f"`{path}`",
+                                images=[(f"{stage} training curves", image)]))
+    return Path(write_report(output_dir / "report.md", title, sections))

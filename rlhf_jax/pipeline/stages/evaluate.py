@@ -1,0 +1,211 @@
+"""`rlhf-jax eval`: score policies on held-out prompts with the built-in task's gold scorer.
+
+    rlhf-jax eval --config configs/eval.yaml policies.sft=runs/sft/model policies.ppo=runs/ppo/model
+
+For each policy, `num_samples` responses per prompt are sampled (temperature `temperature`,
+fixed-shape chunks of `batch_size` sequences, one compilation per architecture). The same PRNG
+keys are used for every policy (common random numbers), so differences between policies are
+not sampling noise of different draws, and a policy compared with itself ties exactly. Metrics
+per policy (`results.json`):
+
+    pass@1, pass@k        unbiased estimator (Chen et al. 2021) for k = 1, 2, 4, ..., num_samples
+    gold_reward           mean exact-match gold reward (= pass@1) and `gold_graded` (partial credit)
+    win_rate              vs the reference's sample with the same prompt and key, graded gold
+                          reward, ties count half
+    kl_to_reference       mean over samples of sum_t (log pi(y_t) - log pi_ref(y_t)) (k1, nats)
+    response_length, eos_rate, distinct_1, distinct_2, repetition_4
+    reward_model_score    mean reward-model score of the samples (compare with the gold reward:
+                          a score that rises while the gold reward does not is reward hacking)
+
+and the reward model's accuracy on held-out pairs (`preferences_file`). With `report: true` a
+markdown report with tables and plots is written (`stages/eval_report.py`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.models.generation import GENERATE_STATIC_ARGNAMES, generate
+from rlhf_jax.pipeline import eval_metrics
+from rlhf_jax.pipeline.data import DataConfig, load_data
+from rlhf_jax.pipeline.recipes import EvalConfig, load_stage_config
+from rlhf_jax.pipeline.stages import common
+from rlhf_jax.pipeline.stages.scoring import gold_scores
+from rlhf_jax.training.rollout import response_logprobs
+
+_generate = jax.jit(generate, static_argnames=GENERATE_STATIC_ARGNAMES)
+
+
+def pass_at_k_ks(num_samples: int) -> list[int]:
+    """1, 2, 4, ... up to num_samples (and num_samples itself)."""
+    ks, k = [], 1
+    while k < num_samples:
+        ks.append(k)
+        k *= 2
+    return ks + [num_samples]
+
+
+class _Scorers:
+    """Jitted forward passes, one compilation per module architecture."""
+
+    def __init__(self):
+        self._cache = {}
+
+    def logps(self, module):
+        key = ("logp", module)
+        if key not in self._cache:
+            self._cache[key] = jax.jit(lambda params, ids, mask, response_mask: jnp.sum(
+                response_logprobs(module.apply, params, ids, mask, response_mask)[0], axis=1))
+        return self._cache[key]
+
+    def rewards(self, module):
+        key = ("reward", module)
+        if key not in self._cache:
+            self._cache[key] = jax.jit(lambda params, ids, mask: module.apply({"params": params}, ids, mask))
+        return self._cache[key]
+
+
+def sample_policy(module, params, prompt_ids, prompt_mask, config: EvalConfig, tokenizer):
+    """Samples for every row of `prompt_ids` [M, P] in chunks of `batch_size` rows.
+
+    Returns a dict of host arrays: `tokens`, `mask` [M, N] and `finished` [M]. Chunk c uses
+    the key `fold_in(seed, c)` whatever the policy.
+    """
+    total = prompt_ids.shape[0]
+    size = min(config.batch_size, total)
+    outputs = {"tokens": [], "mask": [], "finished": []}
+    for chunk, start in enumerate(range(0, total, size)):
+        rows = np.arange(start, start + size) % total  # the last chunk wraps: same shape
+        out = _generate(module, params, jnp.asarray(prompt_ids[rows]), jnp.asarray(prompt_mask[rows]),
+                        common.rng_key(config.seed, 2, chunk), max_new_tokens=config.max_new_tokens,
+                        temperature=config.temperature, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+        keep = min(size, total - start)
+        for name in outputs:
+            outputs[name].append(np.asarray(getattr(out, name))[:keep])
+    return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+
+def _chunked(fn, arrays, size: int) -> np.ndarray:
+    """`fn(*chunk)` over fixed-size row chunks of host arrays, concatenated (last chunk wraps)."""
+    total = arrays[0].shape[0]
+    size = min(size, total)
+    parts = []
+    for start in range(0, total, size):
+        rows = np.arange(start, start + size) % total
+        parts.append(np.asarray(fn(*(jnp.asarray(a[rows]) for a in arrays)))[: min(size, total - start)])
+    return np.concatenate(parts)
+
+
+def policy_metrics(samples, gold, graded, num_prompts: int, num_samples: int, tokenizer) -> dict:
+    correct = gold.reshape(num_prompts, num_samples) > 0.5
+    ks, values = eval_metrics.pass_at_k_curve(correct, pass_at_k_ks(num_samples))
+    mask = samples["mask"]
+    return {
+        "pass@1": float(values[0]),
+        "pass@k": {int(k): float(v) for k, v in zip(ks, values)},
+        "gold_reward": float(gold.mean()),
+        "gold_graded": float(graded.mean()),
+        "response_length": eval_metrics.mean_length(mask),
+        "eos_rate": eval_metrics.eos_rate(samples["tokens"], mask, tokenizer.eos_token_id),
+        "distinct_1": eval_metrics.distinct_n(samples["tokens"], 1, mask=mask),
+        "distinct_2": eval_metrics.distinct_n(samples["tokens"], 2, mask=mask),
+        "repetition_4": eval_metrics.repetition_rate(samples["tokens"], 4, mask=mask),
+    }
+
+
+def evaluate_policies(config: EvalConfig) -> dict:
+    """Sample, score and compare every policy of `config`; returns the results dict."""
+    common.require(config.policies, "policies", "name at least one policy folder (name: path)")
+    common.require(config.prompts_file, "prompts_file", "held-out prompts (e.g. the task's eval_prompts.jsonl)")
+    first_folder = config.reference or next(iter(config.policies.values()))
+    tokenizer = common.stage_tokenizer(config.tokenizer, first_folder)
+    data_config = DataConfig(max_prompt_length=config.max_prompt_length, max_response_length=1)
+    prompts = load_data(config.prompts_file, tokenizer, data_config, kind="prompt")
+    count = len(prompts) if config.max_prompts is None else min(config.max_prompts, len(prompts))
+    prompt_ids = np.repeat(prompts.arrays["prompt_ids"][:count], config.num_samples, axis=0)
+    prompt_mask = np.repeat(prompts.arrays["prompt_mask"][:count], config.num_samples, axis=0)
+    scorers = _Scorers()
+    reward = common.load_folder(config.reward_model, head="reward", key="reward_model") if config.reward_model else None
+    reference = common.load_folder(config.reference, head="lm", key="reference") if config.reference else None
+    results = {"num_prompts": count, "num_samples": config.num_samples, "policies": {}}
+
+    samples_by_folder, graded_by_folder = {}, {}
+    names = list(config.policies)
+    if config.reference and config.reference not in config.policies.values():
+        names.append(None)  # the reference is sampled too, for the win rate
+    for name in names:
+        began = time.perf_counter()
+        folder = config.reference if name is None else config.policies[name]
+        module, params = (reference if name is None else
+                          common.load_folder(folder, head="lm", key=f"policies.{name}"))
+        samples = sample_policy(module, params, prompt_ids, prompt_mask, config, tokenizer)
+        gold = gold_scores(tokenizer, prompt_ids, samples["tokens"], kind="exact")
+        graded = gold_scores(tokenizer, prompt_ids, samples["tokens"], kind="graded")
+        samples_by_folder[folder], graded_by_folder[folder] = samples, graded
+        if name is None:
+            continue
+        metrics = policy_metrics(samples, gold, graded, count, config.num_samples, tokenizer)
+        ids = np.concatenate([prompt_ids, samples["tokens"]], axis=1)
+        mask = np.concatenate([prompt_mask, samples["mask"]], axis=1)
+        if reference is not None:
+            logp = _chunked(lambda i, m, r: scorers.logps(module)(params, i, m, r),
+                            (ids, mask, samples["mask"]), config.batch_size)
+            ref_module, ref_params = reference
+            ref_logp = _chunked(lambda i, m, r: scorers.logps(ref_module)(ref_params, i, m, r),
+                                (ids, mask, samples["mask"]), config.batch_size)
+            metrics["kl_to_reference"] = float(np.mean(logp - ref_logp))
+        if reward is not None:
+            reward_module, reward_params = reward
+            scores = _chunked(lambda i, m: scorers.rewards(reward_module)(reward_params, i, m),
+                              (ids, mask), config.batch_size)
+            metrics["reward_model_score"] = float(scores.mean())
+        metrics["seconds"] = round(time.perf_counter() - began, 2)
+        results["policies"][name] = metrics
+    if config.reference:
+        reference_graded = graded_by_folder[config.reference]
+        for name, folder in config.policies.items():
+            results["policies"][name]["win_rate"] = eval_metrics.win_rate(graded_by_folder[folder], reference_graded)
+    if reward is not None and config.preferences_file:
+        results["reward_model_accuracy"] = reward_model_accuracy(reward, config, tokenizer, scorers)
+    return results
+
+
+def reward_model_accuracy(reward, config: EvalConfig, tokenizer, scorers) -> float:
+    """Share of held-out pairs the reward model orders like the preference labels."""
+    pairs = load_data(config.preferences_file, tokenizer,
+                      DataConfig(max_prompt_length=config.max_prompt_length,
+                                 max_response_length=config.max_new_tokens), kind="preference")
+    module, params = reward
+    score = lambda i, m: scorers.rewards(module)(params, i, m)
+    chosen = _chunked(score, (pairs.arrays["chosen_input_ids"], pairs.arrays["chosen_attention_mask"]), 1024)
+    rejected = _chunked(score, (pairs.arrays["rejected_input_ids"], pairs.arrays["rejected_attention_mask"]), 1024)
+    return float(np.mean(chosen > rejected))
+
+
+def run_eval(config: EvalConfig, *, extra_sections=()) -> dict:
+    output_dir = common.prepare_output_dir(config)
+    began = time.perf_counter()
+    results = evaluate_policies(config)
+    results["seconds"] = round(time.perf_counter() - began, 2)
+    (Path(output_dir) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if config.report:
+        from rlhf_jax.pipeline.stages.eval_report import write_eval_report
+
+        results["report"] = str(write_eval_report(output_dir, results, config.runs, extra_sections))
+    for name, metrics in results["policies"].items():
+        print(f"[eval] {name}: pass@1 {metrics['pass@1']:.3f}  pass@{config.num_samples} "
+              f"{metrics['pass@k'][config.num_samples]:.3f}  win rate {metrics.get('win_rate', float('nan')):.3f}  "
+              f"KL {metrics.get('kl_to_reference', float('nan')):.3f}", flush=True)
+    return results
+
+
+def run(config_path=None, overrides=(), *, resume: bool = False) -> dict:
+    """The `rlhf-jax eval` entry point (`resume` has no effect: evaluation is not resumable)."""
+    del resume
+    return run_eval(load_stage_config(EvalConfig, config_path, overrides))

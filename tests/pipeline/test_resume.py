@@ -1,0 +1,95 @@
+"""Killing a stage and resuming it ends with exactly the metrics and parameters of an
+uninterrupted run (CPU, same seed): SFT and DPO through the shared training loop."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from stage_helpers import preference_overrides, sft_overrides, tiny_task
+
+from rlhf_jax.pipeline.checkpoint import Checkpointer
+from rlhf_jax.pipeline.metrics_log import read_metrics
+from rlhf_jax.pipeline.stages import dpo, sft
+
+SFT_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return tiny_task(tmp_path_factory.mktemp("task"))
+
+
+def _weights(run_dir):
+    return (run_dir / "model" / "model.safetensors").read_bytes()
+
+
+def _kill_and_resume(run, overrides, run_dir, stop_after):
+    """Run with `stop_after` (a kill: no final checkpoint, no export), then resume."""
+    stopped = run(None, overrides + [f"train.stop_after={stop_after}"])
+    assert not stopped["finished"] and "model_dir" not in stopped
+    assert not (run_dir / "model").exists()
+    assert read_metrics(run_dir)[-1]["step"] == stop_after  # steps after the last checkpoint were logged
+    resumed = run(None, overrides, resume=True)
+    assert resumed["finished"]
+    return resumed
+
+
+@pytest.fixture(scope="module")
+def sft_runs(task, tmp_path_factory):
+    """An uninterrupted run `a` and a run `b` killed at step 5 and resumed. Checkpoints every
+    3 steps: the kill loses steps 4-5, which the resumed run replays."""
+    root = tmp_path_factory.mktemp("sft")
+    extra = ("eval.every=2",)
+    straight = sft.run(None, sft_overrides(task, root / "a", steps=SFT_STEPS, extra=extra))
+    overrides = sft_overrides(task, root / "b", steps=SFT_STEPS, extra=extra)
+    resumed = _kill_and_resume(sft.run, overrides, root / "b", stop_after=5)
+    return root, straight, resumed, overrides
+
+
+def test_sft_killed_and_resumed_matches_uninterrupted(sft_runs):
+    root, straight, resumed, _ = sft_runs
+    assert straight["finished"] and straight["resumed_from"] is None
+    assert resumed["resumed_from"] == 3
+    rows_a, rows_b = read_metrics(root / "a"), read_metrics(root / "b")
+    assert [row["step"] for row in rows_b] == list(range(1, SFT_STEPS + 1))
+    assert rows_a == rows_b  # every value, bit for bit (JSON floats round-trip exactly)
+    assert any("eval/sft/loss" in row for row in rows_b)
+    assert _weights(root / "a") == _weights(root / "b")
+
+
+def test_checkpoint_holds_state_optimizer_and_data_position(sft_runs):
+    root = sft_runs[0]
+    with Checkpointer(root / "b" / "checkpoints", create=False) as checkpointer:
+        assert checkpointer.latest_step() == SFT_STEPS
+        carry, meta = checkpointer.restore()
+    assert int(carry["state"]["step"]) == SFT_STEPS and "opt_state" in carry["state"]
+    assert meta["step"] == SFT_STEPS
+    assert meta["data_position"] == {"epoch": 0, "index": SFT_STEPS}  # 96 rows / 8 per batch
+
+
+def test_resuming_a_finished_run_only_reexports(sft_runs):
+    root, _, _, overrides = sft_runs
+    weights, rows = _weights(root / "b"), read_metrics(root / "b")
+    again = sft.run(None, overrides, resume=True)
+    assert again["finished"] and again["resumed_from"] == SFT_STEPS and again["steps"] == SFT_STEPS
+    assert _weights(root / "b") == weights and read_metrics(root / "b") == rows
+
+
+def test_resume_without_checkpoint_starts_fresh_and_a_fresh_run_clears_checkpoints(task, tmp_path):
+    first = sft.run(None, sft_overrides(task, tmp_path, steps=3), resume=True)
+    assert first["finished"] and first["resumed_from"] is None
+    second = sft.run(None, sft_overrides(task, tmp_path, steps=4))  # no --resume: starts over
+    assert second["resumed_from"] is None
+    assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_dpo_killed_and_resumed_matches_uninterrupted(task, sft_runs, tmp_path):
+    policy = sft_runs[0] / "a" / "model"
+    dpo.run(None, preference_overrides(task, tmp_path / "a", policy, steps=5))
+    overrides = preference_overrides(task, tmp_path / "b", policy, steps=5)
+    resumed = _kill_and_resume(dpo.run, overrides, tmp_path / "b", stop_after=3)
+    assert resumed["resumed_from"] == 2
+    assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
+    assert _weights(tmp_path / "a") == _weights(tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / "model" / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForCausalLM"]
