@@ -1,0 +1,145 @@
+"""What the benchmarks share: machine description, timing statistics, RESULTS.md sections,
+and a character-level tokenizer with a vocabulary of any size.
+
+The scripts in this folder import it as `common` (they put their own folder on `sys.path`).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+# Specials of `rlhf_jax.pipeline.tokenizer` (pad, eos, bos, unk and three role tokens).
+NUM_SPECIAL_TOKENS = 7
+# Characters for large character-level vocabularies, one token each: the CJK unified
+# ideographs, then the Hangul syllables (no combining marks, no unassigned code points).
+_CHARACTER_RANGES = ((0x4E00, 0x9FFF), (0xAC00, 0xD7A3))
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def machine_info(packages: Sequence[str] = ("jax", "flax", "optax")) -> list[str]:
+    """Lines describing the machine and the package versions (for a results block)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import jax
+
+    versions = ", ".join(f"{name}: {package_version(name)}" for name in packages)
+    return [
+        f"cpu: {cpu}",
+        f"cores: {os.cpu_count()}",
+        f"load average (1/5/15 min): {load_average()}",
+        f"python: {platform.python_version()}, numpy: {np.__version__}, {versions}",
+        f"jax backend: {jax.default_backend()}, devices: {[str(d) for d in jax.devices()]}",
+    ]
+
+
+def median(values: Sequence[float]) -> float:
+    if not values:
+        raise ValueError("median of no values")
+    return float(statistics.median(values))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    array = np.asarray(values, dtype=np.float64)
+    std = float(array.std(ddof=1)) if array.size > 1 else 0.0
+    return float(array.mean()), std
+
+
+def time_calls(fn: Callable[[], object], block: Callable[[object], object],
+               count: int) -> tuple[list[float], list[float]]:
+    """Wall seconds and process CPU seconds (all threads) of each of `count` calls of `fn`,
+    each waited for with `block(result)`."""
+    wall, cpu = [], []
+    for _ in range(count):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        block(fn())
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def utc_stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def write_section(heading: str, body: str, path: Path = RESULTS) -> None:
+    """Replace the section `heading` (e.g. "## vs TRL") of RESULTS.md with `body`, or append
+    it; every other section is kept as it is. `body` starts with the heading line."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
+    body = body.rstrip("\n") + "\n"
+    if start is None:
+        text = text.rstrip("\n") + "\n\n" + body
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        rest = "".join(lines[end:])
+        text = "".join(lines[:start]) + body + ("\n" + rest if rest else "")
+    path.write_text(text)
+
+
+def character_alphabet(size: int) -> str:
+    """`size` distinct characters (CJK ideographs, then Hangul syllables), each a token of a
+    character tokenizer."""
+    available = [code for low, high in _CHARACTER_RANGES for code in range(low, high + 1)]
+    if not 1 <= size <= len(available):
+        raise ValueError(f"alphabet size must be in [1, {len(available)}], got {size}")
+    return "".join(map(chr, available[:size]))
+
+
+def build_character_tokenizer(folder, vocab_size: int):
+    """A Hugging Face character tokenizer with exactly `vocab_size` tokens (7 specials, then
+    one token per character), saved to `folder` (`rlhf_jax.pipeline.tokenizer`)."""
+    from rlhf_jax.pipeline.tokenizer import build_tokenizer
+
+    if vocab_size <= NUM_SPECIAL_TOKENS:
+        raise ValueError(f"vocab_size must exceed {NUM_SPECIAL_TOKENS}, got {vocab_size}")
+    tokenizer = build_tokenizer(folder, character_alphabet(vocab_size - NUM_SPECIAL_TOKENS))
+    if len(tokenizer) != vocab_size:
+        raise RuntimeError(f"built a tokenizer of {len(tokenizer)} tokens, wanted {vocab_size}")
+    return tokenizer
+
+
+def random_text(rng: np.random.Generator, alphabet: str, low: int, high: int) -> str:
+    """A string of `low..high` (inclusive) characters drawn uniformly from `alphabet`."""
+    length = int(rng.integers(low, high + 1))
+    return "".join(alphabet[i] for i in rng.integers(0, len(alphabet), length))
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:
+    """A markdown table; `align` is one character per column ("l" or "r", default: l then r)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+__all__ = [
+    "RESULTS", "NUM_SPECIAL_TOKENS", "package_version", "load_average", "machine_info", "median",
+    "mean_std", "time_calls", "utc_stamp", "write_section", "character_alphabet",
+    "build_character_tokenizer", "random_text", "markdown_table",
+]

@@ -1,0 +1,150 @@
+"""Our side of `vs_trl.py`: DPO, reward-model and PPO training with rlhf_jax.
+
+Each session loads the Hugging Face folders written by `vs_trl.py` with `load_pretrained`,
+builds the train states, jits the library's step function once (`make_train_step(dpo_step)`,
+`make_train_step(reward_step)`, `jax.jit(ppo_iteration)`) and runs its first step at
+construction: that call holds the compilation (`compile_seconds` = first call minus a
+steady step) and, for DPO and the reward model, the step-0 loss on the first batch (file
+rows 0..B-1, before the update). `run(steps)` then returns the wall and CPU seconds of each
+further step; a step includes preparing its batch on the host.
+
+`setup` and `hp` are the `Setup` and `Hyperparameters` objects of `vs_trl.py`.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import common
+from rlhf_jax.models.checkpoint_io import load_pretrained
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.pipeline.data import BatchIterator, DataConfig, load_data
+from rlhf_jax.training.batches import PreferenceBatch
+from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step
+from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
+from rlhf_jax.training.ppo import PPO_STATIC_ARGNAMES, PPOConfig, kl_controller, ppo_iteration
+from rlhf_jax.training.reward_step import reward_step
+from rlhf_jax.training.rollout import SamplingConfig
+from rlhf_jax.training.state import create_train_state
+from rlhf_jax.training.step_runner import make_train_step
+
+
+def optimizer_config(hp) -> OptimizerConfig:
+    """AdamW with TRL's defaults as `_common_args` sets them (linear decay, no warmup)."""
+    return OptimizerConfig(learning_rate=hp.learning_rate, schedule="linear", total_steps=100_000,
+                           eps=hp.adam_eps, max_grad_norm=hp.max_grad_norm, weight_decay=0.0)
+
+
+def matmul_params(config: ModelConfig, *, lm_head: bool) -> int:
+    """Parameters that take part in matmuls per token (embedding lookup excluded)."""
+    d, hd = config.hidden_size, config.dims_per_head
+    attention = d * config.num_heads * hd * 2 + 2 * d * config.kv_heads * hd
+    mlp = 3 * d * config.intermediate_size
+    return config.num_layers * (attention + mlp) + (d * config.vocab_size if lm_head else 0)
+
+
+def forward_flops(config: ModelConfig, tokens: float, context: float, *, lm_head: bool) -> float:
+    """Model FLOPs of a forward pass over `tokens` tokens with mean context `context`:
+    2 per matmul parameter per token + attention scores and values `4 * L * context * H * hd`."""
+    attention = 4 * config.num_layers * context * config.num_heads * config.dims_per_head
+    return tokens * (2 * matmul_params(config, lm_head=lm_head) + attention)
+
+
+class TrainingSession:
+    """Our DPO (`kind="dpo"`) or reward-model steps on the pairs file: one jitted call per step,
+    batches in file order. The first step (compile + step-0 loss) runs at construction."""
+
+    def __init__(self, kind: str, setup, hp):
+        self.kind = kind
+        is_dpo = kind == "dpo"
+        module, params = load_pretrained(setup.policy_dir if is_dpo else setup.reward_dir, dtype=hp.dtype)
+        self.ref_params = load_pretrained(setup.reference_dir, dtype=hp.dtype)[1] if is_dpo else None
+        data_config = DataConfig(max_prompt_length=setup.prompt_length + 1,
+                                 max_response_length=setup.response_length + 1)
+        self.data = load_data(setup.pairs_file, setup.tokenizer_dir, data_config, kind="preference")
+        self.state = create_train_state(module, params, make_optimizer(optimizer_config(hp)))
+        options = {"config": PreferenceLossConfig(beta=hp.beta)} if is_dpo else {}
+        self.run_step = make_train_step(dpo_step if is_dpo else reward_step, **options)
+        self.batches = BatchIterator(self.data, hp.batch_size, shuffle=False)
+        arrays = self.data.arrays
+        real = arrays["chosen_attention_mask"].sum(1) + arrays["rejected_attention_mask"].sum(1)
+        self.tokens_per_step = float(hp.batch_size * real.mean())
+        context = float(np.mean(np.concatenate([arrays["chosen_attention_mask"].sum(1),
+                                                arrays["rejected_attention_mask"].sum(1)])))
+        train = forward_flops(setup.config, self.tokens_per_step, context, lm_head=is_dpo)
+        self.flops_per_step = 3 * train + (train if is_dpo else 0.0)  # + the reference forward
+        start = time.perf_counter()
+        metrics = jax.block_until_ready(self._step())
+        first = time.perf_counter() - start
+        self.loss0 = float(metrics["dpo/loss" if is_dpo else "reward/loss"])
+        self.compile_seconds = first - common.median(self.run(2)[0])
+
+    def first_chosen_ids(self) -> list[int]:
+        row = self.data.arrays["chosen_input_ids"][0]
+        return row[self.data.arrays["chosen_attention_mask"][0] == 1].tolist()
+
+    def _step(self):
+        batch = jax.device_put(PreferenceBatch.from_arrays(next(self.batches)))
+        extra = () if self.ref_params is None else (self.ref_params,)
+        self.state, metrics = self.run_step(self.state, batch, *extra)
+        return metrics
+
+    def run(self, steps: int) -> tuple[list[float], list[float]]:
+        """Wall and CPU seconds of `steps` steps."""
+        return common.time_calls(self._step, jax.block_until_ready, steps)
+
+
+class PPOSession:
+    """Our PPO: `ppo_iteration` (rollout with the sampler's log-probs, as TRL does, reference,
+    value and reward forwards, GAE, 4 epochs x minibatches) as one jitted call."""
+
+    def __init__(self, setup, hp):
+        c = setup.config
+        policy, policy_params = load_pretrained(setup.policy_dir, dtype=hp.dtype)
+        self.ref_params = load_pretrained(setup.reference_dir, dtype=hp.dtype)[1]
+        self.reward_module, self.reward_params = load_pretrained(setup.reward_dir, head="reward", dtype=hp.dtype)
+        value, value_params = load_pretrained(setup.reward_dir, head="value", dtype=hp.dtype)  # zero head
+        self.policy_state = create_train_state(policy, policy_params, make_optimizer(optimizer_config(hp)))
+        self.value_state = create_train_state(value, value_params, make_optimizer(optimizer_config(hp)))
+        sampling = SamplingConfig(max_new_tokens=hp.ppo_response_length, temperature=1.0,
+                                  eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+                                  logprobs_source="generate")
+        self.config = PPOConfig(sampling=sampling, kl_coef=hp.kl_coef, epochs=hp.ppo_epochs,
+                                num_minibatches=hp.ppo_minibatches)
+        self.kl_state = kl_controller(self.config).init()
+        self.iteration = jax.jit(ppo_iteration, static_argnames=PPO_STATIC_ARGNAMES,
+                                 donate_argnames=("policy_state", "value_state"))
+        self.prompts = setup.ppo_prompt_ids
+        self.batch_size, self.index = hp.ppo_batch_size, 0
+        rows, prompt = hp.ppo_batch_size, self.prompts.shape[1]
+        length = prompt + hp.ppo_response_length
+        lm = lambda tokens, context: forward_flops(c, tokens, context, lm_head=True)
+        body = lambda tokens, context: forward_flops(c, tokens, context, lm_head=False)
+        rollout = lm(rows * length, length / 2) + lm(rows * length, length) + 2 * body(rows * length, length)
+        update = hp.ppo_epochs * 3 * (lm(rows * length, length) + body(rows * length, length))
+        self.flops_per_step = rollout + update
+        start = time.perf_counter()
+        jax.block_until_ready(self._step())
+        first = time.perf_counter() - start
+        self.compile_seconds = first - common.median(self.run(2)[0])
+
+    def _step(self):
+        rows = np.arange(self.index, self.index + self.batch_size) % len(self.prompts)
+        self.index += self.batch_size
+        prompt_ids = jnp.asarray(self.prompts[rows])
+        key = jax.random.fold_in(jax.random.PRNGKey(0), self.index)
+        self.policy_state, self.value_state, self.kl_state, metrics = self.iteration(
+            self.policy_state, self.value_state, self.kl_state, self.ref_params, prompt_ids,
+            jnp.ones_like(prompt_ids), key, config=self.config, reward_module=self.reward_module,
+            reward_params=self.reward_params)
+        return metrics
+
+    def run(self, steps: int) -> tuple[list[float], list[float]]:
+        """Wall and CPU seconds of `steps` steps."""
+        return common.time_calls(self._step, jax.block_until_ready, steps)
+
+
+__all__ = ["optimizer_config", "matmul_params", "forward_flops", "TrainingSession", "PPOSession"]
