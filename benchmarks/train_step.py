@@ -64,8 +64,11 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Training steps"
 NOTES = """Reading it:
 
-- Timings come from a 2-core machine shared with other jobs: absolute milliseconds are
-  inflated and noisy; the fractions compare the step with a matmul timed right after it.
+- Timings come from a 2-core machine shared with other jobs (load average 8-17 during
+  these runs): absolute milliseconds are inflated about 3x and noisy, and tokens/s
+  differences under ~20% between rows are within the noise from run to run (the rows run
+  one after the other). The fractions compare each step with a matmul timed right after
+  it; still, repeated runs of this benchmark moved the DPO fractions by up to 0.1.
 - Where the time goes (JAX profiler trace of the DPO step, response-only logits,
   precomputed reference): about half of the op time is matmuls (YNNPACK fusions); about a
   third is XLA:CPU transposing copy fusions that feed the weight-gradient matmuls of the
