@@ -315,6 +315,7 @@ def with_schedule_length(optim: OptimizerConfig, steps: int) -> OptimizerConfig:
 __all__ = [
     "ModelSection", "TrainSection", "EvalSection", "CheckpointSection", "LoggingSection",
     "StageConfig", "SFTOptions", "SFTConfig", "RewardOptions", "RewardConfig", "DPOConfig",
-    "RewardSource", "RLTrainSection", "PPOStageConfig", "GRPOStageConfig", "EvalConfig", "QuickstartConfig", "QUICKSTART_STAGES", "load_stage_config",
+    "RewardSource", "RLTrainSection", "PPOStageConfig", "GRPOStageConfig", "EvalConfig",
+    "QuickstartConfig", "QUICKSTART_STAGES", "load_stage_config",
     "check_stage_config", "with_schedule_length",
 ]

@@ -44,7 +44,7 @@ def test_results_hold_every_metric_for_every_policy(quickstart):
         assert sorted(int(k) for k in metrics["pass@k"]) == [1, 2, 4, 8], name
         assert 0.0 <= metrics["pass@1"] <= metrics["pass@k"]["8"] <= 1.0
         for key in ("gold_reward", "win_rate", "kl_to_reference", "response_length", "eos_rate",
-                    "distinct_2", "repetition_4", "reward_model_score"):
+                    "distinct_2", "repetition_4", "unique_responses", "reward_model_score"):
             assert key in metrics, (name, key)
     sft = results["policies"]["sft"]
     assert sft["win_rate"] == 0.5 and sft["kl_to_reference"] == 0.0

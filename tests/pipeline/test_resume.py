@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from stage_helpers import preference_overrides, sft_overrides, tiny_task
+from stage_helpers import LENGTHS, QUIET, preference_overrides, sft_overrides, tiny_task
 
 from rlhf_jax.pipeline.checkpoint import Checkpointer
 from rlhf_jax.pipeline.metrics_log import read_metrics
-from rlhf_jax.pipeline.stages import dpo, sft
+from rlhf_jax.pipeline.stages import dpo, ppo, sft
 
 SFT_STEPS = 8
 
@@ -23,9 +23,9 @@ def _weights(run_dir):
     return (run_dir / "model" / "model.safetensors").read_bytes()
 
 
-def _kill_and_resume(run, overrides, run_dir, stop_after):
+def _kill_and_resume(run, overrides, run_dir, stop_after, *, stop_key="train.stop_after"):
     """Run with `stop_after` (a kill: no final checkpoint, no export), then resume."""
-    stopped = run(None, overrides + [f"train.stop_after={stop_after}"])
+    stopped = run(None, overrides + [f"{stop_key}={stop_after}"])
     assert not stopped["finished"] and "model_dir" not in stopped
     assert not (run_dir / "model").exists()
     assert read_metrics(run_dir)[-1]["step"] == stop_after  # steps after the last checkpoint were logged
@@ -63,6 +63,7 @@ def test_checkpoint_holds_state_optimizer_and_data_position(sft_runs):
         assert checkpointer.latest_step() == SFT_STEPS
         carry, meta = checkpointer.restore()
     assert int(carry["state"]["step"]) == SFT_STEPS and "opt_state" in carry["state"]
+    assert carry["rng"].shape == (2,)  # the stage's RNG key
     assert meta["step"] == SFT_STEPS
     assert meta["data_position"] == {"epoch": 0, "index": SFT_STEPS}  # 96 rows / 8 per batch
 
@@ -93,3 +94,23 @@ def test_dpo_killed_and_resumed_matches_uninterrupted(task, sft_runs, tmp_path):
     assert _weights(tmp_path / "a") == _weights(tmp_path / "b")
     saved = json.loads((tmp_path / "b" / "model" / "config.json").read_text())
     assert saved["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_ppo_killed_and_resumed_matches_uninterrupted(task, sft_runs, tmp_path):
+    """The PPO carry holds the policy and value states, the KL controller and the RNG key."""
+    policy = sft_runs[0] / "a" / "model"
+
+    def overrides(name):
+        return [f"output_dir={tmp_path / name}", f"policy.path={policy}", f"value={policy}",
+                f"data.train_files=[{task.prompts}]", *LENGTHS, *QUIET, "reward.kind=gold",
+                "train.iterations=3", "train.batch_size=8", "checkpoint.interval=1",
+                "ppo.sampling.max_new_tokens=5", "ppo.epochs=1", "ppo.num_minibatches=2",
+                "ppo.adaptive_kl=true", "optim.learning_rate=0.001"]
+
+    ppo.run(None, overrides("a"))
+    resumed = _kill_and_resume(ppo.run, overrides("b"), tmp_path / "b", stop_after=2)
+    assert resumed["resumed_from"] == 2
+    rows = read_metrics(tmp_path / "b")
+    assert read_metrics(tmp_path / "a") == rows and len(rows) == 3
+    assert rows[0]["objective/kl_coef"] != rows[2]["objective/kl_coef"]  # the controller moved
+    assert _weights(tmp_path / "a") == _weights(tmp_path / "b")

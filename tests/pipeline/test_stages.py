@@ -15,6 +15,7 @@ from rlhf_jax.pipeline.data_formats import DataError
 from rlhf_jax.pipeline.metrics_log import read_metrics
 from rlhf_jax.pipeline.recipes import (
     DPOConfig,
+    EvalConfig,
     GRPOStageConfig,
     PPOStageConfig,
     RewardConfig,
@@ -35,6 +36,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
                                        ("ipo", DPOConfig), ("ppo", PPOStageConfig), ("grpo", GRPOStageConfig)])
 def test_every_recipe_config_loads(name, cls):
     config = load_stage_config(cls, CONFIGS / f"{name}.yaml", [])
+    assert load_stage_config(EvalConfig, CONFIGS / "eval.yaml", []).num_samples == 64
     assert config.output_dir == f"runs/{name}"
     if name == "ipo":
         assert config.dpo.loss_type == "ipo"
@@ -134,8 +136,14 @@ def test_sft_on_the_default_mesh_of_eight_devices(task, tmp_path):
     assert result["finished"] and np.isfinite(result["metrics"]["sft/loss"])
 
 
-def test_reward_model_from_the_sft_model(task, sft_run, tmp_path):
-    result = reward.run(None, preference_overrides(task, tmp_path, sft_run[0] / "model", steps=4))
+@pytest.fixture(scope="module")
+def reward_run(task, sft_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reward")
+    return out, reward.run(None, preference_overrides(task, out, sft_run[0] / "model", steps=4))
+
+
+def test_reward_model_from_the_sft_model(reward_run):
+    tmp_path, result = reward_run
     assert result["finished"]
     rows = read_metrics(tmp_path)
     assert 0.0 <= rows[-1]["eval/reward/accuracy"] <= 1.0 and "reward/loss" in rows[0]
@@ -159,10 +167,9 @@ def _rl_overrides(task, output_dir, policy):
             *LENGTHS, *QUIET, "train.batch_size=8", "optim.learning_rate=0.001", "checkpoint.interval=1"]
 
 
-def test_ppo_with_the_gold_scorer_and_grpo_with_a_reward_model(task, sft_run, tmp_path):
+def test_ppo_with_the_gold_scorer_and_grpo_with_a_reward_model(task, sft_run, reward_run, tmp_path):
     policy = sft_run[0] / "model"
-    rm_dir = tmp_path / "rm"
-    reward.run(None, preference_overrides(task, rm_dir, policy, steps=1))
+    rm_dir = reward_run[0]
     result = ppo.run(None, _rl_overrides(task, tmp_path / "ppo", policy) + [
         "train.iterations=2", "reward.kind=gold", "ppo.sampling.max_new_tokens=5",
         "ppo.num_minibatches=2", "ppo.epochs=1"])

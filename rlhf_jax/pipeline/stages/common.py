@@ -11,9 +11,7 @@ Every stage writes into its `output_dir`:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +139,13 @@ def rng_key(seed: int, *stream: int):
     return key
 
 
+def stage_rng(seed: int, mesh):
+    """The stage's RNG key in the checkpointed carry, replicated over `mesh`. Supervised steps
+    draw nothing from it (no dropout; the data order comes from the seed and the data
+    position), but every stage checkpoints one, so a stage that samples can use it."""
+    return jax.device_put(rng_key(seed, 1), replicated(mesh))
+
+
 def export_model(output_dir, module, params, tokenizer) -> Path:
     """Save the final model as a Hugging Face folder `<output_dir>/model` with the tokenizer."""
     folder = Path(output_dir) / MODEL_DIR
@@ -167,12 +172,8 @@ def summary(stage: str, output_dir, result, extra: dict | None = None) -> dict:
     return info
 
 
-def replace(config, **changes):
-    return dataclasses.replace(config, **changes)
-
-
 __all__ = [
     "MODEL_DIR", "prepare_output_dir", "require", "stage_tokenizer", "fresh_model_config",
-    "build_model", "load_folder", "stage_mesh", "make_state", "place", "rng_key",
-    "export_model", "summary", "replace",
+    "build_model", "load_folder", "stage_mesh", "make_state", "place", "rng_key", "stage_rng",
+    "export_model", "summary",
 ]

@@ -13,7 +13,6 @@ pairs with implicit reward `beta*c > beta*r`) and `eval/dpo/margin`.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.pipeline.data import BatchIterator, DataPosition, load_data
@@ -93,7 +92,7 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
     state, shardings = common.make_state(module, params, optim, mesh)
     del params
     step = compile_train_step(dpo_step, mesh=mesh, state_shardings=shardings, config=config.dpo,
-                           response_window=window, num_microbatches=config.train.num_microbatches)
+                              response_window=window, num_microbatches=config.train.num_microbatches)
     batches = BatchIterator(data, config.train.batch_size, seed=config.seed, shuffle=config.data.shuffle,
                             drop_last=config.data.drop_last, bucket_multiple=config.data.bucket_multiple,
                             process_index=jax.process_index(), process_count=jax.process_count())
@@ -117,11 +116,12 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
 
     def step_fn(carry, batch):
         state, metrics = step(carry["state"], batch)
-        return {"state": state}, metrics
+        return {"state": state, "rng": carry["rng"]}, metrics
 
     kind = config.dpo.kind
     result = run_loop(
-        output_dir=output_dir, carry={"state": state}, step_fn=step_fn, batches=batches,
+        output_dir=output_dir, carry={"state": state, "rng": common.stage_rng(config.seed, mesh)},
+        step_fn=step_fn, batches=batches,
         prepare_batch=prepare, num_steps=config.train.steps, checkpoint=config.checkpoint,
         logging=config.logging, resume=resume, stop_after=config.train.stop_after, evaluate=evaluate,
         eval_every=config.eval.every, description=kind,

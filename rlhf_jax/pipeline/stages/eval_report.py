@@ -53,6 +53,7 @@ def policy_table(results: dict) -> list[dict]:
             "length": _fmt(metrics["response_length"], 2),
             "EOS rate": _fmt(metrics["eos_rate"]),
             "distinct-2": _fmt(metrics["distinct_2"]),
+            "unique responses": _fmt(metrics.get("unique_responses")),
             "repetition-4": _fmt(metrics["repetition_4"]),
         })
     return rows

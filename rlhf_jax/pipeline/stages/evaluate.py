@@ -14,6 +14,8 @@ per policy (`results.json`):
                           reward, ties count half
     kl_to_reference       mean over samples of sum_t (log pi(y_t) - log pi_ref(y_t)) (k1, nats)
     response_length, eos_rate, distinct_1, distinct_2, repetition_4
+    unique_responses      distinct responses among a prompt's samples / num_samples, averaged
+                          over prompts (collapse onto one answer -> 1 / num_samples)
     reward_model_score    mean reward-model score of the samples (compare with the gold reward:
                           a score that rises while the gold reward does not is reward hacking)
 
@@ -106,6 +108,8 @@ def policy_metrics(samples, gold, graded, num_prompts: int, num_samples: int, to
     correct = gold.reshape(num_prompts, num_samples) > 0.5
     ks, values = eval_metrics.pass_at_k_curve(correct, pass_at_k_ks(num_samples))
     mask = samples["mask"]
+    responses = np.where(mask > 0, samples["tokens"], -1).reshape(num_prompts, num_samples, -1)
+    unique = np.mean([len(np.unique(rows, axis=0)) for rows in responses]) / num_samples
     return {
         "pass@1": float(values[0]),
         "pass@k": {int(k): float(v) for k, v in zip(ks, values)},
@@ -116,6 +120,7 @@ def policy_metrics(samples, gold, graded, num_prompts: int, num_samples: int, to
         "distinct_1": eval_metrics.distinct_n(samples["tokens"], 1, mask=mask),
         "distinct_2": eval_metrics.distinct_n(samples["tokens"], 2, mask=mask),
         "repetition_4": eval_metrics.repetition_rate(samples["tokens"], 4, mask=mask),
+        "unique_responses": float(unique),
     }
 
 

@@ -60,7 +60,7 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
                                     key, config=algorithm, **scorer)
         return {"policy": policy, "rng": rng}, metrics
 
-    carry = {"policy": policy_state, "rng": jax.device_put(common.rng_key(config.seed, 1), everywhere)}
+    carry = {"policy": policy_state, "rng": common.stage_rng(config.seed, mesh)}
     result = run_loop(
         output_dir=output_dir, carry=carry, step_fn=step_fn, batches=batches,
         prepare_batch=lambda batch: common.place(

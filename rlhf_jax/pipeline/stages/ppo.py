@@ -97,7 +97,7 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
 
     carry = {"policy": policy_state, "value": value_state,
              "kl": jax.device_put(kl_controller(algorithm).init(), everywhere),
-             "rng": jax.device_put(common.rng_key(config.seed, 1), everywhere)}
+             "rng": common.stage_rng(config.seed, mesh)}
     result = run_loop(
         output_dir=output_dir, carry=carry, step_fn=step_fn, batches=batches,
         prepare_batch=lambda batch: common.place(

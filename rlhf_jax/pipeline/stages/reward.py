@@ -63,8 +63,8 @@ def train_reward(config: RewardConfig, *, resume: bool = False) -> dict:
     state, shardings = common.make_state(module, params, optim, mesh)
     del params
     step = compile_train_step(reward_step, mesh=mesh, state_shardings=shardings,
-                           center_coef=config.reward.center_coef,
-                           num_microbatches=config.train.num_microbatches)
+                              center_coef=config.reward.center_coef,
+                              num_microbatches=config.train.num_microbatches)
     batches = BatchIterator(data, config.train.batch_size, seed=config.seed, shuffle=config.data.shuffle,
                             drop_last=config.data.drop_last, bucket_multiple=config.data.bucket_multiple,
                             process_index=jax.process_index(), process_count=jax.process_count())
@@ -76,10 +76,11 @@ def train_reward(config: RewardConfig, *, resume: bool = False) -> dict:
 
     def step_fn(carry, batch):
         state, metrics = step(carry["state"], batch)
-        return {"state": state}, metrics
+        return {"state": state, "rng": carry["rng"]}, metrics
 
     result = run_loop(
-        output_dir=output_dir, carry={"state": state}, step_fn=step_fn, batches=batches,
+        output_dir=output_dir, carry={"state": state, "rng": common.stage_rng(config.seed, mesh)},
+        step_fn=step_fn, batches=batches,
         prepare_batch=lambda batch: common.place(pair_batch(batch), mesh),
         num_steps=config.train.steps, checkpoint=config.checkpoint, logging=config.logging,
         resume=resume, stop_after=config.train.stop_after, evaluate=evaluate,

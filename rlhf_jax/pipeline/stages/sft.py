@@ -50,16 +50,17 @@ def train_sft(config: SFTConfig, *, resume: bool = False) -> dict:
     tokenizer = common.stage_tokenizer(config.tokenizer, config.model.path)
     common.require(config.data.train_files, "data.train_files", "SFT needs prompt/completion data")
     data = load_data(config.data.train_files, tokenizer, config.data, kind="sft")
-    eval_data = load_data(config.data.eval_files, tokenizer, config.data, kind="sft") if config.data.eval_files else None
+    eval_data = (load_data(config.data.eval_files, tokenizer, config.data, kind="sft")
+                 if config.data.eval_files else None)
     mesh = common.stage_mesh(config.mesh)
     module, params = common.build_model(config.model, tokenizer, common.rng_key(config.seed, 0))
     optim = with_schedule_length(config.optim, config.train.steps)
     state, shardings = common.make_state(module, params, optim, mesh)
     del params
     step = compile_train_step(sft_step, mesh=mesh, state_shardings=shardings,
-                           label_smoothing=config.sft.label_smoothing,
-                           response_window=config.train.response_window,
-                           num_microbatches=config.train.num_microbatches)
+                              label_smoothing=config.sft.label_smoothing,
+                              response_window=config.train.response_window,
+                              num_microbatches=config.train.num_microbatches)
     batches = BatchIterator(data, config.train.batch_size, seed=config.seed, shuffle=config.data.shuffle,
                             drop_last=config.data.drop_last, bucket_multiple=config.data.bucket_multiple,
                             process_index=jax.process_index(), process_count=jax.process_count())
@@ -70,15 +71,17 @@ def train_sft(config: SFTConfig, *, resume: bool = False) -> dict:
 
     def step_fn(carry, batch):
         state, metrics = step(carry["state"], batch)
-        return {"state": state}, metrics
+        return {"state": state, "rng": carry["rng"]}, metrics
 
     result = run_loop(
-        output_dir=output_dir, carry={"state": state}, step_fn=step_fn, batches=batches,
+        output_dir=output_dir, carry={"state": state, "rng": common.stage_rng(config.seed, mesh)},
+        step_fn=step_fn, batches=batches,
         prepare_batch=lambda batch: common.place(SFTBatch.from_arrays(batch), mesh),
         num_steps=config.train.steps, checkpoint=config.checkpoint, logging=config.logging,
         resume=resume, stop_after=config.train.stop_after, evaluate=evaluate,
         eval_every=config.eval.every, description="sft",
-        progress_keys=("sft/loss", "sft/accuracy", "eval/sft/accuracy"), compiled=() if config.data.bucket_multiple else (step,),
+        progress_keys=("sft/loss", "sft/accuracy", "eval/sft/accuracy"),
+        compiled=() if config.data.bucket_multiple else (step,),
     )
     extra = {"data": vars(data.stats)}
     if result.finished:
