@@ -19,9 +19,9 @@ position (T - 1 after the shift), or `W = 128` per row with the response-only lo
 1.5% (the difference is elementwise work).
 
 Achieved FLOP/s = model FLOPs / step time, as a fraction of the f32 `jnp.dot` peak (2048^3
-products). Every timed run of steps is followed by one timed matmul, so both sample the same
-moments of a shared machine, and the fraction compares the best of each (the least disturbed
-samples): best step FLOP/s / best matmul FLOP/s. "Fraction, CPU time" does the same with
+products). Every timed run of steps is followed by three timed matmuls, so both sample the
+same moments of a shared machine, and the fraction compares the best of each (the least
+disturbed samples): best step FLOP/s / best matmul FLOP/s. "Fraction, CPU time" does the same with
 process CPU seconds (all threads) instead of wall-clock seconds; when other jobs share the
 machine it is the steadier figure, since the step and the matmul are each charged only for
 the CPU they got. Tokens / s is from the median step time.
@@ -152,7 +152,7 @@ def forward_flops(n_body: int, rows: int, projected_per_row: int) -> float:
 
 def time_steps(run, state, batch, extra, steps: int, repeats: int, peak: MatmulPeak) -> dict:
     """Wall and CPU seconds per step over `repeats` runs of `steps` steps (after two warm-up
-    steps, compile included), each run followed by one timed matmul so both sample the same
+    steps, compile included), each run followed by three timed matmuls so both sample the same
     load. Returns the median and best step times and the best matmul FLOP/s (wall, CPU)."""
     for _ in range(2):
         state, metrics = run(state, batch, *extra)
@@ -165,7 +165,7 @@ def time_steps(run, state, batch, extra, steps: int, repeats: int, peak: MatmulP
         jax.block_until_ready((state.params, metrics))
         walls.append((time.perf_counter() - start) / steps)
         cpus.append((time.process_time() - start_cpu) / steps)
-        peak_wall, peak_cpu = peak.measure(repeats=1)
+        peak_wall, peak_cpu = peak.measure(repeats=3)
         peak_walls.append(peak_wall)
         peak_cpus.append(peak_cpu)
     return dict(wall=statistics.median(walls), best_wall=min(walls), best_cpu=min(cpus),

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.kv_cache import causal_mask, positions_from_mask, write_cache_mask
-from rlhf_jax.models.layers import INIT_STD, MLP, Attention, make_norm
+from rlhf_jax.models.layers import INIT_STD, MLP, Attention, fold_matmul, make_norm
 from rlhf_jax.ops.checks import check_rank, check_same_shape
 
 
@@ -107,10 +107,8 @@ class Decoder(nn.Module):
     def attend(self, hidden):
         """Logits from tied embeddings: `hidden @ embedding.T`, accumulated in float32."""
         embedding = self.embed.embedding.astype(jnp.dtype(self.config.dtype))
-        return jnp.einsum(
-            "...d,vd->...v", hidden.astype(embedding.dtype), embedding,
-            preferred_element_type=jnp.float32,
-        )
+        return fold_matmul(hidden.astype(embedding.dtype), embedding, transpose_kernel=True,
+                           accumulate=jnp.float32)
 
 
 class LMHead(nn.Module):
@@ -125,9 +123,7 @@ class LMHead(nn.Module):
             "kernel", nn.initializers.normal(INIT_STD), (c.hidden_size, c.vocab_size),
             jnp.dtype(c.param_dtype),
         ).astype(jnp.dtype(c.dtype))
-        return jnp.einsum(
-            "...d,dv->...v", hidden.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32
-        )
+        return fold_matmul(hidden.astype(kernel.dtype), kernel, accumulate=jnp.float32)
 
 
 class CausalLM(nn.Module):
