@@ -14,19 +14,21 @@ runs the same way and reports its starting and final returns.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
-import time
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.classic.config import derived_sizes, load_classic_config
-from rlhf_jax.classic.run import smoothed_returns, windowed_returns
-from rlhf_jax.classic.train import make_train
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from rlhf_jax.classic.config import derived_sizes, load_classic_config  # noqa: E402
+from rlhf_jax.classic.run import smoothed_returns, windowed_returns  # noqa: E402
+from rlhf_jax.classic.train import make_train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -34,29 +36,11 @@ SECTION = "## Classic RL"
 SOLVED = 475.0
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_lines() -> list[str]:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return [f"cpu: {cpu_model()}", f"cores: {os.cpu_count()}",
-            "load average (1/5/15 min): " + " ".join(f"{x:.2f}" for x in load),
+    return [f"cpu: {common.cpu_name()}", f"cores: {os.cpu_count()}",
+            f"load average (1/5/15 min): {common.load_average()}",
             f"python: {platform.python_version()}, jax: {jax.__version__}, "
             f"backend: {jax.default_backend()}"]
-
-
-def timed(fn):
-    """(result, wall seconds, process CPU seconds) of `fn()`."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = fn()
-    return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def benchmark(config_path: Path, overrides: list[str]) -> dict:
@@ -65,8 +49,8 @@ def benchmark(config_path: Path, overrides: list[str]) -> dict:
     sizes = derived_sizes(config)
     rngs = jax.vmap(jax.random.PRNGKey)(jnp.asarray(config.seeds))
     train = jax.jit(jax.vmap(make_train(config)))
-    compiled, compile_wall, compile_cpu = timed(lambda: train.lower(rngs).compile())
-    (_, metrics), run_wall, run_cpu = timed(lambda: jax.block_until_ready(compiled(rngs)))
+    compiled, compile_wall, compile_cpu = common.timed(lambda: train.lower(rngs).compile())
+    (_, metrics), run_wall, run_cpu = common.timed(lambda: jax.block_until_ready(compiled(rngs)))
     sums = np.asarray(metrics["episode/return_sum"])
     counts = np.asarray(metrics["episode/count"])
     tenth = max(1, sizes.num_updates // 10)
@@ -153,20 +137,6 @@ def section(ppo: dict, reinforce: dict | None, machine: list[str], command: str,
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace the `## Classic RL` section of RESULTS.md (or append it), keeping the others."""
-    current = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = current.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        updated = current.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        updated = "".join(lines[:start]) + text + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
-    path.write_text(updated)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "classic_ppo.yaml"))
@@ -176,7 +146,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the PPO config")
     args = parser.parse_args()
 
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d, %H:%M UTC")
+    stamp = common.utc_stamp("%Y-%m-%d, %H:%M UTC")
     machine = machine_lines()
     print("# Classic RL benchmark", stamp)
     for line in machine:
@@ -195,7 +165,7 @@ def main() -> None:
     command = "python benchmarks/classic.py" + "".join(f" {o}" for o in args.overrides)
     text = section(ppo, reinforce, machine + [machine_after], command, stamp)
     if not args.no_write:
-        write_section(text)
+        common.write_section(SECTION, text, RESULTS)
         print(f"wrote the {SECTION!r} section of {RESULTS}")
 
 

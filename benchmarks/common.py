@@ -11,7 +11,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -21,6 +21,7 @@ NUM_SPECIAL_TOKENS = 7
 # Characters for large character-level vocabularies, one token each: the CJK unified
 # ideographs, then the Hangul syllables (no combining marks, no unassigned code points).
 _CHARACTER_RANGES = ((0x4E00, 0x9FFF), (0xAC00, 0xD7A3))
+T = TypeVar("T")
 
 
 def package_version(name: str) -> str:
@@ -30,24 +31,30 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
-def load_average() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+def load_average(digits: int = 2, separator: str = " ") -> str:
+    """The 1, 5 and 15 minute load averages (NaN where the platform has none)."""
+    values = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return separator.join(f"{value:.{digits}f}" for value in values)
 
 
-def machine_info(packages: Sequence[str] = ("jax", "flax", "optax")) -> list[str]:
-    """Lines describing the machine and the package versions (for a results block)."""
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what `platform` knows."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
             names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-        cpu = names[0] if names else cpu
     except OSError:
-        pass
+        return cpu
+    return names[0] if names else cpu
+
+
+def machine_info(packages: Sequence[str] = ("jax", "flax", "optax")) -> list[str]:
+    """Lines describing the machine and the package versions (for a results block)."""
     import jax
 
     versions = ", ".join(f"{name}: {package_version(name)}" for name in packages)
     return [
-        f"cpu: {cpu}",
+        f"cpu: {cpu_name()}",
         f"cores: {os.cpu_count()}",
         f"load average (1/5/15 min): {load_average()}",
         f"python: {platform.python_version()}, numpy: {np.__version__}, {versions}",
@@ -68,21 +75,28 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(array.mean()), std
 
 
+def timed(fn: Callable[[], T]) -> tuple[T, float, float]:
+    """`(fn(), wall seconds, process CPU seconds (all threads))` of one call of `fn`."""
+    start, start_cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, time.perf_counter() - start, time.process_time() - start_cpu
+
+
 def time_calls(fn: Callable[[], object], block: Callable[[object], object],
                count: int) -> tuple[list[float], list[float]]:
     """Wall seconds and process CPU seconds (all threads) of each of `count` calls of `fn`,
     each waited for with `block(result)`."""
     wall, cpu = [], []
     for _ in range(count):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        block(fn())
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
+        _, call_wall, call_cpu = timed(lambda: block(fn()))
+        wall.append(call_wall)
+        cpu.append(call_cpu)
     return wall, cpu
 
 
-def utc_stamp() -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+def utc_stamp(pattern: str = "%Y-%m-%d %H:%M UTC") -> str:
+    """The current UTC time as `pattern` (a `time.strftime` format)."""
+    return time.strftime(pattern, time.gmtime())
 
 
 def write_section(heading: str, body: str, path: Path = RESULTS) -> None:
@@ -139,7 +153,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], alig
 
 
 __all__ = [
-    "RESULTS", "NUM_SPECIAL_TOKENS", "package_version", "load_average", "machine_info", "median",
-    "mean_std", "time_calls", "utc_stamp", "write_section", "character_alphabet",
+    "RESULTS", "NUM_SPECIAL_TOKENS", "package_version", "load_average", "cpu_name", "machine_info",
+    "median", "mean_std", "timed", "time_calls", "utc_stamp", "write_section", "character_alphabet",
     "build_character_tokenizer", "random_text", "markdown_table",
 ]

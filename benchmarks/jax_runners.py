@@ -57,7 +57,7 @@ class TrainingSession:
     """Our DPO (`kind="dpo"`) or reward-model steps on the pairs file: one jitted call per step,
     batches in file order. The first step (compile + step-0 loss) runs at construction."""
 
-    def __init__(self, kind: str, setup, hp):
+    def __init__(self, kind: str, setup, hp, *, shared_prompt: bool = False):
         self.kind = kind
         is_dpo = kind == "dpo"
         module, params = load_pretrained(setup.policy_dir if is_dpo else setup.reward_dir, dtype=hp.dtype)
@@ -67,6 +67,9 @@ class TrainingSession:
         self.data = load_data(setup.pairs_file, setup.tokenizer_dir, data_config, kind="preference")
         self.state = create_train_state(module, params, make_optimizer(optimizer_config(hp)))
         options = {"config": PreferenceLossConfig(beta=hp.beta)} if is_dpo else {}
+        if shared_prompt:  # each pair's prompt runs once (same numbers, less work)
+            options.update(prompt_window=data_config.max_prompt_length,
+                           response_window=data_config.max_response_length)
         self.run_step = make_train_step(dpo_step if is_dpo else reward_step, **options)
         self.batches = BatchIterator(self.data, hp.batch_size, shuffle=False)
         arrays = self.data.arrays

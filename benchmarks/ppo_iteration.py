@@ -24,19 +24,21 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.heads import RewardModel, ValueModel
-from rlhf_jax.models.transformer import CausalLM
-from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
-from rlhf_jax.training.ppo import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from rlhf_jax.models.config import ModelConfig  # noqa: E402
+from rlhf_jax.models.heads import RewardModel, ValueModel  # noqa: E402
+from rlhf_jax.models.transformer import CausalLM  # noqa: E402
+from rlhf_jax.training.optim import OptimizerConfig, make_optimizer  # noqa: E402
+from rlhf_jax.training.ppo import (  # noqa: E402
     PPO_STATIC_ARGNAMES,
     PPOConfig,
     kl_controller,
@@ -44,8 +46,8 @@ from rlhf_jax.training.ppo import (
     ppo_update,
     value_params_from_reward_model,
 )
-from rlhf_jax.training.rollout import SamplingConfig, generate_rollout, ppo_advantages, score_rollout
-from rlhf_jax.training.state import create_train_state, reference_params
+from rlhf_jax.training.rollout import SamplingConfig, generate_rollout, ppo_advantages, score_rollout  # noqa: E402
+from rlhf_jax.training.state import create_train_state, reference_params  # noqa: E402
 
 BATCH, PROMPT, RESPONSE = 16, 64, 64
 EOS, PAD = 1, 0
@@ -75,12 +77,8 @@ def median_seconds(call, repeats: int) -> float:
     """Median wall time of `call()` (which blocks on its result) after two warm-up calls."""
     for _ in range(2):
         call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    wall, _ = common.time_calls(call, lambda _: None, repeats)
+    return common.median(wall)
 
 
 def run(repeats: int = 5) -> list[dict]:

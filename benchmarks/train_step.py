@@ -34,11 +34,10 @@ The machine may be shared: compare ratios within one run, not absolute numbers a
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import inspect
-import os
-import platform
-import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -46,57 +45,51 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.heads import RewardModel
-from rlhf_jax.models.transformer import CausalLM
-from rlhf_jax.training.batches import PreferenceBatch, SFTBatch
-from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step, precompute_reference_logps
-from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
-from rlhf_jax.training.reward_step import reward_step
-from rlhf_jax.training.sft_step import sft_step
-from rlhf_jax.training.state import create_train_state, reference_params
-from rlhf_jax.training.step_runner import make_train_step
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from rlhf_jax.models.config import ModelConfig  # noqa: E402
+from rlhf_jax.models.heads import RewardModel  # noqa: E402
+from rlhf_jax.models.transformer import CausalLM  # noqa: E402
+from rlhf_jax.training.batches import PreferenceBatch, SFTBatch  # noqa: E402
+from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step, precompute_reference_logps  # noqa: E402
+from rlhf_jax.training.optim import OptimizerConfig, make_optimizer  # noqa: E402
+from rlhf_jax.training.reward_step import reward_step  # noqa: E402
+from rlhf_jax.training.sft_step import sft_step  # noqa: E402
+from rlhf_jax.training.state import create_train_state, reference_params  # noqa: E402
+from rlhf_jax.training.step_runner import make_train_step  # noqa: E402
 
 CONFIG = ModelConfig.llama(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4,
                            intermediate_size=704, max_position_embeddings=256)
 BATCH, TIME, WINDOW = 8, 256, 128
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Training steps"
-NOTES = """Reading it:
+NOTES = """Reading it (analysis of the 2026-11-21 20:39 UTC run; a re-run replaces the table, not this text):
 
-- Timings come from a 2-core machine shared with other jobs (load average 8-17 during
-  these runs): absolute milliseconds are inflated about 3x and noisy, and tokens/s
-  differences under ~20% between rows are within the noise from run to run (the rows run
-  one after the other). The fractions compare each step with a matmul timed right after
-  it; still, repeated runs of this benchmark moved the DPO fractions by up to 0.1.
-- Where the time goes (JAX profiler trace of the DPO step, response-only logits,
-  precomputed reference): about half of the op time is matmuls (YNNPACK fusions); about a
-  third is XLA:CPU transposing copy fusions that feed the weight-gradient matmuls of the
-  backward pass, the largest being the SwiGLU `silu` backward written out transposed
-  ([704, 4096] per layer) and the transposed softmax gradient feeding the LM-head weight
-  gradient. Forward passes alone run at 0.7-1.0 of the matmul peak; the backward passes at
-  about 0.4, which is what holds the steps below 0.5.
-- Measured on the side (same machine, CPU time): computing SwiGLU's gate and up projections
-  as one matmul against the concatenated kernels (`x @ concat([W_gate, W_up])`, then split;
-  parameters unchanged) raises the MLP forward + backward from 0.33-0.38 to 0.46-0.49 of
-  peak and the whole DPO step by about 10-15%; that change belongs to the model code.
+- Measured on a quiet machine (load average ~2 from the benchmark's own two threads). The
+  fraction compares each step with the best of three 2048^3 f32 `jnp.dot` products timed
+  right after it (285-302 GFLOP/s here); tokens/s differences under ~10% between rows are
+  within run-to-run noise.
+- The DPO step reaches 0.53 of the matmul peak with the reference forward in the step
+  (0.55 in CPU time) and 0.49-0.50 with a precomputed reference (its forward-only share,
+  which runs closest to the peak, is gone). The previous run of this benchmark, before the
+  change below and on a machine loaded 8-17, gave 0.44-0.48.
+- The change that mattered: XLA:CPU differentiates a dense layer applied to `[B, T, D]`
+  (a `dot_general` with two batch-like axes) through transposing copies that feed the
+  weight-gradient matmuls; about a third of the DPO step's op time was such copies.
+  `rlhf_jax.models.layers.Dense` and the LM head now fold the leading axes first
+  (`[B*T, D] @ [D, F]`; same parameters, same numbers), so the backward pass is plain 2-D
+  matmuls. Measured with `benchmarks/vs_trl.py`'s model in one session: DPO step 494 -> 391
+  ms (-21%), reward step 427 -> 311 ms (-27%), PPO iteration 1.53 -> 1.40 s (-9%).
+  Grouped-query attention now contracts one axis per product (`[B, K, G*T, Dh]` queries),
+  which took the PPO iteration on to 1.34 s (-5%).
+- Tried and dropped (no gain, same session): computing SwiGLU's gate and up projections,
+  or q/k/v, as one matmul against concatenated kernels (+0-5% time); XLA flags that move
+  dots from YNNPACK to Eigen or oneDNN (`--xla_cpu_experimental_ynn_fusion_type=reduce`,
+  `--xla_cpu_use_onednn`): equal or slower.
 - Response-only logits skip the vocabulary projection (and its backward) for prompt and
   padding positions: 18% fewer FLOPs here (V = 8192 is large next to D = 256); a
   precomputed reference removes one forward pass of 2B rows per step (25% of the FLOPs).
 """
-
-
-def machine_info() -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return [f"cpu: {cpu}", f"cores: {os.cpu_count()}", f"load average (1/5/15 min): {load}",
-            f"python: {platform.python_version()}, numpy: {np.__version__}, jax: {jax.__version__}",
-            f"jax backend: {jax.default_backend()}, devices: {[str(d) for d in jax.devices()]}"]
 
 
 class MatmulPeak:
@@ -111,12 +104,7 @@ class MatmulPeak:
         self.dot(self.a, self.b).block_until_ready()
 
     def measure(self, repeats: int = 1) -> tuple[float, float]:
-        wall, cpu = [], []
-        for _ in range(repeats):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            self.dot(self.a, self.b).block_until_ready()
-            wall.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
+        wall, cpu = common.time_calls(lambda: self.dot(self.a, self.b), jax.block_until_ready, repeats)
         flops = 2 * self.size**3
         return flops / min(wall), flops / min(cpu)
 
@@ -157,18 +145,22 @@ def time_steps(run, state, batch, extra, steps: int, repeats: int, peak: MatmulP
     for _ in range(2):
         state, metrics = run(state, batch, *extra)
     jax.block_until_ready(metrics)
-    walls, cpus, peak_walls, peak_cpus = [], [], [], []
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
+
+    def run_steps(state):
         for _ in range(steps):
             state, metrics = run(state, batch, *extra)
         jax.block_until_ready((state.params, metrics))
-        walls.append((time.perf_counter() - start) / steps)
-        cpus.append((time.process_time() - start_cpu) / steps)
+        return state
+
+    walls, cpus, peak_walls, peak_cpus = [], [], [], []
+    for _ in range(repeats):
+        state, wall, cpu = common.timed(functools.partial(run_steps, state))
+        walls.append(wall / steps)
+        cpus.append(cpu / steps)
         peak_wall, peak_cpu = peak.measure(repeats=3)
         peak_walls.append(peak_wall)
         peak_cpus.append(peak_cpu)
-    return dict(wall=statistics.median(walls), best_wall=min(walls), best_cpu=min(cpus),
+    return dict(wall=common.median(walls), best_wall=min(walls), best_cpu=min(cpus),
                 peak_wall=max(peak_walls), peak_cpu=max(peak_cpus))
 
 
@@ -254,26 +246,13 @@ def generic_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(section: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, keeping all others."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        text = "".join(lines[:start]) + section + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
-    RESULTS.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
-    info = machine_info()
+    info = common.machine_info(packages=("jax",))
     print("\n".join(info), flush=True)
     started = time.time()
     rows = benchmark(args.steps, args.repeats)
@@ -281,14 +260,14 @@ def main() -> None:
     section = (
         f"{SECTION}\n\n"
         f"Command: `python benchmarks/train_step.py --steps {args.steps} --repeats {args.repeats}` "
-        f"({time.strftime('%Y-%m-%d, %H:%M UTC', time.gmtime())}, {time.time() - started:.0f} s in all)\n\n"
+        f"({common.utc_stamp('%Y-%m-%d, %H:%M UTC')}, {time.time() - started:.0f} s in all)\n\n"
         "```\n" + "\n".join(info) + "\n```\n\n" + table(rows) + "\n\n" + NOTES
     )
     if extra:
         section += "\nPPO iteration (`benchmarks/ppo_iteration.py`):\n\n" + generic_table(extra) + "\n"
     print(section)
     if not args.no_write:
-        write_section(section)
+        common.write_section(SECTION, section)
 
 
 if __name__ == "__main__":

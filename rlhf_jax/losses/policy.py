@@ -22,6 +22,8 @@ before the exponential.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -102,6 +104,39 @@ def _max_over_mask(x, mask):
     return jnp.max(jnp.where(mask.astype(bool), x, -jnp.inf), initial=0.0)
 
 
+class _ClippedTerms(NamedTuple):
+    per_token: jax.Array  # [B, T] clipped surrogate loss
+    ratio: jax.Array  # [B, T] importance ratio rho, 1 on padding
+    token_log_ratio: jax.Array  # [B, T] per-token logp - old_logp, 0 on padding
+    weights: jax.Array  # [B, T] float32 mask
+    clipfrac: jax.Array  # fraction of counted tokens where the clipped branch is larger
+    dual_clipfrac: jax.Array  # fraction of counted tokens capped by the dual clip
+    ratio_mean: jax.Array  # mean ratio over counted tokens
+
+
+def _clipped_terms(
+    logp, old_logp, advantages, mask, *, eps_low, eps_high, dual_clip, aggregation, importance_level
+) -> _ClippedTerms:
+    """The per-token clipped surrogate shared by PPO and GRPO, and its token-mean statistics."""
+    _check_options(eps_low, eps_high, dual_clip, aggregation, importance_level)
+    advantages = _broadcast_advantages(advantages, logp.shape)
+    log_ratio, token_log_ratio = _log_ratio(logp, old_logp, mask, importance_level)
+    ratio = jnp.exp(log_ratio)
+    per_token, clip_active, dual_active = _clipped_surrogate(
+        ratio, advantages, eps_low, eps_high, dual_clip
+    )
+    weights = mask.astype(jnp.float32)
+    return _ClippedTerms(
+        per_token=per_token,
+        ratio=ratio,
+        token_log_ratio=token_log_ratio,
+        weights=weights,
+        clipfrac=masked_mean(clip_active.astype(jnp.float32), weights),
+        dual_clipfrac=masked_mean(dual_active.astype(jnp.float32), weights),
+        ratio_mean=masked_mean(ratio, weights),
+    )
+
+
 def ppo_policy_loss(
     logp,
     old_logp,
@@ -144,25 +179,20 @@ def ppo_policy_loss(
     _check_token_inputs(logp, mask, old_logp=old_logp)
     eps_low = clip_eps if clip_eps_low is None else clip_eps_low
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    _check_options(eps_low, eps_high, dual_clip, aggregation, importance_level)
-    advantages = _broadcast_advantages(advantages, logp.shape)
-
-    log_ratio, token_log_ratio = _log_ratio(logp, old_logp, mask, importance_level)
-    ratio = jnp.exp(log_ratio)
-    per_token, clip_active, dual_active = _clipped_surrogate(
-        ratio, advantages, eps_low, eps_high, dual_clip
+    terms = _clipped_terms(
+        logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
+        dual_clip=dual_clip, aggregation=aggregation, importance_level=importance_level,
     )
     loss = aggregate(
-        per_token, mask, aggregation, max_len=max_len, global_token_count=global_token_count
+        terms.per_token, mask, aggregation, max_len=max_len, global_token_count=global_token_count
     )
-    weights = mask.astype(jnp.float32)
     metrics = {
         "ppo/policy_loss": loss,
-        "ppo/clipfrac": masked_mean(clip_active.astype(jnp.float32), weights),
-        "ppo/dual_clipfrac": masked_mean(dual_active.astype(jnp.float32), weights),
-        "ppo/approx_kl": 0.5 * masked_mean(token_log_ratio**2, weights),
-        "ppo/ratio_mean": masked_mean(ratio, weights),
-        "ppo/ratio_max": _max_over_mask(ratio, mask),
+        "ppo/clipfrac": terms.clipfrac,
+        "ppo/dual_clipfrac": terms.dual_clipfrac,
+        "ppo/approx_kl": 0.5 * masked_mean(terms.token_log_ratio**2, terms.weights),
+        "ppo/ratio_mean": terms.ratio_mean,
+        "ppo/ratio_max": _max_over_mask(terms.ratio, mask),
     }
     return loss, jax.lax.stop_gradient(metrics)
 
@@ -210,14 +240,11 @@ def grpo_loss(
     _check_token_inputs(logp, mask, old_logp=old_logp, ref_logp=ref_logp)
     if ref_logp is None and not (isinstance(beta, (int, float)) and beta == 0):
         raise ValueError("`ref_logp` may be None only when `beta` is 0")
-    _check_options(clip_eps_low, clip_eps_high, None, aggregation, importance_level)
-    advantages = _broadcast_advantages(advantages, logp.shape)
-
-    log_ratio, _ = _log_ratio(logp, old_logp, mask, importance_level)
-    ratio = jnp.exp(log_ratio)
-    per_token, clip_active, _ = _clipped_surrogate(
-        ratio, advantages, clip_eps_low, clip_eps_high, None
+    terms = _clipped_terms(
+        logp, old_logp, advantages, mask, eps_low=clip_eps_low, eps_high=clip_eps_high,
+        dual_clip=None, aggregation=aggregation, importance_level=importance_level,
     )
+    per_token = terms.per_token
     counted = mask.astype(bool)
     if ref_logp is None:
         kl = jnp.zeros(logp.shape, jnp.float32)
@@ -230,11 +257,10 @@ def grpo_loss(
     loss = aggregate(
         per_token, mask, aggregation, max_len=max_len, global_token_count=global_token_count
     )
-    weights = mask.astype(jnp.float32)
     metrics = {
         "grpo/loss": loss,
-        "grpo/clipfrac": masked_mean(clip_active.astype(jnp.float32), weights),
-        "grpo/kl": masked_mean(kl, weights),
-        "grpo/ratio_mean": masked_mean(ratio, weights),
+        "grpo/clipfrac": terms.clipfrac,
+        "grpo/kl": masked_mean(kl, terms.weights),
+        "grpo/ratio_mean": terms.ratio_mean,
     }
     return loss, jax.lax.stop_gradient(metrics)

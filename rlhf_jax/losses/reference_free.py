@@ -32,6 +32,24 @@ def _prepare(label_smoothing=None, **arrays):
     return [jnp.asarray(value, dtype) for value in arrays.values()]
 
 
+def _scaled_rewards(beta, label_smoothing, **arrays):
+    """Check `beta` and the arrays (chosen, rejected, then any others, as in `_prepare`);
+    return `beta * chosen`, `beta * rejected` and the others."""
+    check_positive(beta, "beta")
+    chosen, rejected, *others = _prepare(label_smoothing, **arrays)
+    return (beta * chosen, beta * rejected, *others)
+
+
+def _reward_metrics(prefix, chosen_rewards, rejected_rewards, dtype):
+    """`{prefix}/accuracy` (mean chosen > rejected), `/margin`, `/rewards_chosen`, `/rewards_rejected`."""
+    return {
+        f"{prefix}/accuracy": jnp.mean((chosen_rewards > rejected_rewards).astype(dtype)),
+        f"{prefix}/margin": jnp.mean(chosen_rewards - rejected_rewards),
+        f"{prefix}/rewards_chosen": jnp.mean(chosen_rewards),
+        f"{prefix}/rewards_rejected": jnp.mean(rejected_rewards),
+    }
+
+
 def simpo_loss(chosen_avg_logps, rejected_avg_logps, *, beta=2.0, gamma=0.5, label_smoothing=0.0):
     """SimPO: `-logsig(beta*(lbar_w - lbar_l) - gamma)` (Meng et al. 2024, arXiv:2405.14734).
 
@@ -51,19 +69,14 @@ def simpo_loss(chosen_avg_logps, rejected_avg_logps, *, beta=2.0, gamma=0.5, lab
       `simpo/margin` (mean `beta*(lbar_w - lbar_l)`), `simpo/rewards_chosen`,
       `simpo/rewards_rejected` (mean `beta*lbar`).
     """
-    check_positive(beta, "beta")
-    chosen, rejected = _prepare(
-        label_smoothing, chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps
+    chosen_rewards, rejected_rewards = _scaled_rewards(
+        beta, label_smoothing, chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps
     )
-    chosen_rewards, rejected_rewards = beta * chosen, beta * rejected
     logits = chosen_rewards - rejected_rewards - gamma
     loss = jnp.mean(smoothed_logistic_loss(logits, label_smoothing))
     metrics = {
         "simpo/loss": loss,
-        "simpo/accuracy": jnp.mean((chosen_rewards > rejected_rewards).astype(loss.dtype)),
-        "simpo/margin": jnp.mean(chosen_rewards - rejected_rewards),
-        "simpo/rewards_chosen": jnp.mean(chosen_rewards),
-        "simpo/rewards_rejected": jnp.mean(rejected_rewards),
+        **_reward_metrics("simpo", chosen_rewards, rejected_rewards, loss.dtype),
     }
     return loss, metrics
 
@@ -87,11 +100,9 @@ def cpo_loss(chosen_logps, rejected_logps, chosen_nll, *, beta=0.1, nll_coef=1.0
       `cpo/margin` (mean `beta*(log pi_w - log pi_l)`), `cpo/rewards_chosen`,
       `cpo/rewards_rejected`.
     """
-    check_positive(beta, "beta")
-    chosen, rejected, nll = _prepare(
-        label_smoothing, chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_nll=chosen_nll
+    chosen_rewards, rejected_rewards, nll = _scaled_rewards(
+        beta, label_smoothing, chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_nll=chosen_nll
     )
-    chosen_rewards, rejected_rewards = beta * chosen, beta * rejected
     preference_loss = jnp.mean(smoothed_logistic_loss(chosen_rewards - rejected_rewards, label_smoothing))
     mean_nll = jnp.mean(nll)
     loss = preference_loss + nll_coef * mean_nll
@@ -99,10 +110,7 @@ def cpo_loss(chosen_logps, rejected_logps, chosen_nll, *, beta=0.1, nll_coef=1.0
         "cpo/loss": loss,
         "cpo/preference_loss": preference_loss,
         "cpo/nll": mean_nll,
-        "cpo/accuracy": jnp.mean((chosen_rewards > rejected_rewards).astype(loss.dtype)),
-        "cpo/margin": jnp.mean(chosen_rewards - rejected_rewards),
-        "cpo/rewards_chosen": jnp.mean(chosen_rewards),
-        "cpo/rewards_rejected": jnp.mean(rejected_rewards),
+        **_reward_metrics("cpo", chosen_rewards, rejected_rewards, loss.dtype),
     }
     return loss, metrics
 

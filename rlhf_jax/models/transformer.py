@@ -13,6 +13,9 @@ Forward API (the training code calls these; params come from `load_pretrained` o
     hidden = model.apply({"params": params}, input_ids, attention_mask, method="hidden_states")
     logits = model.apply({"params": params}, hidden, method="lm_logits")
         # any [..., D] hidden -> [..., V] float32; project only the positions a loss reads
+    last, hidden = model.apply({"params": params}, prompt_ids, prompt_mask, response_ids,
+                               response_mask, method="shared_prefix_hidden_states")
+        # N continuations [B, N, R] of left-padded prompts [B, P], each prompt run once
 
 Position ids default to `clip(cumsum(attention_mask) - 1, 0)` (any padding side; with a
 cache they continue from the real tokens already cached) and can be passed as
@@ -29,10 +32,11 @@ There is no dropout (RLHF fine-tuning runs with dropout off).
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.kv_cache import causal_mask, positions_from_mask, write_cache_mask
+from rlhf_jax.models.kv_cache import causal_mask, init_cache, positions_from_mask, write_cache_mask
 from rlhf_jax.models.layers import INIT_STD, MLP, Attention, fold_matmul, make_norm
 from rlhf_jax.ops.checks import check_rank, check_same_shape
 
@@ -151,6 +155,32 @@ class CausalLM(nn.Module):
         """Final hidden states [B, T, D]; `(hidden, new_cache)` when a cache is given."""
         hidden, new_cache = self.decoder(input_ids, attention_mask, position_ids, cache)
         return hidden if cache is None else (hidden, new_cache)
+
+    def shared_prefix_hidden_states(self, prompt_ids, prompt_mask, response_ids, response_mask):
+        """Hidden states of N continuations per prompt, with each prompt run once.
+
+        prompt_ids / prompt_mask [B, P]: left-padded prompts (each row's last column real).
+        response_ids / response_mask [B, N, R]: right-padded continuations of each prompt.
+        Returns `(prompt_last [B, D], responses [B, N, R, D])`: the final hidden states at each
+        prompt's last token and at every continuation token, the same as a forward pass over
+        each prompt + continuation. The prompt's keys and values are computed once and reach
+        the N continuations through the KV cache (gradients flow back through it), so the
+        prompt costs one forward pass instead of N.
+        """
+        check_rank(prompt_ids, 2, "prompt_ids")
+        check_rank(response_ids, 3, "response_ids")
+        check_same_shape(prompt_ids=prompt_ids, prompt_mask=prompt_mask)
+        check_same_shape(response_ids=response_ids, response_mask=response_mask)
+        batch, prompt_len = prompt_ids.shape
+        num, response_len = response_ids.shape[1:]
+        if response_ids.shape[0] != batch:
+            raise ValueError(f"`response_ids` must have {batch} rows like `prompt_ids`, got {response_ids.shape}")
+        cache = init_cache(self.config, batch, prompt_len + response_len)
+        prompt_hidden, cache = self.decoder(prompt_ids, prompt_mask, None, cache)
+        cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, num, axis=0), cache)
+        flat = lambda x: x.reshape(batch * num, response_len)
+        hidden, _ = self.decoder(flat(response_ids), flat(response_mask), None, cache)
+        return prompt_hidden[:, -1], hidden.reshape(batch, num, response_len, -1)
 
     def lm_logits(self, hidden):
         """Vocabulary logits [..., V] in float32 from hidden states [..., D]."""

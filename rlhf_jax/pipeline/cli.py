@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from rlhf_jax.pipeline.config import ConfigError
+from rlhf_jax.pipeline.data_formats import DataError
 
 # subcommand -> (module, function, one-line help)
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         run(args.config, args.overrides, resume=args.resume)
     except ConfigError as err:
         print(f"rlhf-jax {args.stage}: config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"rlhf-jax {args.stage}: data error: {err}", file=sys.stderr)
         return 2
     return 0
 

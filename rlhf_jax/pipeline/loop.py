@@ -75,7 +75,9 @@ def compile_train_step(step: Callable, *, mesh, state_shardings, **options) -> C
     """`jit(step)(state, batch) -> (state, metrics)` with the state donated and kept on
     `state_shardings`, the batch split over the mesh's batch axes, metrics replicated, and the
     static `options` bound (e.g. `sft_step`, `label_smoothing=0.1`). The result has the jit
-    cache (`_cache_size`) that `run_loop(compiled=...)` watches."""
+    cache (`_cache_size`) that `run_loop(compiled=...)` watches, which is why this is not
+    `rlhf_jax.training.step_runner.make_train_step`: that returns a Python wrapper choosing
+    between two jitted functions, and its caches cannot be watched."""
 
     def bound(state, batch):
         return step(state, batch, **options)

@@ -17,11 +17,13 @@ supervised stages (sft, reward, dpo) share `StageConfig`:
     checkpoint  interval and how many to keep
     logging     metrics rows, TensorBoard, progress bar
 
-The RL stages (`PPOStageConfig`, `GRPOStageConfig`) name their models (policy, reference, value,
-reward) and hold the algorithm's own frozen config (`rlhf_jax.training.ppo.PPOConfig`,
-`rlhf_jax.training.grpo.GRPOConfig`) as their `ppo` / `grpo` section; `eval` and `quickstart`
-have their own configs. `QuickstartConfig` holds one config per stage plus the built-in task
-and the fresh model's architecture; the quickstart fills in the paths that connect the stages.
+The RL stages (`PPOStageConfig`, `GRPOStageConfig`) share `RLStageConfig` (policy, reference,
+tokenizer, reward, prompt data, optim, mesh, train, checkpoint, logging); PPO adds the value
+model (`value`, `value_optim`), and each holds the algorithm's own frozen config
+(`rlhf_jax.training.ppo.PPOConfig`, `rlhf_jax.training.grpo.GRPOConfig`) as its `ppo` / `grpo`
+section. `eval` and `quickstart` have their own configs. `QuickstartConfig` holds one config per
+stage plus the built-in task and the fresh model's architecture; the quickstart fills in the
+paths that connect the stages.
 """
 from __future__ import annotations
 
@@ -140,6 +142,9 @@ class DPOConfig(StageConfig):
     output_dir: str = "runs/dpo"
     reference: str | None = None  # frozen reference policy folder; None: model.path
     dpo: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
+    # run each pair's prompt once for both responses (same numbers, less work; the windows
+    # are data.max_prompt_length and train.response_window or data.max_response_length)
+    shared_prompt: bool = False
 
 
 # ----------------------------------------------------------------------------- RL stages
@@ -162,7 +167,26 @@ class RLTrainSection:
 
 
 @dataclass
-class PPOStageConfig:
+class RLStageConfig:
+    """Fields the RL stages share: the policy, its frozen reference, what scores a response,
+    prompt data, the policy optimizer, mesh, rollout rounds, checkpoints and logging."""
+
+    output_dir: str = "runs/rl"
+    seed: int = 0
+    policy: ModelSection = field(default_factory=ModelSection)
+    reference: str | None = None  # reference policy folder; None: policy.path
+    tokenizer: str | None = None  # None: policy.path
+    reward: RewardSource = field(default_factory=RewardSource)
+    data: DataConfig = field(default_factory=DataConfig)  # prompt files
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)  # policy optimizer
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: RLTrainSection = field(default_factory=RLTrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+@dataclass
+class PPOStageConfig(RLStageConfig):
     """KL-regularised PPO: policy, value model (from the reward model), frozen reference.
 
     `ppo` is `rlhf_jax.training.ppo.PPOConfig` (its `sampling` section sets the response
@@ -170,24 +194,13 @@ class PPOStageConfig:
     """
 
     output_dir: str = "runs/ppo"
-    seed: int = 0
-    policy: ModelSection = field(default_factory=ModelSection)
     value: str | None = None  # value-model folder; None: reward.path, else the policy's folder
-    reference: str | None = None  # reference policy folder; None: policy.path
-    tokenizer: str | None = None  # None: policy.path
-    reward: RewardSource = field(default_factory=RewardSource)
-    data: DataConfig = field(default_factory=DataConfig)  # prompt files
-    optim: OptimizerConfig = field(default_factory=OptimizerConfig)  # policy optimizer
     value_optim: OptimizerConfig | None = None  # None: the policy's
-    mesh: MeshConfig = field(default_factory=MeshConfig)
     ppo: PPOAlgorithmConfig = field(default_factory=PPOAlgorithmConfig)
-    train: RLTrainSection = field(default_factory=RLTrainSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
 
 
 @dataclass
-class GRPOStageConfig:
+class GRPOStageConfig(RLStageConfig):
     """GRPO / RLOO: `grpo.group_size` samples per prompt, group baselines, no value model.
 
     `grpo` is `rlhf_jax.training.grpo.GRPOConfig` (`grpo.sampling` as in PPO; EOS and pad ids
@@ -196,18 +209,8 @@ class GRPOStageConfig:
     """
 
     output_dir: str = "runs/grpo"
-    seed: int = 0
-    policy: ModelSection = field(default_factory=ModelSection)
-    reference: str | None = None  # reference policy folder; None: policy.path
-    tokenizer: str | None = None  # None: policy.path
     reward: RewardSource = field(default_factory=lambda: RewardSource(kind="gold"))
-    data: DataConfig = field(default_factory=DataConfig)  # prompt files
-    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
     grpo: GRPOAlgorithmConfig = field(default_factory=GRPOAlgorithmConfig)
-    train: RLTrainSection = field(default_factory=RLTrainSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -293,7 +296,7 @@ def check_stage_config(config, path=None) -> None:
     if isinstance(config, StageConfig):
         _positive(config, ("train.steps", "train.batch_size", "train.num_microbatches",
                            "train.stop_after", "eval.batch_size", "logging.every"), path)
-    if isinstance(config, (PPOStageConfig, GRPOStageConfig)):
+    if isinstance(config, RLStageConfig):
         _positive(config, ("train.iterations", "train.stop_after", "train.batch_size", "logging.every"), path)
     if isinstance(config, EvalConfig):
         _positive(config, ("num_samples", "max_new_tokens", "batch_size"), path)
@@ -315,7 +318,7 @@ def with_schedule_length(optim: OptimizerConfig, steps: int) -> OptimizerConfig:
 __all__ = [
     "ModelSection", "TrainSection", "EvalSection", "CheckpointSection", "LoggingSection",
     "StageConfig", "SFTOptions", "SFTConfig", "RewardOptions", "RewardConfig", "DPOConfig",
-    "RewardSource", "RLTrainSection", "PPOStageConfig", "GRPOStageConfig", "EvalConfig",
+    "RewardSource", "RLTrainSection", "RLStageConfig", "PPOStageConfig", "GRPOStageConfig", "EvalConfig",
     "QuickstartConfig", "QUICKSTART_STAGES", "load_stage_config",
     "check_stage_config", "with_schedule_length",
 ]

@@ -21,8 +21,12 @@ removes a forward pass per step), else from a forward pass of `ref_params` in th
 Usage (the caller jits; the state is donated, the reference parameters are not):
 
     step = jax.jit(dpo_step, donate_argnames=("state",),
-                   static_argnames=("config", "response_window", "num_microbatches"))
+                   static_argnames=("config", "response_window", "prompt_window", "num_microbatches"))
     state, metrics = step(state, batch, config=PreferenceLossConfig(beta=0.1), ref_params=ref)
+
+With `prompt_window=P` (and a `response_window`), pairs run their shared prompt once
+(`policy_logps.shared_prompt_logps`): the same numbers with less work, for prompts of at
+most P tokens; `train/prompt_not_shared` (should be 0) flags rows that break that.
 
 Batch-coupled losses (`aot`, `aot_unpaired` sort over the batch; KTO's reference point is a
 batch mean) see one microbatch at a time under `num_microbatches > 1`; under `shard_map`
@@ -41,7 +45,7 @@ from rlhf_jax.losses.preference_types import SMOOTHED_LOSS_TYPES
 from rlhf_jax.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
 from rlhf_jax.ops.checks import check_in, check_positive
 from rlhf_jax.training.batches import KTOBatch, PreferenceBatch
-from rlhf_jax.training.policy_logps import paired_sequence_logps, sequence_logps
+from rlhf_jax.training.policy_logps import paired_sequence_logps, sequence_logps, shared_prompt_logps
 from rlhf_jax.training.step_runner import gradient_step
 
 PREFERENCE_KINDS = ("dpo", "simpo", "cpo", "orpo", "kto")
@@ -81,11 +85,25 @@ class PreferenceLossConfig:
         return self.kind in REFERENCE_KINDS
 
 
-def reference_logps(apply_fn, ref_params, batch, *, response_window=None):
+def _pair_logps(apply_fn, params, batch, response_window, prompt_window):
+    """Chosen and rejected `SequenceLogps` in one forward pass, and the `[B]` not-shared flag
+    of the shared-prompt path (None without `prompt_window`)."""
+    chosen = (batch.chosen_input_ids, batch.chosen_attention_mask, batch.chosen_loss_mask)
+    rejected = (batch.rejected_input_ids, batch.rejected_attention_mask, batch.rejected_loss_mask)
+    if prompt_window is None:
+        return (*paired_sequence_logps(apply_fn, params, chosen, rejected, response_window=response_window), None)
+    if response_window is None:
+        raise ValueError("`prompt_window` needs a `response_window` (the responses' padded length)")
+    return shared_prompt_logps(apply_fn, params, chosen, rejected, prompt_window=prompt_window,
+                               response_window=response_window)
+
+
+def reference_logps(apply_fn, ref_params, batch, *, response_window=None, prompt_window=None):
     """Reference log-probs of a batch, under `stop_gradient`.
 
-    PreferenceBatch -> `(ref_chosen [B], ref_rejected [B])` from one forward pass of 2B rows;
-    KTOBatch -> `(ref_logps [B], ref_kl_logps [B] or None)`.
+    PreferenceBatch -> `(ref_chosen [B], ref_rejected [B])` from one forward pass of 2B rows
+    (with `prompt_window`, of B prompts and 2B responses); KTOBatch -> `(ref_logps [B],
+    ref_kl_logps [B] or None)`.
     """
     if isinstance(batch, KTOBatch):
         main = sequence_logps(apply_fn, ref_params, batch.input_ids, batch.attention_mask,
@@ -95,24 +113,20 @@ def reference_logps(apply_fn, ref_params, batch, *, response_window=None):
             kl = sequence_logps(apply_fn, ref_params, batch.kl_input_ids, batch.kl_attention_mask,
                                 batch.kl_loss_mask, response_window=response_window).logps
         return jax.lax.stop_gradient((main, kl))
-    chosen, rejected = paired_sequence_logps(
-        apply_fn, ref_params,
-        (batch.chosen_input_ids, batch.chosen_attention_mask, batch.chosen_loss_mask),
-        (batch.rejected_input_ids, batch.rejected_attention_mask, batch.rejected_loss_mask),
-        response_window=response_window,
-    )
+    chosen, rejected, _ = _pair_logps(apply_fn, ref_params, batch, response_window, prompt_window)
     return jax.lax.stop_gradient((chosen.logps, rejected.logps))
 
 
-def with_reference_logps(apply_fn, ref_params, batch, *, response_window=None):
+def with_reference_logps(apply_fn, ref_params, batch, *, response_window=None, prompt_window=None):
     """`batch` with its reference log-prob fields filled from `ref_params`."""
-    first, second = reference_logps(apply_fn, ref_params, batch, response_window=response_window)
+    first, second = reference_logps(apply_fn, ref_params, batch, response_window=response_window,
+                                    prompt_window=prompt_window)
     if isinstance(batch, KTOBatch):
         return batch.replace(ref_logps=first, ref_kl_logps=second)
     return batch.replace(ref_chosen_logps=first, ref_rejected_logps=second)
 
 
-def precompute_reference_logps(apply_fn, ref_params, batches, *, response_window=None):
+def precompute_reference_logps(apply_fn, ref_params, batches, *, response_window=None, prompt_window=None):
     """Fill the reference log-probs of every batch once (one compiled forward per shape).
 
     Returns a list of batches with `ref_chosen_logps`/`ref_rejected_logps` (or `ref_logps`,
@@ -120,7 +134,7 @@ def precompute_reference_logps(apply_fn, ref_params, batches, *, response_window
     whole dataset, iterate it in a fixed order and store the arrays by row.
     """
     fill = jax.jit(lambda params, batch: with_reference_logps(
-        apply_fn, params, batch, response_window=response_window))
+        apply_fn, params, batch, response_window=response_window, prompt_window=prompt_window))
     return [fill(ref_params, batch) for batch in batches]
 
 
@@ -130,7 +144,7 @@ def _window_metric(*logps):
 
 
 def preference_loss(apply_fn, params, batch, *, config: PreferenceLossConfig, response_window=None,
-                    axis_name=None):
+                    prompt_window=None, axis_name=None):
     """`(loss, metrics)` of `config.kind` on a batch whose reference log-probs (if the kind
     needs them) are already in the batch."""
     if config.kind == "kto":
@@ -148,12 +162,7 @@ def preference_loss(apply_fn, params, batch, *, config: PreferenceLossConfig, re
         )
         return loss, {**metrics, **(_window_metric(policy) if response_window else {})}
 
-    chosen, rejected = paired_sequence_logps(
-        apply_fn, params,
-        (batch.chosen_input_ids, batch.chosen_attention_mask, batch.chosen_loss_mask),
-        (batch.rejected_input_ids, batch.rejected_attention_mask, batch.rejected_loss_mask),
-        response_window=response_window,
-    )
+    chosen, rejected, not_shared = _pair_logps(apply_fn, params, batch, response_window, prompt_window)
     if config.kind == "dpo":
         loss, metrics = dpo_loss(
             chosen.logps, rejected.logps, batch.ref_chosen_logps, batch.ref_rejected_logps,
@@ -170,7 +179,10 @@ def preference_loss(apply_fn, params, batch, *, config: PreferenceLossConfig, re
     else:  # orpo
         loss, metrics = orpo_loss(chosen.mean_logps, rejected.mean_logps, -chosen.mean_logps,
                                   lam=config.lam)
-    return loss, {**metrics, **(_window_metric(chosen, rejected) if response_window else {})}
+    metrics = {**metrics, **(_window_metric(chosen, rejected) if response_window else {})}
+    if not_shared is not None:
+        metrics["train/prompt_not_shared"] = jnp.mean(not_shared)
+    return loss, metrics
 
 
 def dpo_step(
@@ -180,6 +192,7 @@ def dpo_step(
     config: PreferenceLossConfig,
     ref_params=None,
     response_window: int | None = None,
+    prompt_window: int | None = None,
     num_microbatches: int = 1,
     axis_name=None,
 ):
@@ -193,19 +206,25 @@ def dpo_step(
         the batch holds no precomputed reference log-probs. Never differentiated or donated.
       response_window: None, or a static number of positions per row at which to project to
         the vocabulary (`policy_logps`); the reference forward uses it too.
+      prompt_window: None, or a static P: run each pair's prompt (at most P tokens) once for
+        both responses (needs `response_window`; not for KTO). Same numbers, less work.
       num_microbatches: split the batch into this many slices and accumulate gradients.
       axis_name: mapped axis name inside `shard_map`/`pmap`; None under `jit`.
 
     Returns:
       `(new_state, metrics)`: the loss's metrics (`dpo/*`, `simpo/*`, `cpo/*`, `orpo/*` or
       `kto/*`), `optim/grad_norm`, and with a window `train/tokens_outside_window` (mean per
-      sequence of counted tokens the window missed; should be 0).
+      sequence of counted tokens the window missed; should be 0), with a prompt window
+      `train/prompt_not_shared` (share of pairs whose prompt is longer than the window or
+      differs between chosen and rejected; should be 0).
     """
     if not isinstance(config, PreferenceLossConfig):
         raise ValueError(f"`config` must be a PreferenceLossConfig, got {type(config).__name__}")
     expected = KTOBatch if config.kind == "kto" else PreferenceBatch
     if not isinstance(batch, expected):
         raise ValueError(f"kind={config.kind!r} needs a {expected.__name__}, got {type(batch).__name__}")
+    if config.kind == "kto" and prompt_window is not None:
+        raise ValueError("`prompt_window` is for paired preference data; KTO rows are unpaired")
     if config.kind == "kto":
         batch.validate()
     else:
@@ -220,9 +239,10 @@ def dpo_step(
     def loss_fn(params, microbatch):
         if compute_reference:
             microbatch = with_reference_logps(state.apply_fn, ref_params, microbatch,
-                                              response_window=response_window)
+                                              response_window=response_window, prompt_window=prompt_window)
         return preference_loss(state.apply_fn, params, microbatch, config=config,
-                               response_window=response_window, axis_name=axis_name)
+                               response_window=response_window, prompt_window=prompt_window,
+                               axis_name=axis_name)
 
     return gradient_step(state, loss_fn, batch, num_microbatches=num_microbatches, axis_name=axis_name)
 

@@ -136,6 +136,66 @@ def paired_sequence_logps(apply_fn, params, first, second, *, response_window=No
     )
 
 
+def shared_prompt_logps(apply_fn, params, first, second, *, prompt_window: int, response_window: int):
+    """`paired_sequence_logps` with each row's prompt run once for both responses.
+
+    `first` and `second` are `(input_ids, attention_mask, loss_mask)` triples of `[B, T]`
+    rows that hold the same prompt followed by two responses (a preference pair). Each row's
+    prompt (the tokens before its first counted token, at most `prompt_window`) is gathered
+    left-padded into `[B, prompt_window]`, the two responses right-padded into
+    `[B, 2, response_window]`, and `CausalLM.shared_prefix_hidden_states` runs the prompt
+    once: for prompts as long as responses that is a quarter less token work per pair. Only
+    response positions are projected to the vocabulary. Returns `(first_logps,
+    second_logps, not_shared)`: two `SequenceLogps` (`outside_window` counts counted tokens
+    past the response window) and a `[B]` float32 flag, 1 where the rows break the
+    precondition (a prompt longer than `prompt_window`, or the two rows' prompts differ);
+    such rows' log-probs are wrong and it should be all 0.
+    """
+    for name, value in (("prompt_window", prompt_window), ("response_window", response_window)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive static int, got {value!r}")
+    for one, two, name in zip(first, second, ("input_ids", "attention_mask", "loss_mask")):
+        check_rank(one, 2, name)
+        if one.shape != two.shape:
+            raise ValueError(f"paired `{name}` arrays differ in shape: {one.shape} and {two.shape}")
+    ids, attention, counted = (jnp.stack([one, two], axis=1) for one, two in zip(first, second))  # [B, 2, T]
+    length = ids.shape[-1]
+    counted = jnp.asarray(counted, jnp.float32)
+    starts = jnp.argmax(counted != 0, axis=-1)  # [B, 2]: each row's first counted token
+    start = starts[:, 0]  # [B]
+
+    prompt_cols = start[:, None] - prompt_window + jnp.arange(prompt_window)[None, :]  # [B, P]
+    in_prompt = prompt_cols >= 0
+    take = lambda x, cols: jnp.take_along_axis(x, jnp.clip(cols, 0, length - 1), axis=-1)
+    prompt_ids = jnp.where(in_prompt, take(ids[:, 0], prompt_cols), 0)
+    prompt_mask = jnp.where(in_prompt, take(attention[:, 0], prompt_cols), 0)
+
+    response_cols = start[:, None, None] + jnp.arange(response_window)[None, None, :]  # [B, 1, R]
+    response_cols = jnp.broadcast_to(response_cols, (*ids.shape[:2], response_window))
+    in_sequence = response_cols < length
+    response_ids = jnp.where(in_sequence, take(ids, response_cols), 0)
+    response_mask = jnp.where(in_sequence, take(attention, response_cols), 0)
+    response_counted = jnp.where(in_sequence, take(counted, response_cols), 0.0)
+
+    variables = {"params": params}
+    last, hidden = apply_fn(variables, prompt_ids, prompt_mask, response_ids, response_mask,
+                            method="shared_prefix_hidden_states")  # [B, D], [B, 2, R, D]
+    # token j of a response is scored by the hidden state before it: the prompt's last for j = 0
+    last = jnp.broadcast_to(last[:, None, None, :], (*hidden.shape[:2], 1, hidden.shape[-1]))
+    scoring = jnp.concatenate([last, hidden[:, :, :-1]], axis=2)  # [B, 2, R, D]
+    logits = apply_fn(variables, scoring, method="lm_logits")  # [B, 2, R, V]
+    per_token = token_logprobs(logits, response_ids)
+    per_token = jnp.where(response_counted != 0, per_token, 0.0) * response_counted
+    logps, lengths = jnp.sum(per_token, axis=-1), jnp.sum(response_counted, axis=-1)  # [B, 2]
+    outside = jnp.sum(counted, axis=-1) - lengths
+
+    before_start = jnp.arange(length)[None, :] < start[:, None]  # [B, T]
+    differs = jnp.any(before_start & (ids[:, 0] != ids[:, 1]), axis=-1) | (starts[:, 0] != starts[:, 1])
+    not_shared = (differs | (start > prompt_window)).astype(jnp.float32)
+    return (SequenceLogps(logps[:, 0], lengths[:, 0], outside[:, 0]),
+            SequenceLogps(logps[:, 1], lengths[:, 1], outside[:, 1]), not_shared)
+
+
 def interleave(first, second):
     """`[B, ...]`, `[B, ...]` -> `[2B, ...]` with rows `first[0], second[0], first[1], ...`."""
     return jnp.stack([first, second], axis=1).reshape(-1, *first.shape[1:])
@@ -143,5 +203,5 @@ def interleave(first, second):
 
 __all__ = [
     "ResponseLogits", "SequenceLogps", "window_positions", "response_logits", "logps_from_logits",
-    "sequence_logps", "paired_sequence_logps", "interleave",
+    "sequence_logps", "paired_sequence_logps", "shared_prompt_logps", "interleave",
 ]

@@ -84,12 +84,13 @@ def task(tmp_path_factory):
     return tiny_task(tmp_path_factory.mktemp("task"))
 
 
-def test_bad_data_row_names_file_and_row_through_the_cli(task, tmp_path):
+def test_bad_data_row_names_file_and_row_through_the_cli(task, tmp_path, capsys):
     bad = tmp_path / "sft.jsonl"
     bad.write_text('{"prompt": "1+2=", "completion": "3"}\n{"prompt": "2+2="}\n')
     overrides = sft_overrides(task, tmp_path / "run", steps=1) + [f"data.train_files=[{bad}]", "data.eval_files=[]"]
-    with pytest.raises(DataError, match=rf"{bad} row 2: field 'completion' is missing"):
-        cli.main(["sft", *overrides])
+    assert cli.main(["sft", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert f"rlhf-jax sft: data error: {bad} row 2: field 'completion' is missing" in err
 
 
 def test_long_prompt_is_a_bad_row_unless_skipped(task, tmp_path):
@@ -160,6 +161,19 @@ def test_preference_variants_train(task, sft_run, tmp_path, loss):
     kind = "simpo" if "simpo" in loss else "dpo"
     assert result["finished"] and np.isfinite(result["metrics"][f"{kind}/loss"])
     assert "eval/dpo/accuracy" in read_metrics(tmp_path)[0]
+
+
+def test_dpo_with_shared_prompt_logs_the_same_metrics(task, sft_run, tmp_path):
+    runs = {}
+    for shared in ("false", "true"):
+        out = tmp_path / shared
+        dpo.run(None, preference_overrides(task, out, sft_run[0] / "model", steps=2,
+                                           extra=(f"shared_prompt={shared}", "eval.every=1")))
+        runs[shared] = read_metrics(out)
+    assert [row["train/prompt_not_shared"] for row in runs["true"]] == [0.0, 0.0]
+    for plain, shared in zip(runs["false"], runs["true"]):
+        for key in ("dpo/loss", "dpo/margin", "optim/grad_norm", "eval/dpo/accuracy", "eval/dpo/margin"):
+            np.testing.assert_allclose(shared[key], plain[key], rtol=1e-4, atol=1e-5)
 
 
 def _rl_overrides(task, output_dir, policy):

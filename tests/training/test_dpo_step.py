@@ -14,20 +14,9 @@ from rlhf_jax.training.dpo_step import (
     preference_loss,
 )
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
-from step_problems import (
-    BATCH as ROWS,
-    OPTIMIZER_CONFIG,
-    POLICY,
-    POLICY_PARAMS,
-    REFERENCE_PARAMS,
-    assert_trees_close,
-    fresh_state,
-    kto_batch,
-    log_sigmoid,
-    preference_batch,
-    sequence_logps_oracle,
-    sft_batch,
-)
+from step_problems import (BATCH as ROWS, OPTIMIZER_CONFIG, POLICY, POLICY_PARAMS, REFERENCE_PARAMS,
+                           assert_trees_close, fresh_state, kto_batch, log_sigmoid, preference_batch,
+                           sequence_logps_oracle, sft_batch)
 
 STEP = jax.jit(dpo_step, donate_argnames=("state",),
                static_argnames=("config", "response_window", "num_microbatches"))

@@ -8,8 +8,6 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.training.grpo import (
     GRPO_STATIC_ARGNAMES,
     GRPOConfig,
@@ -19,34 +17,16 @@ from rlhf_jax.training.grpo import (
     sequence_advantages,
 )
 from rlhf_jax.training.rollout import Rollout, SamplingConfig
-from rlhf_jax.training.state import create_train_state, reference_params
+from rlhf_jax.training.state import reference_params
+from rl_problems import (EOS, PAD, POLICY_PARAMS, REF_PARAMS, fresh_policy_state, left_padded_prompts,
+                         response_logp_and_entropy, target_fraction, with_random_responses)
 
-VOCAB, PROMPT, RESPONSE, PROMPTS, GROUP = 16, 4, 6, 8, 4
-EOS, PAD, TARGET = 1, 0, 5
-CONFIG = ModelConfig.llama(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4,
-                           num_kv_heads=2, intermediate_size=64)
-POLICY = CausalLM(CONFIG)
-_DUMMY = jnp.zeros((1, PROMPT), jnp.int32)
-POLICY_PARAMS = POLICY.init(jax.random.key(0), _DUMMY)["params"]
-REF_PARAMS = POLICY.init(jax.random.key(1), _DUMMY)["params"]
+PROMPT, RESPONSE, PROMPTS, GROUP = 4, 6, 8, 4
 SAMPLING = SamplingConfig(max_new_tokens=RESPONSE, eos_token_id=EOS, pad_token_id=PAD)
 
 
-def target_fraction(prompt_ids, response_ids, response_mask):
-    """Verifiable score: fraction of counted response tokens equal to TARGET (start ~1/16)."""
-    hits = (response_ids == TARGET).astype(jnp.float32) * response_mask
-    return jnp.sum(hits, axis=1) / jnp.maximum(jnp.sum(response_mask, axis=1), 1)
-
-
 def make_prompts(seed, batch=PROMPTS):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, PROMPT + 1, batch)
-    mask = (np.arange(PROMPT)[None, :] >= PROMPT - lengths[:, None]).astype(np.int32)
-    return np.where(mask == 1, rng.integers(2, VOCAB, (batch, PROMPT)), PAD).astype(np.int32), mask
-
-
-def fresh_state(optimizer):
-    return create_train_state(POLICY, jax.tree.map(jnp.array, POLICY_PARAMS), optimizer)
+    return left_padded_prompts(seed, batch, PROMPT)
 
 
 def scores_of(history):
@@ -65,7 +45,7 @@ def grpo_run():
         return grpo_iteration(*args, **kwargs)
 
     step = jax.jit(counted, static_argnames=GRPO_STATIC_ARGNAMES, donate_argnames=("policy_state",))
-    state = fresh_state(optax.adam(3e-3, eps=1e-5))
+    state = fresh_policy_state(optax.adam(3e-3, eps=1e-5))
     ref_params = reference_params(POLICY_PARAMS)
     rng, history = jax.random.key(1), []
     for iteration in range(20):
@@ -94,7 +74,7 @@ def test_rloo_raises_mean_reward_and_groups_are_contiguous():
                         num_iterations=2, num_minibatches=2)
     sample = jax.jit(functools.partial(grpo_rollout, config=config, score_fn=target_fraction))
     update = jax.jit(functools.partial(grpo_update, config=config), donate_argnames=("policy_state",))
-    state = fresh_state(optax.adam(3e-3, eps=1e-5))
+    state = fresh_policy_state(optax.adam(3e-3, eps=1e-5))
     rng, scores = jax.random.key(2), []
     for iteration in range(20):
         rng, sample_key, shuffle_key = jax.random.split(rng, 3)
@@ -137,11 +117,8 @@ def test_sequence_advantages_oracle(estimator, scale):
 
 # --- the update: a hand-assembled oracle ---------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames="temperature")
 def full_logp(params, input_ids, attention_mask, temperature):
-    logits = POLICY.apply({"params": params}, input_ids, attention_mask) / temperature
-    logp_all = jax.nn.log_softmax(logits[:, PROMPT - 1:-1], axis=-1)
-    return jnp.take_along_axis(logp_all, input_ids[:, PROMPT:, None], axis=-1)[..., 0]
+    return response_logp_and_entropy(params, input_ids, attention_mask, PROMPT, temperature)[0]
 
 
 def test_update_matches_hand_assembled_gradient_step():
@@ -152,12 +129,7 @@ def test_update_matches_hand_assembled_gradient_step():
                                                 eos_token_id=EOS, pad_token_id=PAD),
                         group_size=GROUP, beta=beta)
     rng = np.random.default_rng(5)
-    prompt_ids, prompt_mask = make_prompts(5, batch)
-    lengths = rng.integers(1, RESPONSE + 1, batch)
-    response_mask = (np.arange(RESPONSE)[None, :] < lengths[:, None]).astype(np.int32)
-    response = np.where(response_mask == 1, rng.integers(2, VOCAB, (batch, RESPONSE)), PAD)
-    input_ids = np.concatenate([prompt_ids, response], 1).astype(np.int32)
-    attention_mask = np.concatenate([prompt_mask, response_mask], 1)
+    input_ids, attention_mask, response_mask = with_random_responses(rng, *make_prompts(5, batch), RESPONSE)
     logp = np.asarray(full_logp(POLICY_PARAMS, input_ids, attention_mask, temperature)) * response_mask
     ref_logp = np.asarray(full_logp(REF_PARAMS, input_ids, attention_mask, temperature)) * response_mask
     advantages = rng.normal(size=batch).astype(np.float32)
@@ -175,7 +147,7 @@ def test_update_matches_hand_assembled_gradient_step():
         return jnp.mean(jnp.sum(per_token * mask, 1) / jnp.sum(mask, 1))
 
     loss, grads = jax.jit(jax.value_and_grad(oracle_loss))(POLICY_PARAMS)
-    state = fresh_state(optax.sgd(lr))
+    state = fresh_policy_state(optax.sgd(lr))
     state, metrics = jax.jit(functools.partial(grpo_update, config=config))(state, data, jax.random.key(0))
     expected = jax.tree.map(lambda p, g: p - lr * g, POLICY_PARAMS, grads)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5), state.params, expected)
@@ -197,7 +169,7 @@ def test_bad_config_raises(field, value):
 
 
 def test_reference_required_when_beta_positive():
-    state = fresh_state(optax.sgd(0.1))
+    state = fresh_policy_state(optax.sgd(0.1))
     with pytest.raises(ValueError, match="ref_params"):
         grpo_rollout(state, None, *make_prompts(0), jax.random.key(0),
                      config=GRPOConfig(sampling=SAMPLING, beta=0.1), score_fn=target_fraction)

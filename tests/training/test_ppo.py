@@ -1,6 +1,5 @@
 """PPO: learning on a tiny verifiable task, compile-once, and a hand-assembled gradient oracle."""
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,47 +7,25 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.heads import RewardModel, ValueModel
-from rlhf_jax.models.transformer import CausalLM
-from rlhf_jax.training.ppo import (
-    PPO_STATIC_ARGNAMES,
-    PPOConfig,
-    kl_controller,
-    ppo_iteration,
-    ppo_update,
-    value_params_from_reward_model,
-)
+from rlhf_jax.training.ppo import (PPO_STATIC_ARGNAMES, PPOConfig, kl_controller, ppo_iteration,
+                                   ppo_update, value_params_from_reward_model)
 from rlhf_jax.training.rollout import Rollout, SamplingConfig
 from rlhf_jax.training.state import create_train_state, reference_params
+from rl_problems import (EOS, PAD, POLICY_PARAMS, REWARD, VALUE, fresh_policy_state, init_params,
+                         left_padded_prompts, response_logp_and_entropy, target_fraction,
+                         with_random_responses, with_score_head)
 
-VOCAB, PROMPT, RESPONSE, BATCH = 16, 4, 6, 32
-EOS, PAD, TARGET = 1, 0, 5
-CONFIG = ModelConfig.llama(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4,
-                           num_kv_heads=2, intermediate_size=64)
-POLICY, VALUE, REWARD = CausalLM(CONFIG), ValueModel(CONFIG), RewardModel(CONFIG)
-_DUMMY = jnp.zeros((1, PROMPT), jnp.int32)
-POLICY_PARAMS = POLICY.init(jax.random.key(0), _DUMMY)["params"]
-REWARD_PARAMS = REWARD.init(jax.random.key(1), _DUMMY)["params"]
-
-
-def target_fraction(prompt_ids, response_ids, response_mask):
-    """Verifiable score: fraction of counted response tokens equal to TARGET (start ~1/16)."""
-    hits = (response_ids == TARGET).astype(jnp.float32) * response_mask
-    return jnp.sum(hits, axis=1) / jnp.maximum(jnp.sum(response_mask, axis=1), 1)
+PROMPT, RESPONSE, BATCH = 4, 6, 32
+REWARD_PARAMS = init_params(REWARD, 1)
 
 
 def make_prompts(seed, batch=BATCH):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, PROMPT + 1, batch)
-    mask = (np.arange(PROMPT)[None, :] >= PROMPT - lengths[:, None]).astype(np.int32)
-    return np.where(mask == 1, rng.integers(2, VOCAB, (batch, PROMPT)), PAD).astype(np.int32), mask
+    return left_padded_prompts(seed, batch, PROMPT)
 
 
 def fresh_states(optimizer):
-    policy = create_train_state(POLICY, jax.tree.map(jnp.array, POLICY_PARAMS), optimizer)
     value = create_train_state(VALUE, value_params_from_reward_model(REWARD_PARAMS), optimizer)
-    return policy, value
+    return fresh_policy_state(optimizer), value
 
 
 @pytest.fixture(scope="module")
@@ -124,16 +101,6 @@ JITTED_UPDATE = jax.jit(_counted_update, static_argnames=("config",),
                         donate_argnames=("policy_state", "value_state"))
 
 
-@functools.partial(jax.jit, static_argnames="temperature")
-def full_logp_and_entropy(params, input_ids, attention_mask, temperature):
-    """Independent: full-sequence logits, shifted by hand, log_softmax(logits / T)."""
-    logits = POLICY.apply({"params": params}, input_ids, attention_mask) / temperature
-    logp_all = jax.nn.log_softmax(logits[:, PROMPT - 1:-1], axis=-1)  # [B, N, V]
-    logp = jnp.take_along_axis(logp_all, input_ids[:, PROMPT:, None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    return logp, entropy
-
-
 @jax.jit
 def full_values(params, input_ids, attention_mask):
     return VALUE.apply({"params": params}, input_ids, attention_mask)[:, PROMPT - 1:-1]
@@ -143,13 +110,9 @@ def synthetic_rollout(seed, policy_params, value_params):
     """Random responses with right padding; old log-probs/values equal to the current ones
     (ratio 1, no clipping active on the first step)."""
     rng = np.random.default_rng(seed)
-    prompt_ids, prompt_mask = make_prompts(seed, UPDATE_BATCH)
-    lengths = rng.integers(1, RESPONSE + 1, UPDATE_BATCH)
-    response_mask = (np.arange(RESPONSE)[None, :] < lengths[:, None]).astype(np.int32)
-    response = np.where(response_mask == 1, rng.integers(2, VOCAB, (UPDATE_BATCH, RESPONSE)), PAD)
-    input_ids = np.concatenate([prompt_ids, response], axis=1).astype(np.int32)
-    attention_mask = np.concatenate([prompt_mask, response_mask], axis=1)
-    logp, _ = full_logp_and_entropy(policy_params, input_ids, attention_mask, 0.8)
+    input_ids, attention_mask, response_mask = with_random_responses(
+        rng, *make_prompts(seed, UPDATE_BATCH), RESPONSE)
+    logp, _ = response_logp_and_entropy(policy_params, input_ids, attention_mask, PROMPT, 0.8)
     values = full_values(value_params, input_ids, attention_mask)
     mask = response_mask.astype(np.float32)
     return Rollout(
@@ -166,8 +129,8 @@ def oracle_losses(policy_params, value_params, data, config):
     """Hand-assembled: token-mean of -A * ratio - ent_coef * H, and vf_coef * 0.5 (V - R)^2."""
     mask = jnp.asarray(data.response_mask, jnp.float32)
     count = jnp.sum(mask)
-    logp, entropy = full_logp_and_entropy(policy_params, data.input_ids, data.attention_mask,
-                                          config.sampling.temperature)
+    logp, entropy = response_logp_and_entropy(policy_params, data.input_ids, data.attention_mask,
+                                              PROMPT, config.sampling.temperature)
     ratio = jnp.exp(jnp.where(mask > 0, logp - data.logp, 0.0))
     policy_loss = jnp.sum(-data.advantages * ratio * mask) / count
     policy_total = policy_loss - config.ent_coef * jnp.sum(entropy * mask) / count
@@ -177,9 +140,7 @@ def oracle_losses(policy_params, value_params, data, config):
 
 
 def test_update_matches_hand_assembled_gradient_step():
-    value_params = value_params_from_reward_model(REWARD_PARAMS)
-    value_params["score"] = {"kernel": jax.random.normal(jax.random.key(5), (32, 1)) * 0.3,
-                             "bias": jnp.full((1,), 0.1, jnp.float32)}
+    value_params = with_score_head(value_params_from_reward_model(REWARD_PARAMS), 5, scale=0.3, bias=0.1)
     data = synthetic_rollout(100, POLICY_PARAMS, value_params)
     def summed(policy_params, value_params):  # the networks share nothing: one gradient each
         policy_total, value_total, policy_loss, value_loss = oracle_losses(
@@ -189,7 +150,7 @@ def test_update_matches_hand_assembled_gradient_step():
     (policy_grads, value_grads), (policy_loss, value_loss) = jax.jit(
         jax.grad(summed, argnums=(0, 1), has_aux=True))(POLICY_PARAMS, value_params)
 
-    policy_state = create_train_state(POLICY, jax.tree.map(jnp.array, POLICY_PARAMS), SGD)
+    policy_state = fresh_policy_state(SGD)
     value_state = create_train_state(VALUE, jax.tree.map(jnp.array, value_params), SGD)
     policy_state, value_state, metrics = JITTED_UPDATE(policy_state, value_state, data,
                                                        jax.random.key(0), config=ORACLE_CONFIG)

@@ -8,9 +8,6 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.heads import RewardModel, ValueModel
-from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.training.rollout import (
     SamplingConfig,
     generate_rollout,
@@ -21,40 +18,17 @@ from rlhf_jax.training.rollout import (
     score_rollout,
 )
 from rlhf_jax.training.state import create_train_state
+from rl_problems import (EOS, PAD, POLICY, POLICY_PARAMS, REF_PARAMS, REWARD, TARGET, VALUE, init_params,
+                         left_padded_prompts, target_fraction, with_score_head)
 
-VOCAB, BATCH, PROMPT, RESPONSE = 16, 16, 5, 8
-EOS, PAD, TARGET = 1, 0, 5
+BATCH, PROMPT, RESPONSE = 16, 5, 8
 TEMPERATURE, KL_COEF, GAMMA, LAM = 0.7, 0.1, 0.97, 0.9
-CONFIG = ModelConfig.llama(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4,
-                           num_kv_heads=2, intermediate_size=64)
-POLICY, VALUE, REWARD = CausalLM(CONFIG), ValueModel(CONFIG), RewardModel(CONFIG)
-_DUMMY = jnp.zeros((1, PROMPT), jnp.int32)
-POLICY_PARAMS = POLICY.init(jax.random.key(0), _DUMMY)["params"]
-REF_PARAMS = POLICY.init(jax.random.key(1), _DUMMY)["params"]
-REWARD_PARAMS = REWARD.init(jax.random.key(3), _DUMMY)["params"]
+REWARD_PARAMS = init_params(REWARD, 3)
 # A non-zero value head, so the values are not trivially 0.
-VALUE_PARAMS = dict(VALUE.init(jax.random.key(2), _DUMMY)["params"])
-VALUE_PARAMS["score"] = {"kernel": jax.random.normal(jax.random.key(4), (32, 1)) * 0.5,
-                         "bias": jnp.full((1,), 0.3, jnp.float32)}
+VALUE_PARAMS = with_score_head(init_params(VALUE, 2), 4, scale=0.5, bias=0.3)
 SAMPLING = SamplingConfig(max_new_tokens=RESPONSE, temperature=TEMPERATURE, eos_token_id=EOS,
                           pad_token_id=PAD)
-
-
-def target_fraction(prompt_ids, response_ids, response_mask):
-    """Score: fraction of counted response tokens equal to TARGET."""
-    hits = (response_ids == TARGET).astype(jnp.float32) * response_mask
-    return jnp.sum(hits, axis=1) / jnp.maximum(jnp.sum(response_mask, axis=1), 1)
-
-
-def make_prompts(seed=0):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, PROMPT + 1, BATCH)
-    mask = (np.arange(PROMPT)[None, :] >= PROMPT - lengths[:, None]).astype(np.int32)  # left pad
-    ids = np.where(mask == 1, rng.integers(2, VOCAB, (BATCH, PROMPT)), PAD).astype(np.int32)
-    return ids, mask
-
-
-PROMPT_IDS, PROMPT_MASK = make_prompts()
+PROMPT_IDS, PROMPT_MASK = left_padded_prompts(0, BATCH, PROMPT)
 
 
 def states():

@@ -1,5 +1,8 @@
 """What the stage modules share: output folders, tokenizer and model set-up, mesh, export.
 
+The training runs themselves (batches, the supervised and RL stage skeletons) are in
+`rlhf_jax.pipeline.stages.runs`.
+
 Every stage writes into its `output_dir`:
 
     config.yaml        the resolved config (file + overrides + defaults)
@@ -26,6 +29,7 @@ from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.pipeline.config import ConfigError, to_dict
 from rlhf_jax.pipeline.recipes import ModelSection
 from rlhf_jax.pipeline.tokenizer import load_tokenizer
+from rlhf_jax.training import multihost
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
 from rlhf_jax.training.sharding import (
     MeshConfig,
@@ -149,8 +153,8 @@ def stage_rng(seed: int, mesh):
 def export_model(output_dir, module, params, tokenizer) -> Path:
     """Save the final model as a Hugging Face folder `<output_dir>/model` with the tokenizer."""
     folder = Path(output_dir) / MODEL_DIR
+    host_params = multihost.fetch(params)  # a collective: every process gathers, one writes
     if jax.process_index() == 0:
-        host_params = jax.device_get(params)
         save_pretrained(folder, module, host_params, pad_token_id=tokenizer.pad_token_id,
                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
         tokenizer.save_pretrained(str(folder))
@@ -172,8 +176,16 @@ def summary(stage: str, output_dir, result, extra: dict | None = None) -> dict:
     return info
 
 
+def finish_stage(stage: str, output_dir, result, module, params, tokenizer, extra: dict | None = None) -> dict:
+    """Export `params` when the run finished (`model_dir` in the summary); the summary."""
+    extra = dict(extra or {})
+    if result.finished:
+        extra["model_dir"] = str(export_model(output_dir, module, params, tokenizer))
+    return summary(stage, output_dir, result, extra)
+
+
 __all__ = [
     "MODEL_DIR", "prepare_output_dir", "require", "stage_tokenizer", "fresh_model_config",
     "build_model", "load_folder", "stage_mesh", "make_state", "place", "rng_key", "stage_rng",
-    "export_model", "summary",
+    "export_model", "summary", "finish_stage",
 ]

@@ -198,6 +198,8 @@ def run_eval(config: EvalConfig, *, extra_sections=()) -> dict:
     began = time.perf_counter()
     results = evaluate_policies(config)
     results["seconds"] = round(time.perf_counter() - began, 2)
+    if jax.process_index() != 0:  # every process evaluates alike; one writes and reports
+        return results
     (Path(output_dir) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if config.report:
         from rlhf_jax.pipeline.stages.eval_report import write_eval_report

@@ -13,10 +13,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from rlhf_jax.pipeline.data import BatchIterator, DataPosition, load_data
-from rlhf_jax.pipeline.loop import compile_train_step, run_loop
-from rlhf_jax.pipeline.recipes import RewardConfig, load_stage_config, with_schedule_length
-from rlhf_jax.pipeline.stages import common
+from rlhf_jax.pipeline.recipes import RewardConfig, load_stage_config
+from rlhf_jax.pipeline.stages import common, runs
 from rlhf_jax.training.batches import PreferenceBatch
 from rlhf_jax.training.reward_step import pair_scores, reward_step
 
@@ -32,17 +30,7 @@ def make_pair_scorer(apply_fn):
 
 def score_pairs(scorer, params, data, batch_size: int, mesh, max_batches: int | None = None):
     """Scores `(chosen [N], rejected [N])` of every pair of `data` (fixed-shape batches)."""
-    batches = BatchIterator(data, batch_size, shuffle=False, drop_last=False,
-                            process_index=jax.process_index(), process_count=jax.process_count())
-    batches.restore(DataPosition())
-    chosen, rejected = [], []
-    limit = max_batches or batches.batches_per_epoch
-    for _, batch in zip(range(limit), batches.epoch_batches()):
-        keep = batch["example_mask"] > 0
-        scores = jax.device_get(scorer(params, common.place(pair_batch(batch), mesh)))
-        chosen.append(np.asarray(scores[0])[keep])
-        rejected.append(np.asarray(scores[1])[keep])
-    return np.concatenate(chosen), np.concatenate(rejected)
+    return runs.pair_values(scorer, params, data, batch_size, mesh, max_batches)
 
 
 def pair_accuracy(chosen, rejected) -> dict:
@@ -51,47 +39,21 @@ def pair_accuracy(chosen, rejected) -> dict:
 
 
 def train_reward(config: RewardConfig, *, resume: bool = False) -> dict:
-    output_dir = common.prepare_output_dir(config)
-    tokenizer = common.stage_tokenizer(config.tokenizer, config.model.path)
-    common.require(config.data.train_files, "data.train_files", "the reward model needs preference pairs")
-    data = load_data(config.data.train_files, tokenizer, config.data, kind="preference")
-    eval_data = (load_data(config.data.eval_files, tokenizer, config.data, kind="preference")
-                 if config.data.eval_files else None)
-    mesh = common.stage_mesh(config.mesh)
-    module, params = common.build_model(config.model, tokenizer, common.rng_key(config.seed, 0), head="reward")
-    optim = with_schedule_length(config.optim, config.train.steps)
-    state, shardings = common.make_state(module, params, optim, mesh)
+    setup = runs.open_supervised_stage(config, kind="preference", why="the reward model needs preference pairs")
+    module, params = common.build_model(config.model, setup.tokenizer, common.rng_key(config.seed, 0),
+                                        head="reward")
+    state, step = runs.supervised_state_and_step(config, module, params, setup.mesh, reward_step,
+                                                   center_coef=config.reward.center_coef)
     del params
-    step = compile_train_step(reward_step, mesh=mesh, state_shardings=shardings,
-                              center_coef=config.reward.center_coef,
-                              num_microbatches=config.train.num_microbatches)
-    batches = BatchIterator(data, config.train.batch_size, seed=config.seed, shuffle=config.data.shuffle,
-                            drop_last=config.data.drop_last, bucket_multiple=config.data.bucket_multiple,
-                            process_index=jax.process_index(), process_count=jax.process_count())
     evaluate = None
-    if eval_data is not None:
+    if setup.eval_data is not None:
         scorer = make_pair_scorer(module.apply)
-        evaluate = lambda carry: pair_accuracy(*score_pairs(
-            scorer, carry["state"].params, eval_data, config.eval.batch_size, mesh, config.eval.max_batches))
-
-    def step_fn(carry, batch):
-        state, metrics = step(carry["state"], batch)
-        return {"state": state, "rng": carry["rng"]}, metrics
-
-    result = run_loop(
-        output_dir=output_dir, carry={"state": state, "rng": common.stage_rng(config.seed, mesh)},
-        step_fn=step_fn, batches=batches,
-        prepare_batch=lambda batch: common.place(pair_batch(batch), mesh),
-        num_steps=config.train.steps, checkpoint=config.checkpoint, logging=config.logging,
-        resume=resume, stop_after=config.train.stop_after, evaluate=evaluate,
-        eval_every=config.eval.every, description="reward",
-        progress_keys=("reward/loss", "reward/accuracy", "eval/reward/accuracy"),
-        compiled=() if config.data.bucket_multiple else (step,),
-    )
-    extra = {"data": vars(data.stats)}
-    if result.finished:
-        extra["model_dir"] = str(common.export_model(output_dir, module, result.carry["state"].params, tokenizer))
-    return common.summary("reward", output_dir, result, extra)
+        evaluate = lambda params: pair_accuracy(*score_pairs(
+            scorer, params, setup.eval_data, config.eval.batch_size, setup.mesh, config.eval.max_batches))
+    return runs.run_supervised_stage(
+        "reward", config, setup, module, state, step, resume=resume, evaluate=evaluate,
+        prepare_batch=lambda batch: common.place(pair_batch(batch), setup.mesh),
+        progress_keys=("reward/loss", "reward/accuracy", "eval/reward/accuracy"))
 
 
 def run(config_path=None, overrides=(), *, resume: bool = False) -> dict:

@@ -1,0 +1,213 @@
+"""The training runs of the stages: batches, and the skeletons of the supervised and RL stages.
+
+A supervised stage (sft, reward, dpo) opens with `open_supervised_stage` (output folder,
+tokenizer, training and held-out data, mesh), builds its train state and compiled step with
+`supervised_state_and_step`, and hands both to `run_supervised_stage` (batches, the loop,
+evaluation, export, summary). An RL stage (ppo, grpo) opens with `open_rollout_stage` (the
+algorithm config with the tokenizer's ids, prompt batches) and runs its compiled iteration
+with `run_rollout_stage`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from rlhf_jax.pipeline.config import ConfigError
+from rlhf_jax.pipeline.data import BatchIterator, load_data
+from rlhf_jax.pipeline.loop import compile_train_step, run_loop
+from rlhf_jax.pipeline.recipes import with_schedule_length
+from rlhf_jax.pipeline.stages.common import (
+    finish_stage, load_folder, make_state, place, prepare_output_dir, require, stage_mesh, stage_rng,
+    stage_tokenizer,
+)
+from rlhf_jax.training.batches import PreferenceBatch
+from rlhf_jax.training.sharding import replicated
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def process_share() -> dict:
+    """`process_index`/`process_count` arguments: this process's rows of each global batch."""
+    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+
+def train_batches(data, config) -> BatchIterator:
+    """`train.batch_size`-row training batches of `data` in the order of `seed`, with the
+    stage's `data.shuffle`, `data.drop_last` and `data.bucket_multiple`."""
+    return BatchIterator.from_config(data, config.data, config.train.batch_size, seed=config.seed,
+                                     **process_share())
+
+
+def ordered_batches(data, batch_size: int, max_batches: int | None = None):
+    """One pass over `data` in row order (at most `max_batches` batches; None: all), the last
+    batch completed with empty rows (`example_mask` 0)."""
+    batches = BatchIterator(data, batch_size, shuffle=False, drop_last=False, **process_share())
+    return itertools.islice(batches.epoch_batches(), max_batches or batches.batches_per_epoch)
+
+
+def pair_values(pair_fn, params, data, batch_size: int, mesh, max_batches: int | None = None):
+    """`(chosen [N], rejected [N])`: `pair_fn(params, PreferenceBatch) -> (chosen [B],
+    rejected [B])` over every pair of `data`, in row order (fixed-shape batches)."""
+    chosen, rejected = [], []
+    for batch in ordered_batches(data, batch_size, max_batches):
+        keep = batch["example_mask"] > 0
+        values = jax.device_get(pair_fn(params, place(PreferenceBatch.from_arrays(batch), mesh)))
+        chosen.append(np.asarray(values[0])[keep])
+        rejected.append(np.asarray(values[1])[keep])
+    return np.concatenate(chosen), np.concatenate(rejected)
+
+
+# ----------------------------------------------------------------------------- supervised stages
+
+
+@dataclasses.dataclass
+class SupervisedSetup:
+    """What a supervised stage (sft, reward, dpo) opens with."""
+
+    output_dir: Path
+    tokenizer: Any
+    data: Any  # the training rows (`TokenizedData`)
+    eval_data: Any  # the held-out rows, None without `data.eval_files`
+    mesh: Any
+
+
+def open_supervised_stage(config, *, kind: str, why: str) -> SupervisedSetup:
+    """The output folder, tokenizer, `kind` data ("sft" or "preference") and mesh of a stage;
+    `why` says what the stage needs `data.train_files` for."""
+    output_dir = prepare_output_dir(config)
+    tokenizer = stage_tokenizer(config.tokenizer, config.model.path)
+    require(config.data.train_files, "data.train_files", why)
+    data = load_data(config.data.train_files, tokenizer, config.data, kind=kind)
+    eval_data = (load_data(config.data.eval_files, tokenizer, config.data, kind=kind)
+                 if config.data.eval_files else None)
+    return SupervisedSetup(output_dir, tokenizer, data, eval_data, stage_mesh(config.mesh))
+
+
+def supervised_state_and_step(config, module, params, mesh, step, /, **options):
+    """`(state, compiled step)`: a train state whose schedule spans `train.steps`, and `step`
+    compiled for it with `train.num_microbatches` and the static `options` (which may include
+    a `config=` of the step's own)."""
+    state, shardings = make_state(module, params, with_schedule_length(config.optim, config.train.steps), mesh)
+    return state, compile_train_step(step, mesh=mesh, state_shardings=shardings,
+                                     num_microbatches=config.train.num_microbatches, **options)
+
+
+def run_supervised_stage(stage: str, config, setup: SupervisedSetup, module, state, step, *,
+                         prepare_batch, evaluate=None, progress_keys, description: str | None = None,
+                         resume: bool = False) -> dict:
+    """Train `state` with the compiled `step` for `train.steps` steps of `train_batches`
+    (carry `{"state", "rng"}`), evaluating `evaluate(params) -> {name: value}` every
+    `eval.every` steps and at the end; export the model when finished; the stage's summary."""
+
+    def step_fn(carry, batch):
+        new_state, metrics = step(carry["state"], batch)
+        return {"state": new_state, "rng": carry["rng"]}, metrics
+
+    result = run_loop(
+        output_dir=setup.output_dir, carry={"state": state, "rng": stage_rng(config.seed, setup.mesh)},
+        step_fn=step_fn, batches=train_batches(setup.data, config), prepare_batch=prepare_batch,
+        num_steps=config.train.steps, checkpoint=config.checkpoint, logging=config.logging,
+        resume=resume, stop_after=config.train.stop_after,
+        evaluate=None if evaluate is None else lambda carry: evaluate(carry["state"].params),
+        eval_every=config.eval.every, description=description or stage, progress_keys=progress_keys,
+        compiled=() if config.data.bucket_multiple else (step,),
+    )
+    return finish_stage(stage, setup.output_dir, result, module, result.carry["state"].params,
+                        setup.tokenizer, {"data": vars(setup.data.stats)})
+
+
+# ----------------------------------------------------------------------------- RL stages
+
+
+def sampling_with_tokenizer(sampling, tokenizer):
+    """The sampling config with the tokenizer's EOS and pad ids."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad == tokenizer.eos_token_id:
+        raise ConfigError("the tokenizer's pad token equals its EOS token; RL needs them distinct "
+                          "(a rollout tells 'stopped' from 'padding' by the id)")
+    return dataclasses.replace(sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+
+
+def prompt_batches(config, tokenizer, *, seed: int) -> BatchIterator:
+    """`train.batch_size`-prompt batches of the `data.train_files` prompts (full batches only)."""
+    require(config.data.train_files, "data.train_files", "RL needs prompt data")
+    data = load_data(config.data.train_files, tokenizer, config.data, kind="prompt")
+    return BatchIterator(data, config.train.batch_size, seed=seed, shuffle=config.data.shuffle,
+                         drop_last=True, **process_share())
+
+
+@dataclasses.dataclass
+class RolloutSetup:
+    """What an RL stage (ppo, grpo) opens with."""
+
+    output_dir: Path
+    tokenizer: Any
+    algorithm: Any  # the stage's algorithm config, its sampling with the tokenizer's EOS/pad ids
+    batches: BatchIterator  # prompt batches
+    mesh: Any
+
+
+def open_rollout_stage(config, section: str, *, rows: int, rows_key: str) -> RolloutSetup:
+    """The output folder, tokenizer, algorithm config (`config.<section>`), prompt batches and
+    mesh of an RL stage, whose `rows` responses per rollout (`rows_key` in errors) must split
+    into the algorithm's `num_minibatches`."""
+    output_dir = prepare_output_dir(config)
+    tokenizer = stage_tokenizer(config.tokenizer, config.policy.path)
+    algorithm = getattr(config, section)
+    algorithm = dataclasses.replace(algorithm, sampling=sampling_with_tokenizer(algorithm.sampling, tokenizer))
+    if rows % algorithm.num_minibatches:
+        raise ConfigError(f"`{rows_key}` ({rows}) must be a multiple of "
+                          f"`{section}.num_minibatches` ({algorithm.num_minibatches})")
+    batches = prompt_batches(config, tokenizer, seed=config.seed)
+    return RolloutSetup(output_dir, tokenizer, algorithm, batches, stage_mesh(config.mesh))
+
+
+def frozen_reference(config, policy_params, mesh):
+    """The frozen reference policy's parameters, replicated over `mesh`: the `reference`
+    folder (default `policy.path`), else a copy of the fresh policy's `policy_params`."""
+    reference_path = config.reference or config.policy.path
+    if reference_path:
+        ref_params = load_folder(reference_path, head="lm", key="reference")[1]
+    else:
+        ref_params = jax.tree.map(lambda x: x.copy(), policy_params)
+    return jax.device_put(ref_params, replicated(mesh))
+
+
+def run_rollout_stage(stage: str, config, setup: RolloutSetup, policy_module, carry, iterate, *,
+                      compiled, progress_keys, resume: bool = False) -> dict:
+    """Run `train.iterations` rounds of `iterate(carry, prompt_ids, prompt_mask, key) ->
+    (carry, metrics)` (the `compiled` iteration; `carry` holds the states, e.g. `policy`) on
+    the prompt batches, with a fresh key from the checkpointed `rng` each round; export the
+    policy when finished; the stage's summary."""
+    split = jax.jit(jax.random.split, out_shardings=replicated(setup.mesh))
+
+    def step_fn(carry, batch):
+        rng, key = split(carry["rng"])
+        new_carry, metrics = iterate(carry, batch["prompt_ids"], batch["prompt_mask"], key)
+        return {**new_carry, "rng": rng}, metrics
+
+    result = run_loop(
+        output_dir=setup.output_dir, carry={**carry, "rng": stage_rng(config.seed, setup.mesh)},
+        step_fn=step_fn, batches=setup.batches,
+        prepare_batch=lambda batch: place(
+            {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"]}, setup.mesh),
+        num_steps=config.train.iterations, checkpoint=config.checkpoint, logging=config.logging,
+        resume=resume, stop_after=config.train.stop_after, description=stage,
+        progress_keys=progress_keys, compiled=compiled,
+    )
+    return finish_stage(stage, setup.output_dir, result, policy_module, result.carry["policy"].params,
+                        setup.tokenizer)
+
+
+__all__ = [
+    "process_share", "train_batches", "ordered_batches", "pair_values", "SupervisedSetup",
+    "open_supervised_stage", "supervised_state_and_step", "run_supervised_stage",
+    "sampling_with_tokenizer", "prompt_batches", "RolloutSetup", "open_rollout_stage",
+    "frozen_reference", "run_rollout_stage",
+]
