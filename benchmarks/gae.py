@@ -19,16 +19,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import os
-import platform
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.ops.advantages import gae
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from rlhf_jax.ops.advantages import gae  # noqa: E402
 
 GAMMA, LAM = 0.99, 0.95
 DEFAULT_SHAPES = ("64x128", "64x1024", "16x4096", "8x16384")
@@ -80,29 +81,7 @@ def median_seconds(fn, repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info():
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return [
-        f"cpu: {cpu_model()}",
-        f"cores: {os.cpu_count()}",
-        "load average (1/5/15 min): " + " ".join(f"{x:.2f}" for x in load),
-        f"python: {platform.python_version()}, numpy: {np.__version__}, jax: {jax.__version__}",
-        f"jax backend: {jax.default_backend()}, devices: {[str(d) for d in jax.devices()]}",
-    ]
+    return common.median(times)
 
 
 def format_ms(seconds):
@@ -177,7 +156,7 @@ def main():
     args = parser.parse_args()
 
     print("# GAE benchmark", datetime.datetime.now().isoformat(timespec="seconds"))
-    for line in machine_info():
+    for line in common.machine_info(packages=("jax",)):
         print("  " + line)
     print(f"  gamma={GAMMA}, lam={LAM}, float32, episode ends with probability 0.01, "
           f"median of {args.repeats} runs")

@@ -21,7 +21,8 @@ import numpy as np
 import common
 from rlhf_jax.models.checkpoint_io import load_pretrained
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.pipeline.data import BatchIterator, DataConfig, load_data
+from rlhf_jax.pipeline.batching import BatchIterator
+from rlhf_jax.pipeline.data import DataConfig, load_data
 from rlhf_jax.training.batches import PreferenceBatch
 from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer

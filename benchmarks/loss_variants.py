@@ -50,7 +50,8 @@ import common  # noqa: E402
 from rlhf_jax.losses.preference import DPO_LOSS_TYPES  # noqa: E402
 from rlhf_jax.models.config import ModelConfig  # noqa: E402
 from rlhf_jax.pipeline import eval_metrics  # noqa: E402
-from rlhf_jax.pipeline.data import BatchIterator, DataConfig, load_data  # noqa: E402
+from rlhf_jax.pipeline.batching import BatchIterator  # noqa: E402
+from rlhf_jax.pipeline.data import DataConfig, load_data  # noqa: E402
 from rlhf_jax.pipeline.loop import compile_train_step, run_loop  # noqa: E402
 from rlhf_jax.pipeline.recipes import (  # noqa: E402
     CheckpointSection, EvalConfig, LoggingSection, ModelSection, SFTConfig, TrainSection, with_schedule_length,

@@ -14,7 +14,6 @@ from `trl`; TRL >= 1.13 no longer has PPO).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 

@@ -6,7 +6,7 @@ The functional core is importable from here: advantages (`gae`, `group_advantage
 step functions in `rlhf_jax.training`, the YAML-driven pipeline in `rlhf_jax.pipeline`.
 """
 from rlhf_jax.losses import *  # noqa: F401,F403
-from rlhf_jax.models.generation import generate
+from rlhf_jax.models.generation import generate  # noqa: F401 (in __all__ below)
 from rlhf_jax.losses import __all__ as _losses_all
 from rlhf_jax.ops import *  # noqa: F401,F403
 from rlhf_jax.ops import __all__ as _ops_all

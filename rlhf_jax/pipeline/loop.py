@@ -4,7 +4,7 @@
                       batches=BatchIterator(...), prepare_batch=to_device, num_steps=1000,
                       checkpoint=config.checkpoint, logging=config.logging, resume=resume)
 
-One loop step takes the next batch of `batches` (a `rlhf_jax.pipeline.data.BatchIterator`),
+One loop step takes the next batch of `batches` (a `rlhf_jax.pipeline.batching.BatchIterator`),
 turns it into device arrays (`prepare_batch`) and calls `step_fn(carry, batch) -> (carry,
 metrics)`, a compiled function with fixed shapes whose carry buffers are donated. The carry is
 any pytree of arrays: a train state and an RNG key for SFT / reward / DPO; policy, value and
@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.pipeline.checkpoint import Checkpointer
-from rlhf_jax.pipeline.data import BatchIterator, DataPosition
+from rlhf_jax.pipeline.batching import BatchIterator, DataPosition
 from rlhf_jax.pipeline.metrics_log import MetricsLogger, progress
 from rlhf_jax.pipeline.recipes import CheckpointSection, LoggingSection
 from rlhf_jax.training.sharding import batch_sharding, replicated

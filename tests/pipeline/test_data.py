@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlhf_jax.pipeline.config import ConfigError, load_config
-from rlhf_jax.pipeline.data import BatchIterator, DataConfig, DataPosition, check_data_config, load_data
+from rlhf_jax.pipeline.batching import BatchIterator, DataPosition
+from rlhf_jax.pipeline.data import DataConfig, check_data_config, load_data
 from rlhf_jax.pipeline.data_formats import DataError
 from rlhf_jax.pipeline.tokenizer import build_tokenizer
 

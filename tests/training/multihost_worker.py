@@ -33,7 +33,8 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import ValueModel
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.pipeline.checkpoint import Checkpointer
-from rlhf_jax.pipeline.data import BatchIterator, DataPosition, DataStats, TokenizedData
+from rlhf_jax.pipeline.batching import BatchIterator, DataPosition
+from rlhf_jax.pipeline.data import DataStats, TokenizedData
 from rlhf_jax.training import multihost
 from rlhf_jax.training.batches import PreferenceBatch, SFTBatch
 from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step

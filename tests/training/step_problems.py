@@ -35,6 +35,11 @@ def fresh_state(module, params, optimizer=OPTIMIZER):
     return create_train_state(module, jax.tree.map(jnp.array, params), optimizer)
 
 
+def jitted_step(step, *static_argnames):
+    """`step` jitted with its `state` argument donated and `static_argnames` static."""
+    return jax.jit(step, donate_argnames=("state",), static_argnames=static_argnames)
+
+
 def sequences(seed, batch=BATCH, time=TIME, *, max_response=8):
     """Right-padded prompt + response rows: `(input_ids, attention_mask, loss_mask)`, NumPy.
 

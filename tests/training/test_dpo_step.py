@@ -15,11 +15,10 @@ from rlhf_jax.training.dpo_step import (
 )
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
 from step_problems import (BATCH as ROWS, OPTIMIZER_CONFIG, POLICY, POLICY_PARAMS, REFERENCE_PARAMS,
-                           assert_trees_close, fresh_state, kto_batch, log_sigmoid, preference_batch,
-                           sequence_logps_oracle, sft_batch)
+                           assert_trees_close, fresh_state, jitted_step, kto_batch, log_sigmoid,
+                           preference_batch, sequence_logps_oracle, sft_batch)
 
-STEP = jax.jit(dpo_step, donate_argnames=("state",),
-               static_argnames=("config", "response_window", "num_microbatches"))
+STEP = jitted_step(dpo_step, "config", "response_window", "num_microbatches")
 BATCH = preference_batch(seed=11)
 SIGMOID = PreferenceLossConfig(kind="dpo", loss_type="sigmoid", beta=0.5)
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")

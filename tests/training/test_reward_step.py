@@ -1,5 +1,4 @@
 """reward_step: Bradley-Terry with margin and centering against NumPy, training, errors."""
-import jax
 import numpy as np
 import pytest
 
@@ -9,12 +8,13 @@ from step_problems import (
     REWARD_MODEL,
     REWARD_PARAMS,
     fresh_state,
+    jitted_step,
     log_sigmoid,
     preference_batch,
     sft_batch,
 )
 
-STEP = jax.jit(reward_step, donate_argnames=("state",), static_argnames=("center_coef", "num_microbatches"))
+STEP = jitted_step(reward_step, "center_coef", "num_microbatches")
 MARGIN = np.linspace(0.0, 0.5, 8).astype(np.float32)
 BATCH = preference_batch(seed=7).replace(margin=MARGIN)
 CENTER = 0.05

@@ -7,11 +7,10 @@ import pytest
 from rlhf_jax.training.batches import PreferenceBatch, SFTBatch
 from rlhf_jax.training.policy_logps import response_logits
 from rlhf_jax.training.sft_step import sft_step
-from step_problems import (POLICY, POLICY_PARAMS, assert_trees_close, fresh_state, full_logits, log_softmax,
-                           sft_batch, sequences)
+from step_problems import (POLICY, POLICY_PARAMS, assert_trees_close, fresh_state, full_logits, jitted_step,
+                           log_softmax, sft_batch, sequences)
 
-STEP = jax.jit(sft_step, donate_argnames=("state",),
-               static_argnames=("label_smoothing", "response_window", "num_microbatches"))
+STEP = jitted_step(sft_step, "label_smoothing", "response_window", "num_microbatches")
 BATCH = sft_batch(seed=3)
 
 

@@ -11,11 +11,10 @@ from rlhf_jax.training.batches import PreferenceBatch
 from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step
 from rlhf_jax.training.policy_logps import shared_prompt_logps
 from step_problems import (POLICY, POLICY_PARAMS, REFERENCE_PARAMS, VOCAB, assert_trees_close, fresh_state,
-                           kto_batch, sequence_logps_oracle)
+                           jitted_step, kto_batch, sequence_logps_oracle)
 
 ROWS, TIME, PROMPT, RESPONSE = 6, 18, 6, 10
-STEP = jax.jit(dpo_step, donate_argnames=("state",),
-               static_argnames=("config", "response_window", "prompt_window", "num_microbatches"))
+STEP = jitted_step(dpo_step, "config", "response_window", "prompt_window", "num_microbatches")
 
 
 def shared_pairs(seed, *, rows=ROWS, max_prompt=PROMPT, max_response=RESPONSE):

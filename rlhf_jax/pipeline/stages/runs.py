@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from rlhf_jax.pipeline.config import ConfigError
-from rlhf_jax.pipeline.data import BatchIterator, load_data
+from rlhf_jax.pipeline.batching import BatchIterator
+from rlhf_jax.pipeline.data import load_data
 from rlhf_jax.pipeline.loop import compile_train_step, run_loop
 from rlhf_jax.pipeline.recipes import with_schedule_length
 from rlhf_jax.pipeline.stages.common import (
