@@ -60,6 +60,15 @@ class DerivedSizes:
     optimizer_steps: int     # num_updates * update_epochs * num_minibatches
 
 
+def combine_losses(config: ClassicConfig, policy_loss, value_loss, neg_entropy, *metrics: dict):
+    """`(total, metrics)`: `policy + vf_coef * value + ent_coef * (-entropy)` and the parts'
+    metrics merged with the `loss/*` terms."""
+    total = policy_loss + config.vf_coef * value_loss + config.ent_coef * neg_entropy
+    merged = {key: value for part in metrics for key, value in part.items()}
+    return total, {**merged, "loss/total": total, "loss/policy": policy_loss, "loss/value": value_loss,
+                   "loss/entropy": neg_entropy}
+
+
 def validate_classic_config(config: ClassicConfig) -> None:
     """Raise ConfigError naming the first key whose value cannot work."""
     if config.env_name not in SUPPORTED_ENVS:

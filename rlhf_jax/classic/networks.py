@@ -22,6 +22,16 @@ def _dense(features: int, gain: float) -> nn.Dense:
                     bias_init=nn.initializers.zeros)
 
 
+def _tanh_trunk(obs, hidden_size: int):
+    """Two tanh layers `[..., obs_dim] -> [..., H]`, orthogonal init with gain sqrt(2).
+
+    Called inside a compact `__call__`, so its layers are the caller's `Dense_0`, `Dense_1`.
+    """
+    x = obs.astype(jnp.float32)
+    x = nn.tanh(_dense(hidden_size, math.sqrt(2.0))(x))
+    return nn.tanh(_dense(hidden_size, math.sqrt(2.0))(x))
+
+
 class ActorMLP(nn.Module):
     """Observation `[..., obs_dim]` -> action logits `[..., num_actions]` (float32)."""
 
@@ -30,10 +40,8 @@ class ActorMLP(nn.Module):
 
     @nn.compact
     def __call__(self, obs):
-        x = obs.astype(jnp.float32)
-        x = nn.tanh(_dense(self.hidden_size, math.sqrt(2.0))(x))  # [..., H]
-        x = nn.tanh(_dense(self.hidden_size, math.sqrt(2.0))(x))  # [..., H]
-        return _dense(self.num_actions, 0.01)(x)  # [..., A]
+        hidden = _tanh_trunk(obs, self.hidden_size)  # [..., H]
+        return _dense(self.num_actions, 0.01)(hidden)  # [..., A]
 
 
 class CriticMLP(nn.Module):
@@ -43,10 +51,8 @@ class CriticMLP(nn.Module):
 
     @nn.compact
     def __call__(self, obs):
-        x = obs.astype(jnp.float32)
-        x = nn.tanh(_dense(self.hidden_size, math.sqrt(2.0))(x))  # [..., H]
-        x = nn.tanh(_dense(self.hidden_size, math.sqrt(2.0))(x))  # [..., H]
-        return _dense(1, 1.0)(x)[..., 0]  # [...]
+        hidden = _tanh_trunk(obs, self.hidden_size)  # [..., H]
+        return _dense(1, 1.0)(hidden)[..., 0]  # [...]
 
 
 def make_optimizer(*, lr: float, max_grad_norm: float, anneal_lr: bool = False,

@@ -21,7 +21,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.classic.config import ClassicConfig
+from rlhf_jax.classic.config import ClassicConfig, combine_losses
 from rlhf_jax.classic.minibatches import flatten_batch, run_epochs
 from rlhf_jax.classic.networks import categorical_logp
 from rlhf_jax.classic.rollout import Transition, complete_episode_mask
@@ -64,11 +64,8 @@ def reinforce_objective(actor_params, critic_params, batch: ReinforceBatch, *, a
                                                  baseline=baseline,
                                                  normalize=config.normalize_advantages)
     neg_entropy, entropy_metrics = entropy_loss(logits[None], mask)
-    total = policy_loss + config.vf_coef * critic_loss + config.ent_coef * neg_entropy
-    metrics = {**policy_metrics, **critic_metrics, **entropy_metrics,
-               "loss/total": total, "loss/policy": policy_loss, "loss/value": critic_loss,
-               "loss/entropy": neg_entropy}
-    return total, metrics
+    return combine_losses(config, policy_loss, critic_loss, neg_entropy,
+                          policy_metrics, critic_metrics, entropy_metrics)
 
 
 def reinforce_update(rng, actor_state, critic_state, transitions: Transition, last_value=None, *,

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.layers import fold_matmul
 from rlhf_jax.models.transformer import Decoder
 from rlhf_jax.ops.masking import last_token_index
 
@@ -32,7 +33,7 @@ class ScalarHead(nn.Module):
         init = nn.initializers.zeros if self.kernel_std == 0 else nn.initializers.normal(self.kernel_std)
         kernel = self.param("kernel", init, (hidden.shape[-1], 1), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (1,), jnp.float32)
-        return (hidden.astype(jnp.float32) @ kernel + bias)[..., 0]
+        return (fold_matmul(hidden.astype(jnp.float32), kernel) + bias)[..., 0]
 
 
 def reward_head_std(hidden_size: int) -> float:
@@ -40,61 +41,60 @@ def reward_head_std(hidden_size: int) -> float:
     return 1.0 / math.sqrt(hidden_size + 1)
 
 
-class ValueModel(nn.Module):
+class _ScalarHeadModel(nn.Module):
+    """Decoder + `ScalarHead` named `score`; subclasses set the head's init std."""
+
+    config: ModelConfig
+
+    def head_std(self) -> float:
+        raise NotImplementedError
+
+    def setup(self):
+        self.decoder = Decoder(self.config)
+        self.score = ScalarHead(kernel_std=self.head_std())
+
+    def token_scores(self, input_ids, attention_mask=None, position_ids=None):
+        """The head applied at every position [B, T]."""
+        return self.score(self.hidden_states(input_ids, attention_mask, position_ids))
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+        return self.decoder(input_ids, attention_mask, position_ids)[0]
+
+    def scores_from_hidden(self, hidden):
+        return self.score(hidden)
+
+
+class ValueModel(_ScalarHeadModel):
     """Decoder + a zero-initialised scalar head: a value estimate V(s_t) for every token.
 
     A zero head makes the first value estimates 0, so the first PPO updates are not driven by
     a random critic. `values[:, t]` is the value of the state after reading token t.
     """
 
-    config: ModelConfig
-
-    def setup(self):
-        self.decoder = Decoder(self.config)
-        self.score = ScalarHead(kernel_std=0.0)
+    def head_std(self) -> float:
+        return 0.0
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
         """Values [B, T] float32."""
-        hidden, _ = self.decoder(input_ids, attention_mask, position_ids)
-        return self.score(hidden)
-
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
-        return self.decoder(input_ids, attention_mask, position_ids)[0]
-
-    def scores_from_hidden(self, hidden):
-        return self.score(hidden)
+        return self.token_scores(input_ids, attention_mask, position_ids)
 
 
-class RewardModel(nn.Module):
+class RewardModel(_ScalarHeadModel):
     """Decoder + a scalar head read at the last non-pad token of each row.
 
     `r(x, y) = w . h_last + b` where `h_last` is the final hidden state at the last position
     whose attention mask is 1 (works for left and right padding); `w ~ N(0, 1/(d_model+1))`,
-    `b = 0` at init.
+    `b = 0` at init. `token_scores` gives the reward at each prefix end.
     """
 
-    config: ModelConfig
-
-    def setup(self):
-        self.decoder = Decoder(self.config)
-        self.score = ScalarHead(kernel_std=reward_head_std(self.config.hidden_size))
+    def head_std(self) -> float:
+        return reward_head_std(self.config.hidden_size)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
         """Rewards [B] float32."""
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        hidden, _ = self.decoder(input_ids, attention_mask, position_ids)  # [B, T, D]
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)  # [B, T, D]
         last = last_token_index(attention_mask)  # [B]
         last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
         return self.score(last_hidden)
-
-    def token_scores(self, input_ids, attention_mask=None, position_ids=None):
-        """The head applied at every position [B, T] (the reward at each prefix end)."""
-        hidden, _ = self.decoder(input_ids, attention_mask, position_ids)
-        return self.score(hidden)
-
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
-        return self.decoder(input_ids, attention_mask, position_ids)[0]
-
-    def scores_from_hidden(self, hidden):
-        return self.score(hidden)

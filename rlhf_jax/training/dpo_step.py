@@ -85,9 +85,9 @@ class PreferenceLossConfig:
         return self.kind in REFERENCE_KINDS
 
 
-def _pair_logps(apply_fn, params, batch, response_window, prompt_window):
-    """Chosen and rejected `SequenceLogps` in one forward pass, and the `[B]` not-shared flag
-    of the shared-prompt path (None without `prompt_window`)."""
+def pair_logps(apply_fn, params, batch: PreferenceBatch, *, response_window=None, prompt_window=None):
+    """Chosen and rejected `SequenceLogps` of a PreferenceBatch in one forward pass, and the
+    `[B]` not-shared flag of the shared-prompt path (None without `prompt_window`)."""
     chosen = (batch.chosen_input_ids, batch.chosen_attention_mask, batch.chosen_loss_mask)
     rejected = (batch.rejected_input_ids, batch.rejected_attention_mask, batch.rejected_loss_mask)
     if prompt_window is None:
@@ -113,7 +113,8 @@ def reference_logps(apply_fn, ref_params, batch, *, response_window=None, prompt
             kl = sequence_logps(apply_fn, ref_params, batch.kl_input_ids, batch.kl_attention_mask,
                                 batch.kl_loss_mask, response_window=response_window).logps
         return jax.lax.stop_gradient((main, kl))
-    chosen, rejected, _ = _pair_logps(apply_fn, ref_params, batch, response_window, prompt_window)
+    chosen, rejected, _ = pair_logps(apply_fn, ref_params, batch, response_window=response_window,
+                                      prompt_window=prompt_window)
     return jax.lax.stop_gradient((chosen.logps, rejected.logps))
 
 
@@ -162,7 +163,8 @@ def preference_loss(apply_fn, params, batch, *, config: PreferenceLossConfig, re
         )
         return loss, {**metrics, **(_window_metric(policy) if response_window else {})}
 
-    chosen, rejected, not_shared = _pair_logps(apply_fn, params, batch, response_window, prompt_window)
+    chosen, rejected, not_shared = pair_logps(apply_fn, params, batch, response_window=response_window,
+                                                  prompt_window=prompt_window)
     if config.kind == "dpo":
         loss, metrics = dpo_loss(
             chosen.logps, rejected.logps, batch.ref_chosen_logps, batch.ref_rejected_logps,
@@ -248,6 +250,6 @@ def dpo_step(
 
 
 __all__ = [
-    "PREFERENCE_KINDS", "PreferenceLossConfig", "reference_logps", "with_reference_logps",
+    "PREFERENCE_KINDS", "PreferenceLossConfig", "pair_logps", "reference_logps", "with_reference_logps",
     "precompute_reference_logps", "preference_loss", "dpo_step",
 ]

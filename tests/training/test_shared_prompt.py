@@ -8,7 +8,7 @@ import pytest
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.training.batches import PreferenceBatch
-from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step
+from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step, pair_logps
 from rlhf_jax.training.policy_logps import shared_prompt_logps
 from step_problems import (POLICY, POLICY_PARAMS, REFERENCE_PARAMS, VOCAB, assert_trees_close, fresh_state,
                            jitted_step, kto_batch, sequence_logps_oracle)
@@ -135,3 +135,14 @@ def test_prompt_window_errors():
                  response_window=RESPONSE, prompt_window=PROMPT)
     with pytest.raises(ValueError, match="`prompt_window` must be a positive static int"):
         shared_prompt_logps(POLICY.apply, POLICY_PARAMS, *triples(BATCH), prompt_window=0, response_window=4)
+
+
+@pytest.mark.parametrize("prompt_window", [None, PROMPT])
+def test_pair_logps_match_numpy_oracle_on_both_paths(prompt_window):
+    chosen, rejected, not_shared = pair_logps(POLICY.apply, POLICY_PARAMS, BATCH, response_window=RESPONSE,
+                                              prompt_window=prompt_window)
+    for got, (ids, mask, counted) in zip((chosen, rejected), triples(BATCH)):
+        expected, lengths = sequence_logps_oracle(POLICY_PARAMS, ids, mask, counted)
+        np.testing.assert_allclose(got.logps, expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.lengths, lengths)
+    assert (not_shared is None) == (prompt_window is None)

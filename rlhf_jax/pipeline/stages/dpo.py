@@ -18,26 +18,16 @@ import numpy as np
 from rlhf_jax.pipeline.recipes import DPOConfig, load_stage_config
 from rlhf_jax.pipeline.stages import common, runs
 from rlhf_jax.training.batches import PreferenceBatch
-from rlhf_jax.training.dpo_step import dpo_step
-from rlhf_jax.training.policy_logps import paired_sequence_logps, shared_prompt_logps
-
-
-def _pairs(batch):
-    return ((batch.chosen_input_ids, batch.chosen_attention_mask, batch.chosen_loss_mask),
-            (batch.rejected_input_ids, batch.rejected_attention_mask, batch.rejected_loss_mask))
+from rlhf_jax.training.dpo_step import dpo_step, pair_logps
 
 
 def make_pair_logps(apply_fn, response_window=None, prompt_window=None):
     """Jitted `(params, PreferenceBatch) -> (chosen logps [B], rejected logps [B])` (sums);
-    with `prompt_window`, each pair's prompt runs once (`shared_prompt_logps`)."""
+    with `prompt_window`, each pair's prompt runs once."""
 
     def logps(params, batch):
-        if prompt_window is None:
-            chosen, rejected = paired_sequence_logps(apply_fn, params, *_pairs(batch),
-                                                     response_window=response_window)
-        else:
-            chosen, rejected, _ = shared_prompt_logps(apply_fn, params, *_pairs(batch), prompt_window=prompt_window,
-                                                      response_window=response_window)
+        chosen, rejected, _ = pair_logps(apply_fn, params, batch, response_window=response_window,
+                                         prompt_window=prompt_window)
         return chosen.logps, rejected.logps
 
     return jax.jit(logps)
