@@ -1,0 +1,228 @@
+"""Token statistics of a language-model head computed block by block, never holding `[tokens, V]`.
+
+For hidden states `h` [..., D], an output kernel `W` ([D, V], or a tied `[V, D]` embedding),
+an optional final-logit soft-cap `c` (Gemma 2) and a temperature `T`:
+
+    a = h W                                  (compute dtype, float32 accumulation)
+    z = s(a) / T,   s(a) = c * tanh(a / c)   (s = identity when c is None)
+    logsumexp   = log sum_v exp(z_v)
+    logprob     = z_y - logsumexp            (y = the scored token)
+    mean_logit  = (1 / V) sum_v z_v          (label smoothing: mean_v log p_v = mean_logit - logsumexp)
+    entropy     = logsumexp - sum_v p_v z_v,  p = softmax(z)
+    is_argmax   = 1 if y = argmax_v z_v else 0   (piecewise constant: zero gradient)
+
+The positions are flattened and processed in blocks of `chunk_size` rows with `lax.scan`;
+a block's `[chunk_size, V]` logits live only inside one loop iteration. The gradient is a
+custom VJP that recomputes each block's logits from the saved `h`, `W` and the per-position
+`logsumexp` and `E_p[z]`, and forms, per block (g_* the cotangents of the outputs):
+
+    dz = p * (g_lse - g_logprob - g_entropy * (z - E_p[z])) + g_mean / V + g_logprob * onehot(y)
+    da = dz / T * (1 - (s(a) / c)^2)            (no factor without a soft-cap)
+    dh = da W^T,   dW += h^T da                 (dW accumulated in float32 over the blocks)
+
+so the backward pass holds a few `[chunk_size, V]` blocks and one float32 `[D, V]` gradient,
+whatever the number of positions. This is the memory behaviour of fused/"cut" cross-entropy
+heads (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models",
+arXiv:2411.09009): peak memory independent of the number of tokens. The cost is one extra
+`[tokens, D] x [D, V]` matmul (the recomputation in the backward pass).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.ops.checks import check_positive
+
+# A block holds about this many logits (64 MiB in float32): chunk_size = budget / V positions.
+DEFAULT_BLOCK_ELEMENTS = 1 << 24
+
+
+class OutputHead(NamedTuple):
+    """The vocabulary projection of a language model, as plain arrays and settings."""
+
+    kernel: jax.Array  # [D, V] (untied `lm_head`), or [V, D] when `vocab_major` (tied embedding)
+    vocab_major: bool = False  # kernel is [V, D]: logits = h @ kernel.T
+    softcap: float | None = None  # final-logit soft-cap c (Gemma 2); None = off
+
+    @property
+    def vocab_size(self) -> int:
+        return self.kernel.shape[0] if self.vocab_major else self.kernel.shape[1]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.kernel.shape[1] if self.vocab_major else self.kernel.shape[0]
+
+
+class HeadStats(NamedTuple):
+    """Per-position statistics of `softmax(z)`, shaped like the scored tokens, float32."""
+
+    logprobs: jax.Array  # log p_y
+    logsumexp: jax.Array  # log sum_v exp(z_v)
+    mean_logit: jax.Array  # mean_v z_v
+    entropy: jax.Array  # -sum_v p_v log p_v
+    is_argmax: jax.Array  # 1.0 where y = argmax_v z_v (no gradient)
+
+    @property
+    def mean_logprob(self) -> jax.Array:
+        """`mean_v log p_v`, the uniform-target term of label-smoothed cross-entropy."""
+        return self.mean_logit - self.logsumexp
+
+
+def soft_cap(x, cap: float | None):
+    """`cap * tanh(x / cap)` (Gemma 2's logit soft-capping); identity when `cap` is None."""
+    if cap is None:
+        return x
+    return jnp.tanh(x / cap) * cap
+
+
+def default_chunk_size(vocab_size: int, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> int:
+    """Positions per block so that one block holds about `block_elements` logits (at least 8)."""
+    return max(8, block_elements // vocab_size)
+
+
+def head_logits(hidden, head: OutputHead):
+    """Full float32 logits `s(h W)` [..., V] (no temperature): the reference the blocks compute."""
+    kernel = head.kernel
+    contract = ((1,), (1,)) if head.vocab_major else ((1,), (0,))
+    flat = hidden.reshape(-1, hidden.shape[-1]).astype(kernel.dtype)
+    logits = jax.lax.dot_general(flat, kernel, (contract, ((), ())), preferred_element_type=jnp.float32)
+    return soft_cap(logits, head.softcap).reshape(*hidden.shape[:-1], -1)
+
+
+def _block_logits(hidden_block, kernel, vocab_major, softcap, temperature):
+    """`(z, capped)` for one block: z = s(h W) / T [C, V] float32 and s(h W) (for the VJP)."""
+    contract = ((1,), (1,)) if vocab_major else ((1,), (0,))
+    raw = jax.lax.dot_general(hidden_block.astype(kernel.dtype), kernel, (contract, ((), ())),
+                              preferred_element_type=jnp.float32)
+    capped = soft_cap(raw, softcap)
+    return capped / temperature, capped
+
+
+def _block_stats(z, tokens):
+    """Forward statistics of one block of scaled logits z [C, V] and tokens [C]."""
+    top = jnp.max(z, axis=-1, keepdims=True)
+    exp = jnp.exp(z - top)
+    total = jnp.sum(exp, axis=-1)
+    lse = top[:, 0] + jnp.log(total)
+    expected = jnp.sum(exp * z, axis=-1) / total  # E_p[z]
+    picked = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
+    is_argmax = (jnp.argmax(z, axis=-1) == tokens).astype(jnp.float32)
+    return picked - lse, lse, jnp.mean(z, axis=-1), lse - expected, is_argmax, expected
+
+
+def _blocks(x, chunk_size):
+    """[N, ...] -> [ceil(N / C), C, ...], zero-padded at the end."""
+    count = x.shape[0]
+    padded = math.ceil(count / chunk_size) * chunk_size
+    x = jnp.pad(x, [(0, padded - count)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(padded // chunk_size, chunk_size, *x.shape[1:])
+
+
+def _unblock(x, count):
+    return x.reshape(-1, *x.shape[2:])[:count]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flat_head_stats(hidden, kernel, tokens, temperature, vocab_major, softcap, chunk_size):
+    return _flat_forward(hidden, kernel, tokens, temperature, vocab_major, softcap, chunk_size)[0]
+
+
+def _flat_forward(hidden, kernel, tokens, temperature, vocab_major, softcap, chunk_size):
+    count = hidden.shape[0]
+
+    def body(_, block):
+        hidden_block, token_block = block
+        z, _ = _block_logits(hidden_block, kernel, vocab_major, softcap, temperature)
+        return None, _block_stats(z, token_block)
+
+    _, stats = jax.lax.scan(body, None, (_blocks(hidden, chunk_size), _blocks(tokens, chunk_size)))
+    stats = tuple(_unblock(s, count) for s in stats)
+    return stats[:5], stats[1::4]  # outputs; (logsumexp, E_p[z]) for the backward pass
+
+
+def _flat_fwd(hidden, kernel, tokens, temperature, vocab_major, softcap, chunk_size):
+    outputs, (lse, expected) = _flat_forward(hidden, kernel, tokens, temperature, vocab_major, softcap,
+                                             chunk_size)
+    return outputs, (hidden, kernel, tokens, temperature, lse, expected)
+
+
+def _flat_bwd(vocab_major, softcap, chunk_size, residuals, cotangents):
+    hidden, kernel, tokens, temperature, lse, expected = residuals
+    g_logprob, g_lse, g_mean, g_entropy, _ = (jnp.asarray(g, jnp.float32) for g in cotangents)
+    count, vocab = hidden.shape[0], kernel.shape[0 if vocab_major else 1]
+    per_position = (tokens, lse, expected, g_logprob, g_lse, g_mean, g_entropy)
+
+    def body(kernel_grad, block):
+        hidden_block, token_block, lse_b, expected_b, g_lp, g_ls, g_mn, g_en = block
+        z, capped = _block_logits(hidden_block, kernel, vocab_major, softcap, temperature)
+        probs = jnp.exp(z - lse_b[:, None])
+        dz = probs * ((g_ls - g_lp)[:, None] - g_en[:, None] * (z - expected_b[:, None])) + (g_mn / vocab)[:, None]
+        dz = dz.at[jnp.arange(dz.shape[0]), token_block].add(g_lp)
+        da = dz / temperature
+        if softcap is not None:
+            da = da * (1.0 - jnp.square(capped / softcap))
+        da = da.astype(kernel.dtype)
+        h = hidden_block.astype(kernel.dtype)
+        hidden_grad = jax.lax.dot_general(da, kernel, (((1,), (0 if vocab_major else 1,)), ((), ())),
+                                          preferred_element_type=jnp.float32)
+        if vocab_major:  # dW [V, D] = da^T h
+            step = jax.lax.dot_general(da, h, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        else:  # dW [D, V] = h^T da
+            step = jax.lax.dot_general(h, da, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return kernel_grad + step, hidden_grad.astype(hidden.dtype)
+
+    blocks = (_blocks(hidden, chunk_size),) + tuple(_blocks(x, chunk_size) for x in per_position)
+    kernel_grad, hidden_grad = jax.lax.scan(body, jnp.zeros(kernel.shape, jnp.float32), blocks)
+    return (_unblock(hidden_grad, count), kernel_grad.astype(kernel.dtype), None,
+            jnp.zeros_like(temperature))
+
+
+_flat_head_stats.defvjp(_flat_fwd, _flat_bwd)
+
+
+def chunked_head_stats(hidden, head: OutputHead, tokens, *, temperature=1.0, chunk_size: int | None = None):
+    """`HeadStats` of `softmax(s(hidden @ W) / T)` at every position, block by block.
+
+    Args:
+      hidden: `[..., D]` final hidden states (any float dtype; cast to the kernel's dtype for
+        the matmul, accumulated in float32).
+      head: `OutputHead` (kernel in the compute dtype, layout, soft-cap).
+      tokens: `[...]` integer token ids in `[0, V)` to score, the leading shape of `hidden`.
+      temperature: `T > 0`, a Python float or a traced scalar (no gradient flows to it).
+      chunk_size: positions per block; None = `default_chunk_size(V)`.
+
+    Returns:
+      `HeadStats` of `[...]` float32 arrays. Gradients flow to `hidden` and `head.kernel`.
+    """
+    check_positive(temperature, "temperature")
+    if jnp.ndim(temperature) != 0:
+        raise ValueError(f"`temperature` must be a scalar, got shape {jnp.shape(temperature)}")
+    if hidden.shape[-1] != head.hidden_size:
+        raise ValueError(f"`hidden` [..., {hidden.shape[-1]}] does not match the head's hidden size "
+                         f"{head.hidden_size} (kernel {head.kernel.shape})")
+    if jnp.shape(tokens) != hidden.shape[:-1]:
+        raise ValueError(f"`tokens` must have shape {hidden.shape[:-1]} (hidden's leading axes), "
+                         f"got {jnp.shape(tokens)}")
+    if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+        raise ValueError(f"`tokens` must hold integer ids, got dtype {jnp.result_type(tokens)}")
+    if head.softcap is not None and not head.softcap > 0:
+        raise ValueError(f"the final-logit soft-cap must be > 0 or None, got {head.softcap}")
+    chunk = default_chunk_size(head.vocab_size) if chunk_size is None else int(chunk_size)
+    if chunk <= 0:
+        raise ValueError(f"`chunk_size` must be > 0, got {chunk_size}")
+    leading = hidden.shape[:-1]
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    count = flat_hidden.shape[0]
+    chunk = max(1, min(chunk, count))
+    stats = _flat_head_stats(flat_hidden, head.kernel, jnp.asarray(tokens, jnp.int32).reshape(-1),
+                             jnp.asarray(temperature, jnp.float32), bool(head.vocab_major),
+                             None if head.softcap is None else float(head.softcap), chunk)
+    return HeadStats(*(s.reshape(leading) for s in stats))
+
+
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "HeadStats", "OutputHead", "chunked_head_stats", "default_chunk_size",
+           "head_logits", "soft_cap"]

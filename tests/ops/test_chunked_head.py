@@ -1,0 +1,196 @@
+"""`chunked_head_stats` against a NumPy float64 head (values) and autodiff of a full-logits JAX
+head written from the formulas (gradients to hidden and kernel); and a check on the compiled
+program that no `[tokens, V]` array exists in the forward or backward pass."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.ops.chunked_head import HeadStats, OutputHead, chunked_head_stats, default_chunk_size, head_logits
+
+VOCAB, DIM = 37, 8
+
+
+def make_inputs(seed, shape=(3, 5), vocab=VOCAB, dim=DIM, vocab_major=False, scale=1.0):
+    rng = np.random.default_rng(seed)
+    hidden = rng.normal(size=(*shape, dim)).astype(np.float32)
+    kernel = (scale * rng.normal(size=(vocab, dim) if vocab_major else (dim, vocab))).astype(np.float32)
+    tokens = rng.integers(0, vocab, shape).astype(np.int32)
+    return jnp.asarray(hidden), jnp.asarray(kernel), jnp.asarray(tokens)
+
+
+def numpy_stats(hidden, kernel, tokens, vocab_major, softcap, temperature):
+    """The statistics in float64 NumPy, straight from the definitions."""
+    h = np.asarray(hidden, np.float64)
+    w = np.asarray(kernel, np.float64)
+    a = h @ (w.T if vocab_major else w)
+    if softcap is not None:
+        a = softcap * np.tanh(a / softcap)
+    z = a / temperature
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    logp = z - lse[..., None]
+    p = np.exp(logp)
+    picked = np.take_along_axis(logp, np.asarray(tokens)[..., None], -1)[..., 0]
+    return dict(logprobs=picked, logsumexp=lse, mean_logit=z.mean(-1), entropy=-(p * logp).sum(-1),
+                is_argmax=(z.argmax(-1) == np.asarray(tokens)).astype(np.float64))
+
+
+def reference_stats(hidden, kernel, tokens, vocab_major, softcap, temperature):
+    """Full-logits JAX version of the same statistics (autodiff gives the reference gradients)."""
+    a = hidden @ (kernel.T if vocab_major else kernel)
+    if softcap is not None:
+        a = softcap * jnp.tanh(a / softcap)
+    z = a / temperature
+    logp = jax.nn.log_softmax(z, axis=-1)
+    picked = jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+    lse = jax.nn.logsumexp(z, axis=-1)
+    return picked, lse, z.mean(-1), -(jnp.exp(logp) * logp).sum(-1)
+
+
+def chunked(hidden, kernel, tokens, vocab_major, softcap, temperature, chunk_size):
+    head = OutputHead(kernel, vocab_major=vocab_major, softcap=softcap)
+    return chunked_head_stats(hidden, head, tokens, temperature=temperature, chunk_size=chunk_size)
+
+
+CASES = [  # (vocab_major, softcap, temperature, chunk_size)
+    (False, None, 1.0, 5),  # divides 15 positions
+    (False, None, 0.7, 4),  # does not divide
+    (True, None, 1.3, 6),
+    (False, 3.0, 0.7, 4),
+    (True, 2.5, 1.0, 15),  # one block
+    (False, None, 1.0, 64),  # block larger than the positions
+    (True, 3.0, 0.5, 1),
+]
+
+
+@pytest.mark.parametrize("vocab_major,softcap,temperature,chunk_size", CASES)
+def test_values_match_numpy(vocab_major, softcap, temperature, chunk_size):
+    hidden, kernel, tokens = make_inputs(0, vocab_major=vocab_major, scale=2.0)
+    stats = jax.jit(chunked, static_argnums=(3, 4, 6))(hidden, kernel, tokens, vocab_major, softcap,
+                                                       temperature, chunk_size)
+    expected = numpy_stats(hidden, kernel, tokens, vocab_major, softcap, temperature)
+    chex.assert_shape(list(stats), tokens.shape)
+    for name, value in expected.items():
+        np.testing.assert_allclose(np.asarray(getattr(stats, name)), value, atol=1e-5, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(stats.mean_logprob, expected["mean_logit"] - expected["logsumexp"], atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab_major,softcap,temperature,chunk_size", CASES)
+def test_gradients_match_full_logits(vocab_major, softcap, temperature, chunk_size):
+    hidden, kernel, tokens = make_inputs(1, vocab_major=vocab_major, scale=2.0)
+    rng = np.random.default_rng(2)
+    mask = jnp.asarray(rng.random(tokens.shape) < 0.7, jnp.float32)  # padding gets no gradient
+    weights = [jnp.asarray(rng.normal(size=tokens.shape), jnp.float32) * mask for _ in range(4)]
+
+    def objective(stats_fn):
+        def total(h, w):
+            return sum(jnp.sum(c * jnp.where(mask != 0, s, 0.0)) for c, s in zip(weights, stats_fn(h, w)))
+        return jax.jit(jax.value_and_grad(total, argnums=(0, 1)))
+
+    full = objective(lambda h, w: reference_stats(h, w, tokens, vocab_major, softcap, temperature))
+    blocks = objective(lambda h, w: chunked(h, w, tokens, vocab_major, softcap, temperature, chunk_size)[:4])
+    (value_full, grads_full), (value_blocks, grads_blocks) = full(hidden, kernel), blocks(hidden, kernel)
+    np.testing.assert_allclose(value_blocks, value_full, rtol=1e-5, atol=1e-5)
+    for got, want, name in zip(grads_blocks, grads_full, ("hidden", "kernel")):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=name)
+    masked_rows = np.asarray(grads_blocks[0])[np.asarray(mask) == 0]
+    assert np.all(masked_rows == 0)
+
+
+def test_each_statistic_has_its_own_gradient():
+    """One statistic at a time, so a wrong term cannot hide behind another's."""
+    hidden, kernel, tokens = make_inputs(3, vocab_major=False, scale=1.5)
+    for index in range(4):
+        full = jax.grad(lambda h, w: jnp.sum(reference_stats(h, w, tokens, False, 4.0, 0.8)[index]), (0, 1))
+        blocks = jax.grad(lambda h, w: jnp.sum(chunked(h, w, tokens, False, 4.0, 0.8, 4)[index]), (0, 1))
+        for got, want in zip(blocks(hidden, kernel), full(hidden, kernel)):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=HeadStats._fields[index])
+
+
+def test_is_argmax_has_zero_gradient_and_temperature_gets_none():
+    hidden, kernel, tokens = make_inputs(4)
+    grads = jax.grad(lambda h, t: jnp.sum(chunked(h, kernel, tokens, False, None, t, 4).is_argmax),
+                     argnums=(0, 1))(hidden, 1.0)
+    assert np.all(np.asarray(grads[0]) == 0) and float(grads[1]) == 0.0
+
+
+def test_bfloat16_compute_accumulates_in_float32():
+    hidden, kernel, tokens = make_inputs(5, shape=(4, 6))
+    head = OutputHead(kernel.astype(jnp.bfloat16))
+    stats = chunked_head_stats(hidden.astype(jnp.bfloat16), head, tokens, chunk_size=5)
+    full = head_logits(hidden.astype(jnp.bfloat16), head)  # the model's bf16 x bf16 -> f32 product
+    assert full.dtype == jnp.float32 and stats.logprobs.dtype == jnp.float32
+    expected = jax.nn.log_softmax(full, -1)
+    np.testing.assert_allclose(stats.logprobs, jnp.take_along_axis(expected, tokens[..., None], -1)[..., 0],
+                               atol=1e-5)
+    grads = jax.grad(lambda h, w: jnp.sum(chunked_head_stats(h, OutputHead(w), tokens, chunk_size=5).logprobs),
+                     (0, 1))(hidden.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+    assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
+    full_grads = jax.grad(lambda h, w: jnp.sum(reference_stats(h, w, tokens, False, None, 1.0)[0]), (0, 1))(
+        hidden.astype(jnp.bfloat16).astype(jnp.float32), kernel.astype(jnp.bfloat16).astype(jnp.float32))
+    for got, want in zip(grads, full_grads):
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.05, rtol=0.05)
+
+
+def test_rejects_bad_inputs():
+    hidden, kernel, tokens = make_inputs(6)
+    with pytest.raises(ValueError, match="hidden size"):
+        chunked_head_stats(hidden[..., :4], OutputHead(kernel), tokens)
+    with pytest.raises(ValueError, match="tokens"):
+        chunked_head_stats(hidden, OutputHead(kernel), tokens[:, :2])
+    with pytest.raises(ValueError, match="temperature"):
+        chunked_head_stats(hidden, OutputHead(kernel), tokens, temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_head_stats(hidden, OutputHead(kernel), tokens, chunk_size=0)
+    with pytest.raises(ValueError, match="soft-cap"):
+        chunked_head_stats(hidden, OutputHead(kernel, softcap=-1.0), tokens)
+
+
+def test_default_chunk_size_bounds_block_logits():
+    assert default_chunk_size(151_936) * 151_936 <= 1 << 24
+    assert default_chunk_size(10**9) == 8
+
+
+def _array_shapes(jaxpr):
+    """Every array shape in a closed jaxpr, sub-jaxprs (scan bodies, custom VJPs) included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        shapes += [tuple(v.aval.shape) for v in (*eqn.invars, *eqn.outvars) if hasattr(v.aval, "shape")]
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                shapes += _array_shapes(inner)
+            if isinstance(param, (tuple, list)):
+                shapes += [s for p in param if hasattr(getattr(p, "jaxpr", p), "eqns")
+                           for s in _array_shapes(getattr(p, "jaxpr", p))]
+    return shapes
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_no_tokens_by_vocab_array_forward_or_backward(vocab_major):
+    """The property itself: the value-and-gradient program never holds [tokens, V] logits,
+    in its jaxpr (every equation, scan bodies included) or in XLA's compiled buffers."""
+    tokens_count, vocab, dim, chunk = 512, 4096, 16, 32
+    hidden, kernel, tokens = make_inputs(7, shape=(tokens_count,), vocab=vocab, dim=dim, vocab_major=vocab_major)
+
+    def loss(h, w, stats_fn):
+        return jnp.sum(stats_fn(h, w))
+
+    chunked_loss = jax.value_and_grad(
+        lambda h, w: loss(h, w, lambda h, w: chunked(h, w, tokens, vocab_major, 2.0, 0.9, chunk).logprobs), (0, 1))
+    full_loss = jax.value_and_grad(
+        lambda h, w: loss(h, w, lambda h, w: reference_stats(h, w, tokens, vocab_major, 2.0, 0.9)[0]), (0, 1))
+
+    shapes = _array_shapes(jax.make_jaxpr(chunked_loss)(hidden, kernel).jaxpr)
+    big = [s for s in shapes if np.prod(s, dtype=np.int64) >= tokens_count * vocab // 2]
+    assert not big, big
+    assert (chunk, vocab) in shapes  # the blocks are there
+    assert any(np.prod(s) >= tokens_count * vocab for s in _array_shapes(jax.make_jaxpr(full_loss)(hidden, kernel).jaxpr))
+
+    def temp_bytes(fn):
+        return jax.jit(fn).lower(hidden, kernel).compile().memory_analysis().temp_size_in_bytes
+
+    logits_bytes = tokens_count * vocab * 4
+    assert temp_bytes(chunked_loss) < logits_bytes / 2
+    assert temp_bytes(full_loss) >= logits_bytes
