@@ -15,12 +15,12 @@ from rlhf_jax.losses.reference_free import cpo_loss, log_odds, orpo_loss, simpo_
 from rlhf_jax.losses.regression import awr_weights, rwr_weights, weighted_nll_loss
 from rlhf_jax.losses.reinforce import reinforce_loss
 from rlhf_jax.losses.reward import ensemble_reward_model_loss, ensemble_scores, reward_model_loss
-from rlhf_jax.losses.sft import sft_loss
+from rlhf_jax.losses.sft import sft_loss, sft_loss_from_logprobs
 from rlhf_jax.losses.value import value_loss
 
 __all__ = [
     "AGGREGATION_MODES", "DIVERGENCES", "DPO_LOSS_TYPES", "IMPORTANCE_LEVELS", "aggregate", "awr_weights",
     "cpo_loss", "dpo_loss", "ensemble_reward_model_loss", "ensemble_scores", "entropy_loss", "grpo_loss",
     "kto_loss", "log_odds", "orpo_loss", "ppo_policy_loss", "reinforce_loss", "reward_model_loss",
-    "rwr_weights", "sft_loss", "simpo_loss", "value_loss", "weighted_nll_loss",
+    "rwr_weights", "sft_loss", "sft_loss_from_logprobs", "simpo_loss", "value_loss", "weighted_nll_loss",
 ]

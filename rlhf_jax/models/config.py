@@ -43,6 +43,7 @@ class ModelConfig:
     attn_out_bias: bool = False  # bias on the attention output projection (GPT-2)
     mlp_bias: bool = False  # bias on the MLP projections (GPT-2)
     tie_word_embeddings: bool = False  # logits = hidden @ embedding.T
+    final_logit_softcap: float | None = None  # vocabulary logits -> cap * tanh(logits / cap) (Gemma 2)
     # --- rotary position embedding (Su et al. 2021, arXiv:2104.09864) ---
     rope_theta: float = 10000.0  # base wavelength
     rope_type: str = "default"  # "default" | "linear" (positions / factor) | "llama3"
@@ -83,6 +84,8 @@ class ModelConfig:
             raise ValueError(
                 f"`num_heads` ({self.num_heads}) must be a multiple of `num_kv_heads` ({self.kv_heads})"
             )
+        if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
+            raise ValueError(f"`final_logit_softcap` must be > 0 or None, got {self.final_logit_softcap}")
         if self.position_embedding == "rope" and self.dims_per_head % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {self.dims_per_head}")
         if isinstance(self.eos_token_id, list):

@@ -13,6 +13,9 @@ Forward API (the training code calls these; params come from `load_pretrained` o
     hidden = model.apply({"params": params}, input_ids, attention_mask, method="hidden_states")
     logits = model.apply({"params": params}, hidden, method="lm_logits")
         # any [..., D] hidden -> [..., V] float32; project only the positions a loss reads
+    head = model.apply({"params": params}, method="output_head")
+        # ops.chunked_head.OutputHead: the vocabulary kernel in the compute dtype, its layout
+        # and the final-logit soft-cap, for `chunked_head_stats` (log-probs without [.., V] logits)
     last, hidden = model.apply({"params": params}, prompt_ids, prompt_mask, response_ids,
                                response_mask, method="shared_prefix_hidden_states")
         # N continuations [B, N, R] of left-padded prompts [B, P], each prompt run once
@@ -39,6 +42,7 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.kv_cache import causal_mask, init_cache, positions_from_mask, write_cache_mask
 from rlhf_jax.models.layers import INIT_STD, MLP, Attention, fold_matmul, make_norm
 from rlhf_jax.ops.checks import check_rank, check_same_shape
+from rlhf_jax.ops.chunked_head import OutputHead, soft_cap
 
 
 class Block(nn.Module):
@@ -120,13 +124,15 @@ class LMHead(nn.Module):
 
     config: ModelConfig
 
-    @nn.compact
-    def __call__(self, hidden):
+    def setup(self):
         c = self.config
-        kernel = self.param(
+        self.kernel = self.param(
             "kernel", nn.initializers.normal(INIT_STD), (c.hidden_size, c.vocab_size),
             jnp.dtype(c.param_dtype),
-        ).astype(jnp.dtype(c.dtype))
+        )
+
+    def __call__(self, hidden):
+        kernel = self.kernel.astype(jnp.dtype(self.config.dtype))
         return fold_matmul(hidden.astype(kernel.dtype), kernel, accumulate=jnp.float32)
 
 
@@ -191,7 +197,22 @@ class CausalLM(nn.Module):
                                      response_ids, response_mask)
 
     def lm_logits(self, hidden):
-        """Vocabulary logits [..., V] in float32 from hidden states [..., D]."""
+        """Vocabulary logits [..., V] in float32 from hidden states [..., D] (soft-capped to
+        `cap * tanh(logits / cap)` when the config has a `final_logit_softcap`)."""
         if self.config.tie_word_embeddings:
-            return self.decoder.attend(hidden)
-        return self.lm_head(hidden)
+            logits = self.decoder.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return soft_cap(logits, self.config.final_logit_softcap)
+
+    def output_head(self) -> OutputHead:
+        """The vocabulary projection as an `OutputHead` (kernel cast to the compute dtype:
+        the tied `[V, D]` embedding or the `[D, V]` `lm_head` kernel, plus the soft-cap), so
+        that `ops.chunked_head.chunked_head_stats` can score tokens block by block with
+        the same numbers as `lm_logits` and gradients flowing to the parameters."""
+        c = self.config
+        if c.tie_word_embeddings:
+            kernel, vocab_major = self.decoder.embed.embedding, True
+        else:
+            kernel, vocab_major = self.lm_head.kernel, False
+        return OutputHead(kernel.astype(jnp.dtype(c.dtype)), vocab_major, c.final_logit_softcap)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_jax.losses.sft import sft_loss
+from rlhf_jax.losses.sft import sft_loss, sft_loss_from_logprobs
 
 B, T, V = 4, 6, 13
 
@@ -109,3 +109,23 @@ def test_bad_inputs_raise():
         sft_loss(logits[0], labels, mask)
     with pytest.raises(ValueError, match="label_smoothing"):
         sft_loss(logits, labels, mask, label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_from_logprobs_matches_torch_from_statistics(label_smoothing):
+    """The loss from per-token statistics (as a chunked head returns them) is torch's loss."""
+    logits, labels, mask = make_batch(3)
+    log_probs = np_log_softmax(logits)
+    label_lp = np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
+    correct = (logits.argmax(-1) == labels).astype(np.float32)
+    loss, metrics = sft_loss_from_logprobs(jnp.asarray(label_lp, jnp.float32), jnp.asarray(mask),
+                                           mean_logprobs=jnp.asarray(log_probs.mean(-1), jnp.float32),
+                                           correct=jnp.asarray(correct), label_smoothing=label_smoothing)
+    counted = mask > 0
+    expected = torch.nn.functional.cross_entropy(torch.tensor(logits[counted]), torch.tensor(labels[counted]).long(),
+                                                 label_smoothing=label_smoothing)
+    np.testing.assert_allclose(loss, expected.item(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["sft/accuracy"], correct[counted].mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["sft/nll"], -label_lp[counted].mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match="mean_logprobs"):
+        sft_loss_from_logprobs(jnp.asarray(label_lp), jnp.asarray(mask), label_smoothing=0.2)

@@ -67,6 +67,8 @@ CASES = [  # (vocab_major, softcap, temperature, chunk_size)
 @pytest.mark.parametrize("vocab_major,softcap,temperature,chunk_size", CASES)
 def test_values_match_numpy(vocab_major, softcap, temperature, chunk_size):
     hidden, kernel, tokens = make_inputs(0, vocab_major=vocab_major, scale=2.0)
+    argmax = np.argmax(np.asarray(hidden) @ np.asarray(kernel.T if vocab_major else kernel), -1)
+    tokens = jnp.asarray(np.where(np.arange(tokens.shape[1]) % 2 == 0, argmax, tokens), jnp.int32)
     stats = jax.jit(chunked, static_argnums=(3, 4, 6))(hidden, kernel, tokens, vocab_major, softcap,
                                                        temperature, chunk_size)
     expected = numpy_stats(hidden, kernel, tokens, vocab_major, softcap, temperature)
@@ -74,6 +76,7 @@ def test_values_match_numpy(vocab_major, softcap, temperature, chunk_size):
     for name, value in expected.items():
         np.testing.assert_allclose(np.asarray(getattr(stats, name)), value, atol=1e-5, rtol=1e-5, err_msg=name)
     np.testing.assert_allclose(stats.mean_logprob, expected["mean_logit"] - expected["logsumexp"], atol=1e-5)
+    assert 0 < expected["is_argmax"].mean() < 1
 
 
 @pytest.mark.parametrize("vocab_major,softcap,temperature,chunk_size", CASES)
