@@ -217,7 +217,8 @@ def chunked_head_stats(hidden, head: OutputHead, tokens, *, temperature=1.0, chu
     leading = hidden.shape[:-1]
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     count = flat_hidden.shape[0]
-    chunk = max(1, min(chunk, count))
+    blocks = max(1, math.ceil(count / chunk))
+    chunk = max(1, math.ceil(count / blocks))  # the same number of blocks, least padding
     stats = _flat_head_stats(flat_hidden, head.kernel, jnp.asarray(tokens, jnp.int32).reshape(-1),
                              jnp.asarray(temperature, jnp.float32), bool(head.vocab_major),
                              None if head.softcap is None else float(head.softcap), chunk)
