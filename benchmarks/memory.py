@@ -16,7 +16,8 @@ buffers and compilation caches never count towards another's. For every case we 
 
 Models (random weights; Llama layout, untied head unless said):
 
-- probe: vocabulary 151,936, hidden 256, 2 layers, 4 heads, MLP 768, batch 4 rows;
+- probe: vocabulary 151,936, hidden 256, 2 layers, 4 heads, MLP 768, untied head, batch 4 rows;
+- probe-tied: the same with tied embeddings (as the small Qwen models), SFT only;
 - qwen3-0.6b-shape: Qwen3-0.6B's dimensions (28 layers, hidden 1024, 16 query / 8 key-value
   heads of 128, MLP 3072, vocabulary 151,936, tied embeddings) without its q/k norms (a few
   thousand parameters), float32 parameters, batch 4 rows. Compile only (~10 GB with Adam).
@@ -58,11 +59,14 @@ RESPONSES = {"sft": 1, "dpo": 2, "grpo": 4}
 ROWS = 4
 MODELS = {
     "probe": dict(vocab_size=151_936, hidden_size=256, num_layers=2, num_heads=4, intermediate_size=768),
+    "probe-tied": dict(vocab_size=151_936, hidden_size=256, num_layers=2, num_heads=4, intermediate_size=768,
+                       tie_word_embeddings=True),
     "qwen3-0.6b-shape": dict(vocab_size=151_936, hidden_size=1024, num_layers=28, num_heads=16,
                              num_kv_heads=8, head_dim=128, intermediate_size=3072, tie_word_embeddings=True,
                              rope_theta=1e6),
 }
-TOKENS = {"probe": (1024, 2048, 4096), "qwen3-0.6b-shape": (256, 1024)}
+TOKENS = {"probe": (1024, 2048, 4096), "probe-tied": (1024, 4096), "qwen3-0.6b-shape": (256, 1024)}
+MODEL_STEPS = {"probe-tied": ("sft",)}  # the other models run every step
 GB = 1e9
 
 
@@ -157,8 +161,8 @@ def run_case(step_name, head, model_name, tokens, execute_limit_gb) -> dict:
                   arguments_gb=memory.argument_size_in_bytes / GB, executed=False)
     if estimate / GB <= execute_limit_gb:
         state, batch, extras = make_args(abstract=False)
-        for _ in range(2):
-            state, loss = step(state, batch, extras)
+        for _ in range(2):  # the executable compiled above: no second compilation
+            state, loss = compiled(state, batch, extras)
         result.update(executed=True, loss=float(jax.block_until_ready(loss)))
     return result
 
@@ -187,18 +191,21 @@ def table(results) -> str:
 
 
 def growth_lines(results) -> list[str]:
+    """Growth of each measure from 1,024 to 4,096 tokens on the probe models."""
     lines = []
-    for step_name in STEPS:
-        for head in HEADS:
-            picked = {r["tokens"]: r for r in results if r["model"] == "probe" and r["step"] == step_name
-                      and r["head"] == head}
-            if 1024 in picked and 4096 in picked:
+    for model_name in ("probe", "probe-tied"):
+        for step_name in STEPS:
+            for head in HEADS:
+                picked = {r["tokens"]: r for r in results
+                          if (r["model"], r["step"], r["head"]) == (model_name, step_name, head)}
+                if 1024 not in picked or 4096 not in picked:
+                    continue
                 for key, label in (("xla_estimate_gb", "XLA estimate"), ("peak_rss_gb", "peak RSS")):
                     if key == "peak_rss_gb" and not (picked[1024]["executed"] and picked[4096]["executed"]):
                         continue
                     low, high = picked[1024][key], picked[4096][key]
-                    lines.append(f"- probe {step_name}, {head} head, {label}: {low:.2f} GB at 1,024 tokens -> "
-                                 f"{high:.2f} GB at 4,096 (+{100 * (high / low - 1):.0f}%)")
+                    lines.append(f"- {model_name} {step_name}, {head} head, {label}: {low:.2f} GB at 1,024 tokens "
+                                 f"-> {high:.2f} GB at 4,096 (+{100 * (high / low - 1):.0f}%)")
     return lines
 
 
@@ -209,6 +216,8 @@ def main(argv=None):
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
     parser.add_argument("--execute-limit-gb", type=float, default=2.5)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--collect", nargs="+", metavar="LOG",
+                        help="build the section from the JSON lines of earlier runs' output instead of running")
     args = parser.parse_args(argv)
     if args.case:
         import resource
@@ -218,9 +227,13 @@ def main(argv=None):
         print(json.dumps(result))
         return
     results = []
-    for model_name in args.models:
+    if args.collect:
+        for log in args.collect:
+            results += [json.loads(line) for line in Path(log).read_text().splitlines() if line.startswith("{")]
+        args.models = list(dict.fromkeys(r["model"] for r in results))
+    for model_name in [] if args.collect else args.models:
         for tokens in TOKENS[model_name]:
-            for step_name in args.steps:
+            for step_name in [s for s in args.steps if s in MODEL_STEPS.get(model_name, STEPS)]:
                 for head in HEADS:
                     result = run_in_child((step_name, head, model_name, tokens), args.execute_limit_gb)
                     print(json.dumps(result), flush=True)

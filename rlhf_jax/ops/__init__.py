@@ -1,6 +1,8 @@
 """Pure array math (jax + chex only): masking, log-probs and entropy, KL estimators and the
-KL controller, per-token reward shaping, advantages (GAE, returns, group / RLOO baselines)."""
+KL controller, per-token reward shaping, advantages (GAE, returns, group / RLOO baselines),
+and the LM head's token statistics computed in blocks (`chunked_head_stats`)."""
 from rlhf_jax.ops.advantages import GROUP_SCALES, SCAN_METHODS, discounted_returns, gae, group_advantages, rloo_advantages
+from rlhf_jax.ops.chunked_head import HeadStats, OutputHead, chunked_head_stats, default_chunk_size, soft_cap
 from rlhf_jax.ops.kl import KL_ESTIMATORS, full_kl, kl_estimate
 from rlhf_jax.ops.kl_controller import KLController, KLControllerState, adaptive_kl_controller, fixed_kl_controller
 from rlhf_jax.ops.logprobs import entropy_from_logits, sequence_logprobs, token_logprobs
@@ -8,7 +10,8 @@ from rlhf_jax.ops.masking import last_token_index, masked_mean, masked_sum, mask
 from rlhf_jax.ops.rewards import shape_rewards
 
 __all__ = [
-    "GROUP_SCALES", "KL_ESTIMATORS", "KLController", "KLControllerState", "SCAN_METHODS", "adaptive_kl_controller",
+    "GROUP_SCALES", "HeadStats", "KL_ESTIMATORS", "OutputHead", "chunked_head_stats", "default_chunk_size",
+    "soft_cap", "KLController", "KLControllerState", "SCAN_METHODS", "adaptive_kl_controller",
     "discounted_returns", "entropy_from_logits", "fixed_kl_controller", "full_kl", "gae", "group_advantages",
     "kl_estimate", "last_token_index", "masked_mean", "masked_sum", "masked_var", "masked_whiten", "rloo_advantages",
     "sequence_logprobs", "shape_rewards", "token_logprobs",
