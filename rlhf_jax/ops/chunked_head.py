@@ -25,6 +25,13 @@ whatever the number of positions. This is the memory behaviour of fused/"cut" cr
 heads (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models",
 arXiv:2411.09009): peak memory independent of the number of tokens. The cost is one extra
 `[tokens, D] x [D, V]` matmul (the recomputation in the backward pass).
+
+A rematerialised scan (`jax.checkpoint` around each block's log-softmax, autodiff for the
+rest) needs the same memory: XLA's temporaries for value-and-gradient of the log-probs at
+V = 151,936, D = 256, blocks of 108 positions were 221 MB for both at 1,080, 2,160 and 4,320
+positions, and the same time on CPU (V = 32,000: 4.8 s vs 4.7 s on a loaded machine). The
+custom VJP is kept because it differentiates all four statistics in one recomputation with
+the closed forms above and reuses the saved `logsumexp` and `E_p[z]`.
 """
 from __future__ import annotations
 
