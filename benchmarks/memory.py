@@ -214,6 +214,7 @@ def main(argv=None):
     parser.add_argument("--case", nargs=4, metavar=("STEP", "HEAD", "MODEL", "TOKENS"))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
+    parser.add_argument("--tokens", nargs="+", type=int, help="only these tokens per step (default: per model)")
     parser.add_argument("--execute-limit-gb", type=float, default=2.5)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--collect", nargs="+", metavar="LOG",
@@ -232,7 +233,7 @@ def main(argv=None):
             results += [json.loads(line) for line in Path(log).read_text().splitlines() if line.startswith("{")]
         args.models = list(dict.fromkeys(r["model"] for r in results))
     for model_name in [] if args.collect else args.models:
-        for tokens in TOKENS[model_name]:
+        for tokens in [t for t in TOKENS[model_name] if not args.tokens or t in args.tokens]:
             for step_name in [s for s in args.steps if s in MODEL_STEPS.get(model_name, STEPS)]:
                 for head in HEADS:
                     result = run_in_child((step_name, head, model_name, tokens), args.execute_limit_gb)
