@@ -262,7 +262,7 @@ class ModelConfig:
         """Mistral layout: the Llama layout with a 4096-token sliding window on every layer."""
         base = dict(
             model_type="mistral", num_kv_heads=8, intermediate_size=14336, sliding_window=4096,
-            max_position_embeddings=32768,
+            max_position_embeddings=32768, bos_token_id=1, eos_token_id=2,
         )
         return cls(**{**base, **fields})
 
@@ -282,13 +282,14 @@ class ModelConfig:
 
     @classmethod
     def gemma3_text(cls, **fields) -> "ModelConfig":
-        """Gemma 3 text layout (1B sizes): five sliding layers (RoPE base 10^4), then a global one (10^6)."""
+        """Gemma 3 text layout (transformers' default sizes): five sliding layers with RoPE base
+        10^4, then a global one with base 10^6; q/k norms; no attention soft-capping."""
         num_layers = fields.get("num_layers", 26)
         base = dict(
-            model_type="gemma3_text", vocab_size=262144, hidden_size=1152, num_layers=num_layers,
-            num_heads=4, num_kv_heads=1, head_dim=256, intermediate_size=6912,
-            max_position_embeddings=32768, activation="gelu_pytorch_tanh", tie_word_embeddings=True,
-            query_pre_attn_scalar=256, sliding_window=512,
+            model_type="gemma3_text", vocab_size=262208, hidden_size=2304, num_layers=num_layers,
+            num_heads=8, num_kv_heads=4, head_dim=256, intermediate_size=9216,
+            max_position_embeddings=131072, activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+            query_pre_attn_scalar=256, sliding_window=4096,
             layer_types=alternating_layer_types(num_layers, 6), rope_theta=1e6,
             rope_local_theta=1e4, bos_token_id=2, eos_token_id=1, pad_token_id=0,
             **FAMILY_LAYOUT["gemma3_text"],
