@@ -160,3 +160,25 @@ def test_save_pretrained_round_trips_through_transformers(family, loaded, tmp_pa
     module_again, params_again = load_pretrained(tmp_path)
     assert module_again.config == module.config
     jax.tree.map(np.testing.assert_array_equal, params, params_again)
+
+
+def test_shared_prefix_hidden_states_respect_the_window(loaded):
+    """Prompts run once through the cache, continuations after them: the same hidden states as
+    one pass over each prompt + continuation, with windows shorter than both."""
+    module, params, _ = loaded["gemma2"]
+    prompt_ids, prompt_mask = padded_batch(seed=17, batch=2, time=7, side="left")
+    response_ids = np.random.default_rng(18).integers(3, 128, size=(2, 3, 6))
+    response_mask = np.ones_like(response_ids)
+    response_mask[:, 1, 4:] = 0
+    response_mask[:, 2, 2:] = 0
+    response_ids = np.where(response_mask == 1, response_ids, PAD_ID)
+    prefix = jax.jit(lambda *a: module.apply({"params": params}, *a, method="shared_prefix_hidden_states"))
+    last, hidden = prefix(*map(jnp.asarray, (prompt_ids, prompt_mask, response_ids, response_mask)))
+    full = jax.jit(lambda i, m: module.apply({"params": params}, i, m, method="hidden_states"))
+    for n in range(3):
+        ids = np.concatenate([prompt_ids, response_ids[:, n]], axis=1)
+        mask = np.concatenate([prompt_mask, response_mask[:, n]], axis=1)
+        expected = np.asarray(full(jnp.asarray(ids), jnp.asarray(mask)))
+        np.testing.assert_allclose(last, expected[:, 6], atol=1e-4)
+        keep = response_mask[:, n].astype(bool)
+        np.testing.assert_allclose(np.asarray(hidden[:, n])[keep], expected[:, 7:][keep], atol=1e-4)
