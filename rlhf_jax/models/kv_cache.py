@@ -86,7 +86,9 @@ def sliding_window_mask(attend_mask, query_positions, key_positions, window: int
 
     Query at position p keeps key position q iff `p - q < window` (with the causal mask: the
     `window` positions p - window + 1 .. p), the convention of transformers' sliding-window
-    masks. query_positions [B, T], key_positions [B, S].
+    masks. transformers counts slots instead of positions; the two agree whenever a row's real
+    tokens are contiguous (left or right padding), and positions keep the window right when
+    a row has padding between real tokens. query_positions [B, T], key_positions [B, S].
     """
     distance = query_positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
     return attend_mask & (distance < window)
