@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models.config import FULL_ATTENTION, ModelConfig
-from rlhf_jax.ops.chunked_head import soft_cap  # noqa: F401  (Gemma soft-capping, shared with the chunked head)
+from rlhf_jax.ops.chunked_head import soft_cap
 
 INIT_STD = 0.02  # weight init of fresh (untrained) models, as in GPT-2 and Llama
 
