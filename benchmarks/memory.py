@@ -29,7 +29,7 @@ in the step from a second parameter copy), GRPO 4 of `L / 8` (old and reference 
 are inputs, as computed at rollout). Each prompt runs once for its responses
 (`response_logprobs(prompt_once=True)`). Adam (AdamW, global-norm clipping) updates every
 parameter. The steps are built here from the library's pieces (`response_logprobs` with
-`head_chunk_size=None` (full) or `"auto"` (chunked), `sft_loss_from_logprobs`, `dpo_loss`,
+`head_chunk_size=None` (full) or `default_chunk_size(V)` (chunked), `sft_loss_from_logprobs`, `dpo_loss`,
 `grpo_loss`, `TrainState.apply_gradients`), the same computations as the library's steps.
 
 LoRA vs full fine-tuning: not measured (no LoRA API in `rlhf_jax.models` when this was run;
@@ -79,6 +79,7 @@ def build_case(step_name: str, head: str, model_name: str, tokens: int):
 
     from rlhf_jax.losses import dpo_loss, grpo_loss, sft_loss_from_logprobs
     from rlhf_jax.models import CausalLM, ModelConfig
+    from rlhf_jax.ops.chunked_head import default_chunk_size
     from rlhf_jax.training.logprobs import LMBatch, response_logprobs
     from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
     from rlhf_jax.training.state import TrainState
@@ -88,7 +89,7 @@ def build_case(step_name: str, head: str, model_name: str, tokens: int):
     length = tokens // ROWS
     num = RESPONSES[step_name]
     prompt, response = length // 2, length // 2 // num
-    chunk = None if head == "full" else "auto"
+    chunk = None if head == "full" else default_chunk_size(config.vocab_size)  # blocks even where "auto" would not
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5, schedule="constant"))
 
     def logprobs(params, batch, **kwargs):
@@ -229,8 +230,15 @@ def main(argv=None):
         return
     results = []
     if args.collect:
+        latest = {}  # one result per case: the last one logged
         for log in args.collect:
-            results += [json.loads(line) for line in Path(log).read_text().splitlines() if line.startswith("{")]
+            for line in Path(log).read_text().splitlines():
+                if line.startswith("{"):
+                    result = json.loads(line)
+                    latest[(result["model"], result["step"], result["head"], result["tokens"])] = result
+        order = {name: i for i, name in enumerate(MODELS)}
+        results = sorted(latest.values(), key=lambda r: (order[r["model"]], r["tokens"], STEPS.index(r["step"]),
+                                                         HEADS.index(r["head"])))
         args.models = list(dict.fromkeys(r["model"] for r in results))
     for model_name in [] if args.collect else args.models:
         for tokens in [t for t in TOKENS[model_name] if not args.tokens or t in args.tokens]:

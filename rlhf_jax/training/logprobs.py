@@ -29,7 +29,12 @@ blocks by `ops.chunked_head.chunked_head_stats` (`CausalLM.output_head`), whose 
 backward passes never hold `[B, N, R, V]` logits: a block holds about 2^24 logits
 (`default_chunk_size(V)` positions; at most 110 positions for a 151,936-token vocabulary),
 so the head's memory no longer grows with the tokens of a step. With a small vocabulary the
-whole batch is one block. An int sets the positions per block; `None` projects every
+whole batch is one block. `"auto"` keeps full logits while the positions `B * N * R` are at
+most the hidden size D: the blocked backward pass holds two float32 `[D, V]` buffers (the
+kernel gradient and one block's contribution), which outweigh `[positions, V]` logits there
+(measured in benchmarks/RESULTS.md, "Memory": a Qwen3-0.6B-shaped step at 512 scored
+positions, D = 1,024, needs 13.06 GB blocked vs 12.69 GB full). On CPU the blocked head was not
+slower (steps at V = 512 / 8,192 / 32,000: 0.85x / 0.98x / 0.80x the full head's time). An int sets the positions per block; `None` projects every
 position with `lm_logits` (full float32 logits, their gradient and softmax temporaries: about
 12 bytes x tokens x V). Both agree to 1e-5 in values and gradients (tested).
 """
@@ -175,6 +180,9 @@ def response_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, with
             is_argmax = keep((jnp.argmax(logits, -1) == tokens).astype(jnp.float32))
         return ResponseLogprobs(logprobs, mask, entropy, mean_logprob, is_argmax)
     head = apply_fn({"params": params}, method="output_head")
+    if head_chunk_size == "auto" and tokens.size <= head.hidden_size:
+        return response_logprobs(apply_fn, params, batch, temperature=temperature, with_entropy=with_entropy,
+                                 prompt_once=prompt_once, head_chunk_size=None, with_vocab_stats=with_vocab_stats)
     chunk = None if head_chunk_size == "auto" else head_chunk_size
     stats = chunked_head_stats(hidden.predicting, head, tokens, temperature=temperature, chunk_size=chunk)
     return ResponseLogprobs(

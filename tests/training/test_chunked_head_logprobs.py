@@ -47,7 +47,7 @@ def scaled_params(model, seed):
 @pytest.mark.parametrize("family,softcap,temperature,chunk", [
     ("llama", None, 0.7, 6),  # 3 * 2 * 5 = 30 positions: divides
     ("llama", 2.0, 1.0, 7),  # does not divide
-    ("gpt2", None, 1.3, "auto"),  # one block
+    ("gpt2", None, 1.3, 30),  # one block
     ("gpt2", 3.0, 0.7, 4),
 ])
 def test_chunked_head_matches_full_logits(family, softcap, temperature, chunk):
@@ -87,6 +87,19 @@ def test_output_head_matches_lm_logits():
         kernel = head.kernel.T if head.vocab_major else head.kernel
         np.testing.assert_allclose(logits, 2.5 * jnp.tanh(hidden @ kernel / 2.5), atol=1e-5)
         assert float(jnp.max(jnp.abs(logits))) < 2.5
+
+
+def test_auto_uses_blocks_beyond_the_hidden_size():
+    """"auto" keeps full logits for at most D positions, blocks beyond (the jaxpr says which)."""
+    model = CausalLM(config("llama"))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+
+    def has_scan(batch):
+        jaxpr = jax.make_jaxpr(lambda p: response_logprobs(model.apply, p, batch).logprobs)(params)
+        return "scan" in str(jaxpr)
+
+    assert not has_scan(random_batch(0, rows=2, num=2, response=8))  # 32 positions = D
+    assert has_scan(random_batch(0, rows=3, num=2, response=8))  # 48 positions
 
 
 def test_rejects_bad_chunk_size():
