@@ -13,6 +13,7 @@ import sys
 
 from rlhf_jax.pipeline.config import ConfigError
 from rlhf_jax.pipeline.data_formats import DataError
+from rlhf_jax.rewards.loading import RewardError
 
 # subcommand -> (module, function, one-line help)
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DataError as err:
         print(f"rlhf-jax {args.stage}: data error: {err}", file=sys.stderr)
+        return 2
+    except RewardError as err:
+        print(f"rlhf-jax {args.stage}: reward error: {err}", file=sys.stderr)
         return 2
     return 0
 

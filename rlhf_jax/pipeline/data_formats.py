@@ -1,7 +1,7 @@
 """Data file and row formats: reading files, validating and rendering rows into texts.
 
 Files: `.jsonl` (one JSON object per line), `.json` (a list of objects) and `.parquet`, read
-through Hugging Face `datasets`. Rows are numbered from 1 in file order (blank JSONL lines are
+through Hugging Face `datasets`, and folders written by `Dataset.save_to_disk`. Rows are numbered from 1 in file order (blank JSONL lines are
 not rows), and every error names the file and the row.
 
 Three kinds of dataset, each as plain strings or as conversations (lists of
@@ -88,6 +88,8 @@ def read_rows(path: str | Path, *, cache_dir: str | None = None) -> tuple[list[d
     import datasets
 
     path = Path(path)
+    if path.is_dir():
+        return _read_saved_dataset(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     reader = _READERS.get(path.suffix.lower())
@@ -104,6 +106,25 @@ def read_rows(path: str | Path, *, cache_dir: str | None = None) -> tuple[list[d
         # A column whose rows hold different types: datasets re-decodes such values (a
         # string "12" becomes the number 12), so read the exact values by hand instead.
         return _read_json_by_hand(path)
+    rows = dataset.to_list()
+    for number, row in enumerate(rows, start=1):
+        row["__row__"] = number
+    return rows, []
+
+
+def _read_saved_dataset(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
+    """The rows of a folder written by `datasets` `save_to_disk` (a `DatasetDict`: its
+    `train` split, or its only one)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as error:  # not a saved dataset, or an unreadable one
+        raise DataError(f"{path}: a folder, but not one written by datasets' save_to_disk ({error})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset and len(dataset) != 1:
+            raise DataError(f"{path}: a DatasetDict with splits {sorted(dataset)} and no 'train' split")
+        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
     rows = dataset.to_list()
     for number, row in enumerate(rows, start=1):
         row["__row__"] = number

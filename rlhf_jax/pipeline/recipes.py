@@ -151,12 +151,49 @@ class DPOConfig(StageConfig):
 
 
 @dataclass
+class RewardFunctionSpec:
+    """One reward function of `reward.functions` (see `rlhf_jax.rewards`)."""
+
+    function: str = ""  # path/to/file.py:name (relative to the working directory) or package.module:name
+    weight: float = 1.0  # its weight in the weighted sum
+
+
+@dataclass
 class RewardSource:
-    """What scores a response: a reward-model folder or the built-in task's gold scorer."""
+    """What scores a response: reward functions, a reward-model folder, both, or the built-in
+    task's gold scorer.
+
+    With `functions`, the score is `sum_f weight_f * f(...)` (a None left out of its row's
+    sum), plus `model_weight * reward model` when `path` is set; `kind` is then not used.
+    Without `functions`, `kind` picks the reward model (`path`) or the gold scorer. Reward
+    functions and the gold scorer run on the host between the jitted generate and update
+    phases of each iteration; a reward model alone scores inside the compiled iteration.
+    """
 
     kind: Literal["reward_model", "gold"] = "reward_model"
-    path: str | None = None  # reward-model folder when kind = reward_model
+    path: str | None = None  # reward-model folder (kind = reward_model, or next to functions)
     gold_kind: Literal["exact", "graded"] = "exact"  # the gold scorer's variant (kind = gold)
+    functions: list[RewardFunctionSpec] = field(default_factory=list)
+    model_weight: float = 1.0  # weight of the reward model's score next to `functions`
+
+    @property
+    def uses_model(self) -> bool:
+        return self.path is not None if self.functions else self.kind == "reward_model"
+
+    @property
+    def uses_gold(self) -> bool:
+        return not self.functions and self.kind == "gold"
+
+
+@dataclass
+class DynamicSamplingSection:
+    """DAPO's dynamic sampling (Yu et al. 2025, arXiv:2503.14476): drop prompt groups whose
+    rewards all tie (zero advantage, no gradient) and refill the batch with groups of further
+    prompts, at most `max_refills` extra generate calls per iteration; a batch still short
+    after that is completed with tied groups (logged as `dynamic_sampling/filled_fraction`)."""
+
+    enabled: bool = False
+    max_refills: int = 4
 
 
 @dataclass
@@ -211,9 +248,18 @@ class GRPOStageConfig(RLStageConfig):
     output_dir: str = "runs/grpo"
     reward: RewardSource = field(default_factory=lambda: RewardSource(kind="gold"))
     grpo: GRPOAlgorithmConfig = field(default_factory=GRPOAlgorithmConfig)
+    dynamic_sampling: DynamicSamplingSection = field(default_factory=DynamicSamplingSection)
+    mask_truncated: bool = False  # responses without EOS count no token in the loss (host-scored runs)
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalRewardSection:
+    """Reward functions scored on every policy's samples (`reward/<name>/mean` per policy)."""
+
+    functions: list[RewardFunctionSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -227,6 +273,7 @@ class EvalConfig:
     reward_model: str | None = None  # reward-model folder (held-out accuracy); None: skip
     tokenizer: str | None = None  # None: the reference's (or the first policy's) folder
     prompts_file: str = ""  # prompt rows with an `answer` column (the task's eval_prompts.jsonl)
+    reward: EvalRewardSection = field(default_factory=lambda: EvalRewardSection())  # reward functions
     preferences_file: str | None = None  # held-out pairs for reward-model accuracy
     max_prompts: int | None = None  # evaluate on the first N prompts (None: all)
     num_samples: int = 64  # samples per prompt (pass@k for k <= num_samples)
@@ -298,6 +345,12 @@ def check_stage_config(config, path=None) -> None:
                            "train.stop_after", "eval.batch_size", "logging.every"), path)
     if isinstance(config, RLStageConfig):
         _positive(config, ("train.iterations", "train.stop_after", "train.batch_size", "logging.every"), path)
+        _check_functions(config.reward.functions, "reward.functions", path)
+    if isinstance(config, GRPOStageConfig) and config.dynamic_sampling.max_refills < 0:
+        raise ConfigError(f"{path + ': ' if path else ''}`dynamic_sampling.max_refills` must be >= 0, "
+                          f"got {config.dynamic_sampling.max_refills}")
+    if isinstance(config, EvalConfig):
+        _check_functions(config.reward.functions, "reward.functions", path)
     if isinstance(config, EvalConfig):
         _positive(config, ("num_samples", "max_new_tokens", "batch_size"), path)
     if isinstance(config, QuickstartConfig):
@@ -309,6 +362,14 @@ def check_stage_config(config, path=None) -> None:
             check_stage_config(getattr(config, name), path)
 
 
+def _check_functions(functions, key: str, path) -> None:
+    for index, spec in enumerate(functions):
+        if not spec.function:
+            source = f"{path}: " if path is not None else ""
+            raise ConfigError(f"{source}`{key}[{index}].function` is empty; expected "
+                              "'path/to/file.py:name' or 'package.module:name'")
+
+
 def with_schedule_length(optim: OptimizerConfig, steps: int) -> OptimizerConfig:
     """`optim` with `total_steps = steps` (warmup capped below it), so the schedule spans the run."""
     warmup = min(optim.warmup_steps, max(steps - 1, 0))
@@ -318,7 +379,7 @@ def with_schedule_length(optim: OptimizerConfig, steps: int) -> OptimizerConfig:
 __all__ = [
     "ModelSection", "TrainSection", "EvalSection", "CheckpointSection", "LoggingSection",
     "StageConfig", "SFTOptions", "SFTConfig", "RewardOptions", "RewardConfig", "DPOConfig",
-    "RewardSource", "RLTrainSection", "RLStageConfig", "PPOStageConfig", "GRPOStageConfig", "EvalConfig",
+    "RewardFunctionSpec", "RewardSource", "DynamicSamplingSection", "EvalRewardSection", "RLTrainSection", "RLStageConfig", "PPOStageConfig", "GRPOStageConfig", "EvalConfig",
     "QuickstartConfig", "QUICKSTART_STAGES", "load_stage_config",
     "check_stage_config", "with_schedule_length",
 ]
