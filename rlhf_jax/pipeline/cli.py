@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# transformers warns "PyTorch was not found" at import on installs without torch (which a JAX
+# run does not need); its advisory warnings are off for the command.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from rlhf_jax.pipeline.config import ConfigError
 from rlhf_jax.pipeline.data_formats import DataError

@@ -11,7 +11,8 @@ any pytree of arrays: a train state and an RNG key for SFT / reward / DPO; polic
 KL-controller states for PPO.
 
 - Metrics: a row `{"step": s, **metrics}` in `<output_dir>/metrics.jsonl` and TensorBoard
-  every `logging.every` steps and at the last step; evaluation metrics (`evaluate(carry)`,
+  every `logging.every` steps and at the last step (and, when no progress bar is drawn, e.g.
+  output not to a terminal, one printed line `[stage] step s/N  key value ...`); evaluation metrics (`evaluate(carry)`,
   every `eval_every` steps and at the end) join that step's row. No wall-clock values go into
   the rows, so two runs with the same seed write identical files.
 - Checkpoints (`<output_dir>/checkpoints/<step>`): the carry, plus the data position and the
@@ -65,6 +66,20 @@ def _host(metrics: Mapping[str, Any]) -> dict:
 
 def _cache_sizes(compiled: Sequence[Callable]) -> list[int]:
     return [fn._cache_size() if hasattr(fn, "_cache_size") else 0 for fn in compiled]
+
+
+def log_line(description: str, step: int, num_steps: int, row: Mapping[str, Any],
+             keys: Sequence[str] | None) -> str:
+    """`[description] step s/N  key value ...` for the `keys` present in `row` (all scalars
+    when `keys` is None; at most 8)."""
+    names = [name for name in (keys if keys is not None else row) if name in row][:8]
+    shown = []
+    for name in names:
+        try:
+            shown.append(f"{name} {float(np.asarray(row[name])):.4g}")
+        except (TypeError, ValueError):
+            continue
+    return f"[{description}] step {step}/{num_steps}  " + "  ".join(shown)
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> str:
@@ -173,6 +188,8 @@ def run_loop(
                     row.update(evaluate(carry))
                 last_row = logger.log(step, row) or row
                 bar.update(1, row)
+                if main and not bar.enabled:  # no bar (not a terminal): one plain line per logged row
+                    print(log_line(description, step, num_steps, row, progress_keys), flush=True)
                 now = _cache_sizes(compiled)
                 if now != sizes:
                     raise RuntimeError(f"{description}: a step function compiled again at step {step} "
@@ -192,4 +209,4 @@ def run_loop(
                       last_metrics=dict(last_row), seconds=seconds, steps_per_second=rate)
 
 
-__all__ = ["LoopResult", "compile_train_step", "run_loop", "checkpoint_dir", "CHECKPOINT_DIR"]
+__all__ = ["LoopResult", "compile_train_step", "run_loop", "log_line", "checkpoint_dir", "CHECKPOINT_DIR"]

@@ -257,9 +257,11 @@ class GRPOStageConfig(RLStageConfig):
 
 @dataclass
 class EvalRewardSection:
-    """Reward functions scored on every policy's samples (`reward/<name>/mean` per policy)."""
+    """Reward functions scored on every policy's samples (`reward/<name>/mean` per policy); when
+    given they replace the built-in task's gold scorer (see `stages/evaluate.py`)."""
 
     functions: list[RewardFunctionSpec] = field(default_factory=list)
+    pass_threshold: float = 0.5  # with functions: a sample passes when its weighted reward exceeds this
 
 
 @dataclass

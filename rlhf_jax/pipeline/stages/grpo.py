@@ -125,7 +125,7 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
         compiled = (generate, train)
     return runs.run_rollout_stage("grpo", config, setup, policy_module, {"policy": policy_state}, iterate,
                                     compiled=compiled, resume=resume,
-                                    progress_keys=("objective/scores", "grpo/kl", "grpo/clipfrac"))
+                                    progress_keys=("objective/scores", "grpo/kl", "grpo/clipfrac", *runs.reward_keys(host)))
 
 
 def run(config_path=None, overrides=(), *, resume: bool = False) -> dict:

@@ -191,6 +191,12 @@ def print_rollout_start(stage: str, setup: RolloutSetup, scoring: list[str]) -> 
     print("\n".join(lines), flush=True)
 
 
+def reward_keys(host) -> tuple[str, ...]:
+    """`reward/<name>/mean` of a `HostScorer`'s reward functions (shown in progress lines)."""
+    functions = getattr(host, "functions", None)
+    return tuple(f"reward/{name}/mean" for name in functions.names) if functions is not None else ()
+
+
 def frozen_reference(config, policy_params, mesh):
     """The frozen reference policy's parameters, replicated over `mesh`: the `reference`
     folder (default `policy.path`), else a copy of the fresh policy's `policy_params`."""
@@ -232,5 +238,5 @@ __all__ = [
     "process_share", "train_batches", "ordered_batches", "pair_values", "SupervisedSetup",
     "open_supervised_stage", "supervised_state_and_step", "run_supervised_stage",
     "sampling_with_tokenizer", "prompt_batches", "RolloutSetup", "open_rollout_stage",
-    "place_prompt_batch", "print_rollout_start", "frozen_reference", "run_rollout_stage",
+    "place_prompt_batch", "print_rollout_start", "reward_keys", "frozen_reference", "run_rollout_stage",
 ]
