@@ -34,7 +34,7 @@ from typing import Literal
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.pipeline.config import ConfigError, load_config
 from rlhf_jax.pipeline.data import DataConfig
-from rlhf_jax.pipeline.task import TaskConfig
+from rlhf_jax.pipeline.tasks import split_task_section
 from rlhf_jax.training.dpo_step import PreferenceLossConfig
 from rlhf_jax.training.grpo import GRPOConfig as GRPOAlgorithmConfig
 from rlhf_jax.training.optim import OptimizerConfig
@@ -171,6 +171,7 @@ class RewardSource:
     """
 
     kind: Literal["reward_model", "gold"] = "reward_model"
+    task: str | None = None  # the task whose scorer is `gold` (None: the default task)
     path: str | None = None  # reward-model folder (kind = reward_model, or next to functions)
     gold_kind: Literal["exact", "graded"] = "exact"  # the gold scorer's variant (kind = gold)
     functions: list[RewardFunctionSpec] = field(default_factory=list)
@@ -275,6 +276,7 @@ class EvalConfig:
     reward_model: str | None = None  # reward-model folder (held-out accuracy); None: skip
     tokenizer: str | None = None  # None: the reference's (or the first policy's) folder
     prompts_file: str = ""  # prompt rows with an `answer` column (the task's eval_prompts.jsonl)
+    task: str | None = None  # the task whose scorer gives pass@k without reward.functions (None: default)
     reward: EvalRewardSection = field(default_factory=lambda: EvalRewardSection())  # reward functions
     preferences_file: str | None = None  # held-out pairs for reward-model accuracy
     max_prompts: int | None = None  # evaluate on the first N prompts (None: all)
@@ -302,7 +304,7 @@ class QuickstartConfig:
 
     output_dir: str = "runs/quickstart"
     seed: int = 0
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: dict = field(default_factory=dict)  # `name` (a task of rlhf_jax.tasks) + the task's config
     model: ModelConfig = field(default_factory=ModelConfig)  # the fresh policy's architecture
     stages: list[str] = field(default_factory=lambda: list(QUICKSTART_STAGES))
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -356,6 +358,7 @@ def check_stage_config(config, path=None) -> None:
     if isinstance(config, EvalConfig):
         _positive(config, ("num_samples", "max_new_tokens", "batch_size"), path)
     if isinstance(config, QuickstartConfig):
+        split_task_section(config.task)  # an unknown task or task key is a ConfigError
         unknown = [name for name in config.stages if name not in QUICKSTART_STAGES]
         if unknown:
             raise ConfigError(f"unknown quickstart stage {unknown[0]!r} in `stages`; valid stages: "

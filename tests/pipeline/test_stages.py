@@ -44,7 +44,7 @@ def test_every_recipe_config_loads(name, cls):
 
 def test_quickstart_yaml_is_the_built_in_recipe():
     assert load_quickstart_config(CONFIGS / "quickstart.yaml") == load_quickstart_config()
-    assert load_quickstart_config().task.max_digits == QUICKSTART_RECIPE["task"]["max_digits"]
+    assert load_quickstart_config().task["max_digits"] == QUICKSTART_RECIPE["task"]["max_digits"]
 
 
 @pytest.mark.parametrize("stage, override, message", [

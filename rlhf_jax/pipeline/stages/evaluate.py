@@ -1,4 +1,5 @@
-"""`rlhf-jax eval`: score policies on held-out prompts with the built-in task's gold scorer.
+"""`rlhf-jax eval`: score policies on held-out prompts with a task's gold scorer (`task`, the
+rows' `answer` column as reference) or with reward functions (`reward.functions`).
 
     rlhf-jax eval --config configs/eval.yaml policies.sft=runs/sft/model policies.ppo=runs/ppo/model
 
@@ -150,6 +151,10 @@ def evaluate_policies(config: EvalConfig) -> dict:
         columns={name: values[:count] for name, values in prompts.columns.items() if name not in NOT_PASSED},
         repeat=config.num_samples,
         row_names=[f"{file} row {number}" for file, number in prompts.sources[:count]])
+    answers = prompts.columns.get("answer")
+    gold_inputs = {"task": config.task,
+                   "answers": None if answers is None else np.repeat(np.asarray(answers[:count], object),
+                                                                     config.num_samples)}
     scorers = _Scorers()
     reward = common.load_folder(config.reward_model, head="reward", key="reward_model") if config.reward_model else None
     reference = common.load_folder(config.reference, head="lm", key="reference") if config.reference else None
@@ -166,8 +171,8 @@ def evaluate_policies(config: EvalConfig) -> dict:
                           common.load_folder(folder, head="lm", key=f"policies.{name}"))
         samples = sample_policy(module, params, prompt_ids, prompt_mask, config, tokenizer)
         if function_scorer is None:
-            gold = gold_scores(tokenizer, prompt_ids, samples["tokens"], kind="exact")
-            graded = gold_scores(tokenizer, prompt_ids, samples["tokens"], kind="graded")
+            gold = gold_scores(tokenizer, prompt_ids, samples["tokens"], kind="exact", **gold_inputs)
+            graded = gold_scores(tokenizer, prompt_ids, samples["tokens"], kind="graded", **gold_inputs)
         else:  # the reward functions replace the gold scorer: pass = reward above the threshold
             graded, reward_metrics = function_scorer(samples["tokens"], samples["mask"], **function_inputs)
             gold = (graded > config.reward.pass_threshold).astype(np.float32)

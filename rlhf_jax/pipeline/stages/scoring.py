@@ -7,9 +7,10 @@ scorer read decoded text, so they run on the host between the jitted generate ph
 inside a JAX callback: an error in a reward function is a `RewardError`, reported by the CLI in
 one line (`reward error`) with exit code 2.
 
-The gold scorer (`rlhf_jax.pipeline.task.gold_reward`) reads the prompt decoded without special
-tokens (`"12+345="`, also from a chat-rendered prompt) and the response decoded with them, so
-the EOS token marks where the answer stops. Identical rows are decoded once.
+The gold scorer (`reward.kind: gold`) is the `reward` of a task (`rlhf_jax.pipeline.tasks`): it
+reads the prompt decoded without special tokens (also from a chat-rendered prompt), the
+response decoded with them, so the EOS token marks where the answer stops, and the row's
+`answer` when the data has one. Identical rows are decoded once.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_jax.pipeline.task import gold_reward
-from rlhf_jax.rewards import RewardFunction, RewardScorer, function_name, load_reward_function
+from rlhf_jax.pipeline.tasks import load_task
+from rlhf_jax.rewards import RewardError, RewardFunction, RewardScorer, function_name, load_reward_function
 
 # Columns of prompt data that are not passed to reward functions as keyword arguments.
 NOT_PASSED = ("prompt", "prompt_text")
@@ -33,20 +34,29 @@ def decode_rows(tokenizer, ids: np.ndarray, *, skip_special_tokens: bool) -> lis
     return [texts[i] for i in np.ravel(inverse)]
 
 
-def gold_scores(tokenizer, prompt_ids, response_ids, *, kind: str = "exact") -> np.ndarray:
-    """Gold rewards [B] float32 of responses [B, N] to prompts [B, P] (token ids).
+def gold_scores(tokenizer, prompt_ids, response_ids, *, kind: str = "exact", task: str | None = None,
+                answers=None) -> np.ndarray:
+    """Gold rewards [B] float32 of responses [B, N] to prompts [B, P] (token ids), by the
+    scorer of `task` (`rlhf_jax.pipeline.tasks`; None: the default task), with the rows'
+    reference `answers` [B] when the prompt data has them.
 
-    A response without the tokenizer's EOS token did not stop and scores 0 ("exact") or -1
-    ("graded"), see `gold_reward`.
+    A response without the tokenizer's EOS token did not stop (the task's scorer decides what
+    that scores). A prompt the scorer cannot read is a `RewardError` naming it.
     """
+    scorer = load_task(task)
     prompts = decode_rows(tokenizer, prompt_ids, skip_special_tokens=True)
     responses = decode_rows(tokenizer, response_ids, skip_special_tokens=False)
-    cache: dict[tuple[str, str], float] = {}
+    answers = [None] * len(prompts) if answers is None else [None if a is None else str(a) for a in answers]
+    cache: dict[tuple, float] = {}
     scores = np.empty(len(prompts), np.float32)
-    for index, pair in enumerate(zip(prompts, responses)):
-        if pair not in cache:
-            cache[pair] = gold_reward(pair[0], pair[1], kind=kind, eos_token=tokenizer.eos_token)
-        scores[index] = cache[pair]
+    for index, key in enumerate(zip(prompts, responses, answers)):
+        if key not in cache:
+            try:
+                cache[key] = scorer.reward(*key, kind=kind, eos_token=tokenizer.eos_token)
+            except ValueError as error:
+                raise RewardError(f"the {scorer.name} task's gold scorer cannot score prompt {key[0]!r}: "
+                                  f"{error}") from None
+        scores[index] = cache[key]
     return scores
 
 
@@ -71,6 +81,7 @@ class HostScorer:
     tokenizer: Any
     functions: RewardScorer | None
     gold_kind: str | None
+    gold_task: str | None  # the task whose scorer is `gold`
     model_weight: float | None  # None: no reward model
     prompts: list  # the prompt data's `prompt` column (strings or message lists)
     columns: dict[str, list]  # the other columns, passed to reward functions
@@ -84,6 +95,7 @@ class HostScorer:
             tokenizer=tokenizer,
             functions=RewardScorer(functions, tokenizer) if functions else None,
             gold_kind=reward.gold_kind if reward.uses_gold else None,
+            gold_task=reward.task,
             model_weight=float(reward.model_weight) if reward.uses_model and functions else None,
             prompts=list(prompts),
             columns={name: values for name, values in data.columns.items() if name not in NOT_PASSED},
@@ -98,7 +110,7 @@ class HostScorer:
         if self.model_weight is not None:
             lines.append(f"reward model (weight {self.model_weight:g})")
         if self.gold_kind is not None:
-            lines.append(f"gold scorer ({self.gold_kind})")
+            lines.append(f"gold scorer of the {load_task(self.gold_task).name} task ({self.gold_kind})")
         return lines
 
     def scores(self, prompt_ids, response_ids, response_mask, rows: np.ndarray, *, repeat: int = 1,
@@ -106,9 +118,12 @@ class HostScorer:
         """Scores of responses `[B, N]` to the data rows `rows` `[B / repeat]` (each row's
         `repeat` responses contiguous)."""
         response_ids, response_mask = np.asarray(response_ids), np.asarray(response_mask)
-        if self.gold_kind is not None:
-            return gold_scores(self.tokenizer, np.asarray(prompt_ids), response_ids, kind=self.gold_kind), {}
         rows = np.asarray(rows)
+        if self.gold_kind is not None:
+            answers = self.columns.get("answer")
+            answers = None if answers is None else [answers[row] for row in rows for _ in range(repeat)]
+            return gold_scores(self.tokenizer, np.asarray(prompt_ids), response_ids, kind=self.gold_kind,
+                               task=self.gold_task, answers=answers), {}
         scores, metrics = self.functions(
             response_ids, response_mask, [self.prompts[row] for row in rows],
             {name: [values[row] for row in rows] for name, values in self.columns.items()},
