@@ -3,7 +3,7 @@
 A task is a data generator, a scorer and reward functions, behind one small interface, so the
 quick start (and `reward.kind: gold`, and evaluation) work with any task named in a config:
 
-    task = load_task("countdown")              # rlhf_jax.tasks.countdown:TASK
+    task = load_task("name")                   # rlhf_jax.tasks.<name>:TASK
     task = load_task("my_package.my_task:TASK")
     files = task.build(output_dir, task.make_config({"seed": 3}))   # tokenizer + JSONL files
     task.reward(prompt, completion, answer, kind="exact", eos_token=tokenizer.eos_token)

@@ -1,5 +1,5 @@
-"""`rlhf-jax quickstart`: the whole pipeline on a built-in task (`task.name`, default the
-addition task of `rlhf_jax.tasks`), then a report.
+"""`rlhf-jax quickstart`: the whole pipeline on a built-in task (`task.name`, default
+`rlhf_jax.tasks.DEFAULT_TASK`), then a report.
 
     rlhf-jax quickstart                                  # the recipe of configs/quickstart.yaml
     rlhf-jax quickstart --config configs/quickstart.yaml sft.train.steps=500
@@ -37,7 +37,7 @@ from rlhf_jax.pipeline.config import ConfigError, apply_overrides, from_dict
 from rlhf_jax.pipeline.recipes import QuickstartConfig, check_stage_config
 from rlhf_jax.pipeline.report import Section
 from rlhf_jax.pipeline.stages import common
-from rlhf_jax.pipeline.tasks import split_task_section, write_jsonl
+from rlhf_jax.pipeline.tasks import default_task_name, split_task_section, write_jsonl
 
 replace = dataclasses.replace
 
@@ -104,6 +104,8 @@ def load_quickstart_config(path=None, overrides=()) -> QuickstartConfig:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        if isinstance(loaded.get("task"), dict) and loaded["task"].get("name") not in (None, default_task_name()):
+            data["task"] = {}  # another task: the recipe's task keys (the default task's) do not apply
         _merge(data, loaded)
     try:
         config = from_dict(QuickstartConfig, apply_overrides(data, overrides))
