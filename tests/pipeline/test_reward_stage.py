@@ -72,6 +72,7 @@ def test_a_user_folder_runs_grpo_with_its_reward_functions(policy, tmp_path, mon
     out = capsys.readouterr().out
     assert "prompts: 8 rows of 8" in out and "columns: prompt, answer" in out
     assert "correct (weight 1)" in out and "starts_right (weight 0.5)" in out
+    assert "[grpo] step 3/3" in out and "reward/correct/mean" in out  # a line per logged step
     rows = read_metrics(tmp_path / "run")
     assert len(rows) == 3
     for row in rows:
