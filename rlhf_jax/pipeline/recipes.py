@@ -250,7 +250,7 @@ class GRPOStageConfig(RLStageConfig):
     reward: RewardSource = field(default_factory=lambda: RewardSource(kind="gold"))
     grpo: GRPOAlgorithmConfig = field(default_factory=GRPOAlgorithmConfig)
     dynamic_sampling: DynamicSamplingSection = field(default_factory=DynamicSamplingSection)
-    mask_truncated: bool = False  # responses without EOS count no token in the loss (host-scored runs)
+    mask_truncated: bool = False  # responses without EOS count no token in the loss
 
 
 # ----------------------------------------------------------------------------- evaluation

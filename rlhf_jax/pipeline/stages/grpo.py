@@ -8,8 +8,8 @@ scores them, turns the scores into group-relative advantages and runs
 `grpo.num_iterations x grpo.num_minibatches` clipped-ratio updates with a `grpo.beta`-weighted
 k3 KL to the frozen reference.
 
-Where scoring runs: with a reward model alone, the whole iteration is one compiled
-`grpo_iteration`. With reward functions (`reward.functions`) or the gold scorer, the iteration
+Where scoring runs: with a reward model alone (and neither `dynamic_sampling` nor
+`mask_truncated`), the whole iteration is one compiled `grpo_iteration`. With reward functions (`reward.functions`) or the gold scorer, the iteration
 is two compiled phases with the scoring on the host between them:
 `grpo_generate` (jit) -> decode + reward functions (host) -> `grpo_train` (jit). Between the
 phases the host can also drop groups whose rewards all tie and refill the batch from further
@@ -76,7 +76,7 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
                                                        with_schedule_length(config.optim, updates), mesh)
     del policy_params
     everywhere = replicated(mesh)
-    if host is None:
+    if host is None and not (config.dynamic_sampling.enabled or config.mask_truncated):
         # Outputs keep the inputs' placement, so the next call hits the compiled program.
         iteration = jax.jit(grpo_iteration, static_argnames=GRPO_STATIC_ARGNAMES,
                             donate_argnames=("policy_state",), out_shardings=(policy_shardings, everywhere))
@@ -97,6 +97,8 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
         def draw(policy, batch, key):
             data = generate(policy, ref_params, batch["prompt_ids"], batch["prompt_mask"], key,
                             config=algorithm, **in_jit)
+            if host is None:  # the reward model alone, scored inside the generate phase
+                return data, np.asarray(data.scores), {}
             prompt_ids = np.asarray(data.input_ids[:, :data.prompt_length])
             scores, metrics = host.scores(prompt_ids, data.response_ids, data.response_mask,
                                           batch["row_index"], repeat=group_size, model_scores=data.scores)
@@ -125,7 +127,8 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
         compiled = (generate, train)
     return runs.run_rollout_stage("grpo", config, setup, policy_module, {"policy": policy_state}, iterate,
                                     compiled=compiled, resume=resume,
-                                    progress_keys=("objective/scores", "grpo/kl", "grpo/clipfrac", *runs.reward_keys(host)))
+                                    progress_keys=("objective/scores", "grpo/kl", "grpo/clipfrac",
+                                                   *runs.reward_keys(host)))
 
 
 def run(config_path=None, overrides=(), *, resume: bool = False) -> dict:

@@ -84,7 +84,8 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
     carry = {"policy": policy_state, "value": value_state,
              "kl": jax.device_put(kl_controller(algorithm).init(), everywhere)}
     return runs.run_rollout_stage("ppo", config, setup, policy_module, carry, iterate, compiled=compiled,
-                                    progress_keys=("objective/scores", "objective/kl", "ppo/clipfrac", *runs.reward_keys(host)),
+                                    progress_keys=("objective/scores", "objective/kl", "ppo/clipfrac",
+                                                   *runs.reward_keys(host)),
                                     resume=resume)
 
 
