@@ -110,11 +110,12 @@ def lora_state_shardings(state, base_shardings, trainable_shardings, mesh):
 
 
 def create_lora_train_state(model: LoRAModel, base, trainable, optimizer: optax.GradientTransformation, *,
-                            mesh=None, dropout_key=None, fsdp: bool = True):
+                            mesh=None, dropout_key=None, **sharding_options):
     """`(state, shardings)`: a `LoRATrainState` at step 0 with `tx.init(trainable)`.
 
     With `mesh`, the base and the trainable parameters are placed with `param_shardings`
-    (FSDP over the mesh's "fsdp" axis for large leaves), the optimizer state is created
+    (FSDP over the mesh's "fsdp" axis for large leaves; `sharding_options` such as `fsdp`,
+    `min_size`, `rules` are passed on), the optimizer state is created
     directly with matching shardings and `step` is a replicated int32; `shardings` is then the
     tree for `jit` in/out shardings (None without a mesh).
     """
@@ -125,8 +126,8 @@ def create_lora_train_state(model: LoRAModel, base, trainable, optimizer: optax.
         opt_state = optimizer.init(trainable)
         shardings = None
     else:
-        base_shardings = param_shardings(base, mesh, fsdp=fsdp)
-        trainable_shardings = param_shardings(trainable, mesh, fsdp=fsdp)
+        base_shardings = param_shardings(base, mesh, **sharding_options)
+        trainable_shardings = param_shardings(trainable, mesh, **sharding_options)
         base = shard_params(base, base_shardings)
         trainable = shard_params(trainable, trainable_shardings)
         opt_shardings = opt_state_shardings(optimizer, trainable, trainable_shardings, mesh)
