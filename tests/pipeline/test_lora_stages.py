@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import PeftModel
 from stage_helpers import LENGTHS, QUIET, sft_overrides, tiny_task
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf_jax.models.checkpoint_io import load_pretrained
 from rlhf_jax.pipeline import cli
@@ -19,7 +19,7 @@ from rlhf_jax.pipeline.config import ConfigError
 from rlhf_jax.pipeline.data import DataConfig, load_data
 from rlhf_jax.pipeline.metrics_log import read_metrics
 from rlhf_jax.pipeline.recipes import LoRASection
-from rlhf_jax.pipeline.stages import common, dpo, grpo, ppo, sft
+from rlhf_jax.pipeline.stages import common, dpo, grpo, ppo, reward, sft
 from rlhf_jax.pipeline.stages.dpo import dataset_logps, make_pair_logps
 from rlhf_jax.pipeline.stages.lora import stage_state
 from rlhf_jax.pipeline.task import write_jsonl
@@ -161,6 +161,24 @@ def test_rl_stages_train_adapters(setting, tmp_path):
                                                 "ppo.epochs=1"])
     assert result["finished"] and "value/loss" in read_metrics(tmp_path / "ppo")[0]
     assert load_pretrained(tmp_path / "ppo" / "model")[0].config.num_layers == 1
+
+
+@pytest.mark.slow
+def test_lora_reward_model_trains_its_head_in_full_and_loads_in_peft(setting, tmp_path):
+    """SEQ_CLS adapter with the fresh `score` head as a module trained in full."""
+    overrides = [f"output_dir={tmp_path}", f"model.path={setting['sft']}", f"data.train_files=[{setting['train']}]",
+                 *LENGTHS, *QUIET, "train.steps=2", "train.batch_size=8", "optim.learning_rate=0.01",
+                 "checkpoint.interval=0", *LORA]
+    assert reward.run(None, overrides)["finished"]
+    settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert settings["task_type"] == "SEQ_CLS" and settings["modules_to_save"] == ["score"]
+    base = AutoModelForSequenceClassification.from_pretrained(setting["sft"], num_labels=1, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
+    ids = torch.tensor(np.random.default_rng(1).integers(3, merged.config.vocab_size, (2, 7)))
+    with torch.no_grad():
+        np.testing.assert_allclose(adapted(input_ids=ids).logits.numpy(), merged(input_ids=ids).logits.numpy(),
+                                   atol=1e-4)
 
 
 @pytest.mark.parametrize("stage, override, message", [

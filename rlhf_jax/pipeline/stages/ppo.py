@@ -8,7 +8,9 @@ zeroed head, NUMERICS.md) and the scorer (`reward.kind`: a reward-model folder, 
 built-in task's verifiable reward). One iteration (`rlhf_jax.training.ppo.ppo_iteration`,
 compiled once) samples `train.batch_size` prompts' responses, scores them, shapes rewards with
 the KL penalty, runs GAE and `ppo.epochs x ppo.num_minibatches` updates of the policy and the
-value model. The optimizer schedules span `iterations * epochs * num_minibatches` updates.
+value model. The optimizer schedules span `iterations * epochs * num_minibatches` updates. With `lora`, the
+policy and the value model each train adapters on their frozen weights (the value model also
+its `score` head, in full), and the reference is the policy's base with its adapters disabled.
 """
 from __future__ import annotations
 
