@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import Any, Mapping
+from typing import Mapping
 
 import flax.linen as nn
 import jax

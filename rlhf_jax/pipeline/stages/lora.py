@@ -17,20 +17,27 @@ from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.pipeline.config import ConfigError
 from rlhf_jax.pipeline.recipes import LoRASection
 from rlhf_jax.pipeline.stages import common
-from rlhf_jax.training.lora_state import create_lora_train_state, disabled_adapters, is_lora_state
+from rlhf_jax.training.lora_state import create_lora_train_state, disabled_adapters
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
 
+
+def _lookup(tree, path):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
 def _check_shapes(adapters, base, path: str) -> None:
+    """Every loaded adapter fits its layer's kernel [in, out] (ConfigError naming the layer)."""
     for layer in adapter_layers(adapters):
-        node, kernel = adapters, base
-        for key in layer:
-            node, kernel = node[key], kernel.get(key, {}) if isinstance(kernel, dict) else {}
-        kernel = kernel.get("kernel") if isinstance(kernel, dict) else None
-        want = None if kernel is None else np.shape(kernel)
+        node, kernel = _lookup(adapters, layer), _lookup(base, layer + ("kernel",))
         got = (np.shape(node["lora_a"])[0], np.shape(node["lora_b"])[1])
-        if want != got:
+        if kernel is None or np.shape(kernel) != got:
+            have = "missing" if kernel is None else list(np.shape(kernel))
             raise ConfigError(f"`lora.path`: {path} adapts {'/'.join(layer)} as [{got[0]}, {got[1]}], "
-                              f"but the model's layer is {list(want) if want else 'missing'}")
+                              f"but the model's layer is {have}")
 
 
 def lora_parts(section: LoRASection, module, params, rng):
@@ -82,4 +89,4 @@ def reference_of(lora: LoRASection | None):
     return None if lora is None else disabled_adapters()
 
 
-__all__ = ["lora_parts", "stage_state", "check_lora_reference", "reference_of", "is_lora_state"]
+__all__ = ["lora_parts", "stage_state", "check_lora_reference", "reference_of"]
