@@ -81,6 +81,8 @@ def test_config_refuses_unknown_targets():
 @pytest.mark.parametrize("family, targets", [
     ("llama", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
     ("gpt2", ("qkv_proj", "o_proj", "fc_out")),
+    ("qwen3", ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")),
+    ("gemma2", ("q_proj", "v_proj", "gate_proj", "up_proj")),
 ])
 def test_exported_adapter_loads_in_peft_with_the_same_logits(hf_lm, tmp_path, family, targets):
     folder, _ = hf_lm[family]
