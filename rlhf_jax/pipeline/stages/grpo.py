@@ -9,8 +9,9 @@ scores them, turns the scores into group-relative advantages and runs
 k3 KL to the frozen reference.
 
 Where scoring runs: with a reward model alone (and neither `dynamic_sampling` nor
-`mask_truncated`), the whole iteration is one compiled `grpo_iteration`. With reward functions (`reward.functions`) or the gold scorer, the iteration
-is two compiled phases with the scoring on the host between them:
+`mask_truncated`), the whole iteration is one compiled `grpo_iteration`. With reward
+functions (`reward.functions`) or the gold scorer, the iteration is two compiled phases with
+the scoring on the host between them:
 `grpo_generate` (jit) -> decode + reward functions (host) -> `grpo_train` (jit). Between the
 phases the host can also drop groups whose rewards all tie and refill the batch from further
 prompts (`dynamic_sampling`, DAPO) and take responses without EOS out of the loss
@@ -24,6 +25,7 @@ import numpy as np
 from rlhf_jax.pipeline import dynamic_sampling
 from rlhf_jax.pipeline.recipes import GRPOStageConfig, load_stage_config, with_schedule_length
 from rlhf_jax.pipeline.stages import common, runs
+from rlhf_jax.pipeline.stages.lora import stage_state
 from rlhf_jax.pipeline.stages.scoring import HostScorer
 from rlhf_jax.training.grpo import (GRPO_STATIC_ARGNAMES, GRPO_TRAIN_STATIC_ARGNAMES, grpo_generate,
                                     grpo_iteration, grpo_train)
@@ -72,8 +74,8 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
         HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data)
     runs.print_rollout_start("grpo", setup, host.describe() if host else ["reward model"])
     updates = config.train.iterations * algorithm.num_iterations * algorithm.num_minibatches
-    policy_state, policy_shardings = common.make_state(policy_module, policy_params,
-                                                       with_schedule_length(config.optim, updates), mesh)
+    policy_state, policy_shardings = stage_state(policy_module, policy_params,
+                                                 with_schedule_length(config.optim, updates), mesh, config.lora, config.seed)
     del policy_params
     everywhere = replicated(mesh)
     if host is None and not (config.dynamic_sampling.enabled or config.mask_truncated):

@@ -8,10 +8,12 @@ policy folder), the value model (`value`, default the reward-model folder: its d
 zeroed head, NUMERICS.md) and the scorer (`reward`: a reward-model folder, reward functions
 with weights, both, or `kind: gold`, the built-in task's verifiable reward). With a reward
 model alone the iteration is one compiled `ppo_iteration`; with reward functions or the gold
-scorer it is `ppo_generate` (jit) -> scoring on the host -> `ppo_train` (jit). One iteration (`rlhf_jax.training.ppo.ppo_iteration`,
-compiled once) samples `train.batch_size` prompts' responses, scores them, shapes rewards with
+scorer it is `ppo_generate` (jit) -> scoring on the host -> `ppo_train` (jit). One iteration
+samples `train.batch_size` prompts' responses, scores them, shapes rewards with
 the KL penalty, runs GAE and `ppo.epochs x ppo.num_minibatches` updates of the policy and the
-value model. The optimizer schedules span `iterations * epochs * num_minibatches` updates.
+value model. The optimizer schedules span `iterations * epochs * num_minibatches` updates. With `lora`, the
+policy and the value model each train adapters on their frozen weights (the value model also
+its `score` head, in full), and the reference is the policy's base with its adapters disabled.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 from rlhf_jax.pipeline.recipes import PPOStageConfig, load_stage_config, with_schedule_length
 from rlhf_jax.pipeline.stages import common, runs
 from rlhf_jax.pipeline.stages.grpo import model_scorer
+from rlhf_jax.pipeline.stages.lora import stage_state
 from rlhf_jax.pipeline.stages.runs import prompt_batches, sampling_with_tokenizer  # noqa: F401 (re-exported)
 from rlhf_jax.pipeline.stages.scoring import HostScorer
 from rlhf_jax.training.ppo import (PPO_STATIC_ARGNAMES, PPO_TRAIN_STATIC_ARGNAMES, kl_controller, ppo_generate,
@@ -43,10 +46,11 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
     runs.print_rollout_start("ppo", setup, host.describe() if host else ["reward model"])
 
     updates = config.train.iterations * algorithm.epochs * algorithm.num_minibatches
-    policy_state, policy_shardings = common.make_state(policy_module, policy_params,
-                                                       with_schedule_length(config.optim, updates), mesh)
-    value_state, value_shardings = common.make_state(
-        value_module, value_params, with_schedule_length(config.value_optim or config.optim, updates), mesh)
+    policy_state, policy_shardings = stage_state(policy_module, policy_params,
+                                                 with_schedule_length(config.optim, updates), mesh, config.lora, config.seed)
+    value_state, value_shardings = stage_state(
+        value_module, value_params, with_schedule_length(config.value_optim or config.optim, updates), mesh,
+        config.lora, config.seed, stream=7)
     del policy_params, value_params
     everywhere = replicated(mesh)
     out_shardings = (policy_shardings, value_shardings, everywhere, everywhere)
