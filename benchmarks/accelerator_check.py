@@ -10,6 +10,7 @@ is recorded (type, message, traceback tail) and the next section still runs:
 - `parity`: `device_parity.check_all` on the device: logits of every family in
   `rlhf_jax.models.config.MODEL_TYPES` against transformers + torch on the same weights,
   float32 (`highest` matmul precision, <= 1e-4) and bfloat16 (tolerance in device_parity.py).
+- `generation` (below) runs before `training`, so a long training section cannot starve it.
 - `training`: a ~0.5B Llama/Qwen-shaped model (`vs_trl.py`'s preset `gpu-0.5b`: hidden 1024,
   24 layers, 16 heads, MLP 2816, vocabulary 32000) in bfloat16: SFT step, DPO step, GRPO
   update and PPO iteration through `jax_runners` (ours) and `trl_runners` (TRL, when `trl`
@@ -38,9 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import importlib.util
-import inspect
 import json
 import os
 import pickle
@@ -58,7 +57,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-SECTIONS = ("machine", "parity", "training", "generation", "memory")
+# Dry runs only: cheaper CPU compilation (same programs, less LLVM optimisation).
+DRY_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+SECTIONS = ("machine", "parity", "generation", "training", "memory")
 KINDS = ("dpo", "sft", "grpo", "ppo")
 TARGETS = {  # issue 16's targets: (row, quantity, minimum)
     "DPO step MFU (bf16, dense peak)": ("dpo", "ours_mfu", 0.40),
@@ -71,10 +72,11 @@ PROFILES = {
     # ~0.5B model in bfloat16 on an accelerator: the budgets (seconds) add up to 400 s and the
     # run stops starting work after `time_limit` seconds (the wrapper's hard stop is 470 s).
     "full": dict(preset="gpu-0.5b", dtype="bfloat16", steps=5, ppo_steps=2, rounds=1, warmup=1,
+                 sizes=dict(ppo_prompt_length=128, ppo_response_length=64),  # PPO / GRPO rollouts
                  grpo_group_size=8, parity=dict(batch=4, length=64),
                  generation=dict(batch=64, prompt_len=256, new_tokens=256, repeats=2),
                  matmul_size=8192, case_timeout=150, time_limit=420,
-                 budgets=dict(machine=20, parity=60, training=220, generation=80, memory=20)),
+                 budgets=dict(machine=20, parity=60, generation=80, training=240, memory=20)),
     # tiny shapes: every code path in about a minute on an idle 2-core CPU; generous budgets,
     # since a loaded machine must not turn the coverage check into skips
     "dry": dict(preset="tiny", dtype="bfloat16",
@@ -84,7 +86,7 @@ PROFILES = {
                 grpo_group_size=4, parity=dict(batch=2, length=8, hidden_size=32, num_layers=1, vocab_size=64),
                 generation=dict(batch=4, prompt_len=8, new_tokens=8, repeats=1),
                 matmul_size=256, case_timeout=300, time_limit=900,
-                budgets=dict(machine=60, parity=180, training=480, generation=120, memory=60)),
+                budgets=dict(machine=60, parity=180, generation=120, training=480, memory=60)),
 }
 
 
@@ -107,11 +109,14 @@ def error_record(err: BaseException) -> dict:
 
 
 def trl_status() -> tuple[object | None, str | None]:
-    """(`trl_runners` module, None) when TRL imports, else (None, why not)."""
+    """(`trl_runners` module, None) when TRL and what its trainers use import, else (None,
+    why not)."""
     if importlib.util.find_spec("trl") is None:
         return None, "trl is not installed (carry its wheel in benchmarks/wheels/)"
     try:
+        import datasets  # noqa: F401
         import trl_runners
+        from trl import DPOTrainer, SFTTrainer  # noqa: F401
 
         trl_runners.trl_version()
         return trl_runners, None
@@ -290,7 +295,7 @@ def run_case_process(ctx, kind: str, timeout: float) -> dict:
                "--case-result", str(result_file), "--profile", ctx.profile_name]
     started = time.monotonic()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=case_environment(ctx))
     except subprocess.TimeoutExpired as err:
         tail = (err.stderr or b"")[-2000:]
         return dict(error=f"timed out after {timeout:.0f} s (the section's time budget)",
@@ -300,6 +305,13 @@ def run_case_process(ctx, kind: str, timeout: float) -> dict:
     if done.returncode != 0 and "error" not in record:
         record.update(error=f"case process exited with {done.returncode}", stderr_tail=done.stderr[-3000:])
     return record
+
+
+def case_environment(ctx) -> dict:
+    env = dict(os.environ)
+    if ctx.args.dry_run:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {DRY_XLA_FLAGS}".strip()
+    return env
 
 
 def run_case(kind: str, workdir: Path, profile: dict) -> dict:
@@ -325,10 +337,18 @@ def run_case(kind: str, workdir: Path, profile: dict) -> dict:
         result.update(ours_loss0=session.loss0, compile_seconds=session.compile_seconds,
                       tokens_per_step=session.tokens_per_step, flops_per_step=session.flops_per_step,
                       ours_tokens_per_s=session.tokens_per_step / result["ours_seconds"])
-    elif kind == "ppo":
-        result = vs_trl.compare_ppo(setup, hp, args, trl_runners)
     else:
-        result = vs_trl.compare_training(kind, setup, hp, args, trl_runners)
+        compare = vs_trl.compare_ppo if kind == "ppo" else (lambda *a: vs_trl.compare_training(kind, *a))
+        try:
+            result = compare(setup, hp, args, trl_runners)
+        except Exception as err:
+            if trl_runners is None:
+                raise
+            # TRL's side failed: ours alone (compiled again), with TRL's error recorded
+            trl_error = error_record(err)
+            trl_runners, trl_reason = None, "TRL failed: " + trl_error["error"]
+            result = compare(setup, hp, args, None)
+            result["trl_traceback"] = trl_error["traceback"]
     memory["end_of_case"] = device_peak_memory()  # ours (jax allocator) and TRL (torch allocator)
     result["memory"] = memory
     if trl_reason:
@@ -356,25 +376,54 @@ def section_generation(ctx) -> dict:
                               fraction_of_hbm=needed["total"] / step / 1e12 / ctx.args.hbm_tbps)
     result.update(bytes_per_step=needed, hbm_tbps=ctx.args.hbm_tbps, roofline=roofline,
                   roofline_seconds_per_step=needed["total"] / (ctx.args.hbm_tbps * 1e12))
+    release_torch_memory()
     return result
 
 
+def release_torch_memory() -> None:
+    """Give torch's cached device memory back before the training processes start."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+MEMORY_ENTRY = """
+import inspect, json, sys
+sys.path.insert(0, sys.argv[1])
+import memory
+entry = next(getattr(memory, name) for name in ("accelerator_cases", "run") if hasattr(memory, name))
+wanted = dict(dry_run=sys.argv[2] == "1")
+accepted = inspect.signature(entry).parameters
+result = entry(**{key: value for key, value in wanted.items() if key in accepted})
+print(json.dumps(dict(function=entry.__name__, result=result), default=str))
+"""
+
+
 def section_memory(ctx) -> dict:
+    """Per-case peaks from the training processes; `benchmarks/memory.py`'s `accelerator_cases`
+    (or `run`) in its own process, within the section's time, when that file exists."""
     out = {"training_cases": getattr(ctx, "case_memory", {}) or {}}
     if not out["training_cases"]:
         out["training_cases_note"] = "the training section recorded no case (see its status)"
     if not (HERE / "memory.py").exists():
         out["memory_benchmark"] = "benchmarks/memory.py is not in this tree"
         return out
+    command = [sys.executable, "-c", MEMORY_ENTRY, str(HERE), "1" if ctx.args.dry_run else "0"]
     try:
-        memory = importlib.import_module("memory")
-        entry = next((getattr(memory, name) for name in ("accelerator_cases", "run", "main") if hasattr(memory, name)))
-        wanted = dict(dry_run=ctx.args.dry_run, argv=["--dry-run"] if ctx.args.dry_run else [])
-        accepted = inspect.signature(entry).parameters
-        out["memory_benchmark"] = dict(function=entry.__name__,
-                                       result=entry(**{k: v for k, v in wanted.items() if k in accepted}))
-    except Exception as err:  # its failure is recorded beside the cases measured here
-        out["memory_benchmark"] = error_record(err)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=max(1.0, ctx.budget.left()))
+        if done.returncode == 0 and done.stdout.strip():
+            out["memory_benchmark"] = json.loads(done.stdout.strip().splitlines()[-1])
+        else:
+            out["memory_benchmark"] = dict(error=f"exited with {done.returncode}", stderr_tail=done.stderr[-3000:])
+    except subprocess.TimeoutExpired:
+        out["memory_benchmark"] = dict(error=f"timed out after {ctx.budget.left():.0f} s (the section's budget)")
     return out
 
 
@@ -519,6 +568,8 @@ def main(argv=None) -> dict | None:
         Path(args.case_result).write_text(json.dumps(record, default=str))
         return None
     profile_name = "dry" if args.dry_run else "full"
+    if args.dry_run and "jax" not in sys.modules:  # before jax starts (a script run)
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DRY_XLA_FLAGS}".strip()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/accelerator_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -540,7 +591,7 @@ def main(argv=None) -> dict | None:
                     record = dict(status="skipped", skipped="the run's time limit ran out")
                 else:
                     record = dict(status="ok", **SECTION_FUNCTIONS[name](ctx))
-            except Exception as err:  # record and go on with the next section
+            except (Exception, SystemExit) as err:  # record and go on with the next section
                 record = dict(status="error", **error_record(err))
             record["seconds"] = time.monotonic() - section_start
             results[name] = record

@@ -10,6 +10,7 @@
 #    if that fails, the repository root on PYTHONPATH does the same job;
 # 3. runs benchmarks/accelerator_check.py, which writes accelerator_check.json and
 #    accelerator_check.md to --out (default: $OUT, else ./accelerator_check_out).
+#    setuptools older than 77 (pyproject.toml's build requirement) counts as missing.
 # CHECK_TIMEOUT (seconds, default 470) stops the Python driver; the sections it finished are
 # already in the JSON file. INSTALL=0 skips steps 1 and 2 (a dry run in a shared environment).
 # PYTHON (default python3) and WHEELS (default benchmarks/wheels) may be set.
@@ -20,7 +21,15 @@ WHEELS=${WHEELS:-benchmarks/wheels}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 has_pip() { "$PYTHON" -m pip --version > /dev/null 2>&1; }
-installed() { "$PYTHON" -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "$1" 2> /dev/null; }
+# installed NAME: the distribution is there (setuptools: at the version pyproject.toml builds with)
+installed() {
+  "$PYTHON" - "$1" 2> /dev/null << 'PY'
+import importlib.metadata as m, sys
+version = m.version(sys.argv[1])
+if sys.argv[1] == "setuptools" and int(version.split(".")[0]) < 77:
+    sys.exit(1)
+PY
+}
 
 if [ "${INSTALL:-1}" = 1 ] && [ -d "$WHEELS" ] && compgen -G "$WHEELS/*.whl" > /dev/null && has_pip; then
   for wheel in "$WHEELS"/*.whl; do  # one at a time: a wheel that does not fit skips alone
@@ -45,7 +54,7 @@ else
   echo "warning: pip install -e . failed; rlhf_jax from PYTHONPATH=$PWD" >&2
 fi
 
-driver=("$PYTHON" benchmarks/accelerator_check.py --out "${OUT:-accelerator_check_out}" "$@")
+driver=("$PYTHON" benchmarks/accelerator_check.py "$@")  # --out defaults to $OUT
 if command -v timeout > /dev/null; then
   exec timeout -k 10 "${CHECK_TIMEOUT:-470}" "${driver[@]}"
 fi

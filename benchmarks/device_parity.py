@@ -8,7 +8,7 @@ allows it), every parameter redrawn (norm scales 1 + 0.1 N(0, 1), everything els
 `save_pretrained` and read back by `transformers.AutoModelForCausalLM.from_pretrained`.
 Both score the same left-padded batch (position ids from the mask, as `generate` uses):
 
-- float32: ours under `jax.default_matmul_precision("highest")`, torch without TF32; the
+- float32: ours with `jax_default_matmul_precision = "highest"`, torch without TF32; the
   largest |difference| over real tokens must be <= `F32_TOLERANCE` (1e-4).
 - bfloat16: both sides load the weights in bfloat16 and compute in it. Two rounding paths
   never agree bit for bit, so the check is against the float32 transformers logits: our
@@ -20,10 +20,10 @@ Both score the same left-padded batch (position ids from the mask, as `generate`
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +78,18 @@ def padded_batch(vocab_size: int, batch: int = 3, length: int = 16, pad_id: int 
     return ids, mask
 
 
+@contextlib.contextmanager
+def highest_matmul_precision():
+    """`jax_default_matmul_precision = "highest"` (full float32 matmuls on GPUs and TPUs, no
+    TF32 / bfloat16 passes) inside the block, the previous value after it."""
+    previous = jax.config.jax_default_matmul_precision
+    jax.config.update("jax_default_matmul_precision", "highest")
+    try:
+        yield
+    finally:
+        jax.config.update("jax_default_matmul_precision", previous)
+
+
 def _torch_logits(model, ids, mask, device):
     import torch
 
@@ -113,7 +125,7 @@ def check_family(model_type: str, *, batch: int = 3, length: int = 16, seed: int
         hf_model = load(torch.float32)
         hf_class = type(hf_model).__name__
         hf32 = _torch_logits(hf_model, ids, mask, device)
-        with jax.default_matmul_precision("highest"):
+        with highest_matmul_precision():
             ours32 = _ours_logits(folder, ids, mask, "float32")
         hf16 = _torch_logits(load(torch.bfloat16), ids, mask, device)
         ours16 = _ours_logits(folder, ids, mask, "bfloat16")
