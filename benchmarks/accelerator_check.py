@@ -5,12 +5,17 @@ records what it finished and skips the rest, naming why), each wrapped so that i
 is recorded (type, message, traceback tail) and the next section still runs:
 
 - `machine`: device kind, jax / jaxlib / CUDA plugin / torch versions, CUDA and driver
-  (nvidia-smi), device memory limit, and a `--matmul-size`^3 bfloat16 `jnp.dot` measured now
-  (the in-run peak the MFU is also compared with).
+  (nvidia-smi), device memory limit, and an 8192^3 (dry run: 256^3) bfloat16 `jnp.dot` timed
+  now: the in-run peak the MFU is also compared with.
 - `parity`: `device_parity.check_all` on the device: logits of every family in
   `rlhf_jax.models.config.MODEL_TYPES` against transformers + torch on the same weights,
   float32 (`highest` matmul precision, <= 1e-4) and bfloat16 (tolerance in device_parity.py).
-- `generation` (below) runs before `training`, so a long training section cannot starve it.
+- `generation`: new tokens/s of `rlhf_jax.generate` vs transformers' `generate` (torch on
+  CUDA when available) on the policy weights, batch 64, prompt 256, 256 new tokens,
+  bfloat16 weights on both sides; the memory roofline of a decode step: bytes a step must
+  read (weights + KV cache at the mean context) / measured time per new token, as a fraction
+  of `--hbm-tbps` (H100 SXM: 3.35 TB/s). It runs before `training`, so a long training
+  section cannot starve it.
 - `training`: a ~0.5B Llama/Qwen-shaped model (`vs_trl.py`'s preset `gpu-0.5b`: hidden 1024,
   24 layers, 16 heads, MLP 2816, vocabulary 32000) in bfloat16: SFT step, DPO step, GRPO
   update and PPO iteration through `jax_runners` (ours) and `trl_runners` (TRL, when `trl`
@@ -18,11 +23,6 @@ is recorded (type, message, traceback tail) and the next section still runs:
   runs in its own process, so its peak device memory is its own. Per row: tokens/s, model
   TFLOP/s, MFU = model FLOP/s / `--peak-tflops` (H100 SXM dense bf16: 989) and the same
   over the measured matmul, ours / TRL speed.
-- `generation`: new tokens/s of `rlhf_jax.generate` vs transformers' `generate` (torch on
-  CUDA when available) on the policy weights, batch 64, prompt 256, 256 new tokens,
-  bfloat16 weights on both sides; the memory roofline of a decode step: bytes a step must
-  read (weights + KV cache at the mean context) / measured time per new token, as a fraction
-  of `--hbm-tbps` (H100 SXM: 3.35 TB/s).
 - `memory`: the peak device memory (`memory_stats()["peak_bytes_in_use"]`; on a CPU, the
   process's peak RSS) of each training kind's process, and the cases of
   `benchmarks/memory.py` when that file exists.
@@ -69,13 +69,14 @@ TARGETS = {  # issue 16's targets: (row, quantity, minimum)
     "generation new tokens/s, ours / transformers": ("generation", "speedup", 5.0),
 }
 PROFILES = {
-    # ~0.5B model in bfloat16 on an accelerator: the budgets (seconds) add up to 400 s and the
-    # run stops starting work after `time_limit` seconds (the wrapper's hard stop is 470 s).
+    # ~0.5B model in bfloat16 on an accelerator: the budgets (seconds) add up to 420 s, the
+    # run starts no work after `time_limit` seconds (the wrapper's hard stop is 470 s), and a
+    # training kind starts only with `min_case_seconds` left.
     "full": dict(preset="gpu-0.5b", dtype="bfloat16", steps=5, ppo_steps=2, rounds=1, warmup=1,
                  sizes=dict(ppo_prompt_length=128, ppo_response_length=64),  # PPO / GRPO rollouts
                  grpo_group_size=8, parity=dict(batch=4, length=64),
                  generation=dict(batch=64, prompt_len=256, new_tokens=256, repeats=2),
-                 matmul_size=8192, case_timeout=150, time_limit=420,
+                 matmul_size=8192, case_timeout=150, min_case_seconds=45, time_limit=420,
                  budgets=dict(machine=20, parity=60, generation=80, training=240, memory=20)),
     # tiny shapes: every code path in about a minute on an idle 2-core CPU; generous budgets,
     # since a loaded machine must not turn the coverage check into skips
@@ -85,7 +86,7 @@ PROFILES = {
                            ppo_prompt_length=4, ppo_response_length=4), steps=1, ppo_steps=1, rounds=1, warmup=1,
                 grpo_group_size=4, parity=dict(batch=2, length=8, hidden_size=32, num_layers=1, vocab_size=64),
                 generation=dict(batch=4, prompt_len=8, new_tokens=8, repeats=1),
-                matmul_size=256, case_timeout=300, time_limit=900,
+                matmul_size=256, case_timeout=300, min_case_seconds=10, time_limit=900,
                 budgets=dict(machine=60, parity=180, generation=120, training=480, memory=60)),
 }
 
@@ -262,7 +263,7 @@ def section_training(ctx) -> dict:
     hp = hyperparameters(ctx.profile)
     rows = {}
     for kind in KINDS:
-        if ctx.budget.expired(10):
+        if ctx.budget.expired(ctx.profile["min_case_seconds"]):
             rows[kind] = dict(skipped="time budget of the section ran out")
             continue
         timeout = max(10.0, min(ctx.budget.left(), ctx.profile["case_timeout"]))

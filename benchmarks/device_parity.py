@@ -3,7 +3,8 @@
 For each `model_type` in `rlhf_jax.models.config.MODEL_TYPES` (so families added later are
 picked up without a change here), a tiny random model is built from the family preset
 (`ModelConfig.<model_type>(...)` with small sizes; grouped-query attention where the layout
-allows it), every parameter redrawn (norm scales 1 + 0.1 N(0, 1), everything else
+allows it; a sliding window of half the sequence where the family has one), every parameter
+redrawn (norm scales 1 + 0.1 N(0, 1), everything else
 0.15 N(0, 1), so biases and scales are not at their trivial init values), written with our
 `save_pretrained` and read back by `transformers.AutoModelForCausalLM.from_pretrained`.
 Both score the same left-padded batch (position ids from the mask, as `generate` uses):
@@ -40,10 +41,11 @@ SIZES = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, intermed
              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def family_config(model_type: str, **sizes) -> ModelConfig:
+def family_config(model_type: str, window: int | None = None, **sizes) -> ModelConfig:
     """A small config from the family preset `ModelConfig.<model_type>`; grouped-query
     attention (2 key/value heads) unless the layout fuses q/k/v (GPT-2); an explicit
-    `head_dim` of the preset is replaced by hidden / heads."""
+    `head_dim` of the preset is replaced by hidden / heads; a preset's sliding window becomes
+    `window` tokens (shorter than the batch, so the window matters)."""
     preset = getattr(ModelConfig, model_type, None)
     if preset is None:
         raise LookupError(f"ModelConfig has no preset for model_type {model_type!r}")
@@ -53,6 +55,8 @@ def family_config(model_type: str, **sizes) -> ModelConfig:
         sizes.setdefault("num_kv_heads", sizes["num_heads"] // 2)
     if base.head_dim is not None:
         sizes.setdefault("head_dim", sizes["hidden_size"] // sizes["num_heads"])
+    if window is not None and getattr(base, "sliding_window", None) is not None:
+        sizes.setdefault("sliding_window", window)
     return preset(**sizes)
 
 
@@ -114,7 +118,7 @@ def check_family(model_type: str, *, batch: int = 3, length: int = 16, seed: int
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    config = family_config(model_type, **sizes)
+    config = family_config(model_type, window=max(2, length // 2), **sizes)
     module = CausalLM(config)
     params = random_params(module, seed)
     ids, mask = padded_batch(config.vocab_size, batch, length, config.pad_token_id or 0, seed)
@@ -142,7 +146,8 @@ def check_family(model_type: str, *, batch: int = 3, length: int = 16, seed: int
         bfloat16_ours_vs_transformers=worst(ours16, hf16), bfloat16_bound=bf16_bound,
         bfloat16_ok=bool(ours_bf16_error <= bf16_bound),
         config=dict(hidden_size=config.hidden_size, num_layers=config.num_layers, num_heads=config.num_heads,
-                    num_kv_heads=config.kv_heads, vocab_size=config.vocab_size, batch=batch, length=length),
+                    num_kv_heads=config.kv_heads, vocab_size=config.vocab_size, batch=batch, length=length,
+                    sliding_window=getattr(config, "sliding_window", None)),
     )
 
 
