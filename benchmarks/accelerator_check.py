@@ -77,7 +77,7 @@ PROFILES = {
                  grpo_group_size=8, parity=dict(batch=4, length=64),
                  generation=dict(batch=64, prompt_len=256, new_tokens=256, repeats=2),
                  matmul_size=8192, case_timeout=150, min_case_seconds=45, time_limit=420,
-                 budgets=dict(machine=20, parity=60, generation=80, training=240, memory=20)),
+                 budgets=dict(machine=20, parity=60, generation=100, training=220, memory=20)),
     # tiny shapes: every code path in about a minute on an idle 2-core CPU; generous budgets,
     # since a loaded machine must not turn the coverage check into skips
     "dry": dict(preset="tiny", dtype="bfloat16",
@@ -210,7 +210,8 @@ def section_parity(ctx) -> dict:
 
 def build_setup(ctx):
     """The weights and data every training kind and the generation section share (vs_trl.py's
-    `build_setup`), written once under the work folder and pickled for the case processes."""
+    `build_setup`; weights stored in the profile's dtype, read by both sides), written once
+    under the work folder and pickled for the case processes."""
     if ctx.setup is not None:
         return ctx.setup
     import vs_trl
@@ -220,7 +221,7 @@ def build_setup(ctx):
     hp = hyperparameters(p)
     steps_needed = (p["warmup"] + max(p["steps"], p["ppo_steps"])) * p["rounds"] + 6
     ctx.setup = vs_trl.build_setup(ctx.workdir / "setup", sizes, hp, num_pairs=hp.batch_size * steps_needed,
-                                   num_prompts=hp.ppo_batch_size * steps_needed)
+                                   num_prompts=hp.ppo_batch_size * steps_needed, weights_dtype=p["dtype"])
     with open(ctx.workdir / "setup.pkl", "wb") as handle:
         pickle.dump(ctx.setup, handle)
     return ctx.setup

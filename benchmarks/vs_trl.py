@@ -107,7 +107,10 @@ class Setup:
     ppo_prompt_ids: np.ndarray  # [N, P] token ids of the PPO prompts (BOS first, no padding)
 
 
-def build_setup(folder: Path, sizes: dict, hp: Hyperparameters, num_pairs: int, num_prompts: int) -> Setup:
+def build_setup(folder: Path, sizes: dict, hp: Hyperparameters, num_pairs: int, num_prompts: int,
+                weights_dtype: str = "float32") -> Setup:
+    """Random policy, reference and reward folders (weights stored in `weights_dtype`; both
+    sides read the same files), the tokenizer, the pairs / SFT files and the PPO prompts."""
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = common.build_character_tokenizer(folder / "tokenizer", sizes["vocab_size"])
     special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -123,7 +126,7 @@ def build_setup(folder: Path, sizes: dict, hp: Hyperparameters, num_pairs: int, 
     for name, module, seed in (("policy", CausalLM(config), 0), ("reference", CausalLM(config), 1),
                                ("reward", RewardModel(config), 2)):
         params = module.init(jax.random.PRNGKey(seed), dummy)["params"]
-        dirs[name] = save_pretrained(folder / name, module, jax.device_get(params), **special)
+        dirs[name] = save_pretrained(folder / name, module, jax.device_get(params), dtype=weights_dtype, **special)
         tokenizer.save_pretrained(str(dirs[name]))
     rng = np.random.default_rng(hp.seed)
     alphabet = common.character_alphabet(sizes["vocab_size"] - common.NUM_SPECIAL_TOKENS)
