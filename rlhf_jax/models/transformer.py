@@ -130,6 +130,34 @@ class LMHead(nn.Module):
         return fold_matmul(hidden.astype(kernel.dtype), kernel, accumulate=jnp.float32)
 
 
+def shared_prefix_forward(decoder: Decoder, config: ModelConfig, prompt_ids, prompt_mask, response_ids,
+                          response_mask):
+    """Final hidden states of N continuations per prompt, with each prompt run once.
+
+    prompt_ids / prompt_mask [B, P]: left-padded prompts (each row's last column real).
+    response_ids / response_mask [B, N, R]: right-padded continuations of each prompt.
+    Returns `(prompt_last [B, D], responses [B, N, R, D])`: the final hidden states at each
+    prompt's last token and at every continuation token, the same as a forward pass over
+    each prompt + continuation. The prompt's keys and values are computed once and reach
+    the N continuations through the KV cache (gradients flow back through it), so the
+    prompt costs one forward pass instead of N.
+    """
+    check_rank(prompt_ids, 2, "prompt_ids")
+    check_rank(response_ids, 3, "response_ids")
+    check_same_shape(prompt_ids=prompt_ids, prompt_mask=prompt_mask)
+    check_same_shape(response_ids=response_ids, response_mask=response_mask)
+    batch, prompt_len = prompt_ids.shape
+    num, response_len = response_ids.shape[1:]
+    if response_ids.shape[0] != batch:
+        raise ValueError(f"`response_ids` must have {batch} rows like `prompt_ids`, got {response_ids.shape}")
+    cache = init_cache(config, batch, prompt_len + response_len)
+    prompt_hidden, cache = decoder(prompt_ids, prompt_mask, None, cache)
+    cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, num, axis=0), cache)
+    flat = lambda x: x.reshape(batch * num, response_len)
+    hidden, _ = decoder(flat(response_ids), flat(response_mask), None, cache)
+    return prompt_hidden[:, -1], hidden.reshape(batch, num, response_len, -1)
+
+
 class CausalLM(nn.Module):
     """Decoder + language-model head; see the module docstring for the call conventions."""
 
@@ -157,30 +185,10 @@ class CausalLM(nn.Module):
         return hidden if cache is None else (hidden, new_cache)
 
     def shared_prefix_hidden_states(self, prompt_ids, prompt_mask, response_ids, response_mask):
-        """Hidden states of N continuations per prompt, with each prompt run once.
-
-        prompt_ids / prompt_mask [B, P]: left-padded prompts (each row's last column real).
-        response_ids / response_mask [B, N, R]: right-padded continuations of each prompt.
-        Returns `(prompt_last [B, D], responses [B, N, R, D])`: the final hidden states at each
-        prompt's last token and at every continuation token, the same as a forward pass over
-        each prompt + continuation. The prompt's keys and values are computed once and reach
-        the N continuations through the KV cache (gradients flow back through it), so the
-        prompt costs one forward pass instead of N.
-        """
-        check_rank(prompt_ids, 2, "prompt_ids")
-        check_rank(response_ids, 3, "response_ids")
-        check_same_shape(prompt_ids=prompt_ids, prompt_mask=prompt_mask)
-        check_same_shape(response_ids=response_ids, response_mask=response_mask)
-        batch, prompt_len = prompt_ids.shape
-        num, response_len = response_ids.shape[1:]
-        if response_ids.shape[0] != batch:
-            raise ValueError(f"`response_ids` must have {batch} rows like `prompt_ids`, got {response_ids.shape}")
-        cache = init_cache(self.config, batch, prompt_len + response_len)
-        prompt_hidden, cache = self.decoder(prompt_ids, prompt_mask, None, cache)
-        cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, num, axis=0), cache)
-        flat = lambda x: x.reshape(batch * num, response_len)
-        hidden, _ = self.decoder(flat(response_ids), flat(response_mask), None, cache)
-        return prompt_hidden[:, -1], hidden.reshape(batch, num, response_len, -1)
+        """Hidden states of N continuations per prompt, each prompt run once (see
+        `shared_prefix_forward`): `(prompt_last [B, D], responses [B, N, R, D])`."""
+        return shared_prefix_forward(self.decoder, self.config, prompt_ids, prompt_mask,
+                                     response_ids, response_mask)
 
     def lm_logits(self, hidden):
         """Vocabulary logits [..., V] in float32 from hidden states [..., D]."""
