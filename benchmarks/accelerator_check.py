@@ -446,7 +446,16 @@ def targets(results: dict) -> list[dict]:
 
 
 def _fmt(value, spec=".3g") -> str:
-    return "-" if value is None else format(value, spec) if isinstance(value, (int, float)) else str(value)
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def _gigabytes(record: dict | None, key: str = "peak_bytes") -> str:
+    value = (record or {}).get(key)
+    return "-" if value is None else f"{value / 1e9:.2f}"
 
 
 def markdown(results: dict, command: str) -> str:
@@ -477,17 +486,17 @@ def markdown(results: dict, command: str) -> str:
     if training.get("rows") and training.get("model"):
         m = training["model"]
         lines += ["### Training steps", "",
-                  f"Model: {m['parameters'] / 1e6:.0f}M parameters (hidden {m['hidden_size']}, {m['num_layers']} layers, "
+                  f"Model: {m['parameters']:,} parameters (hidden {m['hidden_size']}, {m['num_layers']} layers, "
                   f"vocabulary {m['vocab_size']}), {m['dtype']}. MFU against {results['peak_tflops']:.0f} TFLOP/s; "
                   "'of matmul' against the bf16 matmul above.", "", common.markdown_table(
                       ["row", "ours tok/s", "ours MFU", "ours of matmul", "TRL tok/s", "TRL MFU", "ours / TRL",
-                       "peak memory ours (GB)", "compile (s)"],
+                       "peak memory ours / TRL (GB)", "compile (s)"],
                       [[name, _fmt(r.get("ours_tokens_per_s"), ".0f"), _fmt(r.get("ours_mfu"), ".1%"),
                         _fmt(r.get("ours_fraction_of_matmul"), ".1%"),
                         _fmt(r.get("trl_tokens_per_s"), ".0f") if "trl_tokens_per_s" in r else "skipped",
                         _fmt(r.get("trl_mfu"), ".1%"), _fmt(r.get("speedup"), ".2f"),
-                        _fmt((r.get("memory", {}).get("ours") or r.get("memory", {}).get("end_of_case") or {})
-                             .get("peak_bytes", 0) / 1e9, ".2f"),
+                        _gigabytes(r.get("memory", {}).get("ours") or r.get("memory", {}).get("end_of_case")) + " / "
+                        + _gigabytes(r.get("memory", {}).get("end_of_case"), "torch_peak_bytes"),
                         _fmt(r.get("compile_seconds"), ".0f")] if "error" not in r and "skipped" not in r
                        else [name, r.get("error", r.get("skipped"))] + ["-"] * 7
                        for name, r in training["rows"].items()]), ""]
@@ -508,7 +517,9 @@ def markdown(results: dict, command: str) -> str:
                   "", f"Ours / transformers: **{gen['speedup']:.2f}x**.", ""]
     lines += ["### Targets", "", common.markdown_table(
         ["target", "minimum", "measured", "met"],
-        [[t["target"], _fmt(t["minimum"]), _fmt(t["value"], ".3g"), _fmt(t["met"])] for t in results["targets"]]), ""]
+        [[t["target"], _fmt(t["minimum"], ".0%" if "MFU" in t["target"] else ".1f"),
+          _fmt(t["value"], ".1%" if "MFU" in t["target"] else ".2f"), _fmt(t["met"])]
+         for t in results["targets"]]), ""]
     failed = [name for name, state in status.items() if state == "error"]
     if failed:
         lines += ["Failed sections: " + "; ".join(f"{name}: {results[name]['error']}" for name in failed), ""]
