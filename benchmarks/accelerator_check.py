@@ -263,6 +263,13 @@ def section_training(ctx) -> dict:
     c = setup.config
     hp = hyperparameters(ctx.profile)
     rows = {}
+    out = dict(model=dict(preset=ctx.profile["preset"], sizes=profile_sizes(ctx.profile), dtype=hp.dtype,
+                          vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_layers,
+                          num_heads=c.num_heads, intermediate_size=c.intermediate_size,
+                          parameters=count_parameters(c)),
+               hyperparameters=dataclasses.asdict(hp), steps=ctx.profile["steps"], ppo_steps=ctx.profile["ppo_steps"],
+               rounds=ctx.profile["rounds"], peak_tflops=ctx.args.peak_tflops, matmul_tflops=ctx.matmul_tflops,
+               rows=rows)
     for kind in KINDS:
         if ctx.budget.expired(ctx.profile["min_case_seconds"]):
             rows[kind] = dict(skipped="time budget of the section ran out")
@@ -273,13 +280,9 @@ def section_training(ctx) -> dict:
             add_rates(record, ctx.args.peak_tflops, ctx.matmul_tflops)
         rows[kind] = record
         print(f"[training] {kind}: {json.dumps(record, default=str)[:400]}", flush=True)
+        ctx.save_partial("training", out)
     ctx.case_memory = {kind: row.get("memory") for kind, row in rows.items() if row.get("memory")}
-    return dict(model=dict(preset=ctx.profile["preset"], sizes=profile_sizes(ctx.profile), dtype=hp.dtype, vocab_size=c.vocab_size,
-                           hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads,
-                           intermediate_size=c.intermediate_size, parameters=count_parameters(c)),
-                hyperparameters=dataclasses.asdict(hp), steps=ctx.profile["steps"], ppo_steps=ctx.profile["ppo_steps"],
-                rounds=ctx.profile["rounds"], peak_tflops=ctx.args.peak_tflops, matmul_tflops=ctx.matmul_tflops,
-                rows=rows)
+    return out
 
 
 def count_parameters(config) -> int:
@@ -528,13 +531,17 @@ def markdown(results: dict, command: str) -> str:
 
 # -- driver -------------------------------------------------------------------------------
 class Context:
-    def __init__(self, args, profile_name: str, workdir: Path):
+    """What the sections share: options, profile, work folder, the setup, the measured matmul,
+    and `save_partial` to write a section's results so far (a cut-off run keeps them)."""
+
+    def __init__(self, args, profile_name: str, workdir: Path, save_partial=None):
         self.args, self.profile_name, self.profile = args, profile_name, PROFILES[profile_name]
         self.workdir = workdir
         self.setup = None
         self.matmul_tflops = None
         self.case_memory = {}
         self.budget = None
+        self.save_partial = save_partial or (lambda name, record: None)
 
 
 def write_outputs(results: dict, out: Path, command: str) -> None:
@@ -593,7 +600,11 @@ def main(argv=None) -> dict | None:
                    profile=profile_name, peak_tflops=args.peak_tflops, hbm_tbps=args.hbm_tbps,
                    command=command.strip(), seconds=0.0)
     with tempfile.TemporaryDirectory(prefix="accelerator_check_") as scratch:
-        ctx = Context(args, profile_name, Path(args.workdir or scratch))
+        def save_partial(name: str, record: dict) -> None:
+            results[name] = dict(status="running", **record)
+            write_outputs(results, out, command.strip())
+
+        ctx = Context(args, profile_name, Path(args.workdir or scratch), save_partial)
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         for name in args.sections:
             section_start = time.monotonic()
