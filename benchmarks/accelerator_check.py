@@ -20,7 +20,8 @@ is recorded (type, message, traceback tail) and the next section still runs:
   24 layers, 16 heads, MLP 2816, vocabulary 32000) in bfloat16: SFT step, DPO step, GRPO
   update and PPO iteration through `jax_runners` (ours) and `trl_runners` (TRL, when `trl`
   imports; otherwise each row records the reason), on the same weights and data. Each kind
-  runs in its own process, so its peak device memory is its own. Per row: tokens/s, model
+  runs in its own process, so its peak device memory is its own (a dry run: all kinds in one
+  process). Per row: tokens/s, model
   TFLOP/s, MFU = model FLOP/s / `--peak-tflops` (H100 SXM dense bf16: 989) and the same
   over the measured matmul, ours / TRL speed.
 - `memory`: the peak device memory (`memory_stats()["peak_bytes_in_use"]`; on a CPU, the
@@ -76,9 +77,9 @@ PROFILES = {
                  sizes=dict(ppo_prompt_length=128, ppo_response_length=64),  # PPO / GRPO rollouts
                  grpo_group_size=8, parity=dict(batch=4, length=64),
                  generation=dict(batch=64, prompt_len=256, new_tokens=256, repeats=2),
-                 matmul_size=8192, case_timeout=150, min_case_seconds=45, time_limit=420,
+                 matmul_size=8192, case_timeout=150, min_case_seconds=45, kinds_per_process=1, time_limit=420,
                  budgets=dict(machine=20, parity=60, generation=100, training=220, memory=20)),
-    # tiny shapes: every code path in about a minute on an idle 2-core CPU; generous budgets,
+    # tiny shapes: every code path in about 65 CPU-seconds (TRL included); generous budgets,
     # since a loaded machine must not turn the coverage check into skips
     "dry": dict(preset="tiny", dtype="bfloat16",
                 sizes=dict(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
@@ -86,7 +87,8 @@ PROFILES = {
                            ppo_prompt_length=4, ppo_response_length=4), steps=1, ppo_steps=1, rounds=1, warmup=1,
                 grpo_group_size=4, parity=dict(batch=2, length=8, hidden_size=32, num_layers=1, vocab_size=64),
                 generation=dict(batch=4, prompt_len=8, new_tokens=8, repeats=1),
-                matmul_size=256, case_timeout=300, min_case_seconds=10, time_limit=900,
+                matmul_size=256, case_timeout=300, min_case_seconds=10, kinds_per_process=len(KINDS),
+                time_limit=900,
                 budgets=dict(machine=60, parity=180, generation=120, training=480, memory=60)),
 }
 
@@ -103,6 +105,14 @@ class Budget:
 
     def expired(self, needed: float = 0.0) -> bool:
         return self.left() <= needed
+
+
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its finished child processes."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def error_record(err: BaseException) -> dict:
@@ -270,16 +280,17 @@ def section_training(ctx) -> dict:
                hyperparameters=dataclasses.asdict(hp), steps=ctx.profile["steps"], ppo_steps=ctx.profile["ppo_steps"],
                rounds=ctx.profile["rounds"], peak_tflops=ctx.args.peak_tflops, matmul_tflops=ctx.matmul_tflops,
                rows=rows)
-    for kind in KINDS:
+    size = ctx.profile["kinds_per_process"]
+    for group in [list(KINDS[i:i + size]) for i in range(0, len(KINDS), size)]:
         if ctx.budget.expired(ctx.profile["min_case_seconds"]):
-            rows[kind] = dict(skipped="time budget of the section ran out")
+            rows.update({kind: dict(skipped="time budget of the section ran out") for kind in group})
             continue
-        timeout = max(10.0, min(ctx.budget.left(), ctx.profile["case_timeout"]))
-        record = run_case_process(ctx, kind, timeout)
-        if "flops_per_step" in record:
-            add_rates(record, ctx.args.peak_tflops, ctx.matmul_tflops)
-        rows[kind] = record
-        print(f"[training] {kind}: {json.dumps(record, default=str)[:400]}", flush=True)
+        timeout = max(10.0, min(ctx.budget.left(), ctx.profile["case_timeout"] * len(group)))
+        for kind, record in run_case_process(ctx, group, timeout).items():
+            if "flops_per_step" in record:
+                add_rates(record, ctx.args.peak_tflops, ctx.matmul_tflops)
+            rows[kind] = record
+            print(f"[training] {kind}: {json.dumps(record, default=str)[:400]}", flush=True)
         ctx.save_partial("training", out)
     ctx.case_memory = {kind: row.get("memory") for kind, row in rows.items() if row.get("memory")}
     return out
@@ -292,24 +303,30 @@ def count_parameters(config) -> int:
     return int(jax_runners.matmul_params(config, lm_head=not config.tie_word_embeddings) + embedding)
 
 
-def run_case_process(ctx, kind: str, timeout: float) -> dict:
-    """One training kind in a fresh process (`--case`), so its peak memory is its own."""
-    result_file = ctx.workdir / f"case_{kind}.json"
+def run_case_process(ctx, kinds: list[str], timeout: float) -> dict:
+    """Training kinds in one fresh process (`--case`): `{kind: record}`. The full run gives each
+    kind its own process, so its peak memory is its own; a dry run groups them (fewer imports).
+    The process writes its file after every kind, so a time-out keeps the finished ones."""
+    result_file = ctx.workdir / f"case_{'_'.join(kinds)}.json"
     result_file.unlink(missing_ok=True)
-    command = [sys.executable, str(Path(__file__).resolve()), "--case", kind, "--workdir", str(ctx.workdir),
-               "--case-result", str(result_file), "--profile", ctx.profile_name]
+    command = [sys.executable, str(Path(__file__).resolve()), "--case", ",".join(kinds), "--workdir",
+               str(ctx.workdir), "--case-result", str(result_file), "--profile", ctx.profile_name]
     started = time.monotonic()
+    failure = None
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=case_environment(ctx))
+        if done.returncode != 0:
+            failure = dict(error=f"case process exited with {done.returncode}", stderr_tail=done.stderr[-3000:])
     except subprocess.TimeoutExpired as err:
-        tail = (err.stderr or b"")[-2000:]
-        return dict(error=f"timed out after {timeout:.0f} s (the section's time budget)",
-                    stderr_tail=tail.decode(errors="replace") if isinstance(tail, bytes) else tail)
-    record = json.loads(result_file.read_text()) if result_file.exists() else {}
-    record["process_seconds"] = time.monotonic() - started
-    if done.returncode != 0 and "error" not in record:
-        record.update(error=f"case process exited with {done.returncode}", stderr_tail=done.stderr[-3000:])
-    return record
+        tail = err.stderr[-2000:] if err.stderr else b""
+        failure = dict(error=f"timed out after {timeout:.0f} s (the section's time budget)",
+                       stderr_tail=tail.decode(errors="replace") if isinstance(tail, bytes) else tail)
+    records = json.loads(result_file.read_text()) if result_file.exists() else {}
+    for kind in kinds:
+        if kind not in records:
+            records[kind] = dict(failure or dict(error="the case process wrote no result"))
+        records[kind]["process_seconds"] = time.monotonic() - started
+    return records
 
 
 def case_environment(ctx) -> dict:
@@ -564,8 +581,8 @@ def parse_args(argv=None):
     parser.add_argument("--record", metavar="MD", default=None,
                         help="only put a finished run's accelerator_check.md into benchmarks/RESULTS.md "
                              "(replacing the section of the same heading)")
-    # internal: one training kind in its own process
-    parser.add_argument("--case", choices=KINDS, help=argparse.SUPPRESS)
+    # internal: training kinds in a process of their own
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # comma-separated KINDS
     parser.add_argument("--case-result", help=argparse.SUPPRESS)
     parser.add_argument("--profile", choices=sorted(PROFILES), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -581,11 +598,13 @@ def main(argv=None) -> dict | None:
         print(f"wrote {body.splitlines()[0].strip()!r} into {common.RESULTS}")
         return None
     if args.case:
-        try:
-            record = run_case(args.case, Path(args.workdir), PROFILES[args.profile])
-        except Exception as err:
-            record = error_record(err)
-        Path(args.case_result).write_text(json.dumps(record, default=str))
+        records = {}
+        for kind in args.case.split(","):
+            try:
+                records[kind] = run_case(kind, Path(args.workdir), PROFILES[args.profile])
+            except Exception as err:
+                records[kind] = error_record(err)
+            Path(args.case_result).write_text(json.dumps(records, default=str))
         return None
     profile_name = "dry" if args.dry_run else "full"
     if args.dry_run and "jax" not in sys.modules:  # before jax starts (a script run)
@@ -607,7 +626,7 @@ def main(argv=None) -> dict | None:
         ctx = Context(args, profile_name, Path(args.workdir or scratch), save_partial)
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         for name in args.sections:
-            section_start = time.monotonic()
+            section_start, cpu_start = time.monotonic(), cpu_seconds()
             ctx.budget = Budget(PROFILES[profile_name]["budgets"][name], deadline)
             print(f"[{name}] start ({ctx.budget.left():.0f} s budget)", flush=True)
             try:
@@ -618,6 +637,7 @@ def main(argv=None) -> dict | None:
             except (Exception, SystemExit) as err:  # record and go on with the next section
                 record = dict(status="error", **error_record(err))
             record["seconds"] = time.monotonic() - section_start
+            record["cpu_seconds"] = cpu_seconds() - cpu_start  # this process and its case processes
             results[name] = record
             results["seconds"] = time.monotonic() - start
             write_outputs(results, out, command.strip())
