@@ -16,8 +16,8 @@ is recorded (type, message, traceback tail) and the next section still runs:
   read (weights + KV cache at the mean context) / measured time per new token, as a fraction
   of `--hbm-tbps` (H100 SXM: 3.35 TB/s). It runs before `training`, so a long training
   section cannot starve it.
-- `training`: a ~0.5B Llama/Qwen-shaped model (`vs_trl.py`'s preset `gpu-0.5b`: hidden 1024,
-  24 layers, 16 heads, MLP 2816, vocabulary 32000) in bfloat16: SFT step, DPO step, GRPO
+- `training`: a Llama/Qwen-shaped model of 374M parameters (`vs_trl.py`'s preset `gpu-0.5b`:
+  hidden 1024, 24 layers, 16 heads, MLP 2816, vocabulary 32000) in bfloat16: SFT step, DPO step, GRPO
   update and PPO iteration through `jax_runners` (ours) and `trl_runners` (TRL, when `trl`
   imports; otherwise each row records the reason), on the same weights and data. Each kind
   runs in its own process, so its peak device memory is its own (a dry run: all kinds in one
