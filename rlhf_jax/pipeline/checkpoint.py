@@ -10,7 +10,11 @@ One checkpoint is a step directory `<directory>/<step>/` with three items:
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp-<time>/` and renames it when the
 write is complete, so a run killed mid-save leaves a temporary directory that is never listed
-as a step: `latest_step()` only sees finished checkpoints.
+as a step: `latest_step()` only sees finished checkpoints. What orbax cannot rule out is a
+finished checkpoint damaged afterwards (a full disk, a storage crash truncating a file):
+`restore_latest_readable` then falls back to the newest checkpoint that restores, and sets
+the damaged ones aside as `<step>.unreadable/` (never listed as steps, so the resumed run
+writes those steps afresh).
 """
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from rlhf_jax.pipeline.errors import CheckpointError
+from rlhf_jax.training.multihost import barrier
 
 _ITEMS = ("state", "meta", "layout")
 
@@ -227,6 +234,43 @@ class Checkpointer:
                                if _is_typed_key(want) else got), target, restored)
         return state, meta
 
+    def restore_latest_readable(self, *, target: Any = None, shardings: Any = None
+                                ) -> tuple[Any, dict, list[tuple[int, str]]]:
+        """Restore the newest checkpoint that can be read, as `(state, meta, skipped)`.
+
+        Steps are tried newest first (`restore(step, target=..., shardings=...)`); `skipped`
+        lists `(step, reason)` for the newer ones that failed, each moved to
+        `<directory>/<step>.unreadable` so that it is no longer listed and the resumed run
+        writes that step again. Raises `CheckpointError` naming the directory and each
+        step's reason when none can be read (nothing is moved then), or when there are none.
+        """
+        self._manager.wait_until_finished()
+        failures: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                state, meta = self.restore(step, target=target, shardings=shardings)
+            except Exception as err:  # orbax/tensorstore raise many types for damaged files
+                failures.append((step, _reason(err)))
+                continue
+            if failures:
+                self._set_aside([bad for bad, _ in failures])
+            return state, meta, failures
+        detail = "; ".join(f"step {step}: {reason}" for step, reason in failures) or "it holds none"
+        raise CheckpointError(f"no readable checkpoint in {self.directory} ({detail})")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename step directories to `<step>.unreadable` (process 0), then re-list steps."""
+        if jax.process_index() == 0:
+            for step in steps:
+                source = os.path.join(self.directory, str(step))
+                target, number = f"{source}.unreadable", 1
+                while os.path.exists(target):
+                    number += 1
+                    target = f"{source}.unreadable{number}"
+                os.replace(source, target)
+        barrier("rlhf_jax_checkpoint_set_aside")
+        self._manager.reload()
+
     def _resolve_step(self, step: int | None) -> int:
         steps = self.all_steps()
         if step is None:
@@ -266,6 +310,15 @@ class Checkpointer:
             if want_dtype is not None and got_dtype is not None and np.dtype(want_dtype) != np.dtype(got_dtype):
                 raise ValueError(f"checkpoint {step_dir}: leaf `{name}` has dtype {got_dtype}, "
                                  f"the restore target expects {want_dtype}")
+
+
+def _reason(err: Exception) -> str:
+    """A short one-line account of why a restore failed (tensorstore messages run to pages)."""
+    text = " ".join(str(err).split())
+    text = text.split(" See full TensorStore details")[0].split(" [tensorstore_spec")[0]
+    if len(text) > 200:
+        text = text[:200] + " ..."
+    return f"{type(err).__name__}: {text}"
 
 
 def restore_checkpoint(directory: str | os.PathLike, step: int | None = None, *,
