@@ -166,7 +166,7 @@ def load_pretrained(path, *, head: str | None = None, dtype: str | None = None,
         except (KeyError, TypeError) as err:
             raise ModelError(folder, f"config.json: missing or invalid field {err}") from None
         except ValueError as err:
-            message = str(err).removeprefix("config.json: ")
+            message = re.sub(r"^config\.json:? ", "", str(err))
             raise ModelError(folder, f"config.json: {message}") from None
         tensors = read_checkpoint_tensors(folder)
     except OSError as err:  # unreadable files (permissions, I/O errors)
