@@ -87,6 +87,11 @@ def _listing(names: Sequence[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + more
 
 
+def _latest(checkpointer: Checkpointer) -> str:
+    step = checkpointer.latest_step()
+    return "none (nothing was saved)" if step is None else f"step {step}"
+
+
 def checkpoint_dir(output_dir: str | os.PathLike) -> str:
     return os.path.join(os.fspath(output_dir), CHECKPOINT_DIR)
 
@@ -192,7 +197,7 @@ def run_loop(
             checkpointer.wait()
             raise NonFiniteError(
                 f"{description}: refusing to write the checkpoint of step {step}: NaN or inf in "
-                f"{_listing(bad)}; the latest checkpoint stays step {checkpointer.latest_step()}")
+                f"{_listing(bad)}; the latest checkpoint stays {_latest(checkpointer)}")
         position = batches.position
         checkpointer.save(step, carry, {
             "step": step, "data_position": {"epoch": position.epoch, "index": position.index},
@@ -236,7 +241,7 @@ def run_loop(
                     f"{description}: stopped at step {step}: {skips[CONSECUTIVE_SKIPS]} optimizer updates "
                     f"in a row had NaN/inf gradients and were skipped (limit optim.max_consecutive_skips "
                     f"= {max_consecutive_skips}; {skips[SKIPS]} skipped in all); the latest checkpoint "
-                    f"is step {checkpointer.latest_step()}. Lower the learning rate or check the data")
+                    f"is {_latest(checkpointer)}. Lower the learning rate or check the data and model")
             save(step, force=is_last)
         jax.block_until_ready(carry)
     finally:
