@@ -205,17 +205,32 @@ def test_data_that_is_not_utf8(task, tmp_path, capsys, name):
 # ----------------------------------------------------------------------------- output directories
 
 
-@pytest.mark.parametrize("where", ["is a file", "under a file", "checkpoints is a file"])
+@pytest.mark.parametrize("where", ["is a file", "under a file", "checkpoints is a file", "disk full"])
 def test_output_dir_that_cannot_be_written(task, tmp_path, capsys, where):
     blocker = tmp_path / "blocker"
     blocker.write_text("not a folder")
     output_dir, culprit = {"is a file": (blocker, blocker), "under a file": (blocker / "run", blocker / "run"),
-                           "checkpoints is a file": (tmp_path / "run", tmp_path / "run" / "checkpoints")}[where]
+                           "checkpoints is a file": (tmp_path / "run", tmp_path / "run" / "checkpoints"),
+                           "disk full": (tmp_path / "run", tmp_path / "run" / "config.yaml")}[where]
     if where == "checkpoints is a file":
         output_dir.mkdir()
         (output_dir / "checkpoints").write_text("")
-    result = run_cli(capsys, *sft_args(task, output_dir))
-    assert_one_error_line(*result, "sft", "output", "`output_dir`", culprit)
+    if where == "disk full":  # the first write goes to /dev/full, which answers ENOSPC
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full on this system")
+        output_dir.mkdir()
+        (output_dir / "config.yaml").symlink_to("/dev/full")
+    code, lines, err = run_cli(capsys, *sft_args(task, output_dir))
+    assert_one_error_line(code, lines, err, "sft", "output", "`output_dir`", culprit)
+    if where == "disk full":
+        assert "No space left on device" in lines[0]
+
+
+def test_config_file_that_is_not_utf8(tmp_path, capsys):
+    config = tmp_path / "sft.yaml"
+    config.write_bytes(b"output_dir: runs/caf\xe9\n")
+    result = run_cli(capsys, "sft", "--config", config)
+    assert_one_error_line(*result, "sft", "config", f"{config}: byte 0xe9 at offset 20 is not valid UTF-8")
 
 
 # ----------------------------------------------------------------------------- checkpoints and NaN

@@ -57,6 +57,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _unwritable(path, err: OSError) -> OutputError:
+    return OutputError(f"`output_dir`: cannot write {path}: {err.strerror or err}")
+
+
 def prepare_output_dir(config) -> Path:
     """Create `config.output_dir` and write the resolved config to `config.yaml` in it.
 
@@ -67,12 +71,15 @@ def prepare_output_dir(config) -> Path:
     output_dir = Path(config.output_dir)
     if jax.process_index() == 0:
         text = yaml.safe_dump(_plain(to_dict(config)), sort_keys=False)
+        config_file = output_dir / "config.yaml"
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "config.yaml").write_text(text)
         except OSError as err:
-            where = err.filename or output_dir
-            raise OutputError(f"`output_dir`: cannot write {where}: {err.strerror or err}") from None
+            raise _unwritable(err.filename or output_dir, err) from None
+        try:
+            config_file.write_text(text)
+        except OSError as err:  # no permission, a full disk (ENOSPC carries no file name)
+            raise _unwritable(config_file, err) from None
         for name in OUTPUT_FOLDERS:
             if (output_dir / name).exists() and not (output_dir / name).is_dir():
                 raise OutputError(f"`output_dir`: {output_dir / name} is a file, but the stage writes "
