@@ -18,7 +18,11 @@ writes those steps afresh).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -248,7 +252,8 @@ class Checkpointer:
         failures: list[tuple[int, str]] = []
         for step in reversed(self.all_steps()):
             try:
-                state, meta = self.restore(step, target=target, shardings=shardings)
+                with _quiet_abandoned_reads():
+                    state, meta = self.restore(step, target=target, shardings=shardings)
             except Exception as err:  # orbax/tensorstore raise many types for damaged files
                 failures.append((step, _reason(err)))
                 continue
@@ -312,12 +317,41 @@ class Checkpointer:
                                  f"the restore target expects {want_dtype}")
 
 
+def _ignore_closed_loop(previous):
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.ignores_closed_loop = True
+    return hook
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+    """Keep the aftermath of a failed restore off stderr: when one array cannot be read, orbax
+    abandons the other reads of that checkpoint, and their asyncio tasks report 'Task
+    exception was never retrieved' (asyncio's logger) or, when a read completes after
+    orbax closed its event loop, 'Event loop is closed' (sys.unraisablehook), each with a
+    traceback. The restore's own exception still propagates and is reported once."""
+    asyncio_logger = logging.getLogger("asyncio")
+    level = asyncio_logger.level
+    asyncio_logger.setLevel(logging.CRITICAL)
+    if not getattr(sys.unraisablehook, "ignores_closed_loop", False):
+        sys.unraisablehook = _ignore_closed_loop(sys.unraisablehook)
+    try:
+        yield
+    finally:
+        gc.collect()  # abandoned tasks report when collected: collect them while quiet
+        asyncio_logger.setLevel(level)
+
+
 def _reason(err: Exception) -> str:
     """A short one-line account of why a restore failed (tensorstore messages run to pages)."""
     text = " ".join(str(err).split())
     text = text.split(" See full TensorStore details")[0].split(" [tensorstore_spec")[0]
-    if len(text) > 200:
-        text = text[:200] + " ..."
+    if len(text) > 240:  # keep what failed (the start) and the root cause (the end)
+        text = f"{text[:120]} ... {text[-110:]}"
     return f"{type(err).__name__}: {text}"
 
 

@@ -85,3 +85,16 @@ def test_a_structure_mismatch_is_reported_not_skipped_past(directory):
         with pytest.raises(CheckpointError, match="does not match the restore target"):
             checkpointer.restore_latest_readable(target={"w": jnp.zeros((4, 3))})
         assert checkpointer.all_steps() == [1, 2, 3]
+
+
+def test_an_unfinished_save_is_never_listed(directory):
+    """What orbax guarantees: a step is written under a temporary name and renamed when
+    complete, so a save cut off by a kill is not a step (and is cleaned up on the next open)."""
+    unfinished = directory / "4.orbax-checkpoint-tmp-1733500000000000"
+    unfinished.mkdir()
+    (unfinished / "state").mkdir()
+    with Checkpointer(directory, async_save=False) as checkpointer:
+        assert checkpointer.all_steps() == [1, 2, 3]
+        _, meta, skipped = checkpointer.restore_latest_readable(target=_state(0))
+        assert meta["step"] == 3 and skipped == []
+    assert not unfinished.exists()
