@@ -242,25 +242,19 @@ def _truncate_file(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["sharding file", "array data"])
-def test_damaged_checkpoints_on_resume(task, tmp_path, capsys, damage):
+def test_damaged_checkpoints_on_resume(task, tmp_path, capsys):
+    """(Truncated array data is resumed past in the subprocess test below.)"""
     out = tmp_path / "run"
     args = sft_args(task, out, "checkpoint.interval=2")
     assert run_cli(capsys, *args, "train.stop_after=4")[0] == 0
     checkpoints = out / "checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["2", "4"]
-    if damage == "sharding file":
-        _truncate_file(checkpoints / "4" / "state" / "_sharding")  # orbax: FAILED_PRECONDITION ... Invalid JSON
-        reason = "Invalid JSON"
-    else:
-        for path in (checkpoints / "4" / "state").glob("**/d/*"):
-            _truncate_file(path)
-        reason = "is not valid for value of size 4"
+    _truncate_file(checkpoints / "4" / "state" / "_sharding")  # orbax: FAILED_PRECONDITION ... Invalid JSON
 
     code, lines, err = run_cli(capsys, *args, "--resume")
     assert code == 0 and "Traceback" not in err, err
     assert len(lines) == 1 and lines[0].startswith("warning: unreadable checkpoint step 4 ("), err
-    assert reason in lines[0] and str(checkpoints) in lines[0] and "resuming from step 2" in lines[0]
+    assert "Invalid JSON" in lines[0] and str(checkpoints) in lines[0] and "resuming from step 2" in lines[0]
     assert (checkpoints / "4.unreadable").is_dir() and (checkpoints / "4").is_dir()  # step 4 written again
     assert [row["step"] for row in read_metrics(out)] == [1, 2, 3, 4] and (out / "model").is_dir()
 
