@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.layers import fold_matmul
-from rlhf_jax.models.transformer import Decoder
+from rlhf_jax.models.transformer import Decoder, shared_prefix_forward
 from rlhf_jax.ops.masking import last_token_index
 
 
@@ -59,6 +59,12 @@ class _ScalarHeadModel(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
         return self.decoder(input_ids, attention_mask, position_ids)[0]
+
+    def shared_prefix_hidden_states(self, prompt_ids, prompt_mask, response_ids, response_mask):
+        """`(prompt_last [B, D], responses [B, N, R, D])`, each prompt run once (see
+        `rlhf_jax.models.transformer.shared_prefix_forward`)."""
+        return shared_prefix_forward(self.decoder, self.config, prompt_ids, prompt_mask,
+                                     response_ids, response_mask)
 
     def scores_from_hidden(self, hidden):
         return self.score(hidden)

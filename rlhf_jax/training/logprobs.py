@@ -1,0 +1,153 @@
+"""One batch layout for every language-model step, and one log-prob path over it.
+
+Layout (`LMBatch`):
+
+    prompt_ids, prompt_mask       [B, P]     left-padded: each row's last column is real
+    response_ids, response_mask   [B, N, R]  right-padded: N responses per prompt
+
+N is 1 for SFT, KTO and PPO, 2 for preference pairs (chosen, rejected) and G for GRPO / RLOO
+groups. `response_mask` is 1 on the response tokens that exist and count (up to and
+including the EOS of a sampled response); prompt tokens are never scored. Every prompt holds
+at least one real token, its last column: a row with no prompt text puts its first token
+(e.g. BOS) there, since nothing predicts a sequence's first token.
+
+Log-probs (`response_logprobs`): token `j` of response `n` of row `b` is scored by the final
+hidden state just before it, i.e. at the prompt's last token for `j = 0` and at response
+token `j - 1` otherwise:
+
+    logprobs[b, n, j] = log softmax(W h_{b,n,j-1} / T)[response_ids[b, n, j]]   (0 on padding)
+
+With `prompt_once=True` (the default) the prompt runs once per row and its keys and values
+reach the N responses through the KV cache (`CausalLM.shared_prefix_hidden_states`), with
+gradients through the prompt; for N > 1 that removes (N - 1) prompt passes per row. With
+`prompt_once=False` each response runs with its own copy of the prompt (the reference
+computation, and what a per-response layout costs). Only response positions are projected
+to the vocabulary. The two paths agree to float32 rounding (tested).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from rlhf_jax.ops.checks import check_positive, check_rank, check_same_shape
+from rlhf_jax.ops.logprobs import entropy_from_logits, token_logprobs
+
+
+@struct.dataclass
+class LMBatch:
+    """Prompts `[B, P]` (left-padded) and N responses per prompt `[B, N, R]` (right-padded)."""
+
+    prompt_ids: Any  # [B, P] int
+    prompt_mask: Any  # [B, P] 1 = real prompt token
+    response_ids: Any  # [B, N, R] int
+    response_mask: Any  # [B, N, R] 1 = real, counted response token
+
+    @property
+    def batch_size(self) -> int:
+        return jnp.shape(self.prompt_ids)[0]
+
+    @property
+    def num_responses(self) -> int:
+        return jnp.shape(self.response_ids)[1]
+
+    def validate(self) -> None:
+        """Raise ValueError unless the arrays have the layout above (shapes and dtypes)."""
+        check_rank(self.prompt_ids, 2, "prompt_ids")
+        check_rank(self.response_ids, 3, "response_ids")
+        check_same_shape(prompt_ids=self.prompt_ids, prompt_mask=self.prompt_mask)
+        check_same_shape(response_ids=self.response_ids, response_mask=self.response_mask)
+        for name in ("prompt_ids", "response_ids"):
+            dtype = jnp.result_type(getattr(self, name))
+            if not jnp.issubdtype(dtype, jnp.integer):
+                raise ValueError(f"`{name}` must hold integer token ids, got dtype {dtype}")
+        if jnp.shape(self.response_ids)[0] != self.batch_size:
+            raise ValueError(f"`response_ids` must have {self.batch_size} rows like `prompt_ids`, "
+                             f"got shape {jnp.shape(self.response_ids)}")
+
+    def joined(self):
+        """`(input_ids, attention_mask)` `[B * N, P + R]`: each response after its own copy of
+        the prompt (left padding before the prompt, right padding after the response)."""
+        batch, num, length = jnp.shape(self.response_ids)
+        repeat = lambda x: jnp.repeat(x, num, axis=0)
+        flat = lambda x: x.reshape(batch * num, length)
+        ids = jnp.concatenate([repeat(self.prompt_ids), flat(self.response_ids)], axis=1)
+        mask = jnp.concatenate([repeat(self.prompt_mask), flat(self.response_mask)], axis=1)
+        return ids, mask.astype(jnp.int32)
+
+
+class ResponseHidden(NamedTuple):
+    """Final hidden states of the responses (compute dtype)."""
+
+    predicting: jax.Array  # [B, N, R, D]: the state that predicts response token j
+    tokens: jax.Array  # [B, N, R, D]: the state at response token j itself
+
+
+class ResponseLogprobs(NamedTuple):
+    """Per-token log-probs of the responses under `softmax(logits / T)`."""
+
+    logprobs: jax.Array  # [B, N, R] float32, 0 on padding
+    mask: jax.Array  # [B, N, R] float32 copy of `response_mask`
+    entropy: jax.Array | None = None  # [B, N, R] float32 (0 on padding), when asked for
+
+    def sequence_sum(self) -> jax.Array:
+        """`sum_j logprobs[b, n, j]` [B, N]."""
+        return jnp.sum(self.logprobs, axis=-1)
+
+    def lengths(self) -> jax.Array:
+        """Counted tokens per response [B, N] float32."""
+        return jnp.sum(self.mask, axis=-1)
+
+
+def response_hidden_states(apply_fn, params, batch: LMBatch, *, prompt_once: bool = True) -> ResponseHidden:
+    """The hidden states that predict each response token and those at each response token.
+
+    `apply_fn` is the `apply` of a `CausalLM`, `ValueModel` or `RewardModel` (any module with
+    `hidden_states` and `shared_prefix_hidden_states`); `params` its parameter tree.
+    """
+    batch.validate()
+    variables = {"params": params}
+    num, length = jnp.shape(batch.response_ids)[1:]
+    if prompt_once and num > 1:
+        last, tokens = apply_fn(variables, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                jnp.asarray(batch.response_mask, jnp.int32),
+                                method="shared_prefix_hidden_states")  # [B, D], [B, N, R, D]
+    else:
+        ids, mask = batch.joined()
+        hidden = apply_fn(variables, ids, mask, method="hidden_states")  # [B*N, P+R, D]
+        prompt_length = jnp.shape(batch.prompt_ids)[1]
+        last = hidden[::num, prompt_length - 1]  # [B, D]: the prompt's last token
+        tokens = hidden[:, prompt_length:].reshape(batch.batch_size, num, length, -1)
+    last = jnp.broadcast_to(last[:, None, None, :], (*tokens.shape[:2], 1, tokens.shape[-1]))
+    predicting = jnp.concatenate([last.astype(tokens.dtype), tokens[:, :, :-1]], axis=2)
+    return ResponseHidden(predicting, tokens)
+
+
+def response_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, with_entropy: bool = False,
+                      prompt_once: bool = True) -> ResponseLogprobs:
+    """Log-probs `[B, N, R]` of every response token (see the module docstring).
+
+    Args:
+      apply_fn: `CausalLM.apply`.
+      params: its parameter tree.
+      batch: an `LMBatch`.
+      temperature: `T > 0`; the logits are divided by it (rollout scoring and updates use the
+        sampling temperature).
+      with_entropy: also return the entropy of `softmax(logits / T)` at each response position.
+      prompt_once: run each prompt once for its N responses (see the module docstring).
+    """
+    check_positive(temperature, "temperature")
+    hidden = response_hidden_states(apply_fn, params, batch, prompt_once=prompt_once)
+    logits = apply_fn({"params": params}, hidden.predicting, method="lm_logits")  # [B, N, R, V]
+    mask = jnp.asarray(batch.response_mask, jnp.float32)
+    logprobs = token_logprobs(logits, batch.response_ids, temperature=temperature)
+    logprobs = jnp.where(mask != 0, logprobs, 0.0)
+    entropy = None
+    if with_entropy:
+        entropy = jnp.where(mask != 0, entropy_from_logits(logits, temperature=temperature), 0.0)
+    return ResponseLogprobs(logprobs, mask, entropy)
+
+
+__all__ = ["LMBatch", "ResponseHidden", "ResponseLogprobs", "response_hidden_states", "response_logprobs"]

@@ -1,0 +1,108 @@
+"""`LMBatch` and `response_logprobs`: the one log-prob path, against plain forward passes of
+each prompt + response scored by a NumPy log-softmax, for both prompt paths and N = 1, 2, 4."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.heads import ValueModel
+from rlhf_jax.models.transformer import CausalLM
+from rlhf_jax.training.logprobs import LMBatch, response_hidden_states, response_logprobs
+
+VOCAB = 48
+CONFIGS = {
+    "llama": ModelConfig.llama(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                               intermediate_size=48),
+    "gpt2": ModelConfig.gpt2(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+                             max_position_embeddings=32),
+}
+
+
+def random_batch(seed, rows=3, prompt=5, num=2, response=4):
+    """Left-padded prompts of 1..prompt tokens, right-padded responses of 0..response tokens."""
+    rng = np.random.default_rng(seed)
+    prompt_lengths = rng.integers(1, prompt + 1, rows)
+    response_lengths = rng.integers(0, response + 1, (rows, num))
+    response_lengths[0, 0] = response  # at least one full response
+    return LMBatch(
+        prompt_ids=rng.integers(1, VOCAB, (rows, prompt)).astype(np.int32),
+        prompt_mask=(np.arange(prompt)[None] >= prompt - prompt_lengths[:, None]).astype(np.int32),
+        response_ids=rng.integers(1, VOCAB, (rows, num, response)).astype(np.int32),
+        response_mask=(np.arange(response)[None, None] < response_lengths[..., None]).astype(np.int32),
+    )
+
+
+def oracle_logprobs(model, params, batch, temperature):
+    """Each prompt + response alone (padding removed) through the model; NumPy log-softmax."""
+    rows, num, length = batch.response_ids.shape
+    out = np.zeros((rows, num, length))
+    for b in range(rows):
+        prompt = batch.prompt_ids[b][batch.prompt_mask[b] != 0]
+        for n in range(num):
+            count = int(batch.response_mask[b, n].sum())
+            sequence = np.concatenate([prompt, batch.response_ids[b, n, :count]])[None]
+            logits = np.asarray(model.apply({"params": params}, sequence), np.float64)[0] / temperature
+            logits = logits - logits.max(-1, keepdims=True)
+            log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            for j in range(count):
+                out[b, n, j] = log_softmax[len(prompt) - 1 + j, batch.response_ids[b, n, j]]
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+@pytest.mark.parametrize("num", [1, 2, 4])
+def test_response_logprobs_match_separate_forward_passes(family, num):
+    model = CausalLM(CONFIGS[family])
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    batch = random_batch(seed=num, num=num)
+    expected = oracle_logprobs(model, params, batch, temperature=0.7)
+    for prompt_once in (True, False):
+        result = jax.jit(response_logprobs, static_argnums=0,
+                         static_argnames=("prompt_once", "with_entropy"))(
+            model.apply, params, batch, temperature=0.7, with_entropy=True, prompt_once=prompt_once)
+        chex.assert_shape([result.logprobs, result.entropy, result.mask], batch.response_ids.shape)
+        np.testing.assert_allclose(np.asarray(result.logprobs), expected, atol=2e-5)
+        assert np.all(np.asarray(result.entropy)[batch.response_mask == 0] == 0)
+        assert np.all(np.asarray(result.entropy)[batch.response_mask != 0] > 0)
+        np.testing.assert_allclose(result.sequence_sum(), expected.sum(-1), atol=1e-4)
+        np.testing.assert_array_equal(result.lengths(), batch.response_mask.sum(-1))
+
+
+def test_prompt_once_gradients_equal_per_response_prompts():
+    model = CausalLM(CONFIGS["llama"])
+    params = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
+    batch = random_batch(seed=7, num=3)
+    weights = jax.random.normal(jax.random.key(2), batch.response_ids.shape)
+
+    def objective(p, prompt_once):
+        return jnp.sum(weights * response_logprobs(model.apply, p, batch, prompt_once=prompt_once).logprobs)
+
+    shared = jax.grad(objective)(params, True)
+    separate = jax.grad(objective)(params, False)
+    for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(separate)):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_value_model_hidden_states_share_the_prompt_too():
+    module = ValueModel(CONFIGS["llama"])
+    params = module.init(jax.random.key(3), jnp.zeros((1, 4), jnp.int32))["params"]
+    batch = random_batch(seed=11, num=2)
+    once = response_hidden_states(module.apply, params, batch, prompt_once=True)
+    separate = response_hidden_states(module.apply, params, batch, prompt_once=False)
+    mask = np.asarray(batch.response_mask, bool)
+    np.testing.assert_allclose(np.asarray(once.tokens)[mask], np.asarray(separate.tokens)[mask], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(once.predicting)[mask], np.asarray(separate.predicting)[mask],
+                               atol=1e-5)
+
+
+def test_layout_errors_name_the_array():
+    batch = random_batch(seed=0)
+    with pytest.raises(ValueError, match="response_ids"):
+        LMBatch(batch.prompt_ids, batch.prompt_mask, batch.response_ids[:, 0], batch.response_mask[:, 0]).validate()
+    with pytest.raises(ValueError, match="integer token ids"):
+        LMBatch(batch.prompt_ids.astype(np.float32), batch.prompt_mask, batch.response_ids,
+                batch.response_mask).validate()
+    with pytest.raises(ValueError, match="rows like `prompt_ids`"):
+        LMBatch(batch.prompt_ids[:2], batch.prompt_mask[:2], batch.response_ids, batch.response_mask).validate()
