@@ -333,7 +333,9 @@ def _quiet_abandoned_reads():
     abandons the other reads of that checkpoint, and their asyncio tasks report 'Task
     exception was never retrieved' (asyncio's logger) or, when a read completes after
     orbax closed its event loop, 'Event loop is closed' (sys.unraisablehook), each with a
-    traceback. The restore's own exception still propagates and is reported once."""
+    traceback. The restore's own exception still propagates and is reported once. The
+    filter of exactly that RuntimeError stays installed in `sys.unraisablehook` (such a read
+    can finish after the restore returned); everything else reaches the previous hook."""
     asyncio_logger = logging.getLogger("asyncio")
     level = asyncio_logger.level
     asyncio_logger.setLevel(logging.CRITICAL)
