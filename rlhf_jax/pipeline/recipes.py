@@ -9,7 +9,12 @@ supervised stages (sft, reward, dpo) share `StageConfig`:
     tokenizer   tokenizer folder (default: the model folder)
     data        files and lengths (`rlhf_jax.pipeline.data.DataConfig`)
     optim       optimizer (`rlhf_jax.training.optim.OptimizerConfig`); `total_steps` is set
-                to the stage's `train.steps`, so the schedule always spans the run
+                to the stage's `train.steps`, so the schedule always spans the run.
+                `optim.nonfinite` says what a NaN/inf gradient does: "skip" (default) drops
+                the update and counts it (`optim/nonfinite_skips` in the logs and progress
+                line), and the run stops after `optim.max_consecutive_skips` (default 10)
+                skips in a row; "halt" stops at the first non-finite metric; "none" does
+                nothing. No checkpoint or exported model holding a NaN/inf is ever written.
     mesh        device mesh (`rlhf_jax.training.sharding.MeshConfig`); with no -1 entry the
                 mesh uses the first data*fsdp*tensor devices
     train       length, batch size, micro-batching, `stop_after` (stop early to test resuming)
@@ -122,7 +127,7 @@ class StageConfig:
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: str | None = None  # tokenizer folder; None: model.path
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)  # incl. nonfinite, max_consecutive_skips
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -239,7 +244,8 @@ class RLStageConfig:
     tokenizer: str | None = None  # None: policy.path
     reward: RewardSource = field(default_factory=RewardSource)
     data: DataConfig = field(default_factory=DataConfig)  # prompt files
-    optim: OptimizerConfig = field(default_factory=OptimizerConfig)  # policy optimizer
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)  # policy optimizer (nonfinite,
+    # max_consecutive_skips: see the module docstring; PPO stops at the smaller limit of optim/value_optim)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: RLTrainSection = field(default_factory=RLTrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)

@@ -65,6 +65,16 @@ def pair_values(pair_fn, params, data, batch_size: int, mesh, max_batches: int |
     return np.concatenate(chosen), np.concatenate(rejected)
 
 
+def nonfinite_options(*optims) -> dict:
+    """`run_loop`'s non-finite handling for a stage's optimizer configs (None entries are
+    ignored): stop after the smallest `max_consecutive_skips` of those with
+    `nonfinite="skip"`, and at the first non-finite metric if any has `nonfinite="halt"`."""
+    optims = [optim for optim in optims if optim is not None]
+    limits = [optim.max_consecutive_skips for optim in optims if optim.nonfinite == "skip"]
+    return {"max_consecutive_skips": min(limits) if limits else None,
+            "halt_on_nonfinite": any(optim.nonfinite == "halt" for optim in optims)}
+
+
 # ----------------------------------------------------------------------------- supervised stages
 
 
@@ -121,7 +131,7 @@ def run_supervised_stage(stage: str, config, setup: SupervisedSetup, module, sta
         resume=resume, stop_after=config.train.stop_after,
         evaluate=None if evaluate is None else lambda carry: evaluate(inference_model(module, carry["state"])[1]),
         eval_every=config.eval.every, description=description or stage, progress_keys=progress_keys,
-        compiled=() if config.data.bucket_multiple else (step,),
+        compiled=() if config.data.bucket_multiple else (step,), **nonfinite_options(config.optim),
     )
     return finish_stage(stage, setup.output_dir, result, module, result.carry["state"], setup.tokenizer,
                         {"data": vars(setup.data.stats)}, base_path=config.model.path)
@@ -237,13 +247,14 @@ def run_rollout_stage(stage: str, config, setup: RolloutSetup, policy_module, ca
         num_steps=config.train.iterations, checkpoint=config.checkpoint, logging=config.logging,
         resume=resume, stop_after=config.train.stop_after, description=stage,
         progress_keys=progress_keys, compiled=compiled,
+        **nonfinite_options(config.optim, getattr(config, "value_optim", None)),
     )
     return finish_stage(stage, setup.output_dir, result, policy_module, result.carry["policy"], setup.tokenizer,
                         base_path=config.policy.path)
 
 
 __all__ = [
-    "process_share", "train_batches", "ordered_batches", "pair_values", "SupervisedSetup",
+    "process_share", "train_batches", "nonfinite_options", "ordered_batches", "pair_values", "SupervisedSetup",
     "open_supervised_stage", "supervised_state_and_step", "run_supervised_stage",
     "sampling_with_tokenizer", "prompt_batches", "RolloutSetup", "open_rollout_stage",
     "place_prompt_batch", "print_rollout_start", "reward_keys", "frozen_reference", "run_rollout_stage",
