@@ -168,6 +168,13 @@ def run_case(step_name, head, model_name, tokens, execute_limit_gb) -> dict:
     return result
 
 
+def accelerator_cases(dry_run: bool = False) -> list[dict]:
+    """XLA estimates of the probe SFT step, full vs chunked head, at 4,096 tokens (1,024 in a
+    dry run), compiled for the default device, in this process (for `accelerator_check.py`)."""
+    tokens = 1024 if dry_run else 4096
+    return [run_case("sft", head, "probe", tokens, execute_limit_gb=0.0) for head in HEADS]
+
+
 def run_in_child(case, execute_limit_gb) -> dict:
     """One case in a fresh interpreter; its peak RSS is the kernel's `ru_maxrss` of that
     process (`RUSAGE_SELF`, read by the child at its end: this process's own, no other's)."""
