@@ -1,7 +1,7 @@
 """Our side of `vs_trl.py`: DPO, reward-model and PPO training with rlhf_jax.
 
 Each session loads the Hugging Face folders written by `vs_trl.py` with `load_pretrained`,
-builds the train states, jits the library's step function once (`make_train_step(dpo_step)`,
+builds the train states, jits the library's step function once (`make_train_step(preference_step)`,
 `make_train_step(reward_step)`, `jax.jit(ppo_iteration)`) and runs its first step at
 construction: that call holds the compilation (`compile_seconds` = first call minus a
 steady step) and, for DPO and the reward model, the step-0 loss on the first batch (file
@@ -24,7 +24,7 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.pipeline.batching import BatchIterator
 from rlhf_jax.pipeline.data import DataConfig, load_data
 from rlhf_jax.training.batches import PreferenceBatch
-from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step
+from rlhf_jax.training.preference_step import PreferenceLossConfig, preference_step
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
 from rlhf_jax.training.ppo import PPO_STATIC_ARGNAMES, PPOConfig, kl_controller, ppo_iteration
 from rlhf_jax.training.reward_step import reward_step
@@ -56,9 +56,11 @@ def forward_flops(config: ModelConfig, tokens: float, context: float, *, lm_head
 
 class TrainingSession:
     """Our DPO (`kind="dpo"`) or reward-model steps on the pairs file: one jitted call per step,
-    batches in file order. The first step (compile + step-0 loss) runs at construction."""
+    batches in file order (each pair's prompt runs once). The first step (compile + step-0
+    loss) runs at construction. `tokens_per_step` and `flops_per_step` count the work of
+    prompt + chosen and prompt + rejected sequences, as TRL runs them."""
 
-    def __init__(self, kind: str, setup, hp, *, shared_prompt: bool = False):
+    def __init__(self, kind: str, setup, hp):
         self.kind = kind
         is_dpo = kind == "dpo"
         module, params = load_pretrained(setup.policy_dir if is_dpo else setup.reward_dir, dtype=hp.dtype)
@@ -68,16 +70,12 @@ class TrainingSession:
         self.data = load_data(setup.pairs_file, setup.tokenizer_dir, data_config, kind="preference")
         self.state = create_train_state(module, params, make_optimizer(optimizer_config(hp)))
         options = {"config": PreferenceLossConfig(beta=hp.beta)} if is_dpo else {}
-        if shared_prompt:  # each pair's prompt runs once (same numbers, less work)
-            options.update(prompt_window=data_config.max_prompt_length,
-                           response_window=data_config.max_response_length)
-        self.run_step = make_train_step(dpo_step if is_dpo else reward_step, **options)
+        self.run_step = make_train_step(preference_step if is_dpo else reward_step, **options)
         self.batches = BatchIterator(self.data, hp.batch_size, shuffle=False)
         arrays = self.data.arrays
-        real = arrays["chosen_attention_mask"].sum(1) + arrays["rejected_attention_mask"].sum(1)
-        self.tokens_per_step = float(hp.batch_size * real.mean())
-        context = float(np.mean(np.concatenate([arrays["chosen_attention_mask"].sum(1),
-                                                arrays["rejected_attention_mask"].sum(1)])))
+        lengths = arrays["prompt_mask"].sum(1)[:, None] + arrays["response_mask"].sum(2)  # [rows, 2]
+        self.tokens_per_step = float(hp.batch_size * lengths.sum(1).mean())
+        context = float(lengths.mean())
         train = forward_flops(setup.config, self.tokens_per_step, context, lm_head=is_dpo)
         self.flops_per_step = 3 * train + (train if is_dpo else 0.0)  # + the reference forward
         start = time.perf_counter()
@@ -87,8 +85,10 @@ class TrainingSession:
         self.compile_seconds = first - common.median(self.run(2)[0])
 
     def first_chosen_ids(self) -> list[int]:
-        row = self.data.arrays["chosen_input_ids"][0]
-        return row[self.data.arrays["chosen_attention_mask"][0] == 1].tolist()
+        arrays = self.data.arrays
+        prompt = arrays["prompt_ids"][0][arrays["prompt_mask"][0] == 1]
+        chosen = arrays["response_ids"][0, 0][arrays["response_mask"][0, 0] == 1]
+        return prompt.tolist() + chosen.tolist()
 
     def _step(self):
         batch = jax.device_put(PreferenceBatch.from_arrays(next(self.batches)))

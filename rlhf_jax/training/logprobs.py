@@ -91,6 +91,9 @@ class ResponseLogprobs(NamedTuple):
     logprobs: jax.Array  # [B, N, R] float32, 0 on padding
     mask: jax.Array  # [B, N, R] float32 copy of `response_mask`
     entropy: jax.Array | None = None  # [B, N, R] float32 (0 on padding), when asked for
+    # with `with_token_stats` (both 0 on padding):
+    vocab_mean: jax.Array | None = None  # [B, N, R] float32 mean_v log p(v): label smoothing's term
+    is_argmax: jax.Array | None = None  # [B, N, R] float32 1 where the token is the argmax of the logits
 
     def sequence_sum(self) -> jax.Array:
         """`sum_j logprobs[b, n, j]` [B, N]."""
@@ -107,7 +110,7 @@ def response_hidden_states(apply_fn, params, batch: LMBatch, *, prompt_once: boo
     `apply_fn` is the `apply` of a `CausalLM`, `ValueModel` or `RewardModel` (any module with
     `hidden_states` and `shared_prefix_hidden_states`); `params` its parameter tree.
     """
-    batch.validate()
+    LMBatch.validate(batch)  # the layout only (a subclass's own checks are its step's job)
     variables = {"params": params}
     num, length = jnp.shape(batch.response_ids)[1:]
     if prompt_once and num > 1:
@@ -125,8 +128,16 @@ def response_hidden_states(apply_fn, params, batch: LMBatch, *, prompt_once: boo
     return ResponseHidden(predicting, tokens)
 
 
+def token_stats(logits, token_ids, *, temperature=1.0):
+    """`(vocab_mean, is_argmax)` of `[..., V]` logits and the `[...]` tokens they score:
+    `mean_v log softmax(logits / T)[v]` (float32) and `argmax_v logits == token` (float32)."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    hit = (jnp.argmax(logits, axis=-1) == token_ids).astype(jnp.float32)
+    return jnp.mean(log_probs, axis=-1), hit
+
+
 def response_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, with_entropy: bool = False,
-                      prompt_once: bool = True) -> ResponseLogprobs:
+                      prompt_once: bool = True, with_token_stats: bool = False) -> ResponseLogprobs:
     """Log-probs `[B, N, R]` of every response token (see the module docstring).
 
     Args:
@@ -137,6 +148,8 @@ def response_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, with
         sampling temperature).
       with_entropy: also return the entropy of `softmax(logits / T)` at each response position.
       prompt_once: run each prompt once for its N responses (see the module docstring).
+      with_token_stats: also return `vocab_mean` and `is_argmax` (`token_stats`: the label
+        smoothing term and the accuracy of a cross-entropy loss), from the same logits.
     """
     check_positive(temperature, "temperature")
     hidden = response_hidden_states(apply_fn, params, batch, prompt_once=prompt_once)
@@ -147,7 +160,20 @@ def response_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, with
     entropy = None
     if with_entropy:
         entropy = jnp.where(mask != 0, entropy_from_logits(logits, temperature=temperature), 0.0)
-    return ResponseLogprobs(logprobs, mask, entropy)
+    vocab_mean = is_argmax = None
+    if with_token_stats:
+        vocab_mean, is_argmax = (jnp.where(mask != 0, x, 0.0)
+                                 for x in token_stats(logits, batch.response_ids, temperature=temperature))
+    return ResponseLogprobs(logprobs, mask, entropy, vocab_mean, is_argmax)
 
 
-__all__ = ["LMBatch", "ResponseHidden", "ResponseLogprobs", "response_hidden_states", "response_logprobs"]
+def response_end_states(hidden: ResponseHidden, response_mask) -> jax.Array:
+    """`[B, N, D]`: each response's state at its last real token (the prompt's last token for
+    an empty response), where a reward model reads its score."""
+    lengths = jnp.sum(jnp.asarray(response_mask, jnp.int32), axis=-1)  # [B, N]
+    ends = jnp.concatenate([hidden.predicting[:, :, :1], hidden.tokens], axis=2)  # [B, N, R + 1, D]
+    return jnp.take_along_axis(ends, lengths[:, :, None, None], axis=2)[:, :, 0]
+
+
+__all__ = ["LMBatch", "ResponseHidden", "ResponseLogprobs", "response_hidden_states", "response_logprobs",
+           "response_end_states", "token_stats"]
