@@ -23,6 +23,9 @@ gradients through the prompt; for N > 1 that removes (N - 1) prompt passes per r
 `prompt_once=False` each response runs with its own copy of the prompt (the reference
 computation, and what a per-response layout costs). Only response positions are projected
 to the vocabulary. The two paths agree to float32 rounding (tested).
+
+Value and reward models read the same hidden states (`response_hidden_states`); a reward
+model's score of a response is read at its last real token (`response_end_states`).
 """
 from __future__ import annotations
 

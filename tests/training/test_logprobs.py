@@ -95,6 +95,27 @@ def test_shared_prefix_hidden_states_equal_full_forward_passes(family):
             np.testing.assert_allclose(hidden[b, n, :len(response)], full[len(prompt):], atol=2e-5, rtol=2e-5)
 
 
+def test_token_stats_match_numpy():
+    """`with_token_stats`: the label-smoothing term mean_v log p(v) and argmax hits."""
+    model = CausalLM(CONFIGS["llama"])
+    params = model.init(jax.random.key(4), jnp.zeros((1, 4), jnp.int32))["params"]
+    batch = random_batch(seed=5, num=2)
+    result = response_logprobs(model.apply, params, batch, temperature=0.5, with_token_stats=True)
+    rows, num, length = batch.response_ids.shape
+    for b in range(rows):
+        prompt = batch.prompt_ids[b][batch.prompt_mask[b] != 0]
+        for n in range(num):
+            count = int(batch.response_mask[b, n].sum())
+            sequence = np.concatenate([prompt, batch.response_ids[b, n, :count]])[None]
+            logits = np.asarray(model.apply({"params": params}, sequence), np.float64)[0, len(prompt) - 1:-1] / 0.5
+            shifted = logits - logits.max(-1, keepdims=True)
+            log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+            np.testing.assert_allclose(result.vocab_mean[b, n, :count], log_softmax.mean(-1), atol=2e-5, rtol=1e-5)
+            np.testing.assert_array_equal(result.is_argmax[b, n, :count],
+                                          logits.argmax(-1) == batch.response_ids[b, n, :count])
+            assert np.all(np.asarray(result.vocab_mean[b, n, count:]) == 0)
+
+
 def test_prompt_once_gradients_equal_per_response_prompts():
     model = CausalLM(CONFIGS["llama"])
     params = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
