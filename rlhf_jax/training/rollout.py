@@ -49,6 +49,7 @@ from rlhf_jax.ops.checks import check_in, check_positive, check_rank, check_same
 from rlhf_jax.ops.logprobs import token_logprobs
 from rlhf_jax.ops.masking import masked_sum, masked_whiten
 from rlhf_jax.ops.rewards import shape_rewards
+from rlhf_jax.training.lora_state import inference_model, is_lora_state
 
 LOGPROB_SOURCES = ("forward", "generate")
 
@@ -112,6 +113,14 @@ def causal_lm_of(apply_fn) -> CausalLM:
             f"create_train_state(CausalLM(config), ...)), got {apply_fn!r}"
         )
     return module
+
+
+def sampling_model(policy_state):
+    """`(model, params)` the sampler runs: the state's `CausalLM` and `params`, or for a LoRA
+    state (`rlhf_jax.training.lora_state`) its `LoRAModel` with base and adapters (no dropout)."""
+    if is_lora_state(policy_state):
+        return inference_model(None, policy_state)
+    return causal_lm_of(policy_state.apply_fn), policy_state.params
 
 
 def response_hidden(apply_fn, params, input_ids, attention_mask, response_length: int):
@@ -178,7 +187,7 @@ def generate_rollout(policy_state, prompt_ids, prompt_mask, rng, *, sampling: Sa
     check_rank(prompt_ids, 2, "prompt_ids")
     check_same_shape(prompt_ids=prompt_ids, prompt_mask=prompt_mask)
     out = generate(
-        causal_lm_of(policy_state.apply_fn), policy_state.params, prompt_ids, prompt_mask, rng,
+        *sampling_model(policy_state), prompt_ids, prompt_mask, rng,
         max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
         top_k=sampling.top_k, top_p=sampling.top_p, greedy=sampling.greedy,
         eos_token_id=sampling.eos_token_id, pad_token_id=sampling.pad_token_id,

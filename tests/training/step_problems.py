@@ -82,6 +82,13 @@ def joined(prompt_ids, prompt_mask, response_ids, response_mask):
     return input_ids, attention_mask, loss_mask
 
 
+def sequences(seed, batch=BATCH):
+    """Plain `[B, P + R]` rows `(input_ids, attention_mask, loss_mask)` of `lm_rows(seed)`'s
+    prompts and responses (left padding before the prompt, right padding after the response)."""
+    prompt_ids, prompt_mask, response_ids, response_mask = lm_rows(seed, batch)
+    return joined(prompt_ids, prompt_mask, response_ids[:, 0], response_mask[:, 0])
+
+
 def response_sequences(batch, index):
     """`joined(...)` for response `index` of every row of an LM-layout batch."""
     return joined(np.asarray(batch.prompt_ids), np.asarray(batch.prompt_mask),
