@@ -3,7 +3,7 @@ training with rlhf_jax.
 
 Each session loads the Hugging Face folders written by `vs_trl.py` with `load_pretrained`,
 builds the train states, jits the library's step function once (`make_train_step(sft_step)`,
-`make_train_step(dpo_step)`, `make_train_step(reward_step)`, `jax.jit(grpo_update)`,
+`make_train_step(preference_step)`, `make_train_step(reward_step)`, `jax.jit(grpo_update)`,
 `jax.jit(ppo_iteration)`) and runs its first step at construction: that call holds the
 compilation (`compile_seconds` = first call minus a steady step) and, for SFT, DPO and the
 reward model, the step-0 loss on the first batch (file rows 0..B-1, before the update).
@@ -30,8 +30,8 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.pipeline.batching import BatchIterator
 from rlhf_jax.pipeline.data import DataConfig, load_data
 from rlhf_jax.training.batches import PreferenceBatch, SFTBatch
-from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step
 from rlhf_jax.training.grpo import GRPOConfig, grpo_rollout, grpo_update
+from rlhf_jax.training.preference_step import PreferenceLossConfig, preference_step
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
 from rlhf_jax.training.ppo import PPO_STATIC_ARGNAMES, PPOConfig, kl_controller, ppo_iteration
 from rlhf_jax.training.reward_step import reward_step
@@ -64,12 +64,14 @@ def forward_flops(config: ModelConfig, tokens: float, context: float, *, lm_head
 
 class TrainingSession:
     """Our SFT (`kind="sft"`, prompt + chosen of the pairs file), DPO (`kind="dpo"`) or
-    reward-model (`kind="reward"`) steps: one jitted call per step, batches in file order.
-    The first step (compile + step-0 loss) runs at construction."""
+    reward-model (`kind="reward"`) steps: one jitted call per step, batches in file order
+    (DPO and reward: each pair's prompt runs once). The first step (compile + step-0 loss)
+    runs at construction. `tokens_per_step` and `flops_per_step` count the work of the
+    prompt + response sequences as TRL runs them (a pair: two sequences)."""
 
     LOSS_METRICS = {"sft": "sft/loss", "dpo": "dpo/loss", "reward": "reward/loss"}
 
-    def __init__(self, kind: str, setup, hp, *, shared_prompt: bool = False):
+    def __init__(self, kind: str, setup, hp):
         if kind not in self.LOSS_METRICS:
             raise ValueError(f"kind must be one of {sorted(self.LOSS_METRICS)}, got {kind!r}")
         self.kind = kind
@@ -82,18 +84,13 @@ class TrainingSession:
         self.data = load_data(data_file, setup.tokenizer_dir, data_config, kind=data_kind)
         self.state = create_train_state(module, params, make_optimizer(optimizer_config(hp)))
         options = {"config": PreferenceLossConfig(beta=hp.beta)} if is_dpo else {}
-        if shared_prompt:  # each pair's prompt runs once (same numbers, less work)
-            options.update(prompt_window=data_config.max_prompt_length,
-                           response_window=data_config.max_response_length)
-        step = {"sft": sft_step, "dpo": dpo_step, "reward": reward_step}[kind]
+        step = {"sft": sft_step, "dpo": preference_step, "reward": reward_step}[kind]
         self.run_step = make_train_step(step, **options)
         self.batch_class = SFTBatch if kind == "sft" else PreferenceBatch
         self.batches = BatchIterator(self.data, hp.batch_size, shuffle=False)
         arrays = self.data.arrays
-        masks = ([arrays["attention_mask"]] if kind == "sft"
-                 else [arrays["chosen_attention_mask"], arrays["rejected_attention_mask"]])
-        lengths = np.concatenate([mask.sum(1) for mask in masks])
-        self.tokens_per_step = float(hp.batch_size * len(masks) * lengths.mean())
+        lengths = arrays["prompt_mask"].sum(1)[:, None] + arrays["response_mask"].sum(2)  # [rows, N]
+        self.tokens_per_step = float(hp.batch_size * lengths.sum(1).mean())
         train = forward_flops(setup.config, self.tokens_per_step, float(lengths.mean()), lm_head=is_lm)
         self.flops_per_step = 3 * train + (train if is_dpo else 0.0)  # + the reference forward
         start = time.perf_counter()
@@ -103,9 +100,10 @@ class TrainingSession:
         self.compile_seconds = first - common.median(self.run(2)[0])
 
     def first_chosen_ids(self) -> list[int]:
-        prefix = "" if self.kind == "sft" else "chosen_"
-        row = self.data.arrays[prefix + "input_ids"][0]
-        return row[self.data.arrays[prefix + "attention_mask"][0] == 1].tolist()
+        arrays = self.data.arrays
+        prompt = arrays["prompt_ids"][0][arrays["prompt_mask"][0] == 1]
+        chosen = arrays["response_ids"][0, 0][arrays["response_mask"][0, 0] == 1]
+        return prompt.tolist() + chosen.tolist()
 
     def _step(self):
         batch = jax.device_put(self.batch_class.from_arrays(next(self.batches)))

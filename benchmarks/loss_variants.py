@@ -18,7 +18,7 @@ Results: a markdown table (mean +- std over seeds), a beta sweep table for DPO (
 and hinge, and a plot of gold reward and pass@1 against KL (the frontier).
 
 Each run uses the library pieces end to end: reference log-probs computed once per dataset
-(`rlhf_jax.pipeline.stages.dpo.dataset_logps`), `dpo_step` compiled once per loss (and shared
+(`rlhf_jax.pipeline.stages.dpo.dataset_logps`), `preference_step` compiled once per loss (and shared
 by the seeds) driven by the pipeline's `run_loop`, sampling with `sample_policy` (KV-cache
 `generate`), scoring with the built-in task's gold scorer. KTO trains on the same pairs cut
 into unpaired examples (chosen = desirable, rejected = undesirable), so every step sees the
@@ -63,7 +63,7 @@ from rlhf_jax.pipeline.stages.evaluate import sample_policy  # noqa: E402
 from rlhf_jax.pipeline.stages.sft import train_sft  # noqa: E402
 from rlhf_jax.tasks.arithmetic import TaskConfig, build_task, parse_problem  # noqa: E402
 from rlhf_jax.training.batches import KTOBatch  # noqa: E402
-from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step  # noqa: E402
+from rlhf_jax.training.preference_step import PreferenceLossConfig, preference_step  # noqa: E402
 from rlhf_jax.training import sharding  # noqa: E402
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer  # noqa: E402
 from rlhf_jax.training.rollout import response_logprobs  # noqa: E402
@@ -121,14 +121,15 @@ def runs_to_do(settings: Settings) -> list[tuple[str, float]]:
 
 
 def kto_batch(batch) -> KTOBatch:
-    """Pairs -> unpaired rows (chosen desirable, rejected undesirable), interleaved."""
-    both = lambda a, b: np.stack([np.asarray(a), np.asarray(b)], axis=1).reshape(-1, *np.shape(a)[1:])
+    """Pairs -> unpaired rows (chosen desirable, rejected undesirable), interleaved: each
+    prompt twice, with one response each."""
+    prompt = lambda x: np.repeat(np.asarray(x), 2, axis=0)  # [2B, P]
+    unpair = lambda x: np.asarray(x).reshape(-1, 1, np.shape(x)[-1])  # [B, 2, R] -> [2B, 1, R]
     return KTOBatch(
-        input_ids=both(batch.chosen_input_ids, batch.rejected_input_ids),
-        attention_mask=both(batch.chosen_attention_mask, batch.rejected_attention_mask),
-        loss_mask=both(batch.chosen_loss_mask, batch.rejected_loss_mask),
+        prompt_ids=prompt(batch.prompt_ids), prompt_mask=prompt(batch.prompt_mask),
+        response_ids=unpair(batch.response_ids), response_mask=unpair(batch.response_mask),
         is_desirable=np.tile(np.array([1.0, 0.0], np.float32), batch.batch_size),
-        ref_logps=both(batch.ref_chosen_logps, batch.ref_rejected_logps),
+        ref_logps=np.asarray(batch.ref_logps).reshape(-1),
     )
 
 
@@ -235,7 +236,7 @@ def train_and_evaluate(settings: Settings, log=print) -> list[dict]:
     for seed in settings.seeds:
         rows.append({"loss": "sft", "beta": 0.0, "seed": seed, **evaluator.evaluate(sft_params, seed)})
     for name, beta in runs_to_do(settings):
-        step = compile_train_step(dpo_step, mesh=mesh, state_shardings=shardings, config=loss_config(name, beta))
+        step = compile_train_step(preference_step, mesh=mesh, state_shardings=shardings, config=loss_config(name, beta))
         for seed in settings.seeds:
             began = time.perf_counter()
             state, _ = fresh_state(module, sft_params, optimizer, mesh)

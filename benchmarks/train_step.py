@@ -1,22 +1,23 @@
 """Training-step throughput: SFT, reward and DPO steps, as a fraction of a matmul peak.
 
 A small random Llama (hidden 256, 4 layers, 4 heads of 64, MLP 704, vocabulary 8192,
-untied head) trains on batches of 8 sequences of 256 tokens (DPO and reward: 8 pairs, so 16
-sequences per step): prompts of 64..128 tokens, responses of 64..128, right padding. Each
-step is jitted once with the state donated; after two warm-up steps (compile excluded) we
-time `--repeats` runs of `--steps` steps and report the median time per step. Tokens/s
-counts every position of every sequence the step trains on (padding included).
+untied head) trains on batches of 8 rows in the LM layout (`LMBatch`): prompts of 64..128
+tokens left-padded to P = 128, responses of 64..128 tokens right-padded to R = 128 (SFT: one
+response per prompt; DPO and reward: a pair, the prompt run once for both). Each step is
+jitted once with the state donated; after two warm-up steps (compile excluded) we time
+`--repeats` runs of `--steps` steps and report the median time per step. Tokens/s counts
+every position of every prompt + response sequence the step trains on (padding included,
+T = P + R per sequence, as if each sequence ran alone).
 
 Model FLOPs per step (what the step must compute; backward = 2 x forward):
-    training rows:  3 * (2 * N_body * S  +  4 * L * T * D_attn * S  +  2 * D * V * P)
+    training rows:  3 * (2 * N_body * S  +  4 * L * C * D_attn  +  2 * D * V * H)
     reference rows: 1 * (the same terms)                       (DPO, in-step reference only)
 with N_body the matmul parameters of the blocks (attention and MLP projections; the input
-embedding is a gather, no FLOPs), S the tokens through the model (rows x T, padding
-included), the attention term QK^T and PV over the full T x T score matrix as computed
-(Kaplan et al. 2020 / PaLM count), and P the positions projected to the vocabulary: every
-position (T - 1 after the shift), or `W = 128` per row with the response-only logits window. The reward head
-(D x 1) is negligible. XLA's own count (`compiled.cost_analysis()["flops"]`) agrees within
-1.5% (the difference is elementwise work).
+embedding is a gather, no FLOPs), S the tokens through the model (B x (P + N R), padding
+included), C the query-key pairs of the score matrices as computed (one response: the full
+T x T matrix; a pair: P x P for the prompt and R x (P + R) per response; Kaplan et al. 2020
+/ PaLM count), and H the positions projected to the vocabulary (B x N x R: response
+positions only). The reward head (D x 1) is negligible.
 
 Achieved FLOP/s = model FLOPs / step time, as a fraction of the f32 `jnp.dot` peak (2048^3
 products). Every timed run of steps is followed by three timed matmuls, so both sample the
@@ -52,7 +53,8 @@ from rlhf_jax.models.config import ModelConfig  # noqa: E402
 from rlhf_jax.models.heads import RewardModel  # noqa: E402
 from rlhf_jax.models.transformer import CausalLM  # noqa: E402
 from rlhf_jax.training.batches import PreferenceBatch, SFTBatch  # noqa: E402
-from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step, precompute_reference_logps  # noqa: E402
+from rlhf_jax.training.preference_step import (PreferenceLossConfig, precompute_reference_logps,  # noqa: E402
+                                              preference_step)
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer  # noqa: E402
 from rlhf_jax.training.reward_step import reward_step  # noqa: E402
 from rlhf_jax.training.sft_step import sft_step  # noqa: E402
@@ -61,7 +63,8 @@ from rlhf_jax.training.step_runner import make_train_step  # noqa: E402
 
 CONFIG = ModelConfig.llama(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4,
                            intermediate_size=704, max_position_embeddings=256)
-BATCH, TIME, WINDOW = 8, 256, 128
+BATCH, PROMPT, RESPONSE = 8, 128, 128
+TIME = PROMPT + RESPONSE
 SECTION = "## Training steps"
 NOTES = """Reading it (analysis of the 2026-11-21 20:39 UTC run; a re-run replaces the table, not this text):
 
@@ -87,8 +90,9 @@ NOTES = """Reading it (analysis of the 2026-11-21 20:39 UTC run; a re-run replac
   dots from YNNPACK to Eigen or oneDNN (`--xla_cpu_experimental_ynn_fusion_type=reduce`,
   `--xla_cpu_use_onednn`): equal or slower.
 - Response-only logits skip the vocabulary projection (and its backward) for prompt and
-  padding positions: 18% fewer FLOPs here (V = 8192 is large next to D = 256); a
-  precomputed reference removes one forward pass of 2B rows per step (25% of the FLOPs).
+  padding positions (V = 8192 is large next to D = 256); a precomputed reference removes
+  one forward pass per step (25% of the FLOPs). (Rows measured before the LM batch layout;
+  the rows are now sft, reward, dpo with the prompt run once per pair.)
 """
 
 
@@ -109,20 +113,16 @@ class MatmulPeak:
         return flops / min(wall), flops / min(cpu)
 
 
-def sequences(rng, rows):
-    """Right-padded prompt + response rows (ids, attention mask, response loss mask)."""
-    prompt = rng.integers(TIME // 4, TIME // 2 + 1, rows)
-    response = rng.integers(TIME // 4, WINDOW + 1, rows)
-    position = np.arange(TIME)[None, :]
-    attention = (position < np.minimum(prompt + response, TIME)[:, None]).astype(np.int32)
-    loss = ((position >= prompt[:, None]) & (attention == 1)).astype(np.float32)
-    ids = np.where(attention == 1, rng.integers(1, CONFIG.vocab_size, (rows, TIME)), 0).astype(np.int32)
-    return ids, attention, loss
-
-
-def pair_batch(rng):
-    chosen, rejected = sequences(rng, BATCH), sequences(rng, BATCH)
-    return PreferenceBatch(chosen[0], chosen[1], rejected[0], rejected[1], chosen[2], rejected[2])
+def lm_rows(rng, rows, num):
+    """`(prompt_ids, prompt_mask, response_ids, response_mask)`: prompts of 64..128 tokens
+    left-padded to PROMPT, `num` responses of 64..128 tokens right-padded to RESPONSE."""
+    prompt = rng.integers(PROMPT // 2, PROMPT + 1, rows)
+    response = rng.integers(RESPONSE // 2, RESPONSE + 1, (rows, num))
+    prompt_mask = (np.arange(PROMPT)[None] >= PROMPT - prompt[:, None]).astype(np.int32)
+    response_mask = (np.arange(RESPONSE)[None, None] < response[..., None]).astype(np.int32)
+    prompt_ids = rng.integers(1, CONFIG.vocab_size, (rows, PROMPT)).astype(np.int32) * prompt_mask
+    response_ids = rng.integers(1, CONFIG.vocab_size, (rows, num, RESPONSE)).astype(np.int32) * response_mask
+    return prompt_ids, prompt_mask, response_ids, response_mask
 
 
 def body_params(params) -> int:
@@ -131,10 +131,12 @@ def body_params(params) -> int:
                if "layers_" in jax.tree_util.keystr(path) and leaf.ndim == 2)
 
 
-def forward_flops(n_body: int, rows: int, projected_per_row: int) -> float:
-    tokens = rows * TIME
-    attention = 4 * CONFIG.num_layers * TIME * CONFIG.num_heads * CONFIG.dims_per_head * tokens
-    head = 2 * CONFIG.hidden_size * CONFIG.vocab_size * rows * projected_per_row
+def forward_flops(n_body: int, rows: int, num: int, *, lm_head: bool) -> float:
+    """Forward FLOPs of `rows` prompts with `num` responses each (module docstring)."""
+    tokens = rows * (PROMPT + num * RESPONSE)
+    pairs = rows * (TIME * TIME if num == 1 else PROMPT * PROMPT + num * RESPONSE * TIME)
+    attention = 4 * CONFIG.num_layers * CONFIG.num_heads * CONFIG.dims_per_head * pairs
+    head = 2 * CONFIG.hidden_size * CONFIG.vocab_size * rows * num * RESPONSE if lm_head else 0
     return 2 * n_body * tokens + attention + head
 
 
@@ -173,26 +175,21 @@ def benchmark(steps: int, repeats: int) -> list[dict]:
     reward_params = reward_model.init(jax.random.key(1), dummy)["params"]
     ref = reference_params(policy_params)
     n_body = body_params(policy_params)
-    sft = jax.device_put(SFTBatch(*sequences(rng, BATCH)))
-    pairs = jax.device_put(pair_batch(rng))
-    (pairs_with_ref,) = precompute_reference_logps(policy.apply, ref, [pairs], response_window=WINDOW)
-    full, window = TIME - 1, WINDOW
+    sft = jax.device_put(SFTBatch(*lm_rows(rng, BATCH, 1)))
+    pairs = jax.device_put(PreferenceBatch(*lm_rows(rng, BATCH, 2)))
+    (pairs_with_ref,) = precompute_reference_logps(policy.apply, ref, [pairs])
     dpo = PreferenceLossConfig(beta=0.1)
+    pair_forward = forward_flops(n_body, BATCH, 2, lm_head=True)
     # name, module, params, step options, batch, reference args, model FLOPs
     cases = [
-        ("sft, full logits", policy, policy_params, dict(step=sft_step), sft, (),
-         3 * forward_flops(n_body, BATCH, full)),
-        ("sft, response-only logits", policy, policy_params, dict(step=sft_step, response_window=WINDOW), sft, (),
-         3 * forward_flops(n_body, BATCH, window)),
+        ("sft", policy, policy_params, dict(step=sft_step), sft, (),
+         3 * forward_flops(n_body, BATCH, 1, lm_head=True)),
         ("reward", reward_model, reward_params, dict(step=reward_step), pairs, (),
-         3 * forward_flops(n_body, 2 * BATCH, 0)),
-        ("dpo, in-step reference, full logits", policy, policy_params, dict(step=dpo_step, config=dpo), pairs,
-         (ref,), 4 * forward_flops(n_body, 2 * BATCH, full)),
-        ("dpo, precomputed reference, full logits", policy, policy_params, dict(step=dpo_step, config=dpo),
-         pairs_with_ref, (), 3 * forward_flops(n_body, 2 * BATCH, full)),
-        ("dpo, precomputed reference, response-only logits", policy, policy_params,
-         dict(step=dpo_step, config=dpo, response_window=WINDOW), pairs_with_ref, (),
-         3 * forward_flops(n_body, 2 * BATCH, window)),
+         3 * forward_flops(n_body, BATCH, 2, lm_head=False)),
+        ("dpo, in-step reference", policy, policy_params, dict(step=preference_step, config=dpo), pairs,
+         (ref,), 4 * pair_forward),
+        ("dpo, precomputed reference", policy, policy_params, dict(step=preference_step, config=dpo),
+         pairs_with_ref, (), 3 * pair_forward),
     ]
     rows = []
     peak = MatmulPeak()
@@ -200,7 +197,7 @@ def benchmark(steps: int, repeats: int) -> list[dict]:
         state = create_train_state(module, jax.tree.map(jnp.copy, params), optimizer)
         run = make_train_step(options.pop("step"), **options)
         timing = time_steps(run, state, batch, extra, steps, repeats, peak)
-        sequences_per_step = batch.input_ids.shape[0] if isinstance(batch, SFTBatch) else 2 * BATCH
+        sequences_per_step = BATCH * batch.num_responses
         row = dict(name=name, step_ms=1e3 * timing["wall"], best_step_ms=1e3 * timing["best_wall"],
                    tokens_per_s=sequences_per_step * TIME / timing["wall"],
                    gflop=flops / 1e9, gflops=flops / timing["best_wall"] / 1e9,

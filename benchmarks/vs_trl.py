@@ -27,7 +27,7 @@ number on both sides, / median step seconds. The step-0 loss is the loss of the 
     pip install -e ".[bench]"          # trl (with PPO: trl<1.13) and torch pinned to the CPU wheel
     python benchmarks/vs_trl.py                       # all three, updates benchmarks/RESULTS.md
     python benchmarks/vs_trl.py --only dpo reward --rounds 2 --no-write
-    python benchmarks/vs_trl.py --preset gpu-0.5b --dtype bfloat16 --peak-tflops 989 --only dpo dpo_shared ppo  # H100
+    python benchmarks/vs_trl.py --preset gpu-0.5b --dtype bfloat16 --peak-tflops 989 --only dpo ppo  # H100
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ from rlhf_jax.models.transformer import CausalLM  # noqa: E402
 SECTION = "## vs TRL"
 GPU_SECTION = "## vs TRL on GPU"  # written instead of SECTION when jax runs on an accelerator
 GPU_COMMAND = ("python benchmarks/vs_trl.py --preset gpu-0.5b --dtype bfloat16 --peak-tflops 989 "
-               "--only dpo dpo_shared ppo")
+               "--only dpo ppo")
 PRESETS = {  # model sizes and lengths
     "cpu": dict(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=704,
                 batch_size=8, prompt_length=64, response_length=64,
@@ -202,13 +202,12 @@ def choose_torch_threads(setup: Setup, hp: Hyperparameters, args, trl_runners) -
     return {"threads": best, "probe": probe}
 
 
-TRL_RUNNERS = {"sft": "trl_sft", "dpo": "trl_dpo", "dpo_shared": "trl_dpo", "reward": "trl_reward"}
+TRL_RUNNERS = {"sft": "trl_sft", "dpo": "trl_dpo", "reward": "trl_reward"}
 
 
 def compare_training(kind: str, setup: Setup, hp: Hyperparameters, args, trl_runners) -> dict:
     """SFT, DPO or reward model: step-0 losses, then timed rounds (`trl_runners=None`: ours alone)."""
-    is_dpo = kind.startswith("dpo")
-    session = jax_runners.TrainingSession("dpo" if is_dpo else kind, setup, hp, shared_prompt=kind == "dpo_shared")
+    session = jax_runners.TrainingSession(kind, setup, hp)
     tokens = session.tokens_per_step
     base = dict(ours_loss0=session.loss0, compile_seconds=session.compile_seconds, tokens_per_step=tokens,
                 flops_per_step=session.flops_per_step)
@@ -243,7 +242,6 @@ def compare_ppo(setup: Setup, hp: Hyperparameters, args, trl_runners) -> dict:
 
 ROW_LABELS = {"sft": "SFT step (prompt + completion, loss on the completion)",
               "dpo": "DPO step (sigmoid, beta 0.1, reference forward in the step)",
-              "dpo_shared": "DPO step as above, each pair's prompt run once (`prompt_window`)",
               "reward": "reward-model step (Bradley-Terry)",
               "grpo": "GRPO update (one pass over a rollout of G samples per prompt)",
               "ppo": "PPO iteration (rollout + scoring + 4 epochs x 4 minibatches)"}
@@ -305,9 +303,8 @@ def report(results: dict, info: list[str], command: str, hp: Hyperparameters, se
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=("dpo", "dpo_shared", "reward", "ppo"),
-                        default=["dpo", "dpo_shared", "reward", "ppo"],
-                        help="rows; dpo_shared: our DPO step with `prompt_window` against TRL's DPO step")
+    parser.add_argument("--only", nargs="+", choices=("dpo", "reward", "ppo"), default=["dpo", "reward", "ppo"],
+                        help="rows (our DPO and reward steps run each pair's prompt once; TRL runs it twice)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--steps", type=int, default=8, help="timed DPO / reward steps per side per round")

@@ -31,8 +31,8 @@ class BatchIterator:
 
     Each batch is a dict of NumPy arrays: the data's arrays for the rows, plus `row_index`
     [b] int32 (row in the data, for its text columns) and `example_mask` [b] float32.
-    With `bucket_multiple=k > 0` the sequence arrays are trimmed to the batch's longest
-    sequence (over the global batch) rounded up to a multiple of `k`, prompts likewise from
+    With `bucket_multiple=k > 0` the response arrays are trimmed to the batch's longest
+    response (over the global batch) rounded up to a multiple of `k`, prompts likewise from
     the left; chosen and rejected share one length.
 
     `position` is a `DataPosition`; pass it back (`position=` or `restore`) to continue
@@ -159,12 +159,11 @@ def _trim_to_bucket(batch, arrays, global_rows, multiple: int) -> dict[str, np.n
     trimmed = dict(batch)
     for name in ("prompt_ids", "prompt_mask"):
         trimmed[name] = batch[name][:, prompt_full - keep :]
-    sequence_masks = [name for name in arrays if name.endswith("attention_mask")]
-    if sequence_masks:
-        sequence_full = arrays[sequence_masks[0]].shape[1]
-        needed = max(int(arrays[name][real].sum(axis=1).max(initial=1)) for name in sequence_masks)
-        keep = bucket(needed, sequence_full)
-        for name in arrays:
-            if name.endswith(("input_ids", "attention_mask", "loss_mask")):
-                trimmed[name] = batch[name][:, :keep]
+    if "response_mask" in arrays:
+        response_full = arrays["response_mask"].shape[-1]
+        needed = int(arrays["response_mask"][real].sum(axis=-1).max(initial=1))
+        keep = bucket(needed, response_full)
+        for name in ("response_ids", "response_mask", "loss_mask"):
+            if name in batch:
+                trimmed[name] = batch[name][..., :keep]
     return trimmed

@@ -13,24 +13,32 @@ folder's tokenizer:
   tokenised without extra special tokens; EOS is appended only when the rendered response
   holds none.
 
-Lengths and padding (shapes never depend on the data, so jit compiles once):
+Lengths and padding (shapes never depend on the data, so jit compiles once): the arrays
+are in the one LM batch layout of `rlhf_jax.training.logprobs.LMBatch`:
 
-- a prompt longer than `max_prompt_length` tokens, or of zero tokens, is a malformed row;
+- a prompt longer than `max_prompt_length` tokens is a malformed row;
+- a prompt of zero tokens (e.g. an SFT conversation that opens with the assistant, with a
+  tokenizer that adds no BOS) takes the first token of its response(s) as its prompt, since
+  nothing predicts a sequence's first token anyway; a preference pair whose two responses
+  start with different tokens then is a malformed row, and so is a response that this
+  leaves empty;
 - a response longer than `max_response_length` tokens keeps its first `max_response_length`
   tokens (its EOS may be cut; `DataStats.num_truncated` counts these);
-- sequences (prompt + response) are RIGHT-padded to `max_prompt_length + max_response_length`;
-  prompts alone are LEFT-padded to `max_prompt_length` (generation appends on the right).
+- prompts are LEFT-padded to `max_prompt_length` (generation appends on the right; each
+  row's last prompt column is real), responses RIGHT-padded to `max_response_length`.
   The pad value is the tokenizer's pad id (its EOS id if it has none); masks say what is real.
 
-Arrays (`TokenizedData.arrays`, first axis = rows):
+Arrays (`TokenizedData.arrays`, first axis = rows; P = max_prompt_length,
+R = max_response_length):
 
-    prompt_ids, prompt_mask                    [N, Tp]       int32, left-padded (every kind)
-    input_ids, attention_mask, loss_mask       [N, Tp + Tr]  sft
-    chosen_input_ids, chosen_attention_mask,
-    chosen_loss_mask, rejected_...             [N, Tp + Tr]  preference
+    prompt_ids, prompt_mask         [rows, P]     int32, left-padded (every kind)
+    response_ids, response_mask     [rows, N, R]  int32, right-padded: N = 1 (sft, the
+                                                  completion), N = 2 (preference: chosen, rejected)
+    loss_mask                       [rows, 1, R]  float32, sft: 1 on the trained tokens (a
+                                                  conversation's assistant turns)
 
-`loss_mask` (float32) is 1 on the trained response tokens themselves, aligned with the ids
-(the causal shift is the loss's job, as in `ops.logprobs.sequence_logprobs`).
+The prompt is never trained; `loss_mask` is 1 on the trained response tokens themselves
+(the log-prob path scores token j of a response with the state before it).
 
 Malformed rows raise `DataError("<file> row <n>: <problem>")` (rows counted from 1; blank
 lines of a JSONL file are not rows), or with `skip_invalid=True` are skipped and counted in
@@ -264,14 +272,12 @@ def _encode_texts(tokenizer, rendered_rows: list[RenderedRow]) -> dict[tuple[str
 
 def _tokenize_row(rendered: RenderedRow, encoded, eos: int, names, config: DataConfig) -> dict:
     """Token ids of one rendered row; raises RowError for a prompt that does not fit."""
-    prompt_ids = encoded[(rendered.prompt, not rendered.conversational)]
-    if len(prompt_ids) == 0:
-        raise RowError("prompt is empty (0 tokens)")
+    prompt_ids = list(encoded[(rendered.prompt, not rendered.conversational)])
     if len(prompt_ids) > config.max_prompt_length:
         raise RowError(
             f"prompt has {len(prompt_ids)} tokens, more than max_prompt_length={config.max_prompt_length}"
         )
-    tokens = {"prompt_ids": prompt_ids, "prompt_text": rendered.prompt, "truncated": 0}
+    responses = {}
     for name in names:
         ids, trained = [], []
         for text, is_trained in rendered.responses[name]:
@@ -281,6 +287,21 @@ def _tokenize_row(rendered: RenderedRow, encoded, eos: int, names, config: DataC
         has_eos = eos in ids if rendered.conversational else bool(ids) and ids[-1] == eos
         if not has_eos:
             ids, trained = ids + [eos], trained + [True]
+        responses[name] = (ids, trained)
+    if not prompt_ids and names:  # nothing predicts the first token: it becomes the prompt
+        firsts = {responses[name][0][0] for name in names}
+        if len(firsts) > 1:
+            raise RowError("prompt is empty (0 tokens) and the responses start with different tokens")
+        prompt_ids = [firsts.pop()]
+        for name in names:
+            ids, trained = responses[name]
+            if len(ids) == 1:
+                raise RowError(f"prompt is empty (0 tokens) and '{name}' has only one token")
+            responses[name] = (ids[1:], trained[1:])
+    if not prompt_ids:
+        raise RowError("prompt is empty (0 tokens)")
+    tokens = {"prompt_ids": prompt_ids, "prompt_text": rendered.prompt, "truncated": 0}
+    for name, (ids, trained) in responses.items():
         if len(ids) > config.max_response_length:
             ids, trained = ids[: config.max_response_length], trained[: config.max_response_length]
             tokens["truncated"] = 1
@@ -289,27 +310,25 @@ def _tokenize_row(rendered: RenderedRow, encoded, eos: int, names, config: DataC
 
 
 def _pad_arrays(kept: list[dict], names, pad: int, config: DataConfig) -> dict[str, np.ndarray]:
-    prompt_width = config.max_prompt_length
-    width = prompt_width + config.max_response_length
+    prompt_width, response_width = config.max_prompt_length, config.max_response_length
     count = len(kept)
     arrays = {
         "prompt_ids": np.full((count, prompt_width), pad, np.int32),
         "prompt_mask": np.zeros((count, prompt_width), np.int32),
     }
-    for name in names:
-        prefix = "" if name == "completion" else f"{name}_"
-        arrays[f"{prefix}input_ids"] = np.full((count, width), pad, np.int32)
-        arrays[f"{prefix}attention_mask"] = np.zeros((count, width), np.int32)
-        arrays[f"{prefix}loss_mask"] = np.zeros((count, width), np.float32)
+    if names:
+        arrays["response_ids"] = np.full((count, len(names), response_width), pad, np.int32)
+        arrays["response_mask"] = np.zeros((count, len(names), response_width), np.int32)
+    if names == ("completion",):
+        arrays["loss_mask"] = np.zeros((count, 1, response_width), np.float32)
     for index, tokens in enumerate(kept):
         prompt = tokens["prompt_ids"]
         arrays["prompt_ids"][index, prompt_width - len(prompt) :] = prompt
         arrays["prompt_mask"][index, prompt_width - len(prompt) :] = 1
-        for name in names:
-            prefix = "" if name == "completion" else f"{name}_"
+        for slot, name in enumerate(names):
             ids, trained = tokens[name]
-            length = len(prompt) + len(ids)
-            arrays[f"{prefix}input_ids"][index, :length] = prompt + ids
-            arrays[f"{prefix}attention_mask"][index, :length] = 1
-            arrays[f"{prefix}loss_mask"][index, len(prompt) : length] = trained
+            arrays["response_ids"][index, slot, : len(ids)] = ids
+            arrays["response_mask"][index, slot, : len(ids)] = 1
+            if "loss_mask" in arrays:
+                arrays["loss_mask"][index, slot, : len(ids)] = trained
     return arrays

@@ -41,7 +41,7 @@ from rlhf_jax.models.lora import DEFAULT_TARGETS, check_lora_settings
 from rlhf_jax.pipeline.config import ConfigError, load_config
 from rlhf_jax.pipeline.data import DataConfig
 from rlhf_jax.pipeline.tasks import split_task_section
-from rlhf_jax.training.dpo_step import PreferenceLossConfig
+from rlhf_jax.training.preference_step import PreferenceLossConfig
 from rlhf_jax.training.grpo import GRPOConfig as GRPOAlgorithmConfig
 from rlhf_jax.training.optim import OptimizerConfig
 from rlhf_jax.training.ppo import PPOConfig as PPOAlgorithmConfig
@@ -90,7 +90,6 @@ class TrainSection:
     steps: int = 1000  # optimizer steps (also the learning-rate schedule's length)
     batch_size: int = 32  # global batch: rows (sft) or pairs (reward, dpo) per step
     num_microbatches: int = 1  # gradient accumulation inside one compiled step
-    response_window: int | None = None  # project to the vocabulary at this many positions per row
     stop_after: int | None = None  # debugging: end this run after that many steps WITHOUT a final
     # checkpoint, as if it were killed; `--resume` continues it
 
@@ -170,9 +169,6 @@ class DPOConfig(StageConfig):
     output_dir: str = "runs/dpo"
     reference: str | None = None  # frozen reference policy folder; None: model.path
     dpo: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
-    # run each pair's prompt once for both responses (same numbers, less work; the windows
-    # are data.max_prompt_length and train.response_window or data.max_response_length)
-    shared_prompt: bool = False
 
 
 # ----------------------------------------------------------------------------- RL stages

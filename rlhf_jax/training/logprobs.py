@@ -37,6 +37,8 @@ positions, D = 1,024, needs 13.06 GB blocked vs 12.69 GB full). On CPU the block
 slower (steps at V = 512 / 8,192 / 32,000: 0.85x / 0.98x / 0.80x the full head's time). An int sets the positions per block; `None` projects every
 position with `lm_logits` (full float32 logits, their gradient and softmax temporaries: about
 12 bytes x tokens x V). Both agree to 1e-5 in values and gradients (tested).
+Value and reward models read the same hidden states (`response_hidden_states`); a reward
+model's score of a response is read at its last real token (`response_end_states`).
 """
 from __future__ import annotations
 
@@ -125,7 +127,7 @@ def response_hidden_states(apply_fn, params, batch: LMBatch, *, prompt_once: boo
     `apply_fn` is the `apply` of a `CausalLM`, `ValueModel` or `RewardModel` (any module with
     `hidden_states` and `shared_prefix_hidden_states`); `params` its parameter tree.
     """
-    batch.validate()
+    LMBatch.validate(batch)  # the layout only (a subclass's own checks are its step's job)
     variables = {"params": params}
     num, length = jnp.shape(batch.response_ids)[1:]
     if prompt_once and num > 1:
@@ -193,4 +195,13 @@ def response_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, with
     )
 
 
-__all__ = ["LMBatch", "ResponseHidden", "ResponseLogprobs", "response_hidden_states", "response_logprobs"]
+def response_end_states(hidden: ResponseHidden, response_mask) -> jax.Array:
+    """`[B, N, D]`: each response's state at its last real token (the prompt's last token for
+    an empty response), where a reward model reads its score."""
+    lengths = jnp.sum(jnp.asarray(response_mask, jnp.int32), axis=-1)  # [B, N]
+    ends = jnp.concatenate([hidden.predicting[:, :, :1], hidden.tokens], axis=2)  # [B, N, R + 1, D]
+    return jnp.take_along_axis(ends, lengths[:, :, None, None], axis=2)[:, :, 0]
+
+
+__all__ = ["LMBatch", "ResponseHidden", "ResponseLogprobs", "response_hidden_states", "response_logprobs",
+           "response_end_states"]

@@ -4,8 +4,9 @@
 
 (Ouyang et al. 2022, arXiv:2203.02155; margin: Touvron et al. 2023, arXiv:2307.09288;
 centering: Eisenstein et al. 2023, arXiv:2312.09244), with `r` a `RewardModel` score read at
-the last non-pad token. Chosen and rejected rows run through ONE forward pass of `2B` rows
-(interleaved, so a batch sharded over its leading axis stays in place).
+each response's last real token. Each pair's prompt runs once for both responses
+(`training.logprobs.response_hidden_states`, the prompt's keys and values shared), so a pair
+costs one prompt and two responses instead of two prompts and two responses.
 
 Usage (the caller jits; the state is donated):
 
@@ -17,15 +18,20 @@ from __future__ import annotations
 
 from rlhf_jax.losses.reward import reward_model_loss
 from rlhf_jax.training.batches import PreferenceBatch
-from rlhf_jax.training.policy_logps import interleave
+from rlhf_jax.training.logprobs import LMBatch, response_end_states, response_hidden_states
 from rlhf_jax.training.step_runner import gradient_step
 
 
+def response_scores(apply_fn, params, batch: LMBatch):
+    """Reward-model scores `[B, N]` of every response, each prompt run once."""
+    hidden = response_hidden_states(apply_fn, params, batch)
+    ends = response_end_states(hidden, batch.response_mask)  # [B, N, D]
+    return apply_fn({"params": params}, ends, method="scores_from_hidden")
+
+
 def pair_scores(apply_fn, params, batch: PreferenceBatch):
-    """Reward-model scores `(chosen [B], rejected [B])` from one forward pass of 2B rows."""
-    input_ids = interleave(batch.chosen_input_ids, batch.rejected_input_ids)  # [2B, T]
-    attention_mask = interleave(batch.chosen_attention_mask, batch.rejected_attention_mask)
-    scores = apply_fn({"params": params}, input_ids, attention_mask).reshape(-1, 2)  # [B, 2]
+    """Reward-model scores `(chosen [B], rejected [B])` of a PreferenceBatch."""
+    scores = response_scores(apply_fn, params, batch)
     return scores[:, 0], scores[:, 1]
 
 
@@ -40,9 +46,9 @@ def reward_step(
     """One reward-model update.
 
     Args:
-      state: `TrainState` with `apply_fn = RewardModel.apply` ([B] scores) and its params.
-      batch: `PreferenceBatch`; loss masks and reference fields are not read; `margin` [B]
-        (optional) is the per-pair margin.
+      state: `TrainState` with `apply_fn = RewardModel.apply` and its params.
+      batch: `PreferenceBatch`; `ref_logps` is not read; `margin` [B] (optional) is the
+        per-pair margin.
       center_coef: weight of the score-centering term (static).
       num_microbatches: split the batch into this many slices and accumulate gradients.
       axis_name: mapped axis name inside `shard_map`/`pmap`; None under `jit`.
@@ -53,10 +59,8 @@ def reward_step(
     """
     if not isinstance(batch, PreferenceBatch):
         raise ValueError(f"`batch` must be a PreferenceBatch, got {type(batch).__name__}")
-    batch.validate(need_loss_masks=False)
-    # The loss masks and reference log-probs are not read: keep them out of the microbatch scan.
-    batch = batch.replace(chosen_loss_mask=None, rejected_loss_mask=None,
-                          ref_chosen_logps=None, ref_rejected_logps=None)
+    batch.validate()
+    batch = batch.replace(ref_logps=None)  # not read: keep it out of the microbatch scan
 
     def loss_fn(params, microbatch):
         chosen, rejected = pair_scores(state.apply_fn, params, microbatch)
@@ -65,4 +69,4 @@ def reward_step(
     return gradient_step(state, loss_fn, batch, num_microbatches=num_microbatches, axis_name=axis_name)
 
 
-__all__ = ["reward_step", "pair_scores"]
+__all__ = ["reward_step", "pair_scores", "response_scores"]

@@ -1,14 +1,14 @@
 """What every training step shares: the gradient update, and jitting a step for a mesh.
 
 `gradient_step(state, loss_fn, batch, ...)` is the body of `sft_step`, `reward_step` and
-`dpo_step`: the mean loss and gradients over `num_microbatches` slices of the batch
+`preference_step`: the mean loss and gradients over `num_microbatches` slices of the batch
 (`accumulate_gradients`, a `lax.scan`), an all-reduce over `axis_name` when the step runs
 inside `jax.shard_map`/`jax.pmap`, then `state.apply_gradients`.
 
 `make_train_step(step, mesh=..., **options)` jits a step with its static options bound and
 the state donated:
 
-    run = make_train_step(dpo_step, mesh=mesh, state_shardings=shardings, config=config)
+    run = make_train_step(preference_step, mesh=mesh, state_shardings=shardings, config=config)
     state, metrics = run(state, batch, ref_params)      # ref_params optional
 
 Without a mesh this is `jax.jit(partial(step, **options), donate_argnums=0)`. With a mesh the

@@ -57,12 +57,16 @@ def test_runs_to_do_and_kto_batch():
 
     from rlhf_jax.training.batches import PreferenceBatch
 
-    ids = np.arange(12).reshape(2, 6)
-    pairs = PreferenceBatch(ids, np.ones_like(ids), ids + 100, np.ones_like(ids), np.ones_like(ids),
-                            2 * np.ones_like(ids), np.array([1.0, 2.0]), np.array([3.0, 4.0]))
+    prompts = np.arange(8).reshape(2, 4)
+    responses = np.stack([prompts + 100, prompts + 200], axis=1)  # [2, 2, 4]: chosen, rejected
+    response_mask = np.stack([np.ones_like(prompts), 2 * np.ones_like(prompts)], axis=1)
+    pairs = PreferenceBatch(prompts, np.ones_like(prompts), responses, response_mask,
+                            ref_logps=np.array([[1.0, 3.0], [2.0, 4.0]]))
     kto = loss_variants.kto_batch(pairs)
-    np.testing.assert_array_equal(kto.input_ids, [ids[0], ids[0] + 100, ids[1], ids[1] + 100])
-    np.testing.assert_array_equal(kto.loss_mask[1], 2 * np.ones(6))
+    np.testing.assert_array_equal(kto.prompt_ids, [prompts[0], prompts[0], prompts[1], prompts[1]])
+    np.testing.assert_array_equal(kto.response_ids[:, 0], [prompts[0] + 100, prompts[0] + 200,
+                                                          prompts[1] + 100, prompts[1] + 200])
+    np.testing.assert_array_equal(kto.response_mask[1, 0], 2 * np.ones(4))
     np.testing.assert_array_equal(kto.is_desirable, [1, 0, 1, 0])
     np.testing.assert_array_equal(kto.ref_logps, [1, 3, 2, 4])
     kto.validate()

@@ -60,18 +60,24 @@ def assistant(text):
 
 
 def expect_sequence(data, row, prompt, response, *, name="", trained=None):
-    """Row `row` of `data` holds prompt + response right-padded, the loss on the (trained)
-    response tokens only; `name` is "chosen_", "rejected_" or "" (sft)."""
-    input_ids, attention_mask, loss_mask = (
-        data.arrays[f"{name}{key}"][row] for key in ("input_ids", "attention_mask", "loss_mask")
-    )
-    width = input_ids.shape[0]
-    trained = [1] * len(response) if trained is None else trained
-    length = len(prompt) + len(response)
-    np.testing.assert_array_equal(input_ids, prompt + response + [PAD] * (width - length))
-    np.testing.assert_array_equal(attention_mask, [1] * length + [0] * (width - length))
-    np.testing.assert_array_equal(loss_mask, [0] * len(prompt) + trained + [0] * (width - length))
-    assert input_ids.dtype == np.int32 and attention_mask.dtype == np.int32 and loss_mask.dtype == np.float32
+    """Row `row` of `data` holds the prompt left-padded and the response right-padded in its
+    slot (`name` "chosen_" 0, "rejected_" 1, "" (sft) 0); an sft row's loss mask is 1 on the
+    (trained) response tokens only."""
+    expect_prompt(data, row, prompt)
+    slot = 1 if name == "rejected_" else 0
+    response_ids, response_mask = (data.arrays[key][row, slot] for key in ("response_ids", "response_mask"))
+    width = response_ids.shape[0]
+    np.testing.assert_array_equal(response_ids, response + [PAD] * (width - len(response)))
+    np.testing.assert_array_equal(response_mask, [1] * len(response) + [0] * (width - len(response)))
+    assert response_ids.dtype == np.int32 and response_mask.dtype == np.int32
+    assert data.arrays["response_ids"].shape[1] == (2 if name else 1)
+    if not name:
+        trained = [1] * len(response) if trained is None else trained
+        loss_mask = data.arrays["loss_mask"][row, 0]
+        np.testing.assert_array_equal(loss_mask, trained + [0] * (width - len(response)))
+        assert loss_mask.dtype == np.float32
+    else:
+        assert "loss_mask" not in data.arrays
 
 
 def expect_prompt(data, row, prompt):
@@ -114,7 +120,7 @@ def test_string_sft_and_prompts(load):
 
 def test_completion_ending_with_eos_text_gets_one_eos(load):
     _, data = load([{"prompt": "1=", "completion": "1<eos>"}])
-    response = data.arrays["input_ids"][0][3:6]
+    response = data.arrays["response_ids"][0, 0, :3]
     np.testing.assert_array_equal(response, ids("1") + [EOS, PAD])
 
 
@@ -153,6 +159,15 @@ def test_messages_train_every_assistant_turn(load):
     response = ids("2") + [EOS, USER] + ids("x2=") + [ASSISTANT] + ids("4") + [EOS]
     expect_sequence(data, 0, prompt, response, trained=[1, 1, 0, 0, 0, 0, 0, 1, 1])
     expect_prompt(data, 0, prompt)
+
+
+def test_empty_prompt_takes_the_first_response_token(load):
+    """A conversation that opens with the assistant renders no prompt text: its first token
+    (here the template's BOS) becomes the prompt, since nothing predicts it."""
+    messages = assistant("hi") + user("1") + assistant("2")
+    _, data = load([{"messages": messages}], config=DataConfig(max_prompt_length=4, max_response_length=10))
+    response = [ASSISTANT] + ids("hi") + [EOS, USER] + ids("1") + [ASSISTANT] + ids("2") + [EOS]
+    expect_sequence(data, 0, [BOS], response, trained=[1, 1, 1, 1, 0, 0, 0, 1, 1])
 
 
 def test_long_response_is_truncated_and_counted(load):
@@ -245,7 +260,7 @@ def test_mixed_type_column_keeps_exact_values(load):
         load(rows)
     _, data = load(rows, skip_invalid=True)
     assert data.stats.num_skipped == 1
-    np.testing.assert_array_equal(data.arrays["chosen_input_ids"][0][3:6], ids("12") + [EOS])
+    np.testing.assert_array_equal(data.arrays["response_ids"][0, 0, :3], ids("12") + [EOS])
 
 
 def test_skip_invalid_counts_several(load):
@@ -337,7 +352,7 @@ def test_each_epoch_visits_every_row_once(numbered):
     assert epochs[0].tolist() != epochs[1].tolist()
     assert iterator.position == DataPosition(1, 5)
     first = next(iterator)
-    np.testing.assert_array_equal(first["input_ids"], numbered.arrays["input_ids"][first["row_index"]])
+    np.testing.assert_array_equal(first["response_ids"], numbered.arrays["response_ids"][first["row_index"]])
 
 
 def test_same_seed_same_batches_other_seed_differs(numbered):
@@ -376,7 +391,7 @@ def test_processes_take_disjoint_slices_of_the_global_batch(numbered, process_co
         for name in batch:
             joined = np.concatenate([shard[step][name] for shard in shards])
             np.testing.assert_array_equal(joined, batch[name])
-    assert shards[0][0]["input_ids"].shape[0] == 6 // process_count
+    assert shards[0][0]["response_ids"].shape[0] == 6 // process_count
 
 
 def test_last_batch_is_padded_when_not_dropped(numbered):
@@ -385,8 +400,8 @@ def test_last_batch_is_padded_when_not_dropped(numbered):
     last = list(iterator.epoch_batches())[-1]
     assert last["row_index"].tolist() == [24, 25, 26, 27, 28, 29, -1, -1]
     assert last["example_mask"].tolist() == [1] * 6 + [0] * 2
-    assert (last["input_ids"][6:] == PAD).all() and (last["prompt_ids"][6:] == PAD).all()
-    for name in ("attention_mask", "loss_mask", "prompt_mask"):
+    assert (last["response_ids"][6:] == PAD).all() and (last["prompt_ids"][6:] == PAD).all()
+    for name in ("response_mask", "loss_mask", "prompt_mask"):
         assert (last[name][6:] == 0).all()
     assert iterator.position == DataPosition(0, 4)
     assert next(iterator)["row_index"].tolist() == list(range(8))
@@ -396,12 +411,12 @@ def test_bucketing_trims_only_padding(numbered):
     full = take(BatchIterator(numbered, 6, seed=1), 5)
     trimmed = take(BatchIterator(numbered, 6, seed=1, bucket_multiple=4), 5)
     for whole, cut in zip(full, trimmed):
-        for name in ("input_ids", "attention_mask", "loss_mask"):
-            width = cut[name].shape[1]
-            assert width % 4 == 0 and width <= whole[name].shape[1]
-            np.testing.assert_array_equal(cut[name], whole[name][:, :width])
-            assert (whole["attention_mask"][:, width:] == 0).all()
-            assert whole["attention_mask"][:, width - 4 :].any()
+        for name in ("response_ids", "response_mask", "loss_mask"):
+            width = cut[name].shape[-1]
+            assert width % 4 == 0 and width <= whole[name].shape[-1]
+            np.testing.assert_array_equal(cut[name], whole[name][..., :width])
+            assert (whole["response_mask"][..., width:] == 0).all()
+            assert whole["response_mask"][..., width - 4 :].any()
         width = cut["prompt_ids"].shape[1]
         np.testing.assert_array_equal(cut["prompt_ids"], whole["prompt_ids"][:, -width:])
         assert (whole["prompt_mask"][:, :-width] == 0).all()
@@ -421,7 +436,7 @@ def test_fixed_shapes_compile_once(numbered):
 
     def count_tokens(batch):
         traces.append(1)
-        return (batch["loss_mask"] * batch["attention_mask"]).sum()
+        return (batch["loss_mask"] * batch["response_mask"]).sum()
 
     counted = jax.jit(count_tokens)
     iterator = BatchIterator(numbered, 6, seed=1, drop_last=False)

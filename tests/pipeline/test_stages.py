@@ -163,19 +163,6 @@ def test_preference_variants_train(task, sft_run, tmp_path, loss):
     assert "eval/dpo/accuracy" in read_metrics(tmp_path)[0]
 
 
-def test_dpo_with_shared_prompt_logs_the_same_metrics(task, sft_run, tmp_path):
-    runs = {}
-    for shared in ("false", "true"):
-        out = tmp_path / shared
-        dpo.run(None, preference_overrides(task, out, sft_run[0] / "model", steps=2,
-                                           extra=(f"shared_prompt={shared}", "eval.every=1")))
-        runs[shared] = read_metrics(out)
-    assert [row["train/prompt_not_shared"] for row in runs["true"]] == [0.0, 0.0]
-    for plain, shared in zip(runs["false"], runs["true"]):
-        for key in ("dpo/loss", "dpo/margin", "optim/grad_norm", "eval/dpo/accuracy", "eval/dpo/margin"):
-            np.testing.assert_allclose(shared[key], plain[key], rtol=1e-4, atol=1e-5)
-
-
 def _rl_overrides(task, output_dir, policy):
     return [f"output_dir={output_dir}", f"policy.path={policy}", f"data.train_files=[{task.prompts}]",
             *LENGTHS, *QUIET, "train.batch_size=8", "optim.learning_rate=0.001", "checkpoint.interval=1"]

@@ -37,7 +37,7 @@ from rlhf_jax.pipeline.batching import BatchIterator, DataPosition
 from rlhf_jax.pipeline.data import DataStats, TokenizedData
 from rlhf_jax.training import multihost
 from rlhf_jax.training.batches import PreferenceBatch, SFTBatch
-from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step
+from rlhf_jax.training.preference_step import PreferenceLossConfig, preference_step
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
 from rlhf_jax.training.ppo import PPOConfig, kl_controller, ppo_iteration
 from rlhf_jax.training.rollout import SamplingConfig
@@ -58,24 +58,22 @@ PAD = 0
 
 
 def synthetic_data(kind: str, rows: int, seed: int) -> TokenizedData:
-    """Left-padded prompts and right-padded prompt + response sequences of random tokens."""
+    """Left-padded prompts and right-padded responses (the LM layout) of random tokens."""
     rng = np.random.default_rng(seed)
-    names = ["chosen_", "rejected_"] if kind == "preference" else [""]
-    arrays = {"prompt_ids": np.full((rows, PROMPT), PAD, np.int32), "prompt_mask": np.zeros((rows, PROMPT), np.int32)}
-    for name in names:
-        arrays[f"{name}input_ids"] = np.full((rows, PROMPT + RESPONSE), PAD, np.int32)
-        arrays[f"{name}attention_mask"] = np.zeros((rows, PROMPT + RESPONSE), np.int32)
-        arrays[f"{name}loss_mask"] = np.zeros((rows, PROMPT + RESPONSE), np.float32)
+    num = 2 if kind == "preference" else 1
+    arrays = {"prompt_ids": np.full((rows, PROMPT), PAD, np.int32), "prompt_mask": np.zeros((rows, PROMPT), np.int32),
+              "response_ids": np.full((rows, num, RESPONSE), PAD, np.int32),
+              "response_mask": np.zeros((rows, num, RESPONSE), np.int32)}
     for row in range(rows):
         prompt = rng.integers(2, MODEL.vocab_size, rng.integers(2, PROMPT + 1))
         arrays["prompt_ids"][row, PROMPT - len(prompt):] = prompt
         arrays["prompt_mask"][row, PROMPT - len(prompt):] = 1
-        for name in names:
+        for slot in range(num):
             response = np.append(rng.integers(2, MODEL.vocab_size, rng.integers(1, RESPONSE)), 1)
-            length = len(prompt) + len(response)
-            arrays[f"{name}input_ids"][row, :length] = np.concatenate([prompt, response])
-            arrays[f"{name}attention_mask"][row, :length] = 1
-            arrays[f"{name}loss_mask"][row, len(prompt):length] = 1
+            arrays["response_ids"][row, slot, :len(response)] = response
+            arrays["response_mask"][row, slot, :len(response)] = 1
+    if kind == "sft":
+        arrays["loss_mask"] = arrays["response_mask"].astype(np.float32)
     return TokenizedData(kind, arrays, {}, [("synthetic", row + 1) for row in range(rows)],
                          DataStats(num_rows=rows, num_used=rows), PAD)
 
@@ -166,7 +164,7 @@ def train_sft(results: dict, save_dir: str | None, devices=None) -> None:
     # evaluation: token counts of each process's rows, reduced across processes
     eval_rows = next(data)
     results["eval.tokens"] = multihost.process_sum(np.sum(eval_rows["loss_mask"]))
-    results["eval.mean_tokens"] = multihost.process_mean(np.mean(eval_rows["loss_mask"].sum(1)),
+    results["eval.mean_tokens"] = multihost.process_mean(np.mean(eval_rows["loss_mask"].sum((1, 2))),
                                                          weight=len(eval_rows["loss_mask"]))
 
 
@@ -210,7 +208,7 @@ def train_dpo(results: dict, devices=None) -> None:
     host_params = initial_params()
     state, state_shardings, shardings = sharded_state(module, host_params, mesh, fsdp=True)
     reference = multihost.global_params(host_params, shardings)
-    step = make_train_step(dpo_step, mesh=mesh, state_shardings=state_shardings,
+    step = make_train_step(preference_step, mesh=mesh, state_shardings=state_shardings,
                            reference_shardings=shardings, config=PreferenceLossConfig(beta=0.5))
     data = batches("preference", 32, 3, mesh)
     metrics = []

@@ -40,42 +40,59 @@ def jitted_step(step, *static_argnames):
     return jax.jit(step, donate_argnames=("state",), static_argnames=static_argnames)
 
 
-def sequences(seed, batch=BATCH, time=TIME, *, max_response=8):
-    """Right-padded prompt + response rows: `(input_ids, attention_mask, loss_mask)`, NumPy.
+PROMPT, RESPONSE = 6, 10
 
-    Prompt lengths 2..5, response lengths 1..max_response (different per row, so the token
-    counts of any split differ)."""
+
+def lm_rows(seed, batch=BATCH, num=1, *, max_prompt=5, max_response=8, prompt=PROMPT, response=RESPONSE):
+    """`(prompt_ids, prompt_mask, response_ids, response_mask)` in the LM layout, NumPy:
+    left-padded prompts `[batch, prompt]` of 2..max_prompt tokens and right-padded responses
+    `[batch, num, response]` of 1..max_response tokens (different per row, so the token
+    counts of any split differ); padding holds token 0."""
     rng = np.random.default_rng(seed)
-    input_ids = rng.integers(1, VOCAB, (batch, time)).astype(np.int32)
-    prompt = rng.integers(2, 6, batch)
-    response = rng.integers(1, max_response + 1, batch)
-    position = np.arange(time)[None, :]
-    attention_mask = (position < (prompt + response)[:, None]).astype(np.int32)
-    loss_mask = ((position >= prompt[:, None]) & (attention_mask == 1)).astype(np.float32)
-    input_ids = np.where(attention_mask == 1, input_ids, 0)
-    return input_ids, attention_mask, loss_mask
+    prompt_lengths = rng.integers(2, max_prompt + 1, batch)
+    response_lengths = rng.integers(1, max_response + 1, (batch, num))
+    prompt_mask = (np.arange(prompt)[None] >= prompt - prompt_lengths[:, None]).astype(np.int32)
+    response_mask = (np.arange(response)[None, None] < response_lengths[..., None]).astype(np.int32)
+    prompt_ids = rng.integers(1, VOCAB, (batch, prompt)).astype(np.int32) * prompt_mask
+    response_ids = rng.integers(1, VOCAB, (batch, num, response)).astype(np.int32) * response_mask
+    return prompt_ids, prompt_mask, response_ids, response_mask
 
 
 def sft_batch(seed=0):
-    return SFTBatch(*sequences(seed))
+    return SFTBatch(*lm_rows(seed))
 
 
 def preference_batch(seed=0, batch=BATCH):
-    chosen = sequences(seed, batch)
-    rejected = sequences(seed + 1000, batch)
-    return PreferenceBatch(
-        chosen_input_ids=chosen[0], chosen_attention_mask=chosen[1], chosen_loss_mask=chosen[2],
-        rejected_input_ids=rejected[0], rejected_attention_mask=rejected[1],
-        rejected_loss_mask=rejected[2],
-    )
+    return PreferenceBatch(*lm_rows(seed, batch, num=2))
 
 
 def kto_batch(seed=0):
-    rows = sequences(seed)
-    mismatched = sequences(seed + 2000)
+    prompt_ids, prompt_mask, response_ids, response_mask = lm_rows(seed, num=2)
     is_desirable = np.arange(BATCH) % 3 != 0
-    return KTOBatch(*rows, is_desirable=is_desirable, kl_input_ids=mismatched[0],
-                    kl_attention_mask=mismatched[1], kl_loss_mask=mismatched[2])
+    return KTOBatch(prompt_ids, prompt_mask, response_ids[:, :1], response_mask[:, :1], is_desirable=is_desirable,
+                    kl_response_ids=response_ids[:, 1:], kl_response_mask=response_mask[:, 1:])
+
+
+def joined(prompt_ids, prompt_mask, response_ids, response_mask):
+    """`(input_ids, attention_mask, loss_mask)` `[B, P + R]` of prompt + response rows for
+    `[B, P]` prompts and `[B, R]` responses: the plain sequences the oracles run."""
+    input_ids = np.concatenate([prompt_ids, response_ids], axis=1)
+    attention_mask = np.concatenate([prompt_mask, response_mask], axis=1).astype(np.int32)
+    loss_mask = np.concatenate([np.zeros_like(prompt_mask), response_mask], axis=1).astype(np.float32)
+    return input_ids, attention_mask, loss_mask
+
+
+def sequences(seed, batch=BATCH):
+    """Plain `[B, P + R]` rows `(input_ids, attention_mask, loss_mask)` of `lm_rows(seed)`'s
+    prompts and responses (left padding before the prompt, right padding after the response)."""
+    prompt_ids, prompt_mask, response_ids, response_mask = lm_rows(seed, batch)
+    return joined(prompt_ids, prompt_mask, response_ids[:, 0], response_mask[:, 0])
+
+
+def response_sequences(batch, index):
+    """`joined(...)` for response `index` of every row of an LM-layout batch."""
+    return joined(np.asarray(batch.prompt_ids), np.asarray(batch.prompt_mask),
+                  np.asarray(batch.response_ids)[:, index], np.asarray(batch.response_mask)[:, index])
 
 
 # --- NumPy oracles -----------------------------------------------------------------------
@@ -87,7 +104,8 @@ def log_softmax(logits):
 
 
 def full_logits(params, input_ids, attention_mask):
-    """Logits of every position from the model's plain forward pass, as float64 NumPy."""
+    """Logits of every position from the model's plain forward pass of `[B, T]` sequences
+    (left and/or right padding), as float64 NumPy."""
     return np.asarray(POLICY.apply({"params": params}, input_ids, attention_mask), np.float64)
 
 

@@ -70,6 +70,52 @@ def test_response_logprobs_match_separate_forward_passes(family, num):
         np.testing.assert_array_equal(result.lengths(), batch.response_mask.sum(-1))
 
 
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_shared_prefix_hidden_states_equal_full_forward_passes(family):
+    """`CausalLM.shared_prefix_hidden_states`, under `response_logprobs(prompt_once=True)`."""
+    model = CausalLM(CONFIGS[family])
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    rng = np.random.default_rng(1)
+    batch, prompt_len, num, response_len = 3, 5, 3, 4
+    prompt_lengths, response_lengths = np.array([5, 2, 1]), rng.integers(1, response_len + 1, (batch, num))
+    prompt_ids = rng.integers(1, VOCAB, (batch, prompt_len))
+    prompt_mask = (np.arange(prompt_len)[None] >= prompt_len - prompt_lengths[:, None]).astype(np.int32)
+    response_ids = rng.integers(1, VOCAB, (batch, num, response_len))
+    response_mask = (np.arange(response_len)[None, None] < response_lengths[..., None]).astype(np.int32)
+    last, hidden = model.apply({"params": params}, prompt_ids * prompt_mask, prompt_mask,
+                               response_ids * response_mask, response_mask, method="shared_prefix_hidden_states")
+    assert last.shape == (batch, 32) and hidden.shape == (batch, num, response_len, 32)
+    for b in range(batch):
+        prompt = prompt_ids[b, prompt_len - prompt_lengths[b]:]
+        for n in range(num):
+            response = response_ids[b, n, :response_lengths[b, n]]
+            sequence = jnp.asarray(np.concatenate([prompt, response])[None])
+            full = model.apply({"params": params}, sequence, method="hidden_states")[0]
+            np.testing.assert_allclose(last[b], full[len(prompt) - 1], atol=2e-5, rtol=2e-5)
+            np.testing.assert_allclose(hidden[b, n, :len(response)], full[len(prompt):], atol=2e-5, rtol=2e-5)
+
+
+def test_token_stats_match_numpy():
+    """`with_vocab_stats`: the label-smoothing term mean_v log p(v) and argmax hits."""
+    model = CausalLM(CONFIGS["llama"])
+    params = model.init(jax.random.key(4), jnp.zeros((1, 4), jnp.int32))["params"]
+    batch = random_batch(seed=5, num=2)
+    result = response_logprobs(model.apply, params, batch, temperature=0.5, with_vocab_stats=True)
+    rows, num, length = batch.response_ids.shape
+    for b in range(rows):
+        prompt = batch.prompt_ids[b][batch.prompt_mask[b] != 0]
+        for n in range(num):
+            count = int(batch.response_mask[b, n].sum())
+            sequence = np.concatenate([prompt, batch.response_ids[b, n, :count]])[None]
+            logits = np.asarray(model.apply({"params": params}, sequence), np.float64)[0, len(prompt) - 1:-1] / 0.5
+            shifted = logits - logits.max(-1, keepdims=True)
+            log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+            np.testing.assert_allclose(result.mean_logprob[b, n, :count], log_softmax.mean(-1), atol=2e-5, rtol=1e-5)
+            np.testing.assert_array_equal(result.is_argmax[b, n, :count],
+                                          logits.argmax(-1) == batch.response_ids[b, n, :count])
+            assert np.all(np.asarray(result.mean_logprob[b, n, count:]) == 0)
+
+
 def test_prompt_once_gradients_equal_per_response_prompts():
     model = CausalLM(CONFIGS["llama"])
     params = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]

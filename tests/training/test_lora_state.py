@@ -6,7 +6,7 @@ import numpy as np
 
 from rlhf_jax.models.lora import LoRAConfig, LoRAModel, init_adapters, merge_adapters
 from rlhf_jax.pipeline.loop import compile_train_step
-from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step
+from rlhf_jax.training.preference_step import PreferenceLossConfig, preference_step
 from rlhf_jax.training.lora_state import (
     create_lora_train_state,
     disabled_adapters,
@@ -105,7 +105,7 @@ def test_sharded_lora_steps_equal_single_device():
     config = PreferenceLossConfig(loss_type="sigmoid", beta=0.5)
     batches = [preference_batch(seed) for seed in (23, 24)]
     single, _ = lora_state()
-    step = jitted_step(dpo_step, "config")
+    step = jitted_step(preference_step, "config")
     for batch in batches:
         single, single_metrics = step(single, batch, config=config, ref_params=disabled_adapters())
 
@@ -114,7 +114,7 @@ def test_sharded_lora_steps_equal_single_device():
     q_kernel = sharded.apply_fn.base["decoder"]["layers_0"]["attn"]["q_proj"]["kernel"]
     lora_a = sharded.params["lora"]["decoder"]["layers_0"]["attn"]["q_proj"]["lora_a"]
     assert "fsdp" in tuple(q_kernel.sharding.spec) and "fsdp" in tuple(lora_a.sharding.spec)
-    compiled = compile_train_step(dpo_step, mesh=mesh, state_shardings=shardings, config=config,
+    compiled = compile_train_step(preference_step, mesh=mesh, state_shardings=shardings, config=config,
                                   ref_params=disabled_adapters())
     for batch in batches:
         sharded, metrics = compiled(sharded, shard_batch(batch, mesh))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step
+from rlhf_jax.training.preference_step import PreferenceLossConfig, preference_step
 from rlhf_jax.training.reward_step import reward_step
 from rlhf_jax.training.sft_step import sft_step
 from rlhf_jax.training.sharding import MeshConfig, make_mesh, param_shardings, shard_batch, shard_params
@@ -35,7 +35,7 @@ PAIR_BATCHES = [preference_batch(seed) for seed in (23, 24)]
 # name -> (step, module, params, batches, static options, uses the reference)
 PROBLEMS = {
     "sft": (sft_step, POLICY, POLICY_PARAMS, SFT_BATCHES, {}, False),
-    "dpo": (dpo_step, POLICY, POLICY_PARAMS, PAIR_BATCHES, {"config": SIGMOID}, True),
+    "dpo": (preference_step, POLICY, POLICY_PARAMS, PAIR_BATCHES, {"config": SIGMOID}, True),
     "reward": (reward_step, REWARD_MODEL, REWARD_PARAMS, PAIR_BATCHES, {"center_coef": 0.01}, False),
 }
 

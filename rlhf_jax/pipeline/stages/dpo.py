@@ -6,7 +6,7 @@ CPO, ORPO via `dpo.kind`) of a policy on prompt/chosen/rejected pairs.
 
 The reference policy (`reference`, default `model.path`) is frozen, so its log-probs of every
 training and held-out pair are computed once, before training, in fixed-shape batches; each
-training batch then carries them (`PreferenceBatch.ref_chosen_logps`) and the step runs one
+training batch then carries them (`PreferenceBatch.ref_logps`) and the step runs one
 forward/backward pass of the policy only. Held-out pairs give `eval/dpo/accuracy` (share of
 pairs with implicit reward `beta*c > beta*r`) and `eval/dpo/margin`. With `lora`, the reference
 is the loaded model itself (the base with its adapters disabled), so no second copy is read.
@@ -20,17 +20,16 @@ from rlhf_jax.pipeline.recipes import DPOConfig, load_stage_config
 from rlhf_jax.pipeline.stages import common, runs
 from rlhf_jax.pipeline.stages.lora import check_lora_reference
 from rlhf_jax.training.batches import PreferenceBatch
-from rlhf_jax.training.dpo_step import dpo_step, pair_logps
+from rlhf_jax.training.preference_step import pair_logps, preference_step
 from rlhf_jax.training.lora_state import inference_model
 
 
-def make_pair_logps(apply_fn, response_window=None, prompt_window=None):
-    """Jitted `(params, PreferenceBatch) -> (chosen logps [B], rejected logps [B])` (sums);
-    with `prompt_window`, each pair's prompt runs once."""
+def make_pair_logps(apply_fn):
+    """Jitted `(params, PreferenceBatch) -> (chosen logps [B], rejected logps [B])` (sums;
+    each pair's prompt runs once)."""
 
     def logps(params, batch):
-        chosen, rejected, _ = pair_logps(apply_fn, params, batch, response_window=response_window,
-                                         prompt_window=prompt_window)
+        chosen, rejected = pair_logps(apply_fn, params, batch)
         return chosen.logps, rejected.logps
 
     return jax.jit(logps)
@@ -46,19 +45,16 @@ def with_reference(batch: dict, ref_chosen: np.ndarray, ref_rejected: np.ndarray
     rows = batch["row_index"]
     real = rows >= 0
     safe = np.where(real, rows, 0)
+    ref = np.stack([ref_chosen[safe], ref_rejected[safe]], axis=1)
     return PreferenceBatch.from_arrays(batch).replace(
-        ref_chosen_logps=np.where(real, ref_chosen[safe], 0.0).astype(np.float32),
-        ref_rejected_logps=np.where(real, ref_rejected[safe], 0.0).astype(np.float32))
+        ref_logps=np.where(real[:, None], ref, 0.0).astype(np.float32))
 
 
 def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
     setup = runs.open_supervised_stage(config, kind="preference", why="DPO needs preference pairs")
     data, eval_data, mesh = setup.data, setup.eval_data, setup.mesh
     module, params = common.build_model(config.model, setup.tokenizer, common.rng_key(config.seed, 0))
-    window, prompt_window = config.train.response_window, None
-    if config.shared_prompt:
-        window, prompt_window = window or config.data.max_response_length, config.data.max_prompt_length
-    pair_logps = make_pair_logps(module.apply, window, prompt_window)
+    pair_logps = make_pair_logps(module.apply)
     ref_chosen = ref_rejected = eval_ref = None
     if config.dpo.needs_reference:
         reference_path = config.reference or config.model.path
@@ -74,11 +70,11 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
         if eval_data is not None:
             eval_ref = dataset_logps(pair_logps, ref_params, eval_data, batch_size, mesh, config.eval.max_batches)
         del ref_params
-    state, step = runs.supervised_state_and_step(config, module, params, mesh, dpo_step, config=config.dpo,
-                                                   response_window=window, prompt_window=prompt_window)
+    state, step = runs.supervised_state_and_step(config, module, params, mesh, preference_step,
+                                                   config=config.dpo)
     del params
     eval_model = inference_model(module, state)[0]
-    eval_logps = pair_logps if eval_model is module else make_pair_logps(eval_model.apply, window, prompt_window)
+    eval_logps = pair_logps if eval_model is module else make_pair_logps(eval_model.apply)
 
     def prepare(batch):
         if ref_chosen is None:

@@ -215,8 +215,10 @@ def reward_model_accuracy(reward, config: EvalConfig, tokenizer, scorers) -> flo
                                  max_response_length=config.max_new_tokens), kind="preference")
     module, params = reward
     score = lambda i, m: scorers.rewards(module)(params, i, m)
-    chosen = _chunked(score, (pairs.arrays["chosen_input_ids"], pairs.arrays["chosen_attention_mask"]), 1024)
-    rejected = _chunked(score, (pairs.arrays["rejected_input_ids"], pairs.arrays["rejected_attention_mask"]), 1024)
+    # each response after its prompt: [rows, P + R] (left padding, prompt, response, right padding)
+    joined = [tuple(np.concatenate([pairs.arrays[f"prompt_{name}"], pairs.arrays[f"response_{name}"][:, side]], 1)
+                    for name in ("ids", "mask")) for side in (0, 1)]
+    chosen, rejected = (_chunked(score, arrays, 1024) for arrays in joined)
     return float(np.mean(chosen > rejected))
 
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from rlhf_jax.losses.sft import sft_loss
 from rlhf_jax.pipeline.recipes import SFTConfig, load_stage_config
 from rlhf_jax.pipeline.stages import common, runs
 from rlhf_jax.training.batches import SFTBatch
 from rlhf_jax.training.lora_state import inference_model
-from rlhf_jax.training.policy_logps import response_logits
-from rlhf_jax.training.sft_step import sft_step
+from rlhf_jax.training.sft_step import sft_step, sft_token_sums
 
 
 def make_sft_evaluator(apply_fn, data, config: SFTConfig, mesh):
@@ -25,11 +23,8 @@ def make_sft_evaluator(apply_fn, data, config: SFTConfig, mesh):
 
     @jax.jit
     def sums(params, batch: SFTBatch):
-        scored = response_logits(apply_fn, params, batch.input_ids, batch.attention_mask,
-                                 batch.loss_mask, response_window=config.train.response_window)
-        _, metrics = sft_loss(scored.logits, scored.labels, scored.mask)
-        tokens = scored.mask.sum()
-        return metrics["sft/nll"] * tokens, metrics["sft/accuracy"] * tokens, tokens
+        totals = sft_token_sums(apply_fn, params, batch)
+        return totals["sft/nll"], totals["sft/accuracy"], totals["tokens"]
 
     def evaluate(params) -> dict:
         totals = np.zeros(3)
@@ -45,8 +40,7 @@ def train_sft(config: SFTConfig, *, resume: bool = False) -> dict:
     setup = runs.open_supervised_stage(config, kind="sft", why="SFT needs prompt/completion data")
     module, params = common.build_model(config.model, setup.tokenizer, common.rng_key(config.seed, 0))
     state, step = runs.supervised_state_and_step(config, module, params, setup.mesh, sft_step,
-                                                   label_smoothing=config.sft.label_smoothing,
-                                                   response_window=config.train.response_window)
+                                                   label_smoothing=config.sft.label_smoothing)
     del params
     evaluate = (make_sft_evaluator(inference_model(module, state)[0].apply, setup.eval_data, config, setup.mesh)
                 if setup.eval_data is not None else None)

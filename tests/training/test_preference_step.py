@@ -1,5 +1,6 @@
-"""dpo_step: every preference loss against independently computed log-probs, training,
-precomputed reference log-probs, the response-only logits path, optax.MultiSteps."""
+"""preference_step: every preference loss against independently computed log-probs (plain
+forward passes of each prompt + response), training, precomputed reference log-probs, KTO
+with mismatched pairs, optax.MultiSteps."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,18 +8,20 @@ import pytest
 
 from rlhf_jax.losses.preference import DPO_LOSS_TYPES, dpo_loss
 from rlhf_jax.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
-from rlhf_jax.training.dpo_step import (
+from rlhf_jax.training.batches import PreferenceBatch
+from rlhf_jax.training.preference_step import (
     PreferenceLossConfig,
-    dpo_step,
+    pair_logps,
     precompute_reference_logps,
     preference_loss,
+    preference_step,
 )
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
 from step_problems import (BATCH as ROWS, OPTIMIZER_CONFIG, POLICY, POLICY_PARAMS, REFERENCE_PARAMS,
-                           assert_trees_close, fresh_state, jitted_step, kto_batch, log_sigmoid,
-                           preference_batch, sequence_logps_oracle, sft_batch)
+                           assert_trees_close, fresh_state, jitted_step, kto_batch, lm_rows, log_sigmoid,
+                           preference_batch, response_sequences, sequence_logps_oracle, sft_batch)
 
-STEP = jitted_step(dpo_step, "config", "response_window", "num_microbatches")
+STEP = jitted_step(preference_step, "config", "num_microbatches")
 BATCH = preference_batch(seed=11)
 SIGMOID = PreferenceLossConfig(kind="dpo", loss_type="sigmoid", beta=0.5)
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
@@ -26,10 +29,8 @@ SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
 
 def oracle_logps(params, batch):
     """(chosen sums, rejected sums, chosen lengths, rejected lengths) in float64."""
-    chosen, chosen_lengths = sequence_logps_oracle(
-        params, batch.chosen_input_ids, batch.chosen_attention_mask, batch.chosen_loss_mask)
-    rejected, rejected_lengths = sequence_logps_oracle(
-        params, batch.rejected_input_ids, batch.rejected_attention_mask, batch.rejected_loss_mask)
+    chosen, chosen_lengths = sequence_logps_oracle(params, *response_sequences(batch, 0))
+    rejected, rejected_lengths = sequence_logps_oracle(params, *response_sequences(batch, 1))
     return chosen, rejected, chosen_lengths, rejected_lengths
 
 
@@ -52,18 +53,15 @@ def test_sigmoid_step_zero_matches_numpy_and_training_lowers_it():
     assert np.isfinite(float(metrics["optim/grad_norm"]))
 
 
-# Every loss, step-0 value, one compiled program: (config, response_window) pairs.
+# Every loss, step-0 value, one compiled program.
 CASES = (
-    [(PreferenceLossConfig(loss_type=loss_type, beta=0.3,
-                           label_smoothing=0.1 if loss_type in SMOOTHED else 0.0), None)
+    [PreferenceLossConfig(loss_type=loss_type, beta=0.3, label_smoothing=0.1 if loss_type in SMOOTHED else 0.0)
      for loss_type in DPO_LOSS_TYPES]
-    + [(PreferenceLossConfig(loss_type="sigmoid", beta=0.3, divergence="js"), None),
-       (PreferenceLossConfig(kind="simpo", beta=2.0, gamma=0.5, label_smoothing=0.05), None),
-       (PreferenceLossConfig(kind="cpo", beta=0.2, nll_coef=0.5), None),
-       (PreferenceLossConfig(kind="orpo", lam=0.2), None)]
+    + [PreferenceLossConfig(loss_type="sigmoid", beta=0.3, divergence="js"),
+       PreferenceLossConfig(kind="simpo", beta=2.0, gamma=0.5, label_smoothing=0.05),
+       PreferenceLossConfig(kind="cpo", beta=0.2, nll_coef=0.5),
+       PreferenceLossConfig(kind="orpo", lam=0.2)]
 )
-WINDOW_CASES = [(config, 8) for config, _ in CASES if config.loss_type in ("sigmoid", "ipo")
-                and config.kind in ("dpo", "simpo") and config.divergence == "reverse_kl"]
 
 
 def expected_loss(config):
@@ -84,24 +82,35 @@ def expected_loss(config):
 
 @jax.jit
 def all_losses(params, batch):
-    return [preference_loss(POLICY.apply, params, batch, config=config, response_window=window)[0]
-            for config, window in CASES + WINDOW_CASES]
+    return [preference_loss(POLICY.apply, params, batch, config=config)[0] for config in CASES]
 
 
 def test_every_loss_matches_the_loss_function_on_independent_logps():
-    batch = BATCH.replace(ref_chosen_logps=REFERENCE_LOGPS[0].astype(np.float32),
-                          ref_rejected_logps=REFERENCE_LOGPS[1].astype(np.float32))
+    batch = BATCH.replace(ref_logps=np.stack(REFERENCE_LOGPS[:2], axis=1).astype(np.float32))
     losses = all_losses(POLICY_PARAMS, batch)
-    assert len(losses) == len(CASES) + len(WINDOW_CASES) and len(WINDOW_CASES) == 3
-    for (config, window), loss in zip(CASES + WINDOW_CASES, losses):
+    assert len(losses) == len(CASES)
+    for config, loss in zip(CASES, losses):
         np.testing.assert_allclose(float(loss), float(expected_loss(config)), rtol=1e-5, atol=1e-6,
-                                   err_msg=f"{config.kind}/{config.loss_type} window={window}")
+                                   err_msg=f"{config.kind}/{config.loss_type}")
+
+
+def test_pair_logps_match_numpy_oracle_with_one_token_prompts():
+    """Each pair's prompt runs once; prompts of 1..6 tokens (one-token prompts included)."""
+    prompt_ids, prompt_mask, response_ids, response_mask = lm_rows(31, 6, num=2, max_prompt=6, max_response=10)
+    prompt_mask[:2] = 0
+    prompt_mask[:2, -1] = 1  # rows 0 and 1: a one-token prompt
+    batch = PreferenceBatch(prompt_ids * prompt_mask, prompt_mask, response_ids, response_mask)
+    chosen, rejected = jax.jit(pair_logps, static_argnums=0)(POLICY.apply, POLICY_PARAMS, batch)
+    for side, got in enumerate((chosen, rejected)):
+        expected, lengths = sequence_logps_oracle(POLICY_PARAMS, *response_sequences(batch, side))
+        np.testing.assert_allclose(got.logps, expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.lengths, lengths)
 
 
 def test_precomputed_reference_gives_the_same_step():
     (filled,) = precompute_reference_logps(POLICY.apply, REFERENCE_PARAMS, [BATCH])
-    np.testing.assert_allclose(filled.ref_chosen_logps, REFERENCE_LOGPS[0], rtol=1e-5)
-    np.testing.assert_allclose(filled.ref_rejected_logps, REFERENCE_LOGPS[1], rtol=1e-5)
+    np.testing.assert_allclose(filled.ref_logps[:, 0], REFERENCE_LOGPS[0], rtol=1e-5)
+    np.testing.assert_allclose(filled.ref_logps[:, 1], REFERENCE_LOGPS[1], rtol=1e-5)
     in_step, in_step_metrics = STEP(fresh_state(POLICY, POLICY_PARAMS), BATCH, config=SIGMOID,
                                     ref_params=REFERENCE_PARAMS)
     stored, stored_metrics = STEP(fresh_state(POLICY, POLICY_PARAMS), filled, config=SIGMOID)
@@ -110,14 +119,13 @@ def test_precomputed_reference_gives_the_same_step():
         np.testing.assert_allclose(float(stored_metrics[name]), float(value), rtol=1e-5, atol=1e-7)
 
 
-def test_kto_step_with_response_window_matches_numpy_and_lowers_its_loss():
+def test_kto_step_with_mismatched_pairs_matches_numpy_and_lowers_its_loss():
     batch = kto_batch(seed=12)
     config = PreferenceLossConfig(kind="kto", beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
-    logps, _ = sequence_logps_oracle(POLICY_PARAMS, batch.input_ids, batch.attention_mask, batch.loss_mask)
-    ref, _ = sequence_logps_oracle(REFERENCE_PARAMS, batch.input_ids, batch.attention_mask, batch.loss_mask)
-    kl, _ = sequence_logps_oracle(POLICY_PARAMS, batch.kl_input_ids, batch.kl_attention_mask, batch.kl_loss_mask)
-    kl_ref, _ = sequence_logps_oracle(REFERENCE_PARAMS, batch.kl_input_ids, batch.kl_attention_mask,
-                                      batch.kl_loss_mask)
+    logps, _ = sequence_logps_oracle(POLICY_PARAMS, *response_sequences(batch, 0))
+    ref, _ = sequence_logps_oracle(REFERENCE_PARAMS, *response_sequences(batch, 0))
+    kl, _ = sequence_logps_oracle(POLICY_PARAMS, *response_sequences(batch.kl_batch(), 0))
+    kl_ref, _ = sequence_logps_oracle(REFERENCE_PARAMS, *response_sequences(batch.kl_batch(), 0))
     z0 = max((kl - kl_ref).mean(), 0.0)
     sigmoid = lambda x: 1 / (1 + np.exp(-x))
     desirable = 1.0 * (1 - sigmoid(0.5 * (logps - ref - z0)))
@@ -126,11 +134,10 @@ def test_kto_step_with_response_window_matches_numpy_and_lowers_its_loss():
     state = fresh_state(POLICY, POLICY_PARAMS)
     losses = []
     for _ in range(15):
-        state, metrics = STEP(state, batch, config=config, ref_params=REFERENCE_PARAMS, response_window=8)
+        state, metrics = STEP(state, batch, config=config, ref_params=REFERENCE_PARAMS)
         losses.append(float(metrics["kto/loss"]))
     np.testing.assert_allclose(losses[0], expected, rtol=1e-5)
     assert losses[-1] < 0.5 * losses[0]
-    assert float(metrics["train/tokens_outside_window"]) == 0.0
 
 
 def test_multisteps_over_four_microbatches_equals_one_big_batch():
@@ -148,17 +155,26 @@ def test_multisteps_over_four_microbatches_equals_one_big_batch():
 def test_bad_inputs_raise():
     state = fresh_state(POLICY, POLICY_PARAMS)
     with pytest.raises(ValueError, match="ref_params"):
-        dpo_step(state, BATCH, config=SIGMOID)
+        preference_step(state, BATCH, config=SIGMOID)
     with pytest.raises(ValueError, match="KTOBatch"):
-        dpo_step(state, BATCH, config=PreferenceLossConfig(kind="kto"), ref_params=REFERENCE_PARAMS)
+        preference_step(state, BATCH, config=PreferenceLossConfig(kind="kto"), ref_params=REFERENCE_PARAMS)
     with pytest.raises(ValueError, match="PreferenceBatch"):
-        dpo_step(state, sft_batch(), config=SIGMOID, ref_params=REFERENCE_PARAMS)
-    with pytest.raises(ValueError, match="loss_mask"):
-        dpo_step(state, BATCH.replace(rejected_loss_mask=None), config=SIGMOID, ref_params=REFERENCE_PARAMS)
-    with pytest.raises(ValueError, match="ref_rejected_logps"):
-        dpo_step(state, BATCH.replace(ref_chosen_logps=np.zeros(ROWS, np.float32)), config=SIGMOID)
+        preference_step(state, sft_batch(), config=SIGMOID, ref_params=REFERENCE_PARAMS)
+    with pytest.raises(ValueError, match="response_ids"):
+        preference_step(state, BATCH.replace(response_ids=BATCH.response_ids[:, :1],
+                                             response_mask=BATCH.response_mask[:, :1]),
+                        config=SIGMOID, ref_params=REFERENCE_PARAMS)
+    with pytest.raises(ValueError, match="ref_logps"):
+        preference_step(state, BATCH.replace(ref_logps=np.zeros(ROWS, np.float32)), config=SIGMOID)
+    kto = kto_batch()
+    with pytest.raises(ValueError, match="kl_response_mask"):
+        preference_step(state, kto.replace(kl_response_mask=None), config=PreferenceLossConfig(kind="kto"),
+                        ref_params=REFERENCE_PARAMS)
+    with pytest.raises(ValueError, match="is_desirable"):
+        preference_step(state, kto.replace(is_desirable=None), config=PreferenceLossConfig(kind="kto"),
+                        ref_params=REFERENCE_PARAMS)
     with pytest.raises(ValueError, match="config"):
-        dpo_step(state, BATCH, config={"kind": "dpo"}, ref_params=REFERENCE_PARAMS)
+        preference_step(state, BATCH, config={"kind": "dpo"}, ref_params=REFERENCE_PARAMS)
     with pytest.raises(ValueError, match="kind"):
         PreferenceLossConfig(kind="ppo")
     with pytest.raises(ValueError, match="loss_type"):
