@@ -7,8 +7,8 @@ variants through `grpo_loss` options: DAPO (arXiv:2503.14476: `aggregation="dapo
 
 One iteration on a batch of `n` left-padded prompts:
 
-    repeat each prompt G times (contiguous groups) -> sample -> score (reward model or
-    score_fn) -> sequence advantages: group  A = (R - mean_g R) / (std_g R + 1e-4)
+    repeat each prompt G times (contiguous groups) -> sample -> score (reward model,
+    score_fn, or host reward functions between phases) -> sequence advantages: group  A = (R - mean_g R) / (std_g R + 1e-4)
                                       rloo   A = R - mean_{j != i} R_j
     -> num_iterations x num_minibatches steps of grpo_loss (clipped ratio against the
        rollout log-probs, + beta * k3 KL to the reference per token), in one lax.scan
@@ -17,6 +17,11 @@ One iteration on a batch of `n` left-padded prompts:
                    donate_argnames=("policy_state",))
     policy_state, metrics = step(policy_state, ref_params, prompt_ids, prompt_mask, key,
                                  config=config, score_fn=score_fn)
+
+`grpo_iteration` is `grpo_generate` (jittable: sample, log-probs) followed by `grpo_train`
+(jittable: scores -> advantages -> updates). With a reward model or a traceable `score_fn`
+both run in one jit; with Python reward functions on decoded text (`rlhf_jax.rewards`,
+`rlhf-jax grpo`) the scores are computed on the host between the two compiled phases.
 """
 from __future__ import annotations
 
@@ -38,11 +43,14 @@ from rlhf_jax.training.rollout import (
     SamplingConfig,
     generate_rollout,
     response_logprobs,
+    rollout_logprobs,
     rollout_metrics,
-    score_rollout,
+    rollout_scores,
+    with_scores,
 )
 
-GRPO_STATIC_ARGNAMES = ("config", "reward_module", "score_fn")
+GRPO_STATIC_ARGNAMES = ("config", "reward_module", "score_fn")  # grpo_iteration, grpo_generate
+GRPO_TRAIN_STATIC_ARGNAMES = ("config",)  # grpo_train
 ADVANTAGE_ESTIMATORS = ("group", "rloo")
 
 
@@ -89,21 +97,46 @@ def sequence_advantages(scores, has_eos, *, config: GRPOConfig):
     return group_advantages(scores, config.group_size, scale=config.scale)
 
 
-def grpo_rollout(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, config: GRPOConfig,
-                 reward_module=None, reward_params=None, score_fn=None) -> Rollout:
-    """Sample G responses per prompt, score them, fill `advantages` `[n * G]`.
+def grpo_generate(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, config: GRPOConfig,
+                  reward_module=None, reward_params=None, score_fn=None) -> Rollout:
+    """Generate phase (jittable): sample G responses per prompt and compute what needs no score.
 
-    Rows `i*G .. i*G + G - 1` answer prompt i. `ref_logp` is computed only when
-    `config.beta > 0` (then `ref_params` is required). Scorer arguments as in `score_rollout`.
+    Rows `i*G .. i*G + G - 1` answer prompt i (`[n * G]` rows). Fills `logp` and, when
+    `config.beta > 0`, `ref_logp` (then `ref_params` is required). `scores` come from the
+    in-jit scorer when one is given (`reward_module` + `reward_params`, or `score_fn`, see
+    `rlhf_jax.training.rollout.score_rollout`), else stay None for the host to compute and
+    pass to `grpo_train`.
+
+        generate = jax.jit(grpo_generate, static_argnames=GRPO_STATIC_ARGNAMES)
+        train = jax.jit(grpo_train, static_argnames=("config",), donate_argnames=("policy_state",))
+        sample_key, shuffle_key = jax.random.split(key)
+        data = generate(policy_state, ref_params, prompt_ids, prompt_mask, sample_key, config=config)
+        scores = my_host_scores(data)                        # NumPy [n * G] float32
+        policy_state, metrics = train(policy_state, data, scores, shuffle_key, config=config)
     """
     if config.beta > 0 and ref_params is None:
         raise ValueError("`ref_params` is required when `beta` > 0")
     prompt_ids = jnp.repeat(prompt_ids, config.group_size, axis=0)  # [n * G, P]
     prompt_mask = jnp.repeat(prompt_mask, config.group_size, axis=0)
     data = generate_rollout(policy_state, prompt_ids, prompt_mask, rng, sampling=config.sampling)
-    data = score_rollout(data, policy_state, ref_params if config.beta > 0 else None,
-                         sampling=config.sampling, reward_module=reward_module,
-                         reward_params=reward_params, score_fn=score_fn)
+    data = rollout_logprobs(data, policy_state, ref_params if config.beta > 0 else None,
+                            sampling=config.sampling)
+    if reward_module is not None or score_fn is not None:
+        data = with_scores(data, rollout_scores(data, reward_module=reward_module,
+                                                reward_params=reward_params, score_fn=score_fn))
+    return data
+
+
+def grpo_rollout(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, config: GRPOConfig,
+                 reward_module=None, reward_params=None, score_fn=None) -> Rollout:
+    """Sample G responses per prompt, score them in jit, fill `advantages` `[n * G]`.
+
+    `grpo_generate` with a scorer, then `sequence_advantages`.
+    """
+    if reward_module is None and score_fn is None:
+        raise ValueError("give exactly one of `reward_module` (with `reward_params`) and `score_fn`")
+    data = grpo_generate(policy_state, ref_params, prompt_ids, prompt_mask, rng, config=config,
+                         reward_module=reward_module, reward_params=reward_params, score_fn=score_fn)
     return data.replace(advantages=sequence_advantages(data.scores, data.has_eos, config=config))
 
 
@@ -158,28 +191,44 @@ def grpo_update(policy_state, data: Rollout, rng, *, config: GRPOConfig):
     return policy_state, metrics
 
 
+def grpo_train(policy_state, data: Rollout, scores, rng, *, config: GRPOConfig):
+    """Update phase (jittable): `scores` `[n * G]` float32 -> group advantages -> `grpo_update`.
+
+    `data` is a `grpo_generate` rollout (or rows of several, regrouped on the host, e.g. by
+    dynamic sampling); `scores` may come from the host (reward functions on decoded text) or
+    from an in-jit scorer. Returns `(policy_state, metrics)` (see `grpo_update`).
+    """
+    data = with_scores(data, scores)
+    data = data.replace(advantages=sequence_advantages(data.scores, data.has_eos, config=config))
+    return grpo_update(policy_state, data, rng, config=config)
+
+
 def grpo_iteration(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, config: GRPOConfig,
                    reward_module=None, reward_params=None, score_fn=None):
-    """One GRPO / RLOO iteration: `grpo_rollout` -> `grpo_update`.
+    """One GRPO / RLOO iteration with an in-jit scorer: `grpo_generate` -> `grpo_train`.
 
     Args:
       policy_state: `TrainState` of the `CausalLM` policy (donate it).
       ref_params: frozen reference parameters (may be None when `config.beta == 0`).
       prompt_ids, prompt_mask: `[n, P]` left-padded prompts (each sampled G times).
-      rng: PRNG key.
+      rng: PRNG key (split into the sampling key and the shuffle key).
       config: `GRPOConfig` (static).
-      reward_module + reward_params, or score_fn: the scorer (see `score_rollout`).
+      reward_module + reward_params, or score_fn: the scorer (see `score_rollout`). For
+        Python scorers on text, call the two phases with host scoring in between instead.
 
     Returns:
       `(policy_state, metrics)` (see `grpo_update`).
     """
+    if reward_module is None and score_fn is None:
+        raise ValueError("give exactly one of `reward_module` (with `reward_params`) and `score_fn`")
     sample_key, shuffle_key = jax.random.split(rng)
-    data = grpo_rollout(policy_state, ref_params, prompt_ids, prompt_mask, sample_key, config=config,
-                        reward_module=reward_module, reward_params=reward_params, score_fn=score_fn)
-    return grpo_update(policy_state, data, shuffle_key, config=config)
+    data = grpo_generate(policy_state, ref_params, prompt_ids, prompt_mask, sample_key, config=config,
+                         reward_module=reward_module, reward_params=reward_params, score_fn=score_fn)
+    return grpo_train(policy_state, data, data.scores, shuffle_key, config=config)
 
 
 __all__ = [
-    "GRPO_STATIC_ARGNAMES", "ADVANTAGE_ESTIMATORS", "GRPOConfig", "sequence_advantages",
-    "grpo_rollout", "grpo_update", "grpo_iteration",
+    "GRPO_STATIC_ARGNAMES", "GRPO_TRAIN_STATIC_ARGNAMES", "ADVANTAGE_ESTIMATORS", "GRPOConfig",
+    "sequence_advantages", "grpo_generate", "grpo_rollout", "grpo_update", "grpo_train",
+    "grpo_iteration",
 ]

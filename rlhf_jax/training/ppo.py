@@ -21,6 +21,12 @@ reward model's decoder with a zeroed head (`value_params_from_reward_model`).
 
 `ppo_update` alone runs every epoch and minibatch inside one `lax.scan`, so one compiled call
 does the whole optimisation phase of an iteration.
+
+`ppo_iteration` is `ppo_generate` (jittable: sample, log-probs, values) followed by
+`ppo_train` (jittable: scores -> shaped rewards, GAE -> updates -> KL coefficient). With a
+reward model or a traceable `score_fn` both run in one jit; with Python reward functions on
+decoded text (`rlhf_jax.rewards`, `rlhf-jax ppo`) the scores are computed on the host between
+the two compiled phases.
 """
 from __future__ import annotations
 
@@ -43,13 +49,18 @@ from rlhf_jax.ops.masking import masked_mean
 from rlhf_jax.training.rollout import (
     Rollout,
     SamplingConfig,
+    generate_rollout,
+    ppo_advantages,
     response_logprobs,
     response_values,
-    rollout,
+    rollout_logprobs,
     rollout_metrics,
+    rollout_scores,
+    with_scores,
 )
 
-PPO_STATIC_ARGNAMES = ("config", "reward_module", "score_fn")
+PPO_STATIC_ARGNAMES = ("config", "reward_module", "score_fn")  # ppo_iteration, ppo_generate
+PPO_TRAIN_STATIC_ARGNAMES = ("config",)  # ppo_train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,42 +216,78 @@ def ppo_update(policy_state, value_state, data: Rollout, rng, *, config: PPOConf
     return policy_state, value_state, metrics
 
 
+def ppo_generate(policy_state, value_state, ref_params, prompt_ids, prompt_mask, rng, *,
+                 config: PPOConfig, reward_module=None, reward_params=None, score_fn=None) -> Rollout:
+    """Generate phase (jittable): sample responses, policy and reference log-probs, values.
+
+    `scores` come from the in-jit scorer when one is given (`reward_module` + `reward_params`
+    or `score_fn`), else stay None for the host to compute and pass to `ppo_train`.
+    """
+    data = generate_rollout(policy_state, prompt_ids, prompt_mask, rng, sampling=config.sampling)
+    data = rollout_logprobs(data, policy_state, ref_params, sampling=config.sampling,
+                            value_state=value_state)
+    if reward_module is not None or score_fn is not None:
+        data = with_scores(data, rollout_scores(data, reward_module=reward_module,
+                                                reward_params=reward_params, score_fn=score_fn))
+    return data
+
+
+def ppo_train(policy_state, value_state, kl_state, data: Rollout, scores, rng, *, config: PPOConfig):
+    """Update phase (jittable): `scores` `[B]` float32 -> shaped rewards, GAE (`ppo_advantages`
+    with `kl_state.coef`) -> `ppo_update` -> KL-controller update.
+
+    `data` is a `ppo_generate` rollout; `scores` may come from the host (reward functions on
+    decoded text) or from an in-jit scorer. Returns `(policy_state, value_state, kl_state,
+    metrics)` as `ppo_iteration`.
+    """
+    data = with_scores(data, scores)
+    if data.values is None:
+        data = data.replace(values=jnp.zeros(data.response_mask.shape, jnp.float32))
+    if data.ref_logp is None:
+        data = data.replace(ref_logp=data.logp)
+    data = ppo_advantages(
+        data, kl_coef=kl_state.coef, kl_estimator=config.kl_estimator, gamma=config.gamma,
+        lam=config.lam, whiten_rewards=config.whiten_rewards,
+        whiten_advantages=config.whiten_advantages, missing_eos_score=config.missing_eos_score,
+        score_clip=config.score_clip,
+    )
+    policy_state, value_state, metrics = ppo_update(policy_state, value_state, data, rng, config=config)
+    metrics["objective/kl_coef"] = jnp.asarray(kl_state.coef, jnp.float32)
+    kl_state = kl_controller(config).update(kl_state, metrics["objective/kl"],
+                                            n_steps=data.input_ids.shape[0])
+    return policy_state, value_state, kl_state, metrics
+
+
 def ppo_iteration(policy_state, value_state, kl_state, ref_params, prompt_ids, prompt_mask, rng, *,
                   config: PPOConfig, reward_module=None, reward_params=None, score_fn=None):
-    """One PPO iteration: `rollout` -> `ppo_update` -> KL-controller update.
+    """One PPO iteration with an in-jit scorer: `ppo_generate` -> `ppo_train`
+    (rollout -> `ppo_update` -> KL-controller update).
 
     Args:
       policy_state, value_state: train states of the `CausalLM` policy and the `ValueModel`.
       kl_state: `KLControllerState` of `kl_controller(config)`; its `coef` shapes the rewards.
       ref_params: frozen reference-policy parameters (same module as the policy).
       prompt_ids, prompt_mask: `[B, P]` left-padded prompt batch.
-      rng: PRNG key (sampling and shuffles).
+      rng: PRNG key (split into the sampling key and the shuffle key).
       config: `PPOConfig` (static).
       reward_module, reward_params: a `RewardModel` (static) and its parameters, or
       score_fn: a traceable `score_fn(prompt_ids, response_ids, response_mask) -> [B]` (static).
+        For Python scorers on text, call the two phases with host scoring in between instead.
 
     Returns:
       `(policy_state, value_state, kl_state, metrics)`; metrics are those of `ppo_update` plus
       `objective/kl_coef` (the coefficient used for this rollout).
     """
+    if reward_module is None and score_fn is None:
+        raise ValueError("give exactly one of `reward_module` (with `reward_params`) and `score_fn`")
     sample_key, shuffle_key = jax.random.split(rng)
-    data = rollout(
-        policy_state, ref_params, prompt_ids, prompt_mask, sample_key, sampling=config.sampling,
-        kl_coef=kl_state.coef, value_state=value_state, reward_module=reward_module,
-        reward_params=reward_params, score_fn=score_fn, kl_estimator=config.kl_estimator,
-        gamma=config.gamma, lam=config.lam, whiten_rewards=config.whiten_rewards,
-        whiten_advantages=config.whiten_advantages, missing_eos_score=config.missing_eos_score,
-        score_clip=config.score_clip,
-    )
-    policy_state, value_state, metrics = ppo_update(policy_state, value_state, data, shuffle_key,
-                                                    config=config)
-    metrics["objective/kl_coef"] = jnp.asarray(kl_state.coef, jnp.float32)
-    kl_state = kl_controller(config).update(kl_state, metrics["objective/kl"],
-                                            n_steps=prompt_ids.shape[0])
-    return policy_state, value_state, kl_state, metrics
+    data = ppo_generate(policy_state, value_state, ref_params, prompt_ids, prompt_mask, sample_key,
+                        config=config, reward_module=reward_module, reward_params=reward_params,
+                        score_fn=score_fn)
+    return ppo_train(policy_state, value_state, kl_state, data, data.scores, shuffle_key, config=config)
 
 
 __all__ = [
-    "PPO_STATIC_ARGNAMES", "PPOConfig", "kl_controller", "value_params_from_reward_model",
-    "ppo_update", "ppo_iteration",
+    "PPO_STATIC_ARGNAMES", "PPO_TRAIN_STATIC_ARGNAMES", "PPOConfig", "kl_controller",
+    "value_params_from_reward_model", "ppo_update", "ppo_generate", "ppo_train", "ppo_iteration",
 ]

@@ -23,13 +23,20 @@ sampler's log-probs (KV-cache path, same temperature) and saves that pass. The t
 float32 rounding (~1e-6 on the test model; tested at 1e-4); in bfloat16 the forward pass is
 the safer choice.
 
-Scores come from exactly one of:
+Where scoring runs. Inside one jit (`score_rollout`, `rollout`, `grpo_iteration`,
+`ppo_iteration`), scores come from exactly one of:
 - `reward_module` (a `RewardModel`, static) with `reward_params`: the score head read at the
   last non-pad token of prompt + response (the EOS token when there is one);
 - `score_fn(prompt_ids [B, P], response_ids [B, N], response_mask [B, N]) -> [B]`, a static,
-  hashable JAX-traceable function (verifiable rewards). A Python/NumPy scorer (e.g. the
-  built-in task's gold reward on decoded text) becomes one with `host_scorer(fn)`, which
-  calls it through `jax.pure_callback`, so the whole rollout still compiles once.
+  hashable JAX-traceable function (verifiable rewards written in JAX).
+Python scorers on decoded text (reward functions, `rlhf_jax.rewards`) run on the HOST between
+two jitted phases instead: a generate phase (`generate_rollout` + `rollout_logprobs`; in GRPO
+`grpo_generate`, in PPO `ppo_generate`) returns the rollout, the host decodes it and calls the
+functions, and an update phase (`grpo_train` / `ppo_train`) takes the `scores` `[B]` float32.
+Each phase compiles once; errors in a reward function are ordinary Python exceptions. This is
+how `rlhf-jax grpo` / `ppo` score. `host_scorer(fn)` (a `jax.pure_callback`) remains for
+custom loops that want one compiled program with a NumPy scorer; an exception inside it
+surfaces as a runtime error of the callback.
 """
 from __future__ import annotations
 
@@ -200,15 +207,13 @@ def _check_scorer(reward_module, reward_params, score_fn):
         raise ValueError("`reward_module` needs `reward_params`")
 
 
-def score_rollout(data: Rollout, policy_state, ref_params, *, sampling: SamplingConfig,
-                  value_state=None, reward_module=None, reward_params=None, score_fn=None) -> Rollout:
-    """Fill `logp` (when `sampling.logprobs_source == "forward"`), `ref_logp` (None when
-    `ref_params` is None), `values` (None without `value_state`) and `scores`.
+def rollout_logprobs(data: Rollout, policy_state, ref_params, *, sampling: SamplingConfig,
+                     value_state=None) -> Rollout:
+    """Fill what needs no score: `logp` (when `sampling.logprobs_source == "forward"`),
+    `ref_logp` (None when `ref_params` is None) and `values` (None without `value_state`).
 
     `ref_params` are parameters of the policy's module (the frozen reference policy).
-    Give exactly one of `reward_module` + `reward_params`, or `score_fn` (module docstring).
     """
-    _check_scorer(reward_module, reward_params, score_fn)
     args = (data.input_ids, data.attention_mask, data.response_mask)
     temperature = sampling.temperature
     if sampling.logprobs_source == "forward":
@@ -219,15 +224,38 @@ def score_rollout(data: Rollout, policy_state, ref_params, *, sampling: Sampling
                                                        temperature=temperature)[0])
     if value_state is not None:
         data = data.replace(values=response_values(value_state.apply_fn, value_state.params, *args))
+    return data
+
+
+def rollout_scores(data: Rollout, *, reward_module=None, reward_params=None, score_fn=None):
+    """Sequence scores `[B]` of an in-jit scorer: exactly one of `reward_module` +
+    `reward_params`, or `score_fn` (module docstring)."""
+    _check_scorer(reward_module, reward_params, score_fn)
     if reward_module is not None:
-        scores = reward_module.apply({"params": reward_params}, data.input_ids, data.attention_mask)
-    else:
-        prompt_ids = data.input_ids[:, :data.prompt_length]
-        scores = score_fn(prompt_ids, data.response_ids, data.response_mask)
+        return reward_module.apply({"params": reward_params}, data.input_ids, data.attention_mask)
+    prompt_ids = data.input_ids[:, :data.prompt_length]
+    return score_fn(prompt_ids, data.response_ids, data.response_mask)
+
+
+def with_scores(data: Rollout, scores) -> Rollout:
+    """`data` with `scores` `[B]` (float32), however computed: in jit (`rollout_scores`) or on
+    the host between a generate phase and an update phase."""
     batch = data.input_ids.shape[0]
     if jnp.shape(scores) != (batch,):
         raise ValueError(f"the scorer must return shape ({batch},), got {jnp.shape(scores)}")
     return data.replace(scores=jnp.asarray(scores, jnp.float32))
+
+
+def score_rollout(data: Rollout, policy_state, ref_params, *, sampling: SamplingConfig,
+                  value_state=None, reward_module=None, reward_params=None, score_fn=None) -> Rollout:
+    """`rollout_logprobs` then `scores` from the in-jit scorer (`rollout_scores`).
+
+    Give exactly one of `reward_module` + `reward_params`, or `score_fn` (module docstring).
+    """
+    _check_scorer(reward_module, reward_params, score_fn)
+    data = rollout_logprobs(data, policy_state, ref_params, sampling=sampling, value_state=value_state)
+    return with_scores(data, rollout_scores(data, reward_module=reward_module, reward_params=reward_params,
+                                            score_fn=score_fn))
 
 
 def ppo_advantages(data: Rollout, *, kl_coef, kl_estimator="k1", gamma=1.0, lam=0.95,
@@ -307,6 +335,7 @@ def rollout_metrics(data: Rollout) -> dict[str, jax.Array]:
 
 __all__ = [
     "LOGPROB_SOURCES", "SamplingConfig", "Rollout", "causal_lm_of", "response_hidden",
-    "response_logprobs", "response_values", "host_scorer", "generate_rollout", "score_rollout",
+    "response_logprobs", "response_values", "host_scorer", "generate_rollout", "rollout_logprobs",
+    "rollout_scores", "with_scores", "score_rollout",
     "ppo_advantages", "rollout", "rollout_metrics",
 ]
