@@ -20,8 +20,8 @@ from rlhf_jax.training.sharding import replicated
 
 
 def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
-    setup = runs.open_rollout_stage(config, "grpo", rows=config.train.batch_size * config.grpo.group_size,
-                                      rows_key="train.batch_size * grpo.group_size")
+    # Update minibatches hold whole prompt groups (each group's prompt runs once per minibatch).
+    setup = runs.open_rollout_stage(config, "grpo", rows=config.train.batch_size, rows_key="train.batch_size")
     algorithm, mesh = setup.algorithm, setup.mesh
     policy_module, policy_params = common.build_model(config.policy, setup.tokenizer,
                                                       common.rng_key(config.seed, 0), key="policy")
