@@ -156,7 +156,8 @@ def grpo_rollout(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, conf
 def _grpo_loss(params, apply_fn, batch: Rollout, config: GRPOConfig):
     flat = flatten_responses
     current = policy_logprobs(apply_fn, params, batch.batch, temperature=config.sampling.temperature,
-                              kept_threshold=batch.kept_threshold, with_entropy=True)
+                              kept_threshold=batch.kept_threshold,
+                              kept_set_tolerance=config.sampling.kept_set_tolerance, with_entropy=True)
     mask = flat(batch.response_mask)
     loss, metrics = grpo_loss(
         flat(current.logprobs), flat(batch.logp), None if batch.ref_logp is None else flat(batch.ref_logp),
