@@ -5,11 +5,11 @@ disabled filter costs nothing: top_p == 1 never sorts the vocabulary, top_k == 0
 `lax.top_k`. The returned log-probability is that of the full temperature-scaled
 distribution, `log_softmax(logits / T)[token]`, which is what a training forward pass
 recomputes (the filters only restrict which tokens can be drawn). `select_kept_set` also
-returns the distribution the token was actually drawn from: the kept set, described by its
-threshold `t` (the smallest kept scaled logit; the kept set is `{v : logits_v / T >= t}`),
-and the token's log-probability renormalised over it, `z_token - logsumexp(z_v : z_v >= t)`
-with `z = logits / T`; a trainer replays that distribution from `t`
-(`rlhf_jax.ops.kept_set`).
+returns the distribution the token was actually drawn from: the kept set, described by a
+threshold `t` midway between its smallest scaled logit and the largest excluded one (the kept
+set is `{v : logits_v / T >= t}`; `t = -inf` when nothing is excluded), and the token's
+log-probability renormalised over it, `z_token - logsumexp(z_v : z_v >= t)` with
+`z = logits / T`; a trainer replays that distribution from `t` (`rlhf_jax.ops.kept_set`).
 
 Tokens are drawn by inverse-CDF sampling with one uniform number per row, and argmax-like
 choices use min-reductions over indices: both are much cheaper on CPU than Gumbel-max
@@ -116,7 +116,7 @@ class KeptSetSelection(NamedTuple):
     tokens: jax.Array  # [B] int32
     logprobs: jax.Array  # [B] float32: log_softmax(logits / T)[token]
     kept_logprobs: jax.Array  # [B] float32: log-prob under the kept set renormalised
-    kept_threshold: jax.Array  # [B] float32: smallest kept scaled logit (the row max if greedy)
+    kept_threshold: jax.Array  # [B] float32: between the kept and the excluded scaled logits
 
 
 def select_tokens(logits, uniforms, *, temperature=1.0, top_k: int = 0, top_p: float = 1.0,
@@ -150,11 +150,11 @@ def _select(logits, uniforms, *, temperature, top_k, top_p, greedy, kept_set) ->
         logits = logits / temperature
     row_max = jnp.max(logits, axis=-1, keepdims=True)  # [B, 1]; the filters keep this token
     total = None  # sum of exp(logits - row_max) over the whole vocabulary
-    kept_total = threshold = None  # the kept set's mass (same shift) and smallest logit
+    kept_total = kept = None  # the kept set's mass (same shift) and membership [B, V]
     if greedy:
         tokens = jnp.minimum(first_index(logits == row_max), logits.shape[-1] - 1)
         if kept_set:
-            kept_total, threshold = jnp.ones(logits.shape[:1], jnp.float32), row_max[:, 0]
+            kept_total, kept = jnp.ones(logits.shape[:1], jnp.float32), logits == row_max
     else:
         filtered = logits
         if 0 < top_k < logits.shape[-1]:
@@ -165,13 +165,15 @@ def _select(logits, uniforms, *, temperature, top_k, top_p, greedy, kept_set) ->
         if filtered is logits:
             total = cdf[:, -1]  # unfiltered: the draw already summed every weight
         if kept_set:
-            kept_total = cdf[:, -1]
-            threshold = jnp.min(jnp.where(jnp.isneginf(filtered), jnp.inf, filtered), axis=-1)
+            kept_total, kept = cdf[:, -1], ~jnp.isneginf(filtered)
     if total is None:
         total = jnp.sum(jnp.exp(logits - row_max), axis=-1)
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
     logprobs = chosen - (row_max[:, 0] + jnp.log(total))
-    kept_logprobs = None
+    kept_logprobs = threshold = None
     if kept_set:
         kept_logprobs = chosen - (row_max[:, 0] + jnp.log(kept_total))
+        smallest_kept = jnp.min(jnp.where(kept, logits, jnp.inf), axis=-1)
+        largest_excluded = jnp.max(jnp.where(kept, -jnp.inf, logits), axis=-1)
+        threshold = 0.5 * smallest_kept + 0.5 * largest_excluded  # -inf when nothing is excluded
     return KeptSetSelection(tokens.astype(jnp.int32), logprobs, kept_logprobs, threshold)

@@ -77,6 +77,9 @@ class GRPOConfig:
     num_iterations: int = 1  # passes over each rollout (mu in the GRPO paper)
     num_minibatches: int = 1  # optimizer steps per pass; must divide the number of prompts
     missing_eos_score: float | None = None  # score for responses without EOS
+    # Each update minibatch runs a group's prompt once for its G responses; False runs every
+    # response with its own copy of the prompt (the reference computation, G x the prompt cost).
+    prompt_once: bool = True
 
     def __post_init__(self):
         if not isinstance(self.group_size, int) or self.group_size < 2:
@@ -156,8 +159,8 @@ def grpo_rollout(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, conf
 def _grpo_loss(params, apply_fn, batch: Rollout, config: GRPOConfig):
     flat = flatten_responses
     current = policy_logprobs(apply_fn, params, batch.batch, temperature=config.sampling.temperature,
-                              kept_threshold=batch.kept_threshold,
-                              kept_set_tolerance=config.sampling.kept_set_tolerance, with_entropy=True)
+                              kept_threshold=batch.kept_threshold, with_entropy=True,
+                              prompt_once=config.prompt_once)
     mask = flat(batch.response_mask)
     loss, metrics = grpo_loss(
         flat(current.logprobs), flat(batch.logp), None if batch.ref_logp is None else flat(batch.ref_logp),

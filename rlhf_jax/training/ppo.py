@@ -137,8 +137,7 @@ def _policy_loss(params, apply_fn, batch: Rollout, config: PPOConfig):
     flat = flatten_responses
     response_length = batch.response_ids.shape[-1]
     current = policy_logprobs(apply_fn, params, batch.batch, temperature=config.sampling.temperature,
-                              kept_threshold=batch.kept_threshold,
-                              kept_set_tolerance=config.sampling.kept_set_tolerance, with_entropy=True)
+                              kept_threshold=batch.kept_threshold, with_entropy=True)
     mask = flat(batch.response_mask)
     loss, metrics = ppo_policy_loss(
         flat(current.logprobs), flat(batch.logp), flat(batch.advantages), mask, clip_eps=config.clip_eps,

@@ -31,8 +31,8 @@ is the safer choice.
 
 Sampler-trainer consistency (`SamplingConfig.kept_set_logprobs`, on by default when top-k or
 top-p is active): a top-k / top-p sampler draws from the kept set renormalised, so the
-rollout stores each token's kept-set threshold (`kept_threshold [B, N, R]`, the smallest
-kept `logit / T`) and every policy log-prob of the rollout and of the update is
+rollout stores each token's kept-set threshold (`kept_threshold [B, N, R]`, midway between
+the smallest kept and the largest excluded `logit / T`) and every policy log-prob of the rollout and of the update is
 `z_y - logsumexp_{z_v >= t} z_v` (`rlhf_jax.ops.kept_set`): the ratios compare the
 distribution the tokens came from. Reference log-probs stay those of the full
 `softmax(logits / T)` of the reference model. Off (or without filters), log-probs are those of
@@ -71,7 +71,7 @@ from rlhf_jax.models.generation import generate
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.ops.advantages import gae
 from rlhf_jax.ops.checks import check_in, check_positive, check_rank, check_same_shape
-from rlhf_jax.ops.kept_set import KEPT_SET_TOLERANCE, kept_set_logits
+from rlhf_jax.ops.kept_set import kept_set_logits
 from rlhf_jax.ops.logprobs import entropy_from_logits, token_logprobs
 from rlhf_jax.ops.masking import masked_sum, masked_whiten
 from rlhf_jax.ops.rewards import shape_rewards
@@ -96,7 +96,6 @@ class SamplingConfig:
     # Score tokens under the kept set they were drawn from (module docstring); None = on
     # exactly when top-k or top-p filtering is active (and not greedy).
     kept_set_logprobs: bool | None = None
-    kept_set_tolerance: float = KEPT_SET_TOLERANCE  # rlhf_jax.ops.kept_set; ~1e-2 for bfloat16
 
     def __post_init__(self):
         check_positive(self.max_new_tokens, "max_new_tokens")
@@ -104,8 +103,6 @@ class SamplingConfig:
         check_in(self.logprobs_source, LOGPROB_SOURCES, "logprobs_source")
         if self.eos_token_id == self.pad_token_id:
             raise ValueError(f"`eos_token_id` and `pad_token_id` must differ, both are {self.pad_token_id}")
-        if self.kept_set_tolerance < 0:
-            raise ValueError(f"`kept_set_tolerance` must be >= 0, got {self.kept_set_tolerance}")
         if self.kept_set_logprobs not in (None, True, False):
             raise ValueError(f"`kept_set_logprobs` must be None, True or False, got {self.kept_set_logprobs!r}")
 
@@ -180,8 +177,9 @@ def causal_lm_of(apply_fn) -> CausalLM:
 
 
 def policy_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, kept_threshold=None,
-                    kept_set_tolerance=KEPT_SET_TOLERANCE, with_entropy: bool = False) -> ResponseLogprobs:
-    """Policy log-probs `[B, N, R]` as rollouts and updates score them, each prompt run once.
+                    with_entropy: bool = False, prompt_once: bool = True) -> ResponseLogprobs:
+    """Policy log-probs `[B, N, R]` as rollouts and updates score them, each prompt run once
+    (`prompt_once`, see `response_logprobs`).
 
     Without `kept_threshold`: `response_logprobs` (`softmax(logits / T)`). With it
     (`[B, N, R]`, module docstring): the same hidden states, then the log-prob and entropy of
@@ -189,11 +187,10 @@ def policy_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, kept_t
     """
     if kept_threshold is None:
         return response_logprobs(apply_fn, params, batch, temperature=temperature,
-                                 with_entropy=with_entropy)
-    hidden = response_hidden_states(apply_fn, params, batch)
+                                 with_entropy=with_entropy, prompt_once=prompt_once)
+    hidden = response_hidden_states(apply_fn, params, batch, prompt_once=prompt_once)
     logits = apply_fn({"params": params}, hidden.predicting, method="lm_logits")  # [B, N, R, V]
-    logits = kept_set_logits(logits, batch.response_ids, kept_threshold, temperature=temperature,
-                             tolerance=kept_set_tolerance)
+    logits = kept_set_logits(logits, batch.response_ids, kept_threshold, temperature=temperature)
     mask = jnp.asarray(batch.response_mask, jnp.float32)
     logprobs = jnp.where(mask != 0, token_logprobs(logits, batch.response_ids, temperature=temperature), 0.0)
     entropy = None
@@ -297,8 +294,7 @@ def rollout_logprobs(data: Rollout, policy_state, ref_params, *, sampling: Sampl
     if sampling.logprobs_source == "forward":
         data = data.replace(logp=policy_logprobs(policy_state.apply_fn, policy_state.params, batch,
                                                  temperature=temperature,
-                                                 kept_threshold=data.kept_threshold,
-                                                 kept_set_tolerance=sampling.kept_set_tolerance).logprobs)
+                                                 kept_threshold=data.kept_threshold).logprobs)
     if ref_params is not None:
         data = data.replace(ref_logp=response_logprobs(policy_state.apply_fn, ref_params, batch,
                                                        temperature=temperature).logprobs)
