@@ -182,3 +182,17 @@ def test_reference_required_when_beta_positive():
     with pytest.raises(ValueError, match="ref_params"):
         grpo_rollout(state, None, *make_prompts(0), jax.random.key(0),
                      config=GRPOConfig(sampling=SAMPLING, beta=0.1), score_fn=target_fraction)
+
+
+def test_minibatches_must_hold_whole_groups():
+    """Minibatches are formed over prompt groups (each group's prompt runs once per
+    minibatch): `num_minibatches` must divide the number of prompts, not only of responses."""
+    config = GRPOConfig(sampling=SAMPLING, group_size=GROUP, beta=0.0, num_minibatches=3)
+    state = fresh_policy_state(optax.sgd(0.1))
+    data = grpo_rollout(state, None, *make_prompts(0, 4), jax.random.key(0), config=config,
+                        score_fn=target_fraction)
+    assert data.response_ids.shape[:2] == (4, GROUP)  # 16 responses would split into 4 or 8, not 3
+    with pytest.raises(ValueError, match="4 prompt groups.*num_minibatches.*whole groups"):
+        grpo_update(state, data, jax.random.key(1), config=config)
+    with pytest.raises(ValueError, match="group_size"):
+        sequence_advantages(np.zeros((4, 3), np.float32), np.ones((4, 3), bool), config=config)
