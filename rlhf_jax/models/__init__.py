@@ -1,5 +1,5 @@
-"""Flax causal LMs (GPT-2, Llama, Qwen2 families), value and reward heads, Hugging Face
-checkpoints in and out, and jit-compiled sampling with a KV cache."""
+"""Flax causal LMs (GPT-2, Llama, Qwen2, Qwen3, Mistral, Gemma 2 and Gemma 3 text), value and
+reward heads, Hugging Face checkpoints in and out, and jit-compiled sampling with a KV cache."""
 from rlhf_jax.models.checkpoint_io import load_pretrained, save_pretrained
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.generation import GENERATE_STATIC_ARGNAMES, GenerationOutput, generate

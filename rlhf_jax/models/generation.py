@@ -76,7 +76,7 @@ def generate(module: CausalLM, params, prompt_ids, prompt_mask, rng, *, max_new_
              kept_set: bool = False) -> GenerationOutput:
     """Sample `max_new_tokens` tokens after each left-padded prompt.
 
-    module, params: a `CausalLM` and its parameters. prompt_ids / prompt_mask [B, P]:
+    module, params: a `CausalLM` (or a `LoRAModel` of one) and its parameters. prompt_ids / prompt_mask [B, P]:
     left-padded prompts and their attention mask (1 = real token; every row's last column
     must be a real token, since the first new token is read there). rng: a PRNG key (unused
     when greedy). temperature: logits are divided by it before filtering and for the
@@ -87,7 +87,7 @@ def generate(module: CausalLM, params, prompt_ids, prompt_mask, rng, *, max_new_
     kept_set: also return `kept_logprobs` and `kept_threshold` (module docstring).
     Returns a `GenerationOutput`; see `GENERATE_STATIC_ARGNAMES` for jitting.
     """
-    if not isinstance(module, CausalLM):
+    if not isinstance(getattr(module, "module", module), CausalLM):  # a CausalLM, or a LoRAModel of one
         raise ValueError(f"`module` must be a CausalLM, got {type(module).__name__}")
     check_rank(prompt_ids, 2, "prompt_ids")
     check_same_shape(prompt_ids=prompt_ids, prompt_mask=prompt_mask)

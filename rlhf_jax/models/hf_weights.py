@@ -3,7 +3,9 @@
 Each row reads: Hugging Face name pattern, our parameter path, whether the tensor is
 transposed (torch `nn.Linear` stores [out, in]; our kernels are [in, out]; GPT-2's `Conv1D`
 already stores [in, out]) and the config flag that must be true for the row to exist.
-`{i}` stands for the layer number. Every tensor is checked by name and shape in both
+`{i}` stands for the layer number. One table serves Llama, Qwen2/3, Mistral and Gemma 2/3:
+Gemma's `post_attention_layernorm` norms the attention output (our `post_attn_norm`), where
+in Llama it is the pre-MLP norm (our `mlp_norm`; Gemma's `pre_feedforward_layernorm`). Every tensor is checked by name and shape in both
 directions, and errors name the offending tensor.
 """
 from __future__ import annotations
@@ -30,7 +32,12 @@ LLAMA_LAYER = (
     ("model.layers.{i}.self_attn.v_proj.bias", "decoder/layers_{i}/attn/v_proj/bias", False, "qkv_bias"),
     ("model.layers.{i}.self_attn.o_proj.weight", "decoder/layers_{i}/attn/o_proj/kernel", True, None),
     ("model.layers.{i}.self_attn.o_proj.bias", "decoder/layers_{i}/attn/o_proj/bias", False, "attn_out_bias"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "decoder/layers_{i}/mlp_norm/scale", False, None),
+    ("model.layers.{i}.self_attn.q_norm.weight", "decoder/layers_{i}/attn/q_norm/scale", False, "qk_norm"),
+    ("model.layers.{i}.self_attn.k_norm.weight", "decoder/layers_{i}/attn/k_norm/scale", False, "qk_norm"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "decoder/layers_{i}/mlp_norm/scale", False, "pre_norms"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "decoder/layers_{i}/post_attn_norm/scale", False, "sandwich_norms"),
+    ("model.layers.{i}.pre_feedforward_layernorm.weight", "decoder/layers_{i}/mlp_norm/scale", False, "sandwich_norms"),
+    ("model.layers.{i}.post_feedforward_layernorm.weight", "decoder/layers_{i}/post_mlp_norm/scale", False, "sandwich_norms"),
     ("model.layers.{i}.mlp.gate_proj.weight", "decoder/layers_{i}/mlp/gate_proj/kernel", True, None),
     ("model.layers.{i}.mlp.gate_proj.bias", "decoder/layers_{i}/mlp/gate_proj/bias", False, "mlp_bias"),
     ("model.layers.{i}.mlp.up_proj.weight", "decoder/layers_{i}/mlp/up_proj/kernel", True, None),
@@ -85,6 +92,8 @@ def weight_rules(config: ModelConfig, head: str) -> list[WeightRule]:
     flags = {
         "qkv_bias": config.qkv_bias, "attn_out_bias": config.attn_out_bias,
         "mlp_bias": config.mlp_bias, "untied": not config.tie_word_embeddings, "optional": True,
+        "qk_norm": config.qk_norm, "sandwich_norms": config.sandwich_norms,
+        "pre_norms": not config.sandwich_norms,
     }
     rules = []
     for rows, layers in ((backbone, [None]), (layer, range(config.num_layers)), (head_rows, [None])):

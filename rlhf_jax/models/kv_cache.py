@@ -1,16 +1,19 @@
 """The key/value cache: a plain pytree that the forward pass takes and returns.
 
     cache = {
-        "index":  int32 [],                    # slots already written (same for every row)
-        "mask":   int32 [B, S],                # 1 where a written slot holds a real token
-        "layers": ({"key":   [B, K, Dh, S],    # one dict per layer, in the compute dtype;
-                    "value": [B, K, S, Dh]}, ...), # K key/value heads, S slots, Dh head size
+        "index":     int32 [],                    # slots already written (same for every row)
+        "mask":      int32 [B, S],                # 1 where a written slot holds a real token
+        "positions": int32 [B, S],                # position id of the token in each written slot
+        "layers":    ({"key":   [B, K, Dh, S],    # one dict per layer, in the compute dtype;
+                       "value": [B, K, S, Dh]}, ...), # K key/value heads, S slots, Dh head size
     }
 
 A forward call with `cache=` writes its T new tokens at slots [index, index + T), records
-their attention mask, and returns the cache with `index + T`. Queries attend to written
-slots at or before their own slot whose mask is 1, so left-padded prompts stay masked for
-the whole generation. The caller keeps `index + T <= S` (XLA clamps out-of-range writes).
+their attention mask and position ids, and returns the cache with `index + T`. Queries
+attend to written slots at or before their own slot whose mask is 1, so left-padded prompts
+stay masked for the whole generation. On sliding-window layers a query at position p also
+needs a key position q > p - W (`sliding_window_mask`): the window counts token positions,
+not slots, so padding never shifts it. The caller keeps `index + T <= S` (XLA clamps out-of-range writes).
 Keys are stored transposed ([..., Dh, S]) so that both attention matmuls of a decode step
 are plain batched products; on CPU that is several times faster than q @ k^T.
 """
@@ -38,6 +41,7 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None
     return {
         "index": jnp.zeros((), jnp.int32),
         "mask": jnp.zeros((batch_size, max_length), jnp.int32),
+        "positions": jnp.zeros((batch_size, max_length), jnp.int32),
         "layers": layers,
     }
 
@@ -70,3 +74,21 @@ def write_cache_mask(cache: dict, attention_mask):
     seen = jnp.sum(cache["mask"], axis=1)  # real tokens before this call, [B]
     positions = seen[:, None] + positions_from_mask(attention_mask)
     return mask, attend, positions
+
+
+def write_cache_positions(cache: dict, positions):
+    """The cache's key positions [B, S] with the new tokens' positions [B, T] at the index."""
+    return jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, cache["index"]))
+
+
+def sliding_window_mask(attend_mask, query_positions, key_positions, window: int):
+    """`attend_mask` [B, T, S] narrowed to a window of `window` positions.
+
+    Query at position p keeps key position q iff `p - q < window` (with the causal mask: the
+    `window` positions p - window + 1 .. p), the convention of transformers' sliding-window
+    masks. transformers counts slots instead of positions; the two agree whenever a row's real
+    tokens are contiguous (left or right padding), and positions keep the window right when
+    a row has padding between real tokens. query_positions [B, T], key_positions [B, S].
+    """
+    distance = query_positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
+    return attend_mask & (distance < window)

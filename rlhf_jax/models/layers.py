@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.config import FULL_ATTENTION, ModelConfig
 
 INIT_STD = 0.02  # weight init of fresh (untrained) models, as in GPT-2 and Llama
 
@@ -64,24 +64,31 @@ def dense(features: int, use_bias: bool, config: ModelConfig, name: str) -> Dens
 
 
 class RMSNorm(nn.Module):
-    """`x / sqrt(mean(x**2) + eps) * scale` (Zhang & Sennrich 2019, arXiv:1910.07467)."""
+    """`x / sqrt(mean(x**2) + eps) * (scale_offset + scale)` over the last axis, in float32.
+
+    RMSNorm: Zhang & Sennrich 2019 (arXiv:1910.07467). Gemma stores `scale - 1`
+    (`scale_offset=1`, initialised at 0); the product is taken in float32 before the cast.
+    """
 
     eps: float
     dtype: str = "float32"
     param_dtype: str = "float32"
+    scale_offset: float = 0.0
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.dtype(self.param_dtype))
+        init = nn.initializers.constant(1.0 - self.scale_offset)  # an effective scale of 1
+        scale = self.param("scale", init, (x.shape[-1],), jnp.dtype(self.param_dtype))
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * scale.astype(jnp.float32)).astype(jnp.dtype(self.dtype))
+        return (normed * (scale.astype(jnp.float32) + self.scale_offset)).astype(jnp.dtype(self.dtype))
 
 
 def make_norm(config: ModelConfig, name: str) -> nn.Module:
-    """The family's normalisation layer: RMSNorm (Llama, Qwen2) or LayerNorm (GPT-2)."""
+    """The family's normalisation layer: RMSNorm (Llama, Qwen, Mistral, Gemma) or LayerNorm (GPT-2)."""
     if config.norm_type == "rmsnorm":
-        return RMSNorm(eps=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype, name=name)
+        return RMSNorm(eps=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+                       scale_offset=config.norm_scale_offset, name=name)
     return nn.LayerNorm(
         epsilon=config.norm_eps, dtype=jnp.dtype(config.dtype),
         param_dtype=jnp.dtype(config.param_dtype), use_fast_variance=False, name=name,
@@ -100,35 +107,44 @@ def activation_fn(name: str):
     return table[name]
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+def soft_cap(x, cap: float | None):
+    """`cap * tanh(x / cap)`: squashes x into (-cap, cap) smoothly (Gemma 2); identity for None."""
+    if cap is None:
+        return x
+    return jnp.tanh(x / cap) * cap
+
+
+def rope_inverse_frequencies(config: ModelConfig, layer_type: str = FULL_ATTENTION) -> np.ndarray:
     """Rotary inverse frequencies `theta ** (-2i / Dh)`, i < Dh/2, after the config's scaling.
 
     RoPE: Su et al. 2021 (arXiv:2104.09864). "linear" (position interpolation, Chen et al.
     2023, arXiv:2306.15595) divides every frequency by `factor`. "llama3" divides the low
     frequencies (wavelength > original_max / low_freq_factor) by `factor`, keeps the high
     ones (wavelength < original_max / high_freq_factor) and interpolates smoothly between.
+    The layers of `layer_type` may have their own RoPE (Gemma 3's sliding layers: `config.rope`).
     Computed with NumPy at trace time, so it is a constant of the compiled program.
     """
+    rope = config.rope(layer_type)
     dim = config.dims_per_head
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
-    if config.rope_type == "linear":
-        inv_freq = inv_freq / np.float32(config.rope_factor)
-    elif config.rope_type == "llama3":
-        factor = config.rope_factor
-        old_context = config.rope_original_max_position_embeddings
-        low_wavelen = old_context / config.rope_low_freq_factor
-        high_wavelen = old_context / config.rope_high_freq_factor
+    inv_freq = (1.0 / (np.float32(rope.theta) ** exponents)).astype(np.float32)
+    if rope.type == "linear":
+        inv_freq = inv_freq / np.float32(rope.factor)
+    elif rope.type == "llama3":
+        factor = rope.factor
+        old_context = rope.original_max_position_embeddings
+        low_wavelen = old_context / rope.low_freq_factor
+        high_wavelen = old_context / rope.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
         scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_context / wavelen - config.rope_low_freq_factor) / (
-            config.rope_high_freq_factor - config.rope_low_freq_factor
+        smooth = (old_context / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
         )
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
-    elif config.rope_type != "default":
-        raise ValueError(f"rope scaling type {config.rope_type!r} is not supported")
+    elif rope.type != "default":
+        raise ValueError(f"rope scaling type {rope.type!r} is not supported")
     return inv_freq
 
 
@@ -149,13 +165,17 @@ def apply_rope(x, positions, inv_freq):
 class Attention(nn.Module):
     """Causal multi-head attention with grouped-query heads and an optional KV cache.
 
-    `softmax(q k^T / sqrt(Dh) + mask) v` (Vaswani et al. 2017, arXiv:1706.03762); K < H
-    key/value heads are shared by groups of H/K query heads (Ainslie et al. 2023,
-    arXiv:2305.13245). Masked scores get the most negative finite float, so rows that see
-    no key (left-padding queries) stay finite.
+    `softmax(cap(q k^T * s) + mask) v` (Vaswani et al. 2017, arXiv:1706.03762) with
+    `s = 1 / sqrt(query_pre_attn_scalar or Dh)` and `cap` the optional soft cap
+    `c * tanh(x / c)` (Gemma 2); K < H key/value heads are shared by groups of H/K query heads
+    (Ainslie et al. 2023, arXiv:2305.13245). With `qk_norm` each query and key head is
+    RMS-normalised before RoPE (Qwen3, Gemma 3). `layer_type` picks the layer's RoPE; its
+    span (full or sliding window) is already in the mask it is given. Masked scores get the
+    most negative finite float, so rows that see no key (left-padding queries) stay finite.
     """
 
     config: ModelConfig
+    layer_type: str = FULL_ATTENTION
 
     def setup(self):
         c = self.config
@@ -167,6 +187,9 @@ class Attention(nn.Module):
             self.k_proj = dense(kv_size, c.qkv_bias, c, "k_proj")
             self.v_proj = dense(kv_size, c.qkv_bias, c, "v_proj")
         self.o_proj = dense(c.hidden_size, c.attn_out_bias, c, "o_proj")
+        if c.qk_norm:
+            self.q_norm = make_norm(c, "q_norm")
+            self.k_norm = make_norm(c, "k_norm")
 
     def __call__(self, x, positions, attend_mask, layer_cache=None, cache_index=None):
         """x [B, T, D]; positions [B, T]; attend_mask [B, T, S] bool (True = may attend).
@@ -186,8 +209,10 @@ class Attention(nn.Module):
         q = q.reshape(batch, time, heads, head_dim)  # [B, T, H, Dh]
         k = k.reshape(batch, time, kv_heads, head_dim)  # [B, T, K, Dh]
         v = v.reshape(batch, time, kv_heads, head_dim)  # [B, T, K, Dh]
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if c.position_embedding == "rope":
-            inv_freq = rope_inverse_frequencies(c)
+            inv_freq = rope_inverse_frequencies(c, self.layer_type)
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
         # Heads-major layouts in which both attention matmuls are plain batched products
@@ -207,7 +232,7 @@ class Attention(nn.Module):
             new_cache = {"key": k, "value": v}
 
         groups = heads // kv_heads
-        q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+        q = q * jnp.asarray(1.0 / math.sqrt(c.query_pre_attn_scalar or head_dim), q.dtype)
         # Query rows of a key/value head's group, [B, K, G*T, Dh]: with one batch axis pair and
         # one contracted axis, both products and their gradients are plain batched matmuls.
         q = q.reshape(batch, time, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
@@ -215,6 +240,7 @@ class Attention(nn.Module):
         scores = jnp.einsum(
             "bkqd,bkds->bkqs", q, k.astype(q.dtype), preferred_element_type=jnp.float32
         ).reshape(batch, kv_heads, groups, time, -1)  # [B, K, G, T, S]
+        scores = soft_cap(scores, c.attn_logit_softcap)
         scores = jnp.where(attend_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(batch, kv_heads, groups * time, -1)
         out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(batch, kv_heads, groups, time, head_dim)
@@ -224,7 +250,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Gated (SwiGLU, Shazeer 2020, arXiv:2002.05202) or plain two-layer feed-forward block."""
+    """Gated (SwiGLU / GeGLU, Shazeer 2020, arXiv:2002.05202) or plain two-layer feed-forward block."""
 
     config: ModelConfig
 

@@ -1,5 +1,18 @@
 """The decoder-only transformer (`Decoder`) and the causal language model (`CausalLM`).
 
+One module serves every family of `ModelConfig` (GPT-2, Llama, Qwen2, Qwen3, Mistral,
+Gemma 2, Gemma 3 text); the config's flags switch the pieces that differ:
+
+    embeddings        tokens (+ learned positions, GPT-2) (* sqrt(D) in the compute dtype, Gemma)
+    block             x + attn(norm(x)); x + mlp(norm(x))   -- pre-norm (GPT-2, Llama, Qwen, Mistral)
+                      x + norm(attn(norm(x))); x + norm(mlp(norm(x)))   -- sandwich_norms (Gemma)
+    attention         q/k per-head RMSNorm (Qwen3, Gemma 3), RoPE, 1/sqrt(query_pre_attn_scalar)
+                      scale and score soft-capping (Gemma 2), full or sliding-window span
+    per-layer type    `config.layer_types[i]`: "full_attention" or "sliding_attention"; the
+                      decoder builds one mask per type used and each layer takes its type's
+                      mask and RoPE (Gemma 3: a separate RoPE base on sliding layers)
+    head              final norm, LM head (tied or not), final-logit soft-capping (Gemma)
+
 Forward API (the training code calls these; params come from `load_pretrained` or `init`):
 
     model = CausalLM(config)
@@ -24,37 +37,55 @@ cache they continue from the real tokens already cached) and can be passed as
 Parameter tree (`params`):
     decoder/embed/embedding [V, D]; decoder/position_embed/embedding [P, D] (GPT-2 only)
     decoder/layers_{i}/{attn_norm, mlp_norm}/{scale, bias?}
+    decoder/layers_{i}/{post_attn_norm, post_mlp_norm}/scale (sandwich_norms only)
     decoder/layers_{i}/attn/{q_proj, k_proj, v_proj | qkv_proj, o_proj}/{kernel [in, out], bias?}
+    decoder/layers_{i}/attn/{q_norm, k_norm}/scale [Dh] (qk_norm only)
     decoder/layers_{i}/mlp/{gate_proj, up_proj, down_proj | fc_in, fc_out}/{kernel, bias?}
     decoder/final_norm/{scale, bias?}; lm_head/kernel [D, V] (untied embeddings only)
+Gemma's RMSNorm scales are stored as in its checkpoints (`scale - 1`, see `RMSNorm`).
 There is no dropout (RLHF fine-tuning runs with dropout off).
 """
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.kv_cache import causal_mask, init_cache, positions_from_mask, write_cache_mask
-from rlhf_jax.models.layers import INIT_STD, MLP, Attention, fold_matmul, make_norm
+from rlhf_jax.models.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
+from rlhf_jax.models.kv_cache import (
+    causal_mask, init_cache, positions_from_mask, sliding_window_mask, write_cache_mask,
+    write_cache_positions,
+)
+from rlhf_jax.models.layers import INIT_STD, MLP, Attention, fold_matmul, make_norm, soft_cap
 from rlhf_jax.ops.checks import check_rank, check_same_shape
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+    """Pre-norm residual block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+
+    With `sandwich_norms` (Gemma 2/3) each branch output is normed again before the add:
+    `x + norm(attn(norm(x)))`, `x + norm(mlp(norm(x)))`. `layer_type` selects the
+    attention's RoPE; its span comes with `attend_mask`.
+    """
 
     config: ModelConfig
+    layer_type: str = FULL_ATTENTION
 
     @nn.compact
     def __call__(self, x, positions, attend_mask, layer_cache=None, cache_index=None):
         c = self.config
-        attn_out, new_layer_cache = Attention(c, name="attn")(
+        attn_out, new_layer_cache = Attention(c, self.layer_type, name="attn")(
             make_norm(c, "attn_norm")(x), positions, attend_mask, layer_cache, cache_index
         )
+        if c.sandwich_norms:
+            attn_out = make_norm(c, "post_attn_norm")(attn_out)
         x = x + attn_out
-        x = x + MLP(c, name="mlp")(make_norm(c, "mlp_norm")(x))
-        return x, new_layer_cache
+        mlp_out = MLP(c, name="mlp")(make_norm(c, "mlp_norm")(x))
+        if c.sandwich_norms:
+            mlp_out = make_norm(c, "post_mlp_norm")(mlp_out)
+        return x + mlp_out, new_layer_cache
 
 
 class Decoder(nn.Module):
@@ -72,7 +103,7 @@ class Decoder(nn.Module):
         if c.position_embedding == "learned":
             self.position_embed = nn.Embed(c.max_position_embeddings, c.hidden_size, **embed_kwargs)
         block = nn.remat(Block) if c.remat else Block
-        self.layers = [block(c) for _ in range(c.num_layers)]
+        self.layers = [block(c, c.layer_type(i)) for i in range(c.num_layers)]
         self.final_norm = make_norm(c, "final_norm")
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None):
@@ -81,22 +112,32 @@ class Decoder(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         check_same_shape(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        c = self.config
         if cache is None:
             attend_mask = causal_mask(attention_mask)  # [B, T, T]
-            positions = positions_from_mask(attention_mask)
+            positions = positions_from_mask(attention_mask) if position_ids is None else position_ids
+            key_positions = positions
         else:
             cache_mask, attend_mask, positions = write_cache_mask(cache, attention_mask)  # [B, T, S]
-        if position_ids is not None:
-            positions = position_ids
+            positions = positions if position_ids is None else position_ids
+            key_positions = write_cache_positions(cache, positions)  # [B, S]
+        # One mask per attention span in use; each layer reads its own type's.
+        masks = {FULL_ATTENTION: attend_mask}
+        if c.layer_types is not None and SLIDING_ATTENTION in c.layer_types:
+            masks[SLIDING_ATTENTION] = sliding_window_mask(
+                attend_mask, positions, key_positions, c.sliding_window
+            )
 
         x = self.embed(input_ids)  # [B, T, D]
-        if self.config.position_embedding == "learned":
+        if c.scale_embeddings:  # in the compute dtype, as Gemma's checkpoints expect
+            x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)
+        if c.position_embedding == "learned":
             x = x + self.position_embed(positions)
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache["layers"][i]
             index = None if cache is None else cache["index"]
-            x, new_layer_cache = layer(x, positions, attend_mask, layer_cache, index)
+            x, new_layer_cache = layer(x, positions, masks[c.layer_type(i)], layer_cache, index)
             new_layers.append(new_layer_cache)
         hidden = self.final_norm(x)
         if cache is None:
@@ -104,6 +145,7 @@ class Decoder(nn.Module):
         new_cache = {
             "index": cache["index"] + input_ids.shape[1],
             "mask": cache_mask,
+            "positions": key_positions,
             "layers": tuple(new_layers),
         }
         return hidden, new_cache
@@ -191,7 +233,10 @@ class CausalLM(nn.Module):
                                      response_ids, response_mask)
 
     def lm_logits(self, hidden):
-        """Vocabulary logits [..., V] in float32 from hidden states [..., D]."""
+        """Vocabulary logits [..., V] in float32 from hidden states [..., D] (soft-capped to
+        `cap * tanh(logits / cap)` when the config has a `final_logit_softcap`)."""
         if self.config.tie_word_embeddings:
-            return self.decoder.attend(hidden)
-        return self.lm_head(hidden)
+            logits = self.decoder.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return soft_cap(logits, self.config.final_logit_softcap)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.lora import DEFAULT_TARGETS, check_lora_settings
 from rlhf_jax.pipeline.config import ConfigError, load_config
 from rlhf_jax.pipeline.data import DataConfig
 from rlhf_jax.pipeline.task import TaskConfig
@@ -54,6 +55,27 @@ class ModelSection:
     # its vocab_size and bos/eos/pad ids are taken from the tokenizer
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     remat: bool = False  # rematerialise blocks in the backward pass (saves memory)
+
+
+@dataclass
+class LoRASection:
+    """LoRA (Hu et al. 2021, arXiv:2106.09685): train low-rank adapters `W + (alpha/r) A B` on
+    the `targets` layers of the frozen model, instead of every weight (`rlhf_jax.models.lora`).
+    Only the adapters (and a reward/value model's `score` head) are trained and hold optimizer
+    state; the frozen reference policy is the base model with the adapters disabled. A finished
+    run writes the adapter as a PEFT folder (`<output_dir>/adapter`) and the merged model
+    (`<output_dir>/model`). Absent (the default): full fine-tuning."""
+
+    rank: int = 8  # r
+    alpha: float = 16.0  # the adapter output is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter input during training (must be 0 in ppo/grpo)
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # layer names:
+    # q_proj k_proj v_proj o_proj gate_proj up_proj down_proj (GPT-2: qkv_proj o_proj fc_in fc_out)
+    path: str | None = None  # a PEFT adapter folder to continue training; its r, lora_alpha and
+    # target layers replace rank, alpha and targets
+
+    def __post_init__(self):
+        check_lora_settings(self.rank, self.alpha, self.dropout, tuple(self.targets), prefix="lora.")
 
 
 @dataclass
@@ -106,6 +128,7 @@ class StageConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    lora: LoRASection | None = None  # LoRA adapters instead of full fine-tuning (None: off)
 
 
 # ----------------------------------------------------------------------------- supervised stages
@@ -183,6 +206,7 @@ class RLStageConfig:
     train: RLTrainSection = field(default_factory=RLTrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    lora: LoRASection | None = None  # LoRA adapters on the policy (and PPO's value model); None: off
 
 
 @dataclass
@@ -299,6 +323,10 @@ def check_stage_config(config, path=None) -> None:
                            "train.stop_after", "eval.batch_size", "logging.every"), path)
     if isinstance(config, RLStageConfig):
         _positive(config, ("train.iterations", "train.stop_after", "train.batch_size", "logging.every"), path)
+        if config.lora is not None and config.lora.dropout > 0:
+            source = f"{path}: " if path is not None else ""
+            raise ConfigError(f"{source}`lora.dropout` must be 0 in the RL stages: the rollout's log-probs and "
+                              f"the update's must come from the same deterministic policy")
     if isinstance(config, EvalConfig):
         _positive(config, ("num_samples", "max_new_tokens", "batch_size"), path)
     if isinstance(config, QuickstartConfig):
@@ -317,7 +345,7 @@ def with_schedule_length(optim: OptimizerConfig, steps: int) -> OptimizerConfig:
 
 
 __all__ = [
-    "ModelSection", "TrainSection", "EvalSection", "CheckpointSection", "LoggingSection",
+    "ModelSection", "LoRASection", "TrainSection", "EvalSection", "CheckpointSection", "LoggingSection",
     "StageConfig", "SFTOptions", "SFTConfig", "RewardOptions", "RewardConfig", "DPOConfig",
     "RewardSource", "RLTrainSection", "RLStageConfig", "PPOStageConfig", "GRPOStageConfig", "EvalConfig",
     "QuickstartConfig", "QUICKSTART_STAGES", "load_stage_config",

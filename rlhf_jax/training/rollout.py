@@ -77,6 +77,7 @@ from rlhf_jax.ops.masking import masked_sum, masked_whiten
 from rlhf_jax.ops.rewards import shape_rewards
 from rlhf_jax.training.logprobs import (LMBatch, ResponseLogprobs, response_hidden_states,
                                         response_logprobs)
+from rlhf_jax.training.lora_state import inference_model, is_lora_state
 
 LOGPROB_SOURCES = ("forward", "generate")
 
@@ -176,6 +177,14 @@ def causal_lm_of(apply_fn) -> CausalLM:
     return module
 
 
+def sampling_model(policy_state):
+    """`(model, params)` the sampler runs: the state's `CausalLM` and `params`, or for a LoRA
+    state (`rlhf_jax.training.lora_state`) its `LoRAModel` with base and adapters (no dropout)."""
+    if is_lora_state(policy_state):
+        return inference_model(None, policy_state)
+    return causal_lm_of(policy_state.apply_fn), policy_state.params
+
+
 def policy_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, kept_threshold=None,
                     with_entropy: bool = False, prompt_once: bool = True) -> ResponseLogprobs:
     """Policy log-probs `[B, N, R]` as rollouts and updates score them, each prompt run once
@@ -255,7 +264,7 @@ def generate_rollout(policy_state, prompt_ids, prompt_mask, rng, *, sampling: Sa
     check_same_shape(prompt_ids=prompt_ids, prompt_mask=prompt_mask)
     kept = sampling.replays_kept_set
     out = generate(
-        causal_lm_of(policy_state.apply_fn), policy_state.params, prompt_ids, prompt_mask, rng,
+        *sampling_model(policy_state), prompt_ids, prompt_mask, rng,
         max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
         top_k=sampling.top_k, top_p=sampling.top_p, greedy=sampling.greedy,
         eos_token_id=sampling.eos_token_id, pad_token_id=sampling.pad_token_id,
@@ -425,6 +434,7 @@ def rollout_metrics(data: Rollout) -> dict[str, jax.Array]:
 
 __all__ = [
     "LOGPROB_SOURCES", "SamplingConfig", "Rollout", "flatten_responses", "sampled_batch", "causal_lm_of",
+    "sampling_model",
     "policy_logprobs", "response_values", "reward_model_scores", "host_scorer", "generate_rollout",
     "rollout_logprobs", "rollout_scores", "with_scores", "score_rollout", "ppo_advantages",
     "rollout", "rollout_metrics",

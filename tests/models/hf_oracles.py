@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face models (GPT-2, Llama with GQA, Qwen2 with QKV bias) as oracles.
+"""Tiny random Hugging Face models as oracles: GPT-2, Llama with GQA, Qwen2 with QKV bias, and
+Qwen3 / Mistral / Gemma 2 / Gemma 3 text with sliding windows shorter than the test sequences.
 
 Each model is built with transformers' own config class, every parameter is redrawn (so
 biases and norm scales are not at their trivial init values) and the model is saved with
@@ -7,17 +8,28 @@ biases and norm scales are not at their trivial init values) and the model is sa
 import numpy as np
 import torch
 from transformers import (
-    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config,
+    GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
 
 VOCAB = 128
 PAD_ID = 0
-HF_LM_CLASSES = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}
+WINDOW = 4  # sliding window of the new families: shorter than every test sequence
+HF_LM_CLASSES = {
+    "gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM, "mistral": MistralForCausalLM, "gemma2": Gemma2ForCausalLM,
+    "gemma3_text": Gemma3ForCausalLM,
+}
+NEW_FAMILIES = ["qwen3", "mistral", "gemma2", "gemma3_text"]
 
 
 def hf_config(family: str, **changes):
     """Tiny configs: GPT-2 (learned positions, tied); Llama (GQA 4/2, untied, theta 500);
-    Qwen2 (GQA 4/2, QKV bias, tied)."""
+    Qwen2 (GQA 4/2, QKV bias, tied); Qwen3 (head_dim 16 != 32/4, windows on layers 1-2 of 3);
+    Mistral (window on both layers); Gemma 2 (3 layers sliding/full/sliding, query scalar 12,
+    both soft caps small enough to bite); Gemma 3 text (4 layers with one full, RoPE bases 50
+    local / 1000 global with linear scaling on the global layers, final soft cap)."""
     common = dict(vocab_size=VOCAB, pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2)
     if family == "gpt2":
         return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
@@ -30,6 +42,26 @@ def hf_config(family: str, **changes):
     if family == "qwen2":
         return Qwen2Config(**{**llama_like, **common, "rope_theta": 20000.0,
                               "tie_word_embeddings": True, **changes})
+    if family == "qwen3":
+        return Qwen3Config(**{**llama_like, **common, "num_hidden_layers": 3, "head_dim": 16,
+                              "use_sliding_window": True, "sliding_window": WINDOW,
+                              "max_window_layers": 1, "tie_word_embeddings": False, **changes})
+    if family == "mistral":
+        return MistralConfig(**{**llama_like, **common, "sliding_window": WINDOW,
+                                "rope_theta": 3000.0, **changes})
+    gemma_like = dict(head_dim=16, sliding_window=WINDOW, attn_implementation="eager")
+    if family == "gemma2":
+        return Gemma2Config(**{**llama_like, **common, **gemma_like, "num_hidden_layers": 3,
+                               "query_pre_attn_scalar": 12, "attn_logit_softcapping": 2.0,
+                               "final_logit_softcapping": 3.0, **changes})
+    if family == "gemma3_text":
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0}}
+        types = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+        return Gemma3TextConfig(**{**llama_like, **common, **gemma_like, "num_hidden_layers": 4,
+                                   "layer_types": types, "rope_parameters": rope,
+                                   "query_pre_attn_scalar": 20, "final_logit_softcapping": 4.0,
+                                   **changes})
     raise ValueError(family)
 
 

@@ -32,6 +32,33 @@ def test_missing_tensor_is_named(hf_lm, tmp_path):
         load_pretrained(bad)
 
 
+@pytest.mark.parametrize("family, name", [
+    ("gemma2", "model.layers.2.pre_feedforward_layernorm.weight"),
+    ("gemma2", "model.layers.0.post_feedforward_layernorm.weight"),
+    ("gemma3_text", "model.layers.1.self_attn.k_norm.weight"),
+    ("qwen3", "model.layers.0.self_attn.q_norm.weight"),
+])
+def test_missing_family_tensor_is_named(family, name, hf_lm, tmp_path):
+    folder, _ = hf_lm[family]
+    bad = copy_with_tensors(folder, tmp_path / "bad", lambda t: t.pop(name))
+    with pytest.raises(ValueError, match=f"missing tensor '{name}'"):
+        load_pretrained(bad)
+
+
+def test_gemma_norms_keep_their_meaning(hf_lm):
+    """Gemma's post_attention_layernorm norms the attention output; Llama's is the pre-MLP norm."""
+    _, gemma = hf_lm["gemma2"]
+    _, params = load_pretrained(hf_lm["gemma2"][0])
+    layer = params["decoder"]["layers_1"]
+    hf_layer = gemma.model.layers[1]
+    for ours, theirs in [("post_attn_norm", "post_attention_layernorm"),
+                         ("mlp_norm", "pre_feedforward_layernorm"),
+                         ("post_mlp_norm", "post_feedforward_layernorm"), ("attn_norm", "input_layernorm")]:
+        np.testing.assert_array_equal(layer[ours]["scale"], getattr(hf_layer, theirs).weight.detach().numpy())
+    _, llama_params = load_pretrained(hf_lm["llama"][0])
+    assert set(llama_params["decoder"]["layers_0"]) == {"attn_norm", "attn", "mlp_norm", "mlp"}
+
+
 def test_wrong_shape_is_named(hf_lm, tmp_path):
     folder, _ = hf_lm["qwen2"]
     name = "model.layers.0.self_attn.q_proj.bias"

@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, GPT2ForSequenceClassification, LlamaForSequenceClassification
+from transformers import (
+    AutoModelForSequenceClassification, Gemma3TextForSequenceClassification,
+    GPT2ForSequenceClassification, LlamaForSequenceClassification, Qwen3ForSequenceClassification,
+)
 
 from hf_oracles import build_hf_model, padded_batch
 from rlhf_jax.models.checkpoint_io import load_pretrained, save_pretrained
@@ -21,7 +24,9 @@ reward_init = jax.jit(REWARD_MODEL.init)
 reward_forward = jax.jit(REWARD_MODEL.apply)
 reward_hidden = jax.jit(partial(REWARD_MODEL.apply, method="hidden_states"))
 reward_token_scores = jax.jit(partial(REWARD_MODEL.apply, method="token_scores"))
-CLASSIFIERS = {"llama": LlamaForSequenceClassification, "gpt2": GPT2ForSequenceClassification}
+CLASSIFIERS = {"llama": LlamaForSequenceClassification, "gpt2": GPT2ForSequenceClassification,
+               "qwen3": Qwen3ForSequenceClassification,
+               "gemma3_text": Gemma3TextForSequenceClassification}
 
 
 def torch_scores(model, ids, mask):
@@ -77,7 +82,7 @@ def test_reward_reads_the_last_non_pad_token(side):
     np.testing.assert_allclose(np.asarray(token_scores)[np.arange(len(last)), last], rewards, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "gemma3_text"])
 def test_sequence_classification_round_trip_keeps_the_trained_head(family, tmp_path):
     hf_model = build_hf_model(family, tmp_path / "hf", seed=11, model_class=CLASSIFIERS[family], num_labels=1)
     module, params = load_pretrained(tmp_path / "hf")  # architecture says ForSequenceClassification

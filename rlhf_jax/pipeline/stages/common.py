@@ -10,7 +10,10 @@ Every stage writes into its `output_dir`:
     tensorboard/       TensorBoard event files
     checkpoints/<step> orbax checkpoints (train state, RNG, data position)
     model/             the final model as a Hugging Face folder, its tokenizer saved alongside,
-                       so the next stage (or `transformers`) loads it with one path
+                       so the next stage (or `transformers`) loads it with one path (with
+                       `lora`: the adapters merged into the base)
+    adapter/           with `lora`: the adapter as a PEFT folder (adapter_config.json +
+                       adapter_model.safetensors) that `peft` loads onto the base model
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import yaml
 
 from rlhf_jax.models.checkpoint_io import load_pretrained, save_pretrained
 from rlhf_jax.models.heads import RewardModel, ValueModel
+from rlhf_jax.models.peft_io import save_peft_adapter
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.pipeline.config import ConfigError, to_dict
 from rlhf_jax.pipeline.recipes import ModelSection
@@ -38,9 +42,11 @@ from rlhf_jax.training.sharding import (
     replicated,
     shard_batch,
 )
+from rlhf_jax.training.lora_state import is_lora_state, merged_params
 from rlhf_jax.training.state import create_train_state, train_state_shardings
 
 MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
 _MODULES = {"lm": CausalLM, "reward": RewardModel, "value": ValueModel}
 
 
@@ -176,16 +182,32 @@ def summary(stage: str, output_dir, result, extra: dict | None = None) -> dict:
     return info
 
 
-def finish_stage(stage: str, output_dir, result, module, params, tokenizer, extra: dict | None = None) -> dict:
-    """Export `params` when the run finished (`model_dir` in the summary); the summary."""
+def export_adapter(output_dir, module, state, base_path: str | None = None) -> Path:
+    """Write a LoRA state's adapters (and fully trained `score` head) as the PEFT folder
+    `<output_dir>/adapter`; `base_path` is recorded as `base_model_name_or_path`."""
+    folder = Path(output_dir) / ADAPTER_DIR
+    trainable = multihost.fetch(state.params)  # a collective: every process gathers, one writes
+    if jax.process_index() == 0:
+        save_peft_adapter(folder, module, trainable["lora"], state.apply_fn.model.lora,
+                          modules=trainable.get("modules"),
+                          base_model_name_or_path=None if base_path is None else str(Path(base_path).resolve()))
+    return folder
+
+
+def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra: dict | None = None, *,
+                 base_path: str | None = None) -> dict:
+    """Export the trained model of `state` when the run finished (`model_dir` in the summary;
+    with LoRA the merged model, and the PEFT adapter as `adapter_dir`); the summary."""
     extra = dict(extra or {})
     if result.finished:
-        extra["model_dir"] = str(export_model(output_dir, module, params, tokenizer))
+        extra["model_dir"] = str(export_model(output_dir, module, merged_params(state), tokenizer))
+        if is_lora_state(state):
+            extra["adapter_dir"] = str(export_adapter(output_dir, module, state, base_path))
     return summary(stage, output_dir, result, extra)
 
 
 __all__ = [
     "MODEL_DIR", "prepare_output_dir", "require", "stage_tokenizer", "fresh_model_config",
     "build_model", "load_folder", "stage_mesh", "make_state", "place", "rng_key", "stage_rng",
-    "export_model", "summary", "finish_stage",
+    "export_model", "export_adapter", "ADAPTER_DIR", "summary", "finish_stage",
 ]

@@ -8,7 +8,8 @@ The reference policy (`reference`, default `model.path`) is frozen, so its log-p
 training and held-out pair are computed once, before training, in fixed-shape batches; each
 training batch then carries them (`PreferenceBatch.ref_chosen_logps`) and the step runs one
 forward/backward pass of the policy only. Held-out pairs give `eval/dpo/accuracy` (share of
-pairs with implicit reward `beta*c > beta*r`) and `eval/dpo/margin`.
+pairs with implicit reward `beta*c > beta*r`) and `eval/dpo/margin`. With `lora`, the reference
+is the loaded model itself (the base with its adapters disabled), so no second copy is read.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import numpy as np
 
 from rlhf_jax.pipeline.recipes import DPOConfig, load_stage_config
 from rlhf_jax.pipeline.stages import common, runs
+from rlhf_jax.pipeline.stages.lora import check_lora_reference
 from rlhf_jax.training.batches import PreferenceBatch
 from rlhf_jax.training.dpo_step import dpo_step, pair_logps
+from rlhf_jax.training.lora_state import inference_model
 
 
 def make_pair_logps(apply_fn, response_window=None, prompt_window=None):
@@ -59,7 +62,10 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
     ref_chosen = ref_rejected = eval_ref = None
     if config.dpo.needs_reference:
         reference_path = config.reference or config.model.path
-        if reference_path:
+        if config.lora is not None:  # the base with its adapters disabled: the loaded weights themselves
+            check_lora_reference(config, config.model.path)
+            ref_params = params
+        elif reference_path:
             _, ref_params = common.load_folder(reference_path, head="lm", key="reference")
         else:  # a fresh model is its own reference
             ref_params = params
@@ -71,6 +77,8 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
     state, step = runs.supervised_state_and_step(config, module, params, mesh, dpo_step, config=config.dpo,
                                                    response_window=window, prompt_window=prompt_window)
     del params
+    eval_model = inference_model(module, state)[0]
+    eval_logps = pair_logps if eval_model is module else make_pair_logps(eval_model.apply, window, prompt_window)
 
     def prepare(batch):
         if ref_chosen is None:
@@ -82,7 +90,7 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
         beta = config.dpo.beta
 
         def evaluate(params):
-            chosen, rejected = dataset_logps(pair_logps, params, eval_data,
+            chosen, rejected = dataset_logps(eval_logps, params, eval_data,
                                              config.eval.batch_size, mesh, config.eval.max_batches)
             if eval_ref is not None:
                 chosen, rejected = chosen - eval_ref[0], rejected - eval_ref[1]

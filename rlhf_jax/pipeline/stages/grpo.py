@@ -14,6 +14,7 @@ import jax
 
 from rlhf_jax.pipeline.recipes import GRPOStageConfig, load_stage_config, with_schedule_length
 from rlhf_jax.pipeline.stages import common, runs
+from rlhf_jax.pipeline.stages.lora import stage_state
 from rlhf_jax.pipeline.stages.ppo import scorer_arguments
 from rlhf_jax.training.grpo import GRPO_STATIC_ARGNAMES, grpo_iteration
 from rlhf_jax.training.sharding import replicated
@@ -28,8 +29,8 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
     ref_params = runs.frozen_reference(config, policy_params, mesh) if algorithm.beta > 0 else None
     scorer = scorer_arguments(config.reward, setup.tokenizer)
     updates = config.train.iterations * algorithm.num_iterations * algorithm.num_minibatches
-    policy_state, policy_shardings = common.make_state(policy_module, policy_params,
-                                                       with_schedule_length(config.optim, updates), mesh)
+    policy_state, policy_shardings = stage_state(policy_module, policy_params,
+                                                 with_schedule_length(config.optim, updates), mesh, config.lora, config.seed)
     del policy_params
     # Outputs keep the inputs' placement, so the next call hits the compiled program.
     iteration = jax.jit(grpo_iteration, static_argnames=GRPO_STATIC_ARGNAMES,

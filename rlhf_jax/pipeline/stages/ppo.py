@@ -8,7 +8,9 @@ zeroed head, NUMERICS.md) and the scorer (`reward.kind`: a reward-model folder, 
 built-in task's verifiable reward). One iteration (`rlhf_jax.training.ppo.ppo_iteration`,
 compiled once) samples `train.batch_size` prompts' responses, scores them, shapes rewards with
 the KL penalty, runs GAE and `ppo.epochs x ppo.num_minibatches` updates of the policy and the
-value model. The optimizer schedules span `iterations * epochs * num_minibatches` updates.
+value model. The optimizer schedules span `iterations * epochs * num_minibatches` updates. With `lora`, the
+policy and the value model each train adapters on their frozen weights (the value model also
+its `score` head, in full), and the reference is the policy's base with its adapters disabled.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import jax
 
 from rlhf_jax.pipeline.recipes import PPOStageConfig, RewardSource, load_stage_config, with_schedule_length
 from rlhf_jax.pipeline.stages import common, runs
+from rlhf_jax.pipeline.stages.lora import stage_state
 from rlhf_jax.pipeline.stages.runs import prompt_batches, sampling_with_tokenizer  # noqa: F401 (re-exported)
 from rlhf_jax.pipeline.stages.scoring import gold_score_fn
 from rlhf_jax.training.ppo import PPO_STATIC_ARGNAMES, kl_controller, ppo_iteration
@@ -43,10 +46,11 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
     scorer = scorer_arguments(config.reward, setup.tokenizer)
 
     updates = config.train.iterations * algorithm.epochs * algorithm.num_minibatches
-    policy_state, policy_shardings = common.make_state(policy_module, policy_params,
-                                                       with_schedule_length(config.optim, updates), mesh)
-    value_state, value_shardings = common.make_state(
-        value_module, value_params, with_schedule_length(config.value_optim or config.optim, updates), mesh)
+    policy_state, policy_shardings = stage_state(policy_module, policy_params,
+                                                 with_schedule_length(config.optim, updates), mesh, config.lora, config.seed)
+    value_state, value_shardings = stage_state(
+        value_module, value_params, with_schedule_length(config.value_optim or config.optim, updates), mesh,
+        config.lora, config.seed, stream=7)
     del policy_params, value_params
     everywhere = replicated(mesh)
     # Outputs keep the inputs' placement, so the next call hits the compiled program.

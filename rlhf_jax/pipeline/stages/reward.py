@@ -16,6 +16,7 @@ import numpy as np
 from rlhf_jax.pipeline.recipes import RewardConfig, load_stage_config
 from rlhf_jax.pipeline.stages import common, runs
 from rlhf_jax.training.batches import PreferenceBatch
+from rlhf_jax.training.lora_state import inference_model
 from rlhf_jax.training.reward_step import pair_scores, reward_step
 
 
@@ -47,7 +48,7 @@ def train_reward(config: RewardConfig, *, resume: bool = False) -> dict:
     del params
     evaluate = None
     if setup.eval_data is not None:
-        scorer = make_pair_scorer(module.apply)
+        scorer = make_pair_scorer(inference_model(module, state)[0].apply)
         evaluate = lambda params: pair_accuracy(*score_pairs(
             scorer, params, setup.eval_data, config.eval.batch_size, setup.mesh, config.eval.max_batches))
     return runs.run_supervised_stage(

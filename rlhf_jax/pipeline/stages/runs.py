@@ -23,10 +23,11 @@ from rlhf_jax.pipeline.data import load_data
 from rlhf_jax.pipeline.loop import compile_train_step, run_loop
 from rlhf_jax.pipeline.recipes import with_schedule_length
 from rlhf_jax.pipeline.stages.common import (
-    finish_stage, load_folder, make_state, place, prepare_output_dir, require, stage_mesh, stage_rng,
-    stage_tokenizer,
+    finish_stage, load_folder, place, prepare_output_dir, require, stage_mesh, stage_rng, stage_tokenizer,
 )
+from rlhf_jax.pipeline.stages.lora import check_lora_reference, reference_of, stage_state
 from rlhf_jax.training.batches import PreferenceBatch
+from rlhf_jax.training.lora_state import inference_model
 from rlhf_jax.training.sharding import replicated
 
 
@@ -91,10 +92,11 @@ def open_supervised_stage(config, *, kind: str, why: str) -> SupervisedSetup:
 
 
 def supervised_state_and_step(config, module, params, mesh, step, /, **options):
-    """`(state, compiled step)`: a train state whose schedule spans `train.steps`, and `step`
-    compiled for it with `train.num_microbatches` and the static `options` (which may include
-    a `config=` of the step's own)."""
-    state, shardings = make_state(module, params, with_schedule_length(config.optim, config.train.steps), mesh)
+    """`(state, compiled step)`: a train state whose schedule spans `train.steps` (a LoRA state
+    with `lora`), and `step` compiled for it with `train.num_microbatches` and the static
+    `options` (which may include a `config=` of the step's own)."""
+    state, shardings = stage_state(module, params, with_schedule_length(config.optim, config.train.steps), mesh,
+                                   config.lora, config.seed)
     return state, compile_train_step(step, mesh=mesh, state_shardings=shardings,
                                      num_microbatches=config.train.num_microbatches, **options)
 
@@ -104,7 +106,9 @@ def run_supervised_stage(stage: str, config, setup: SupervisedSetup, module, sta
                          resume: bool = False) -> dict:
     """Train `state` with the compiled `step` for `train.steps` steps of `train_batches`
     (carry `{"state", "rng"}`), evaluating `evaluate(params) -> {name: value}` every
-    `eval.every` steps and at the end; export the model when finished; the stage's summary."""
+    `eval.every` steps and at the end (`params` of `inference_model(module, state)`: with
+    LoRA, the base and adapters that `LoRAModel.apply` takes); export the model when
+    finished; the stage's summary."""
 
     def step_fn(carry, batch):
         new_state, metrics = step(carry["state"], batch)
@@ -115,12 +119,12 @@ def run_supervised_stage(stage: str, config, setup: SupervisedSetup, module, sta
         step_fn=step_fn, batches=train_batches(setup.data, config), prepare_batch=prepare_batch,
         num_steps=config.train.steps, checkpoint=config.checkpoint, logging=config.logging,
         resume=resume, stop_after=config.train.stop_after,
-        evaluate=None if evaluate is None else lambda carry: evaluate(carry["state"].params),
+        evaluate=None if evaluate is None else lambda carry: evaluate(inference_model(module, carry["state"])[1]),
         eval_every=config.eval.every, description=description or stage, progress_keys=progress_keys,
         compiled=() if config.data.bucket_multiple else (step,),
     )
-    return finish_stage(stage, setup.output_dir, result, module, result.carry["state"].params,
-                        setup.tokenizer, {"data": vars(setup.data.stats)})
+    return finish_stage(stage, setup.output_dir, result, module, result.carry["state"], setup.tokenizer,
+                        {"data": vars(setup.data.stats)}, base_path=config.model.path)
 
 
 # ----------------------------------------------------------------------------- RL stages
@@ -171,7 +175,11 @@ def open_rollout_stage(config, section: str, *, rows: int, rows_key: str) -> Rol
 
 def frozen_reference(config, policy_params, mesh):
     """The frozen reference policy's parameters, replicated over `mesh`: the `reference`
-    folder (default `policy.path`), else a copy of the fresh policy's `policy_params`."""
+    folder (default `policy.path`), else a copy of the fresh policy's `policy_params`. With
+    `lora`: no parameters of its own, the policy's base with the adapters disabled."""
+    if config.lora is not None:
+        check_lora_reference(config, config.policy.path)
+        return reference_of(config.lora)
     reference_path = config.reference or config.policy.path
     if reference_path:
         ref_params = load_folder(reference_path, head="lm", key="reference")[1]
@@ -202,8 +210,8 @@ def run_rollout_stage(stage: str, config, setup: RolloutSetup, policy_module, ca
         resume=resume, stop_after=config.train.stop_after, description=stage,
         progress_keys=progress_keys, compiled=compiled,
     )
-    return finish_stage(stage, setup.output_dir, result, policy_module, result.carry["policy"].params,
-                        setup.tokenizer)
+    return finish_stage(stage, setup.output_dir, result, policy_module, result.carry["policy"], setup.tokenizer,
+                        base_path=config.policy.path)
 
 
 __all__ = [

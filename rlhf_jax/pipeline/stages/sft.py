@@ -14,6 +14,7 @@ from rlhf_jax.losses.sft import sft_loss
 from rlhf_jax.pipeline.recipes import SFTConfig, load_stage_config
 from rlhf_jax.pipeline.stages import common, runs
 from rlhf_jax.training.batches import SFTBatch
+from rlhf_jax.training.lora_state import inference_model
 from rlhf_jax.training.policy_logps import response_logits
 from rlhf_jax.training.sft_step import sft_step
 
@@ -47,7 +48,7 @@ def train_sft(config: SFTConfig, *, resume: bool = False) -> dict:
                                                    label_smoothing=config.sft.label_smoothing,
                                                    response_window=config.train.response_window)
     del params
-    evaluate = (make_sft_evaluator(module.apply, setup.eval_data, config, setup.mesh)
+    evaluate = (make_sft_evaluator(inference_model(module, state)[0].apply, setup.eval_data, config, setup.mesh)
                 if setup.eval_data is not None else None)
     return runs.run_supervised_stage(
         "sft", config, setup, module, state, step, resume=resume, evaluate=evaluate,

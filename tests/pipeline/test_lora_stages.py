@@ -1,0 +1,200 @@
+"""The stages with `lora`: a DPO run on a small SFT model, its PEFT export, continuing from an
+adapter folder, resume, the RL stages, and config errors."""
+from __future__ import annotations
+
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from stage_helpers import LENGTHS, QUIET, sft_overrides, tiny_task
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlhf_jax.models.checkpoint_io import load_pretrained
+from rlhf_jax.pipeline import cli
+from rlhf_jax.pipeline.config import ConfigError
+from rlhf_jax.pipeline.data import DataConfig, load_data
+from rlhf_jax.pipeline.metrics_log import read_metrics
+from rlhf_jax.pipeline.recipes import LoRASection
+from rlhf_jax.pipeline.stages import common, dpo, grpo, ppo, reward, sft
+from rlhf_jax.pipeline.stages.dpo import dataset_logps, make_pair_logps
+from rlhf_jax.pipeline.stages.lora import stage_state
+from rlhf_jax.pipeline.task import write_jsonl
+from rlhf_jax.pipeline.tokenizer import load_tokenizer
+from rlhf_jax.training.optim import OptimizerConfig
+from rlhf_jax.training.sharding import MeshConfig, make_mesh
+
+LORA = ("lora.rank=2", "lora.alpha=16", "lora.targets=[q_proj,v_proj]")
+
+
+def stopping_pairs(path, problems):
+    """Pairs that prefer the answer alone over the answer written twice ("12" over "1212")."""
+    write_jsonl(path, [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b) * 2}
+                       for a, b in problems])
+    return path
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    """A tiny task, an SFT model trained on it, and train / held-out stopping pairs (disjoint
+    prompts)."""
+    root = tmp_path_factory.mktemp("lora")
+    task = tiny_task(root / "task")
+    sft.run(None, sft_overrides(task, root / "sft", steps=8, extra=("checkpoint.interval=0",)))
+    problems = [(a, b) for a in range(10) for b in range(10)]
+    order = np.random.default_rng(0).permutation(len(problems))
+    train = stopping_pairs(root / "train_pairs.jsonl", [problems[i] for i in order[:64]])
+    held_out = stopping_pairs(root / "held_out_pairs.jsonl", [problems[i] for i in order[64:96]])
+    return {"root": root, "task": task, "sft": root / "sft" / "model", "train": train, "held_out": held_out}
+
+
+def dpo_overrides(setting, output_dir, *, steps, extra=()):
+    return [f"output_dir={output_dir}", f"model.path={setting['sft']}", f"data.train_files=[{setting['train']}]",
+            f"data.eval_files=[{setting['held_out']}]", *LENGTHS, *QUIET, f"train.steps={steps}",
+            "train.batch_size=8", "optim.learning_rate=0.01", "eval.batch_size=32", "checkpoint.interval=2",
+            "dpo.beta=0.1", *LORA, *extra]
+
+
+@pytest.fixture(scope="module")
+def lora_dpo(setting):
+    out = setting["root"] / "dpo"
+    return out, dpo.run(None, dpo_overrides(setting, out, steps=12, extra=("eval.every=4",)))
+
+
+def held_out_logps(folder, setting):
+    module, params = load_pretrained(folder)
+    data = load_data([setting["held_out"]], load_tokenizer(setting["sft"]),
+                     DataConfig(max_prompt_length=8, max_response_length=8), kind="preference")
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    return dataset_logps(make_pair_logps(module.apply), params, data, 32, mesh)
+
+
+def test_lora_dpo_raises_held_out_preference_accuracy(setting, lora_dpo):
+    out, result = lora_dpo
+    assert result["finished"] and (out / "adapter" / "adapter_model.safetensors").is_file()
+    rows = [row for row in read_metrics(out) if "eval/dpo/accuracy" in row]
+    # The policy starts as its reference (implicit rewards all 0, accuracy 0); after 12 LoRA
+    # steps its implicit reward orders unseen pairs.
+    assert rows[-1]["eval/dpo/accuracy"] >= 0.75 and rows[-1]["eval/dpo/margin"] > rows[0]["eval/dpo/margin"]
+    before = held_out_logps(setting["sft"], setting)
+    after = held_out_logps(out / "model", setting)
+    assert np.mean(after[0] - after[1]) > np.mean(before[0] - before[1])
+    assert np.mean(after[0] > after[1]) >= np.mean(before[0] > before[1])
+
+
+def test_lora_optimizer_state_is_under_five_percent_of_full_fine_tuning(setting):
+    module, params = load_pretrained(setting["sft"])
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    optim = OptimizerConfig(learning_rate=0.01)
+    section = LoRASection(rank=2, alpha=16, targets=["q_proj", "v_proj"])
+    lora_state, _ = stage_state(module, params, optim, mesh, section, seed=0)
+    full_state, _ = common.make_state(module, jax.tree.map(np.array, params), optim, mesh)
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+    ratio = nbytes(lora_state.opt_state) / nbytes(full_state.opt_state)
+    assert 0 < ratio < 0.05, ratio
+    assert nbytes(lora_state.params) < 0.05 * nbytes(full_state.params)
+
+
+def test_exported_adapter_loads_in_peft_like_the_merged_model(setting, lora_dpo):
+    out, _ = lora_dpo
+    settings = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert settings["r"] == 2 and settings["target_modules"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert settings["base_model_name_or_path"] == str(setting["sft"].resolve())
+    base = AutoModelForCausalLM.from_pretrained(setting["sft"], dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    ids = torch.tensor(np.random.default_rng(0).integers(3, merged.config.vocab_size, (2, 9)))
+    with torch.no_grad():
+        want, got = merged(input_ids=ids).logits.numpy(), adapted(input_ids=ids).logits.numpy()
+        with adapted.disable_adapter():
+            plain = adapted(input_ids=ids).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(got - plain).max() > 1e-3  # the adapter was trained
+
+
+def test_training_continues_from_a_peft_adapter_folder(setting, lora_dpo, tmp_path):
+    """One step at a negligible learning rate from the exported adapter: the model is the
+    adapted one (first loss below log 2, since the reference is the base without adapters)."""
+    out, _ = lora_dpo
+    overrides = dpo_overrides(setting, tmp_path, steps=1) + [f"lora.path={out / 'adapter'}",
+                                                              "optim.learning_rate=1e-12"]
+    result = dpo.run(None, overrides)
+    assert read_metrics(tmp_path)[0]["dpo/loss"] < 0.69
+    before = jax.tree.leaves(load_pretrained(out / "model")[1])
+    after = jax.tree.leaves(load_pretrained(tmp_path / "model")[1])
+    for x, y in zip(before, after):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    assert result["adapter_dir"] == str(tmp_path / "adapter")
+
+
+@pytest.mark.slow
+def test_lora_dpo_killed_and_resumed_matches_uninterrupted(setting, tmp_path):
+    """With adapter dropout: the dropout key is part of the checkpointed state."""
+    extra = ("lora.dropout=0.1",)
+    dpo.run(None, dpo_overrides(setting, tmp_path / "a", steps=5, extra=extra))
+    overrides = dpo_overrides(setting, tmp_path / "b", steps=5, extra=extra)
+    stopped = dpo.run(None, overrides + ["train.stop_after=3"])
+    assert not stopped["finished"]
+    resumed = dpo.run(None, overrides, resume=True)
+    assert resumed["finished"] and resumed["resumed_from"] == 2
+    assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
+    for name in ("adapter/adapter_model.safetensors", "model/model.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_rl_stages_train_adapters(setting, tmp_path):
+    def overrides(name):
+        return [f"output_dir={tmp_path / name}", f"policy.path={setting['sft']}",
+                f"data.train_files=[{setting['task'].prompts}]", *LENGTHS, *QUIET, "reward.kind=gold",
+                "train.iterations=2", "optim.learning_rate=0.01", "checkpoint.interval=0", *LORA]
+
+    result = grpo.run(None, overrides("grpo") + ["train.batch_size=2", "grpo.group_size=4",
+                                                  "grpo.sampling.max_new_tokens=5"])
+    assert result["finished"] and (tmp_path / "grpo" / "adapter" / "adapter_config.json").is_file()
+    assert np.isfinite(read_metrics(tmp_path / "grpo")[-1]["grpo/kl"])
+    result = ppo.run(None, overrides("ppo") + [f"value={setting['sft']}", "train.batch_size=8",
+                                                "ppo.sampling.max_new_tokens=5", "ppo.num_minibatches=2",
+                                                "ppo.epochs=1"])
+    assert result["finished"] and "value/loss" in read_metrics(tmp_path / "ppo")[0]
+    assert load_pretrained(tmp_path / "ppo" / "model")[0].config.num_layers == 1
+
+
+@pytest.mark.slow
+def test_lora_reward_model_trains_its_head_in_full_and_loads_in_peft(setting, tmp_path):
+    """SEQ_CLS adapter with the fresh `score` head as a module trained in full."""
+    overrides = [f"output_dir={tmp_path}", f"model.path={setting['sft']}", f"data.train_files=[{setting['train']}]",
+                 *LENGTHS, *QUIET, "train.steps=2", "train.batch_size=8", "optim.learning_rate=0.01",
+                 "checkpoint.interval=0", *LORA]
+    assert reward.run(None, overrides)["finished"]
+    settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert settings["task_type"] == "SEQ_CLS" and settings["modules_to_save"] == ["score"]
+    base = AutoModelForSequenceClassification.from_pretrained(setting["sft"], num_labels=1, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
+    ids = torch.tensor(np.random.default_rng(1).integers(3, merged.config.vocab_size, (2, 7)))
+    with torch.no_grad():
+        np.testing.assert_allclose(adapted(input_ids=ids).logits.numpy(), merged(input_ids=ids).logits.numpy(),
+                                   atol=1e-4)
+
+
+@pytest.mark.parametrize("stage, override, message", [
+    ("sft", "lora.targets=[qproj]", r"`lora.targets`: unknown layer 'qproj'; valid layers: q_proj, k_proj"),
+    ("dpo", "lora.rank=0", r"`lora.rank` must be an integer >= 1"),
+    ("grpo", "lora.dropout=0.1", r"`lora.dropout` must be 0 in the RL stages"),
+    ("sft", "lora.rnak=2", r"unknown config key 'lora.rnak'.*valid keys: alpha, dropout, path, rank, targets"),
+])
+def test_bad_lora_settings_exit_2_naming_the_key(stage, override, message, capsys):
+    assert cli.main([stage, override]) == 2
+    err = capsys.readouterr().err
+    assert f"rlhf-jax {stage}: config error" in err and re.search(message, err), err
+
+
+def test_lora_refuses_a_separate_reference_and_a_missing_adapter(setting, tmp_path):
+    with pytest.raises(ConfigError, match="`reference`: with `lora` the reference policy is the base model"):
+        dpo.run(None, dpo_overrides(setting, tmp_path / "a", steps=1, extra=(f"reference={tmp_path}",)))
+    with pytest.raises(ConfigError, match="`lora.path`: adapter folder .* does not exist"):
+        dpo.run(None, dpo_overrides(setting, tmp_path / "b", steps=1, extra=(f"lora.path={tmp_path / 'none'}",)))
