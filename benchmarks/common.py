@@ -37,6 +37,11 @@ def load_average(digits: int = 2, separator: str = " ") -> str:
     return separator.join(f"{value:.{digits}f}" for value in values)
 
 
+def load_average_1min() -> float:
+    """The 1 minute load average (NaN where the platform has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo, else what `platform` knows."""
     cpu = platform.processor() or platform.machine()
@@ -153,7 +158,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], alig
 
 
 __all__ = [
-    "RESULTS", "NUM_SPECIAL_TOKENS", "package_version", "load_average", "cpu_name", "machine_info",
+    "RESULTS", "NUM_SPECIAL_TOKENS", "package_version", "load_average", "load_average_1min", "cpu_name", "machine_info",
     "median", "mean_std", "timed", "time_calls", "utc_stamp", "write_section", "character_alphabet",
     "build_character_tokenizer", "random_text", "markdown_table",
 ]

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -67,13 +67,91 @@ NOTES = """Reading it (analysis of the 2026-11-21 20:39 UTC run; a re-run replac
 """
 
 
-def make_prompts(seed: int = 0):
-    """Left-padded prompts with 16..32 real tokens each."""
+def make_prompts(seed: int = 0, batch: int = BATCH, prompt_len: int = PROMPT_LEN,
+                 vocab_size: int = MODEL["vocab_size"], pad_id: int = PAD_ID):
+    """Left-padded prompts with prompt_len/2..prompt_len real tokens each (ids >= 1)."""
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(PROMPT_LEN // 2, PROMPT_LEN + 1, size=BATCH)
-    mask = (np.arange(PROMPT_LEN)[None, :] >= PROMPT_LEN - lengths[:, None]).astype(np.int64)
-    ids = np.where(mask == 1, rng.integers(1, MODEL["vocab_size"], size=(BATCH, PROMPT_LEN)), PAD_ID)
+    lengths = rng.integers(prompt_len // 2, prompt_len + 1, size=batch)
+    mask = (np.arange(prompt_len)[None, :] >= prompt_len - lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, rng.integers(1, vocab_size, size=(batch, prompt_len)), pad_id)
     return ids, mask
+
+
+def decode_bytes_per_step(config, batch: int, context: float, param_bytes: int = 4, cache_bytes: int = 4) -> dict:
+    """Bytes one decode step must read from memory at least: every weight of the blocks and
+    of the LM head once (the embedding lookup reads only `batch` rows), and the keys and
+    values of `context` cached positions per row in every layer (`2 * L * B * context * K * Dh`).
+    The roofline of a memory-bound step is `bytes / bandwidth`."""
+    d, hd, layers = config.hidden_size, config.dims_per_head, config.num_layers
+    attention = d * config.num_heads * hd * 2 + 2 * d * config.kv_heads * hd
+    mlp = (3 if config.gated_mlp else 2) * d * config.intermediate_size
+    weights = layers * (attention + mlp) + d * config.vocab_size + batch * d
+    cache = 2 * layers * batch * context * config.kv_heads * hd
+    return {"weights": float(weights * param_bytes), "kv_cache": float(cache * cache_bytes),
+            "total": float(weights * param_bytes + cache * cache_bytes)}
+
+
+def compare_generation(folder, *, batch: int = BATCH, prompt_len: int = PROMPT_LEN,
+                       new_tokens: int = NEW_TOKENS, repeats: int = 7, dtype: str = "float32",
+                       torch_threads: int = 0, device: str | None = None) -> dict:
+    """Sample `new_tokens` tokens for `batch` left-padded prompts of `prompt_len` tokens with
+    ours and with transformers, from the Hugging Face folder `folder`, alternating runs.
+    dtype: both sides compute and store weights in it. device: torch's device (default
+    cuda when available). torch_threads: 0 = the faster of 1 and all cores (CPU only).
+    Returns medians, bests and CPU seconds per side, new tokens/s, our compile seconds."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype).to(device).eval()
+    module, params = load_pretrained(folder, dtype=dtype, param_dtype=dtype)
+    config = module.config
+    pad_id = 0 if config.pad_token_id is None else config.pad_token_id
+    ids, mask = make_prompts(0, batch, prompt_len, config.vocab_size, pad_id)
+    torch_ids, torch_mask = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+    jax_ids, jax_mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+    options = dict(max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                   eos_token_id=None, pad_token_id=pad_id)
+
+    jitted = jax.jit(generate, static_argnames=GENERATE_STATIC_ARGNAMES)
+    compiled, compile_s, _ = common.timed(
+        lambda: jitted.lower(module, params, jax_ids, jax_mask, jax.random.PRNGKey(0), **options).compile())
+
+    def ours(seed):
+        out = compiled(params, jax_ids, jax_mask, jax.random.PRNGKey(seed), temperature=1.0)
+        jax.block_until_ready(out)
+        return out.tokens.shape[1]
+
+    def theirs(seed, count=new_tokens):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = hf_model.generate(input_ids=torch_ids, attention_mask=torch_mask, do_sample=True,
+                                    temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=count,
+                                    min_new_tokens=count, pad_token_id=pad_id, eos_token_id=None)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out.shape[1] - prompt_len
+
+    ours(0)  # warm-up (caches, allocators, thread pools)
+    if device == "cpu":
+        torch.set_num_threads(pick_torch_threads(theirs, new_tokens) if torch_threads == 0 else torch_threads)
+    theirs(0)
+    times = {"ours": [], "transformers": []}
+    cpu_times = {"ours": [], "transformers": []}
+    for seed in range(1, repeats + 1):  # alternate so machine drift hits both alike
+        for name, fn in (("ours", ours), ("transformers", theirs)):
+            made, wall_s, cpu_s = common.timed(lambda: fn(seed))
+            times[name].append(wall_s)
+            cpu_times[name].append(cpu_s)
+            if made != new_tokens:
+                raise RuntimeError(f"{name} made {made} new tokens, wanted {new_tokens}")
+    median = {name: common.median(values) for name, values in times.items()}
+    return dict(
+        batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, dtype=dtype, repeats=repeats,
+        torch_device=device, torch_threads=torch.get_num_threads(), compile_seconds=compile_s,
+        median_seconds=median, best_seconds={name: min(values) for name, values in times.items()},
+        cpu_seconds={name: common.median(values) for name, values in cpu_times.items()},
+        tokens_per_s={name: batch * new_tokens / value for name, value in median.items()},
+        speedup=median["transformers"] / median["ours"], config=config,
+    )
 
 
 def machine_info() -> str:
@@ -95,14 +173,14 @@ def matmul_gflops(size: int = 512, repeats: int = 20) -> float:
     return repeats * 2 * size**3 / (time.perf_counter() - start) / 1e9
 
 
-def pick_torch_threads(run_torch) -> int:
+def pick_torch_threads(run_torch, new_tokens: int = 16) -> int:
     """The faster torch thread count, 1 or all cores: on a busy machine OpenMP threads that
     wait for each other can make torch several times slower, which would flatter us."""
     timings = {}
     for threads in sorted({1, os.cpu_count() or 1}):
         torch.set_num_threads(threads)
-        run_torch(0, 4)
-        _, timings[threads], _ = common.timed(lambda: run_torch(0, 16))
+        run_torch(0, min(4, new_tokens))
+        _, timings[threads], _ = common.timed(lambda: run_torch(0, min(16, new_tokens)))
     return min(timings, key=timings.get)
 
 
@@ -119,49 +197,12 @@ def main() -> None:
                                             eos_token_id=None)).eval()
     with tempfile.TemporaryDirectory() as folder:
         hf_model.save_pretrained(folder)
-        module, params = load_pretrained(folder)
-    ids, mask = make_prompts()
-    torch_ids, torch_mask = torch.tensor(ids), torch.tensor(mask)
-    jax_ids, jax_mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
-    options = dict(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0,
-                   eos_token_id=None, pad_token_id=PAD_ID)
-
-    jitted = jax.jit(generate, static_argnames=GENERATE_STATIC_ARGNAMES)
-    compiled, compile_s, _ = common.timed(
-        lambda: jitted.lower(module, params, jax_ids, jax_mask, jax.random.PRNGKey(0), **options).compile())
-
-    def ours(seed):
-        out = compiled(params, jax_ids, jax_mask, jax.random.PRNGKey(seed), temperature=1.0)
-        jax.block_until_ready(out)
-        return out.tokens.shape[1]
-
-    def theirs(seed, new_tokens=NEW_TOKENS):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            out = hf_model.generate(input_ids=torch_ids, attention_mask=torch_mask, do_sample=True,
-                                    temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                                    min_new_tokens=new_tokens, pad_token_id=PAD_ID)
-        return out.shape[1] - PROMPT_LEN
-
-    ours(0)  # warm-up (caches, allocators, thread pools)
-    torch.set_num_threads(pick_torch_threads(theirs) if args.torch_threads == 0 else args.torch_threads)
-    theirs(0)
-    times = {"ours": [], "transformers": []}
-    cpu_times = {"ours": [], "transformers": []}
-    for seed in range(1, args.repeats + 1):  # alternate so machine drift hits both alike
-        for name, fn in (("ours", ours), ("transformers", theirs)):
-            made, wall_s, cpu_s = common.timed(lambda: fn(seed))
-            times[name].append(wall_s)
-            cpu_times[name].append(cpu_s)
-            assert made == NEW_TOKENS, (name, made)
-
+        result = compare_generation(folder, repeats=args.repeats, torch_threads=args.torch_threads,
+                                    device="cpu")
     peak = matmul_gflops()
-    median = {name: common.median(values) for name, values in times.items()}
-    best = {name: min(values) for name, values in times.items()}
+    median, best, rate = result["median_seconds"], result["best_seconds"], result["tokens_per_s"]
     # CPU seconds (all threads) per run: less sensitive than wall time to other jobs' load.
-    cpu = {name: common.median(values) for name, values in cpu_times.items()}
-    rate = {name: BATCH * NEW_TOKENS / value for name, value in median.items()}
-    speedup = rate["ours"] / rate["transformers"]
+    cpu, compile_s, speedup = result["cpu_seconds"], result["compile_seconds"], result["speedup"]
     table = "\n".join([
         "| implementation | new tokens/s (median) | median run (s) | best run (s) "
         "| CPU s per run (median) | compile (s) |",

@@ -1,12 +1,18 @@
-"""Our side of `vs_trl.py`: DPO, reward-model and PPO training with rlhf_jax.
+"""Our side of `vs_trl.py` and `accelerator_check.py`: SFT, DPO, reward-model, GRPO and PPO
+training with rlhf_jax.
 
 Each session loads the Hugging Face folders written by `vs_trl.py` with `load_pretrained`,
-builds the train states, jits the library's step function once (`make_train_step(dpo_step)`,
-`make_train_step(reward_step)`, `jax.jit(ppo_iteration)`) and runs its first step at
-construction: that call holds the compilation (`compile_seconds` = first call minus a
-steady step) and, for DPO and the reward model, the step-0 loss on the first batch (file
-rows 0..B-1, before the update). `run(steps)` then returns the wall and CPU seconds of each
-further step; a step includes preparing its batch on the host.
+builds the train states, jits the library's step function once (`make_train_step(sft_step)`,
+`make_train_step(dpo_step)`, `make_train_step(reward_step)`, `jax.jit(grpo_update)`,
+`jax.jit(ppo_iteration)`) and runs its first step at construction: that call holds the
+compilation (`compile_seconds` = first call minus a steady step) and, for SFT, DPO and the
+reward model, the step-0 loss on the first batch (file rows 0..B-1, before the update).
+`run(steps)` then returns the wall and CPU seconds of each further step; a step includes
+preparing its batch on the host. Every session has `tokens_per_step` and `flops_per_step`
+(model FLOPs: 2 per matmul parameter per token forward, backward = 2 x forward).
+
+These classes are the one place the benchmarks call the training steps: a change of the
+step or batch API is adapted here.
 
 `setup` and `hp` are the `Setup` and `Hyperparameters` objects of `vs_trl.py`.
 """
@@ -23,11 +29,13 @@ from rlhf_jax.models.checkpoint_io import load_pretrained
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.pipeline.batching import BatchIterator
 from rlhf_jax.pipeline.data import DataConfig, load_data
-from rlhf_jax.training.batches import PreferenceBatch
+from rlhf_jax.training.batches import PreferenceBatch, SFTBatch
 from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step
+from rlhf_jax.training.grpo import GRPOConfig, grpo_rollout, grpo_update
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
 from rlhf_jax.training.ppo import PPO_STATIC_ARGNAMES, PPOConfig, kl_controller, ppo_iteration
 from rlhf_jax.training.reward_step import reward_step
+from rlhf_jax.training.sft_step import sft_step
 from rlhf_jax.training.rollout import SamplingConfig
 from rlhf_jax.training.state import create_train_state
 from rlhf_jax.training.step_runner import make_train_step
@@ -55,45 +63,99 @@ def forward_flops(config: ModelConfig, tokens: float, context: float, *, lm_head
 
 
 class TrainingSession:
-    """Our DPO (`kind="dpo"`) or reward-model steps on the pairs file: one jitted call per step,
-    batches in file order. The first step (compile + step-0 loss) runs at construction."""
+    """Our SFT (`kind="sft"`, prompt + chosen of the pairs file), DPO (`kind="dpo"`) or
+    reward-model (`kind="reward"`) steps: one jitted call per step, batches in file order.
+    The first step (compile + step-0 loss) runs at construction."""
+
+    LOSS_METRICS = {"sft": "sft/loss", "dpo": "dpo/loss", "reward": "reward/loss"}
 
     def __init__(self, kind: str, setup, hp, *, shared_prompt: bool = False):
+        if kind not in self.LOSS_METRICS:
+            raise ValueError(f"kind must be one of {sorted(self.LOSS_METRICS)}, got {kind!r}")
         self.kind = kind
-        is_dpo = kind == "dpo"
-        module, params = load_pretrained(setup.policy_dir if is_dpo else setup.reward_dir, dtype=hp.dtype)
+        is_dpo, is_lm = kind == "dpo", kind != "reward"
+        module, params = load_pretrained(setup.reward_dir if kind == "reward" else setup.policy_dir, dtype=hp.dtype)
         self.ref_params = load_pretrained(setup.reference_dir, dtype=hp.dtype)[1] if is_dpo else None
         data_config = DataConfig(max_prompt_length=setup.prompt_length + 1,
                                  max_response_length=setup.response_length + 1)
-        self.data = load_data(setup.pairs_file, setup.tokenizer_dir, data_config, kind="preference")
+        data_file, data_kind = (setup.sft_file, "sft") if kind == "sft" else (setup.pairs_file, "preference")
+        self.data = load_data(data_file, setup.tokenizer_dir, data_config, kind=data_kind)
         self.state = create_train_state(module, params, make_optimizer(optimizer_config(hp)))
         options = {"config": PreferenceLossConfig(beta=hp.beta)} if is_dpo else {}
         if shared_prompt:  # each pair's prompt runs once (same numbers, less work)
             options.update(prompt_window=data_config.max_prompt_length,
                            response_window=data_config.max_response_length)
-        self.run_step = make_train_step(dpo_step if is_dpo else reward_step, **options)
+        step = {"sft": sft_step, "dpo": dpo_step, "reward": reward_step}[kind]
+        self.run_step = make_train_step(step, **options)
+        self.batch_class = SFTBatch if kind == "sft" else PreferenceBatch
         self.batches = BatchIterator(self.data, hp.batch_size, shuffle=False)
         arrays = self.data.arrays
-        real = arrays["chosen_attention_mask"].sum(1) + arrays["rejected_attention_mask"].sum(1)
-        self.tokens_per_step = float(hp.batch_size * real.mean())
-        context = float(np.mean(np.concatenate([arrays["chosen_attention_mask"].sum(1),
-                                                arrays["rejected_attention_mask"].sum(1)])))
-        train = forward_flops(setup.config, self.tokens_per_step, context, lm_head=is_dpo)
+        masks = ([arrays["attention_mask"]] if kind == "sft"
+                 else [arrays["chosen_attention_mask"], arrays["rejected_attention_mask"]])
+        lengths = np.concatenate([mask.sum(1) for mask in masks])
+        self.tokens_per_step = float(hp.batch_size * len(masks) * lengths.mean())
+        train = forward_flops(setup.config, self.tokens_per_step, float(lengths.mean()), lm_head=is_lm)
         self.flops_per_step = 3 * train + (train if is_dpo else 0.0)  # + the reference forward
         start = time.perf_counter()
         metrics = jax.block_until_ready(self._step())
         first = time.perf_counter() - start
-        self.loss0 = float(metrics["dpo/loss" if is_dpo else "reward/loss"])
+        self.loss0 = float(metrics[self.LOSS_METRICS[kind]])
         self.compile_seconds = first - common.median(self.run(2)[0])
 
     def first_chosen_ids(self) -> list[int]:
-        row = self.data.arrays["chosen_input_ids"][0]
-        return row[self.data.arrays["chosen_attention_mask"][0] == 1].tolist()
+        prefix = "" if self.kind == "sft" else "chosen_"
+        row = self.data.arrays[prefix + "input_ids"][0]
+        return row[self.data.arrays[prefix + "attention_mask"][0] == 1].tolist()
 
     def _step(self):
-        batch = jax.device_put(PreferenceBatch.from_arrays(next(self.batches)))
+        batch = jax.device_put(self.batch_class.from_arrays(next(self.batches)))
         extra = () if self.ref_params is None else (self.ref_params,)
         self.state, metrics = self.run_step(self.state, batch, *extra)
+        return metrics
+
+    def run(self, steps: int) -> tuple[list[float], list[float]]:
+        """Wall and CPU seconds of `steps` steps."""
+        return common.time_calls(self._step, jax.block_until_ready, steps)
+
+
+class GRPOSession:
+    """Our GRPO update: one rollout (G = `hp.grpo_group_size` samples of each of
+    `hp.ppo_batch_size // G` prompts, `hp.ppo_response_length` new tokens, reference log-probs,
+    reward-model scores, group advantages) made once at construction; each timed step is
+    `grpo_update` on it (`hp.ppo_minibatches` minibatches, one pass) as one jitted call. The
+    rollout is not timed: the update is the training step."""
+
+    def __init__(self, setup, hp):
+        c = setup.config
+        policy, policy_params = load_pretrained(setup.policy_dir, dtype=hp.dtype)
+        ref_params = load_pretrained(setup.reference_dir, dtype=hp.dtype)[1]
+        reward_module, reward_params = load_pretrained(setup.reward_dir, head="reward", dtype=hp.dtype)
+        self.state = create_train_state(policy, policy_params, make_optimizer(optimizer_config(hp)))
+        sampling = SamplingConfig(max_new_tokens=hp.ppo_response_length, temperature=1.0,
+                                  eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+        self.config = GRPOConfig(sampling=sampling, group_size=hp.grpo_group_size,
+                                 num_minibatches=hp.ppo_minibatches)
+        prompts = max(1, hp.ppo_batch_size // hp.grpo_group_size)
+        prompt_ids = jnp.asarray(setup.ppo_prompt_ids[:prompts])
+        rollout = jax.jit(grpo_rollout, static_argnames=("config", "reward_module"))
+        self.data = jax.block_until_ready(rollout(
+            self.state, ref_params, prompt_ids, jnp.ones_like(prompt_ids), jax.random.PRNGKey(0),
+            config=self.config, reward_module=reward_module, reward_params=reward_params))
+        self.update = jax.jit(grpo_update, static_argnames=("config",), donate_argnames=("policy_state",))
+        rows, length = self.data.input_ids.shape
+        self.tokens_per_step = float(rows * length)
+        self.flops_per_step = 3 * forward_flops(c, self.tokens_per_step, length, lm_head=True)
+        self.index = 0
+        start = time.perf_counter()
+        metrics = jax.block_until_ready(self._step())
+        first = time.perf_counter() - start
+        self.loss0 = float(metrics["grpo/loss"])
+        self.compile_seconds = first - common.median(self.run(2)[0])
+
+    def _step(self):
+        self.index += 1
+        self.state, metrics = self.update(self.state, self.data, jax.random.PRNGKey(self.index),
+                                          config=self.config)
         return metrics
 
     def run(self, steps: int) -> tuple[list[float], list[float]]:
@@ -130,6 +192,7 @@ class PPOSession:
         rollout = lm(rows * length, length / 2) + lm(rows * length, length) + 2 * body(rows * length, length)
         update = hp.ppo_epochs * 3 * (lm(rows * length, length) + body(rows * length, length))
         self.flops_per_step = rollout + update
+        self.tokens_per_step = float(rows * length)  # prompt + response tokens per iteration
         start = time.perf_counter()
         jax.block_until_ready(self._step())
         first = time.perf_counter() - start
@@ -151,4 +214,5 @@ class PPOSession:
         return common.time_calls(self._step, jax.block_until_ready, steps)
 
 
-__all__ = ["optimizer_config", "matmul_params", "forward_flops", "TrainingSession", "PPOSession"]
+__all__ = ["optimizer_config", "matmul_params", "forward_flops", "TrainingSession", "GRPOSession",
+           "PPOSession"]

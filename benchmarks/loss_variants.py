@@ -61,7 +61,7 @@ from rlhf_jax.pipeline.stages import common as stage  # noqa: E402
 from rlhf_jax.pipeline.stages.dpo import dataset_logps, make_pair_logps, with_reference  # noqa: E402
 from rlhf_jax.pipeline.stages.evaluate import sample_policy  # noqa: E402
 from rlhf_jax.pipeline.stages.sft import train_sft  # noqa: E402
-from rlhf_jax.pipeline.task import TaskConfig, build_task, parse_problem  # noqa: E402
+from rlhf_jax.tasks.arithmetic import TaskConfig, build_task, parse_problem  # noqa: E402
 from rlhf_jax.training.batches import KTOBatch  # noqa: E402
 from rlhf_jax.training.dpo_step import PreferenceLossConfig, dpo_step  # noqa: E402
 from rlhf_jax.training import sharding  # noqa: E402

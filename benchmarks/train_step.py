@@ -93,13 +93,13 @@ NOTES = """Reading it (analysis of the 2026-11-21 20:39 UTC run; a re-run replac
 
 
 class MatmulPeak:
-    """f32 `jnp.dot` of two 2048 x 2048 matrices (compiled once): FLOP/s over wall-clock and
-    over process CPU time (all threads), the best of `repeats` products."""
+    """`jnp.dot` of two `size` x `size` matrices of `dtype` (default: 2048, float32; compiled
+    once): FLOP/s over wall-clock and over process CPU time (all threads), the best of
+    `repeats` products."""
 
-    size = 2048
-
-    def __init__(self):
-        self.a, self.b = (jax.random.normal(jax.random.key(k), (self.size,) * 2, jnp.float32) for k in (0, 1))
+    def __init__(self, size: int = 2048, dtype=jnp.float32):
+        self.size = size
+        self.a, self.b = (jax.random.normal(jax.random.key(k), (size, size), dtype) for k in (0, 1))
         self.dot = jax.jit(jnp.dot)
         self.dot(self.a, self.b).block_until_ready()
 

@@ -1,4 +1,4 @@
-"""The TRL side of `vs_trl.py`: DPO, reward-model and PPO training with TRL's trainers.
+"""The TRL side of `vs_trl.py`: SFT, DPO, reward-model and PPO training with TRL's trainers.
 
 Each runner loads the Hugging Face folders that `vs_trl.py` wrote with our
 `save_pretrained` (through `transformers.AutoModel*`), trains for `steps` steps with TRL's own
@@ -71,6 +71,25 @@ def _first_batch_loss(trainer, batch_size: int) -> float:
              for name, value in trainer.data_collator(rows).items()}
     with torch.no_grad():
         return float(trainer.compute_loss(trainer.model, batch))
+
+
+def trl_sft(setup, hp, steps: int, output_dir) -> dict:
+    """TRL SFTTrainer on prompt/completion rows: loss on the completion tokens only, no packing."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(str(setup.policy_dir), dtype=torch.float32)
+    data = datasets.load_dataset("json", data_files=str(setup.sft_file), split="train")
+    args = SFTConfig(**_common_args(hp, steps, output_dir), max_length=None, packing=False,
+                     completion_only_loss=True)
+    clock = _step_clock()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer(setup),
+                         callbacks=[clock])
+    first = trainer.train_dataset[0]
+    loss0 = _first_batch_loss(trainer, hp.batch_size)
+    trainer.train()
+    return {**clock.seconds(), "loss0": loss0, "first_chosen_ids": list(first["input_ids"])}
 
 
 def trl_dpo(setup, hp, steps: int, output_dir) -> dict:
@@ -165,4 +184,4 @@ def trl_version() -> str:
     return trl.__version__
 
 
-__all__ = ["trl_dpo", "trl_reward", "trl_ppo", "trl_version"]
+__all__ = ["trl_sft", "trl_dpo", "trl_reward", "trl_ppo", "trl_version"]

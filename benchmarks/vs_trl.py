@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 import time
@@ -88,6 +87,7 @@ class Hyperparameters:
     ppo_epochs: int = 4
     ppo_response_length: int = 32
     kl_coef: float = 0.05
+    grpo_group_size: int = 4  # GRPO samples per prompt (prompts = ppo_batch_size // G)
 
 
 @dataclasses.dataclass
@@ -101,12 +101,16 @@ class Setup:
     reference_dir: Path
     reward_dir: Path
     pairs_file: Path
+    sft_file: Path  # prompt/completion rows: the pairs' prompts and chosen responses
     prompt_length: int  # longest prompt in characters
     response_length: int  # longest response in characters
     ppo_prompt_ids: np.ndarray  # [N, P] token ids of the PPO prompts (BOS first, no padding)
 
 
-def build_setup(folder: Path, sizes: dict, hp: Hyperparameters, num_pairs: int, num_prompts: int) -> Setup:
+def build_setup(folder: Path, sizes: dict, hp: Hyperparameters, num_pairs: int, num_prompts: int,
+                weights_dtype: str = "float32") -> Setup:
+    """Random policy, reference and reward folders (weights stored in `weights_dtype`; both
+    sides read the same files), the tokenizer, the pairs / SFT files and the PPO prompts."""
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = common.build_character_tokenizer(folder / "tokenizer", sizes["vocab_size"])
     special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -122,46 +126,50 @@ def build_setup(folder: Path, sizes: dict, hp: Hyperparameters, num_pairs: int, 
     for name, module, seed in (("policy", CausalLM(config), 0), ("reference", CausalLM(config), 1),
                                ("reward", RewardModel(config), 2)):
         params = module.init(jax.random.PRNGKey(seed), dummy)["params"]
-        dirs[name] = save_pretrained(folder / name, module, jax.device_get(params), **special)
+        dirs[name] = save_pretrained(folder / name, module, jax.device_get(params), dtype=weights_dtype, **special)
         tokenizer.save_pretrained(str(dirs[name]))
     rng = np.random.default_rng(hp.seed)
     alphabet = common.character_alphabet(sizes["vocab_size"] - common.NUM_SPECIAL_TOKENS)
     prompt, response = sizes["prompt_length"], sizes["response_length"]
-    pairs_file = folder / "pairs.jsonl"
-    with open(pairs_file, "w", encoding="utf-8") as handle:
+    pairs_file, sft_file = folder / "pairs.jsonl", folder / "sft.jsonl"
+    with open(pairs_file, "w", encoding="utf-8") as pairs, open(sft_file, "w", encoding="utf-8") as sft:
         for _ in range(num_pairs):
             row = {"prompt": common.random_text(rng, alphabet, 3 * prompt // 4, prompt),
                    "chosen": common.random_text(rng, alphabet, 3 * response // 4, response),
                    "rejected": common.random_text(rng, alphabet, 3 * response // 4, response)}
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            pairs.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sft.write(json.dumps({"prompt": row["prompt"], "completion": row["chosen"]}, ensure_ascii=False) + "\n")
     ppo_prompt_ids = np.concatenate([
         np.full((num_prompts, 1), tokenizer.bos_token_id),
         rng.integers(common.NUM_SPECIAL_TOKENS, len(tokenizer), (num_prompts, sizes["ppo_prompt_length"])),
     ], axis=1).astype(np.int32)
     return Setup(folder, config, folder / "tokenizer", dirs["policy"], dirs["reference"], dirs["reward"],
-                 pairs_file, prompt, response, ppo_prompt_ids)
+                 pairs_file, sft_file, prompt, response, ppo_prompt_ids)
 
 
 def run_rounds(name: str, ours_block, trl_block, rounds: int) -> dict:
     """Alternate `ours_block()` and `trl_block()` `rounds` times; each returns (wall seconds,
-    CPU seconds) per step. Medians over all rounds."""
-    pooled = {"ours": ([], []), "trl": ([], [])}
+    CPU seconds) per step. Medians over all rounds. `trl_block=None`: ours alone (no TRL keys,
+    no speed-ups)."""
+    blocks = [("ours", ours_block)] + ([("trl", trl_block)] if trl_block is not None else [])
+    pooled = {side: ([], []) for side, _ in blocks}
     loads = []
     for index in range(rounds):
-        loads.append(os.getloadavg()[0])
-        for side, block in (("ours", ours_block), ("trl", trl_block)):
+        loads.append(common.load_average_1min())
+        for side, block in blocks:
             wall, cpu = block()
             pooled[side][0].extend(wall)
             pooled[side][1].extend(cpu)
-        print(f"[{name}] round {index + 1}/{rounds}: ours {1e3 * common.median(pooled['ours'][0]):.1f} ms, "
-              f"TRL {1e3 * common.median(pooled['trl'][0]):.1f} ms (medians so far), load {loads[-1]:.1f}",
-              flush=True)
+        print(f"[{name}] round {index + 1}/{rounds}: " + ", ".join(
+            f"{side} {1e3 * common.median(pooled[side][0]):.1f} ms" for side in pooled)
+            + f" (medians so far), load {loads[-1]:.1f}", flush=True)
     result = {"steps": {side: len(wall) for side, (wall, _) in pooled.items()}, "load": float(np.mean(loads))}
     for side, (wall, cpu) in pooled.items():
         result[f"{side}_seconds"] = common.median(wall)
         result[f"{side}_cpu_seconds"] = common.median(cpu)
-    result["speedup"] = result["trl_seconds"] / result["ours_seconds"]
-    result["cpu_speedup"] = result["trl_cpu_seconds"] / result["ours_cpu_seconds"]
+    if trl_block is not None:
+        result["speedup"] = result["trl_seconds"] / result["ours_seconds"]
+        result["cpu_speedup"] = result["trl_cpu_seconds"] / result["ours_cpu_seconds"]
     return result
 
 
@@ -194,35 +202,50 @@ def choose_torch_threads(setup: Setup, hp: Hyperparameters, args, trl_runners) -
     return {"threads": best, "probe": probe}
 
 
+TRL_RUNNERS = {"sft": "trl_sft", "dpo": "trl_dpo", "dpo_shared": "trl_dpo", "reward": "trl_reward"}
+
+
 def compare_training(kind: str, setup: Setup, hp: Hyperparameters, args, trl_runners) -> dict:
-    """DPO or reward model: step-0 losses, then timed rounds."""
+    """SFT, DPO or reward model: step-0 losses, then timed rounds (`trl_runners=None`: ours alone)."""
     is_dpo = kind.startswith("dpo")
     session = jax_runners.TrainingSession("dpo" if is_dpo else kind, setup, hp, shared_prompt=kind == "dpo_shared")
-    run = trl_runners.trl_dpo if is_dpo else trl_runners.trl_reward
+    tokens = session.tokens_per_step
+    base = dict(ours_loss0=session.loss0, compile_seconds=session.compile_seconds, tokens_per_step=tokens,
+                flops_per_step=session.flops_per_step)
+    if trl_runners is None:
+        result = run_rounds(kind, lambda: session.run(args.steps), None, args.rounds)
+        return {**result, **base, "ours_tokens_per_s": tokens / result["ours_seconds"]}
+    run = getattr(trl_runners, TRL_RUNNERS[kind])
     first = run(setup, hp, 1, setup.folder / f"trl_{kind}")
     if first["first_chosen_ids"] != session.first_chosen_ids():
         raise RuntimeError(f"{kind}: TRL and rlhf_jax tokenised the first row differently")
     result = run_rounds(kind, lambda: session.run(args.steps), lambda: trl_timed(run, setup, hp, args, kind, args.steps),
                         args.rounds)
-    tokens = session.tokens_per_step
-    result.update(ours_loss0=session.loss0, trl_loss0=first["loss0"], compile_seconds=session.compile_seconds,
-                  tokens_per_step=tokens, ours_tokens_per_s=tokens / result["ours_seconds"],
-                  trl_tokens_per_s=tokens / result["trl_seconds"], flops_per_step=session.flops_per_step)
+    result.update(base, trl_loss0=first["loss0"], ours_tokens_per_s=tokens / result["ours_seconds"],
+                  trl_tokens_per_s=tokens / result["trl_seconds"])
     result["loss_difference"] = abs(result["ours_loss0"] - result["trl_loss0"])
     return result
 
 
 def compare_ppo(setup: Setup, hp: Hyperparameters, args, trl_runners) -> dict:
+    """PPO iterations, timed rounds (`trl_runners=None`: ours alone)."""
     session = jax_runners.PPOSession(setup, hp)
-    result = run_rounds("ppo", lambda: session.run(args.ppo_steps),
-                        lambda: trl_timed(trl_runners.trl_ppo, setup, hp, args, "ppo", args.ppo_steps), args.rounds)
-    result.update(compile_seconds=session.compile_seconds, flops_per_step=session.flops_per_step)
+    trl_block = None if trl_runners is None else (
+        lambda: trl_timed(trl_runners.trl_ppo, setup, hp, args, "ppo", args.ppo_steps))
+    result = run_rounds("ppo", lambda: session.run(args.ppo_steps), trl_block, args.rounds)
+    result.update(compile_seconds=session.compile_seconds, flops_per_step=session.flops_per_step,
+                  tokens_per_step=session.tokens_per_step,
+                  ours_tokens_per_s=session.tokens_per_step / result["ours_seconds"])
+    if trl_runners is not None:
+        result["trl_tokens_per_s"] = session.tokens_per_step / result["trl_seconds"]
     return result
 
 
-ROW_LABELS = {"dpo": "DPO step (sigmoid, beta 0.1, reference forward in the step)",
+ROW_LABELS = {"sft": "SFT step (prompt + completion, loss on the completion)",
+              "dpo": "DPO step (sigmoid, beta 0.1, reference forward in the step)",
               "dpo_shared": "DPO step as above, each pair's prompt run once (`prompt_window`)",
               "reward": "reward-model step (Bradley-Terry)",
+              "grpo": "GRPO update (one pass over a rollout of G samples per prompt)",
               "ppo": "PPO iteration (rollout + scoring + 4 epochs x 4 minibatches)"}
 
 
@@ -258,10 +281,9 @@ def report(results: dict, info: list[str], command: str, hp: Hyperparameters, se
         "shared machine than wall time. Compare ratios within one run. The step-0 losses are computed on "
         "the same first batch before any update by each side's own code.\n")
     gpu = (
-        "\n### GPU (H100)\n\nPending: no accelerator was available for this run. The H100 run (DPO and PPO "
-        "on a ~0.5B-parameter Llama in bfloat16, tokens/s and MFU) is, on a machine with CUDA builds of jax "
-        f"and torch (`pip install -e \".[bench,cuda]\"`):\n\n```bash\n{GPU_COMMAND}\n```\n\n"
-        f"It writes its own section, `{GPU_SECTION}`.\n") if on_cpu else ""
+        "\nOn an accelerator: section `## Accelerator (H100)` (`benchmarks/accelerator_check.sh`: SFT, DPO, "
+        "GRPO and PPO on a ~0.5B-parameter model in bfloat16 beside TRL), or, for this comparison alone, "
+        f"`{GPU_COMMAND}`, which writes `{GPU_SECTION}`.\n") if on_cpu else ""
     return (
         f"{SECTION if on_cpu else GPU_SECTION}\n\n"
         f"Command: `{command}` ({common.utc_stamp()}, {minutes:.1f} min in all; TRL {args.trl_version}, "

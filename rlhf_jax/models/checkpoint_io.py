@@ -11,6 +11,7 @@ Sharded checkpoints (`model.safetensors.index.json` + shards) are read and, with
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 import safetensors.numpy
 
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.errors import ModelError
 from rlhf_jax.models.heads import RewardModel, ScalarHead, ValueModel, reward_head_std
 from rlhf_jax.models.hf_weights import hf_to_params, params_to_hf
 from rlhf_jax.models.transformer import CausalLM
@@ -46,57 +48,94 @@ _WEIGHT_FILES = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safe
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of one `.safetensors` file as NumPy arrays (bfloat16 via ml_dtypes)."""
-    with open(path, "rb") as file:
-        try:
-            header_size = int.from_bytes(file.read(8), "little")
-            header = json.loads(file.read(header_size))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not a safetensors file ({err})") from None
-        data = file.read()
+    """All tensors of one `.safetensors` file as NumPy arrays (bfloat16 via ml_dtypes).
+
+    Layout: an 8-byte little-endian header length, a JSON header `{name: {dtype, shape,
+    data_offsets: [start, end]}}`, then the data bytes. A file that does not follow it, or is
+    shorter than its header says (a truncated copy), is a ModelError naming the file.
+    """
+    path = Path(path)
+    folder, name = path.parent, path.name
+    data = path.read_bytes()
+    header_size = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or header_size > len(data) - 8:
+        raise ModelError(folder, f"{name}: not a safetensors file, or truncated ({len(data)} bytes, "
+                                 f"the header alone claims {header_size})")
+    try:
+        header = json.loads(data[8 : 8 + header_size])
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a {type(header).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelError(folder, f"{name}: not a safetensors file ({err})") from None
+    body = memoryview(data)[8 + header_size :]
     tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
+    for key, info in header.items():
+        if key == "__metadata__":
             continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        tensors[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+        try:
+            dtype_name, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(folder, f"{name}: tensor {key!r} has a malformed header entry {info!r}") from None
+        if dtype_name not in _SAFETENSORS_DTYPES:
+            raise ModelError(folder, f"{name}: tensor {key!r} has unsupported dtype {dtype_name}")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name])
+        if end > len(body):
+            raise ModelError(folder, f"{name}: truncated: tensor {key!r} ends at data byte {end} but "
+                                     f"the file holds {len(body)} data bytes")
+        if not 0 <= start <= end or end - start != math.prod(shape) * dtype.itemsize:
+            raise ModelError(folder, f"{name}: tensor {key!r} spans bytes {start}..{end}, which does "
+                                     f"not fit its shape {shape} of {dtype_name}")
+        tensors[key] = np.frombuffer(body[start:end], dtype=dtype).reshape(shape)
     return tensors
+
+
+def _weight_files_found(folder: Path) -> str:
+    others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack"))
+    return f"; found {', '.join(others)}: convert them to safetensors first" if others else ""
 
 
 def read_checkpoint_tensors(folder: Path) -> dict[str, np.ndarray]:
     """Tensors of a folder: the index's shards, else model.safetensors, else every *.safetensors."""
+    folder = Path(folder)
     index_file = folder / "model.safetensors.index.json"
     if index_file.exists():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ModelError(folder, f"{index_file.name}: not a safetensors index ({err!r})") from None
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{folder}: no *.safetensors weights (other weight formats are not read)")
+        raise ModelError(folder, "no *.safetensors weights (other weight formats are not read)"
+                         + _weight_files_found(folder))
     tensors: dict[str, np.ndarray] = {}
     for name in files:
         if not (folder / name).exists():
-            raise ValueError(f"{index_file}: shard {name!r} listed in the index is missing")
+            raise ModelError(folder, f"{index_file.name}: shard {name!r} listed in the index is missing")
         for key, value in read_safetensors(folder / name).items():
             if key in tensors:
-                raise ValueError(f"{folder}: tensor {key!r} appears in more than one shard")
+                raise ModelError(folder, f"tensor {key!r} appears in more than one shard")
             tensors[key] = value
     return tensors
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
-    config_file = Path(folder) / "config.json"
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(folder, "no such model folder")
+    config_file = folder / "config.json"
     if not config_file.exists():
-        raise ValueError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
+        raise ModelError(folder, "no config.json (is this a Hugging Face model folder?)")
     try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file}: invalid JSON ({err})") from None
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(folder, f"config.json: invalid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ModelError(folder, f"config.json: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _default_head(hf_config: dict) -> str:
@@ -114,22 +153,29 @@ def load_pretrained(path, *, head: str | None = None, dtype: str | None = None,
     head from `rng`); "value" -> ValueModel with a zero head; None -> "reward" when
     config.json names a `*ForSequenceClassification` architecture, else "lm".
     dtype: compute dtype (default float32); params are stored in `param_dtype`.
-    Raises ValueError naming the file or tensor when the folder does not fit the config.
+    Raises `ModelError` (a ValueError) naming the folder and the file or tensor at fault when
+    the folder is missing, unreadable, truncated or does not fit its config.
     """
     folder = Path(path)
-    hf_config = read_hf_config(folder)
-    head = _default_head(hf_config) if head is None else head
-    if head not in HEADS:
+    if head is not None and head not in HEADS:
         raise ValueError(f"`head` must be one of {list(HEADS)} or None, got {head!r}")
-    fields: dict[str, Any] = {"param_dtype": param_dtype, "remat": remat}
-    if dtype is not None:
-        fields["dtype"] = dtype
     try:
-        config = ModelConfig.from_hf_config(hf_config, **fields)
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{folder / 'config.json'}: missing or invalid field {err}") from None
+        hf_config = read_hf_config(folder)
+        head = _default_head(hf_config) if head is None else head
+        fields: dict[str, Any] = {"param_dtype": param_dtype, "remat": remat}
+        if dtype is not None:
+            fields["dtype"] = dtype
+        try:
+            config = ModelConfig.from_hf_config(hf_config, **fields)
+        except (KeyError, TypeError) as err:
+            raise ModelError(folder, f"config.json: missing or invalid field {err}") from None
+        except ValueError as err:
+            message = re.sub(r"^config\.json:? ", "", str(err))
+            raise ModelError(folder, f"config.json: {message}") from None
+        tensors = read_checkpoint_tensors(folder)
+    except OSError as err:  # unreadable files (permissions, I/O errors)
+        raise ModelError(folder, f"cannot be read ({err})") from None
     module = _MODULES[head](config)
-    tensors = read_checkpoint_tensors(folder)
 
     table = {"lm": "lm", "value": "none", "reward": "score" if "score.weight" in tensors else "none"}[head]
     rng = jax.random.PRNGKey(0) if rng is None else rng

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.errors import ModelError
 
 # (hf name, our path, transpose, required config flag or None)
 LLAMA_BACKBONE = (
@@ -135,8 +136,8 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], config: ModelConfig, head: s
     """Map Hugging Face tensors to our nested params, cast to `config.param_dtype`.
 
     `expected_shapes` is our parameter tree of shapes (e.g. from `jax.eval_shape(init)`).
-    Raises ValueError naming a missing tensor, a tensor of the wrong shape, or an
-    unexpected tensor. Optional rows absent from `tensors` are left out of the result.
+    Raises `ModelError(source, ...)` naming a missing tensor, a tensor of the wrong shape, or
+    an unexpected tensor. Optional rows absent from `tensors` are left out of the result.
     """
     rules = weight_rules(config, head)
     used = {rule.hf_name for rule in rules}
@@ -148,8 +149,8 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], config: ModelConfig, head: s
         if name not in used and name not in ignorable and not name.endswith(IGNORED_SUFFIXES)
     ]
     if unexpected:
-        raise ValueError(
-            f"{source}: unexpected tensor {unexpected[0]!r} for a {config.model_type} model with "
+        raise ModelError(
+            source, f"unexpected tensor {unexpected[0]!r} for a {config.model_type} model with "
             f"{config.num_layers} layers ({len(unexpected)} unexpected in all: {unexpected[:5]})"
         )
     params: dict = {}
@@ -157,13 +158,13 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], config: ModelConfig, head: s
         if rule.hf_name not in tensors:
             if rule.optional:
                 continue
-            raise ValueError(f"{source}: missing tensor {rule.hf_name!r} (for parameter {rule.param_path})")
+            raise ModelError(source, f"missing tensor {rule.hf_name!r} (for parameter {rule.param_path})")
         array = np.asarray(tensors[rule.hf_name])
         expected = tuple(_get(expected_shapes, rule.param_path))
         want = expected[::-1] if rule.transpose else expected
         if tuple(array.shape) != want:
-            raise ValueError(
-                f"{source}: tensor {rule.hf_name!r} has shape {tuple(array.shape)} but the config "
+            raise ModelError(
+                source, f"tensor {rule.hf_name!r} has shape {tuple(array.shape)} but the config "
                 f"expects {want} (for parameter {rule.param_path})"
             )
         value = array.T if rule.transpose else array

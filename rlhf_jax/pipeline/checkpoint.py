@@ -10,16 +10,27 @@ One checkpoint is a step directory `<directory>/<step>/` with three items:
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp-<time>/` and renames it when the
 write is complete, so a run killed mid-save leaves a temporary directory that is never listed
-as a step: `latest_step()` only sees finished checkpoints.
+as a step: `latest_step()` only sees finished checkpoints. What orbax cannot rule out is a
+finished checkpoint damaged afterwards (a full disk, a storage crash truncating a file):
+`restore_latest_readable` then falls back to the newest checkpoint that restores, and sets
+the damaged ones aside as `<step>.unreadable/` (never listed as steps, so the resumed run
+writes those steps afresh).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
 import os
+import sys
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from rlhf_jax.pipeline.errors import CheckpointError
+from rlhf_jax.training.multihost import barrier
 
 _ITEMS = ("state", "meta", "layout")
 
@@ -227,6 +238,44 @@ class Checkpointer:
                                if _is_typed_key(want) else got), target, restored)
         return state, meta
 
+    def restore_latest_readable(self, *, target: Any = None, shardings: Any = None
+                                ) -> tuple[Any, dict, list[tuple[int, str]]]:
+        """Restore the newest checkpoint that can be read, as `(state, meta, skipped)`.
+
+        Steps are tried newest first (`restore(step, target=..., shardings=...)`); `skipped`
+        lists `(step, reason)` for the newer ones that failed, each moved to
+        `<directory>/<step>.unreadable` so that it is no longer listed and the resumed run
+        writes that step again. Raises `CheckpointError` naming the directory and each
+        step's reason when none can be read (nothing is moved then), or when there are none.
+        """
+        self._manager.wait_until_finished()
+        failures: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                with _quiet_abandoned_reads():
+                    state, meta = self.restore(step, target=target, shardings=shardings)
+            except Exception as err:  # orbax/tensorstore raise many types for damaged files
+                failures.append((step, _reason(err)))
+                continue
+            if failures:
+                self._set_aside([bad for bad, _ in failures])
+            return state, meta, failures
+        detail = "; ".join(f"step {step}: {reason}" for step, reason in failures) or "it holds none"
+        raise CheckpointError(f"no readable checkpoint in {self.directory} ({detail})")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename step directories to `<step>.unreadable` (process 0), then re-list steps."""
+        if jax.process_index() == 0:
+            for step in steps:
+                source = os.path.join(self.directory, str(step))
+                target, number = f"{source}.unreadable", 1
+                while os.path.exists(target):
+                    number += 1
+                    target = f"{source}.unreadable{number}"
+                os.replace(source, target)
+        barrier("rlhf_jax_checkpoint_set_aside")
+        self._manager.reload()
+
     def _resolve_step(self, step: int | None) -> int:
         steps = self.all_steps()
         if step is None:
@@ -266,6 +315,46 @@ class Checkpointer:
             if want_dtype is not None and got_dtype is not None and np.dtype(want_dtype) != np.dtype(got_dtype):
                 raise ValueError(f"checkpoint {step_dir}: leaf `{name}` has dtype {got_dtype}, "
                                  f"the restore target expects {want_dtype}")
+
+
+def _ignore_closed_loop(previous):
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.ignores_closed_loop = True
+    return hook
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+    """Keep the aftermath of a failed restore off stderr: when one array cannot be read, orbax
+    abandons the other reads of that checkpoint, and their asyncio tasks report 'Task
+    exception was never retrieved' (asyncio's logger) or, when a read completes after
+    orbax closed its event loop, 'Event loop is closed' (sys.unraisablehook), each with a
+    traceback. The restore's own exception still propagates and is reported once. The
+    filter of exactly that RuntimeError stays installed in `sys.unraisablehook` (such a read
+    can finish after the restore returned); everything else reaches the previous hook."""
+    asyncio_logger = logging.getLogger("asyncio")
+    level = asyncio_logger.level
+    asyncio_logger.setLevel(logging.CRITICAL)
+    if not getattr(sys.unraisablehook, "ignores_closed_loop", False):
+        sys.unraisablehook = _ignore_closed_loop(sys.unraisablehook)
+    try:
+        yield
+    finally:
+        gc.collect()  # abandoned tasks report when collected: collect them while quiet
+        asyncio_logger.setLevel(level)
+
+
+def _reason(err: Exception) -> str:
+    """A short one-line account of why a restore failed (tensorstore messages run to pages)."""
+    text = " ".join(str(err).split())
+    text = text.split(" See full TensorStore details")[0].split(" [tensorstore_spec")[0]
+    if len(text) > 240:  # keep what failed (the start) and the root cause (the end)
+        text = f"{text[:120]} ... {text[-110:]}"
+    return f"{type(err).__name__}: {text}"
 
 
 def restore_checkpoint(directory: str | os.PathLike, step: int | None = None, *,

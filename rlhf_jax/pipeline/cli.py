@@ -4,15 +4,34 @@
 
 Each stage is a function `run(config_path, overrides, *, resume) -> dict` in its own module,
 imported only when its subcommand runs, so `rlhf-jax --help` stays fast.
+
+A problem the user can fix (a bad config key, data file, model or tokenizer folder, an
+unwritable output directory, no readable checkpoint to resume, a run whose training went
+non-finite) ends the command with one line `rlhf-jax <stage>: <kind> error: <message>` on
+stderr and exit code 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
+# transformers warns "PyTorch was not found" at import on installs without torch (which a JAX
+# run does not need); its advisory warnings are off for the command.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from rlhf_jax.models.errors import ModelError
 from rlhf_jax.pipeline.config import ConfigError
 from rlhf_jax.pipeline.data_formats import DataError
+from rlhf_jax.pipeline.errors import CheckpointError, NonFiniteError, OutputError
+from rlhf_jax.rewards.loading import RewardError
+
+# What a user can fix, reported as one line `rlhf-jax <stage>: <kind> error: <message>`, exit 2.
+USER_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (ConfigError, "config"), (DataError, "data"), (ModelError, "model"), (OutputError, "output"),
+    (CheckpointError, "checkpoint"), (NonFiniteError, "training"), (RewardError, "reward"),
+)
 
 # subcommand -> (module, function, one-line help)
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -50,11 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     run = getattr(importlib.import_module(module_name), function_name)
     try:
         run(args.config, args.overrides, resume=args.resume)
-    except ConfigError as err:
-        print(f"rlhf-jax {args.stage}: config error: {err}", file=sys.stderr)
-        return 2
-    except DataError as err:
-        print(f"rlhf-jax {args.stage}: data error: {err}", file=sys.stderr)
+    except tuple(error for error, _ in USER_ERRORS) as err:
+        kind = next(kind for error, kind in USER_ERRORS if isinstance(err, error))
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        print(f"rlhf-jax {args.stage}: {kind} error: {message}", file=sys.stderr, flush=True)
         return 2
     return 0
 

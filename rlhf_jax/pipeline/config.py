@@ -143,9 +143,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: byte 0x{err.object[err.start]:02x} at offset {err.start} is not "
+                              f"valid UTF-8 (is this a YAML file?)") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -1,6 +1,7 @@
 """Datasets: local JSON / JSONL / parquet files -> fixed-shape padded NumPy arrays.
 
-Files are read with Hugging Face `datasets` (`load_dataset("json" | "parquet", data_files=...)`);
+Files are read with Hugging Face `datasets` (`load_dataset("json" | "parquet", data_files=...)`,
+or `load_from_disk` for a folder written by `Dataset.save_to_disk`);
 row formats are described in `rlhf_jax.pipeline.data_formats`. Tokenisation uses the model
 folder's tokenizer:
 
@@ -98,7 +99,8 @@ class TokenizedData:
     kind: str  # "preference" | "prompt" | "sft"
     arrays: dict[str, np.ndarray]  # see the module docstring
     # "prompt_text": each prompt as text before tokenisation (the string, or the chat-template
-    # rendering), plus the file's other columns (e.g. "answer"), None where a file lacks one.
+    # rendering), plus the file's other columns (e.g. "answer"), None where a file lacks one;
+    # prompt data keeps "prompt" as given (a string or a message list).
     columns: dict[str, list[Any]]
     sources: list[tuple[str, int]]  # (file, row number from 1) of each kept row
     stats: DataStats
@@ -212,7 +214,8 @@ def _tokenize_file(path, rows, unreadable, tokenizer, config: DataConfig, kind: 
         )
 
     names = response_names(kind)
-    used_fields = {"prompt", "messages", *names}
+    # prompt rows keep their `prompt` as given (a string or a message list) for reward functions
+    used_fields = {"messages", *names} if kind == "prompt" else {"prompt", "messages", *names}
     rendered_rows = []
     for row in rows:
         number = row.pop("__row__")

@@ -1,7 +1,7 @@
 """Data file and row formats: reading files, validating and rendering rows into texts.
 
 Files: `.jsonl` (one JSON object per line), `.json` (a list of objects) and `.parquet`, read
-through Hugging Face `datasets`. Rows are numbered from 1 in file order (blank JSONL lines are
+through Hugging Face `datasets`, and folders written by `Dataset.save_to_disk`. Rows are numbered from 1 in file order (blank JSONL lines are
 not rows), and every error names the file and the row.
 
 Three kinds of dataset, each as plain strings or as conversations (lists of
@@ -83,37 +83,106 @@ def read_rows(path: str | Path, *, cache_dir: str | None = None) -> tuple[list[d
     Returns `(rows, unreadable)`: the rows as dicts, each with its number in the file under
     `"__row__"`, and `(row number, reason)` for records that are not JSON objects. Where
     `datasets` cannot read a JSON file faithfully (a line that is not JSON, a column mixing
-    types) the file is parsed with the `json` module instead, with the same row numbers.
+    types, bytes that are not UTF-8) the file is parsed with the `json` module instead, with
+    the same row numbers. Text that is not valid UTF-8 (a binary file, another encoding) is a
+    DataError naming the file and the row (JSONL, parquet) or the byte offset (JSON).
     """
     import datasets
 
     path = Path(path)
+    if path.is_dir():
+        return _read_saved_dataset(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected .json, .jsonl or .parquet")
     datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    # datasets logs the JSON errors that the by-hand parse below then reports per row
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         dataset = datasets.load_dataset(reader, data_files=str(path), split="train", cache_dir=cache_dir)
     except Exception as error:  # datasets wraps arrow/json errors in several classes
         if reader == "json":
             return _read_json_by_hand(path)
         raise DataError(f"{path}: cannot be read as {reader}: {error}") from error
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if any(type(feature).__name__ == "Json" for feature in dataset.features.values()):
         # A column whose rows hold different types: datasets re-decodes such values (a
         # string "12" becomes the number 12), so read the exact values by hand instead.
         return _read_json_by_hand(path)
+    try:
+        rows = dataset.to_list()
+    except UnicodeDecodeError:  # parquet string columns are decoded only here
+        row, column = _first_undecodable(dataset)
+        raise DataError(f"{path} row {row}: column '{column}' is not valid UTF-8 text") from None
+    for number, row in enumerate(rows, start=1):
+        row["__row__"] = number
+    return rows, []
+
+
+def _read_saved_dataset(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
+    """The rows of a folder written by `datasets` `save_to_disk` (a `DatasetDict`: its
+    `train` split, or its only one)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as error:  # not a saved dataset, or an unreadable one
+        raise DataError(f"{path}: a folder, but not one written by datasets' save_to_disk ({error})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset and len(dataset) != 1:
+            raise DataError(f"{path}: a DatasetDict with splits {sorted(dataset)} and no 'train' split")
+        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
     rows = dataset.to_list()
     for number, row in enumerate(rows, start=1):
         row["__row__"] = number
     return rows, []
 
 
+def _first_undecodable(dataset, chunk: int = 1024) -> tuple[int, str]:
+    """(row number from 1, column) of the first value that is not valid UTF-8."""
+    for name in dataset.column_names:
+        column = dataset.data.column(name)
+        for begin in range(0, len(column), chunk):
+            part = column.slice(begin, chunk)
+            try:
+                part.to_pylist()
+                continue
+            except UnicodeDecodeError:
+                pass
+            for offset in range(len(part)):
+                try:
+                    part.slice(offset, 1).to_pylist()
+                except UnicodeDecodeError:
+                    return begin + offset + 1, name
+    return 1, dataset.column_names[0]  # not reached: some value failed to decode
+
+
+def _decode_utf8(path: Path, data: bytes, *, lines_are_rows: bool) -> str:
+    """`data` as text (a UTF-8 byte-order mark is dropped); bytes that are not UTF-8 are a
+    DataError naming the row (JSONL: non-blank lines up to the bad byte) or the byte offset."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        offset = error.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        detail = f"byte 0x{data[offset]:02x} at offset {offset} is not valid UTF-8 (is this a text file?)"
+        if not lines_are_rows:
+            line = data.count(b"\n", 0, offset) + 1
+            raise DataError(f"{path}: line {line}: {detail}") from None
+        before = data[:offset].split(b"\n")
+        row = sum(1 for line in before[:-1] if line.strip()) + 1
+        raise DataError(f"{path} row {row}: {detail}") from None
+
+
 def _read_json_by_hand(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
     """The rows of a JSON array file or a JSON-lines file, parsed with the `json` module."""
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
+    data = path.read_bytes()
+    is_array = data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+    text = _decode_utf8(path, data, lines_are_rows=not is_array)
+    if is_array:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:

@@ -11,16 +11,28 @@ any pytree of arrays: a train state and an RNG key for SFT / reward / DPO; polic
 KL-controller states for PPO.
 
 - Metrics: a row `{"step": s, **metrics}` in `<output_dir>/metrics.jsonl` and TensorBoard
-  every `logging.every` steps and at the last step; evaluation metrics (`evaluate(carry)`,
+  every `logging.every` steps and at the last step (and, when no progress bar is drawn, e.g.
+  output not to a terminal, one printed line `[stage] step s/N  key value ...`); evaluation metrics (`evaluate(carry)`,
   every `eval_every` steps and at the end) join that step's row. No wall-clock values go into
   the rows, so two runs with the same seed write identical files.
 - Checkpoints (`<output_dir>/checkpoints/<step>`): the carry, plus the data position and the
   step in the checkpoint's metadata, every `checkpoint.interval` steps and at the end.
 - Resume: with `resume=True` the latest finished checkpoint is restored (carry, data position),
-  metrics.jsonl is cut back to its step, and training continues. On CPU with the same seed the
+  metrics.jsonl is cut back to its step, and training continues. A latest checkpoint that
+  cannot be read (a file truncated after it was finished) is skipped with one warning line
+  on stderr naming its step and why, and the newest readable one is used
+  (`Checkpointer.restore_latest_readable`); when none is readable the run stops with a
+  `CheckpointError` naming the checkpoint folder. On CPU with the same seed the
   resumed run ends with exactly the rows and parameters of an uninterrupted one: the batches
   are a function of the seed and position, and every step is deterministic. Without `resume`
   the run starts over and earlier checkpoints in the output dir are removed.
+- Non-finite values: with `max_consecutive_skips` set and an optimizer that skips non-finite
+  updates (`OptimizerConfig.nonfinite = "skip"`), every logged row and the progress line carry
+  `optim/nonfinite_skips` (skipped so far) and `optim/consecutive_skips` (in a row, now); a
+  run whose skips in a row reach `max_consecutive_skips` logs that step's row and stops with a
+  `NonFiniteError`. With `halt_on_nonfinite` (`nonfinite = "halt"`) the first non-finite
+  metric stops the run. Before any checkpoint is written the carry is checked: one that holds
+  a NaN or inf is refused with a `NonFiniteError`, so the latest checkpoint is always finite.
 - `stop_after=k` ends the run after k steps of this process without a final checkpoint, as if
   it had been killed (for testing resumption).
 - A step function that compiles again after its first call raises RuntimeError: with fixed
@@ -31,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -39,8 +52,11 @@ import numpy as np
 
 from rlhf_jax.pipeline.checkpoint import Checkpointer
 from rlhf_jax.pipeline.batching import BatchIterator, DataPosition
+from rlhf_jax.pipeline.errors import NonFiniteError
 from rlhf_jax.pipeline.metrics_log import MetricsLogger, progress
 from rlhf_jax.pipeline.recipes import CheckpointSection, LoggingSection
+from rlhf_jax.training.nonfinite import CONSECUTIVE_SKIPS, SKIPS, has_skip_counters, nonfinite_leaves, skip_counts
+from rlhf_jax.training.optim import check_finite
 from rlhf_jax.training.sharding import batch_sharding, replicated
 
 CHECKPOINT_DIR = "checkpoints"
@@ -65,6 +81,30 @@ def _host(metrics: Mapping[str, Any]) -> dict:
 
 def _cache_sizes(compiled: Sequence[Callable]) -> list[int]:
     return [fn._cache_size() if hasattr(fn, "_cache_size") else 0 for fn in compiled]
+
+
+def log_line(description: str, step: int, num_steps: int, row: Mapping[str, Any],
+             keys: Sequence[str] | None) -> str:
+    """`[description] step s/N  key value ...` for the `keys` present in `row` (all scalars
+    when `keys` is None; at most 8)."""
+    names = [name for name in (keys if keys is not None else row) if name in row][:8]
+    shown = []
+    for name in names:
+        try:
+            shown.append(f"{name} {float(np.asarray(row[name])):.4g}")
+        except (TypeError, ValueError):
+            continue
+    return f"[{description}] step {step}/{num_steps}  " + "  ".join(shown)
+
+
+def _listing(names: Sequence[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _latest(checkpointer: Checkpointer) -> str:
+    step = checkpointer.latest_step()
+    return "none (nothing was saved)" if step is None else f"step {step}"
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> str:
@@ -105,6 +145,8 @@ def run_loop(
     compiled: Sequence[Callable] = (),
     meta: Mapping[str, Any] | None = None,
     is_main_process: bool | None = None,
+    max_consecutive_skips: int | None = None,
+    halt_on_nonfinite: bool = False,
 ) -> LoopResult:
     """Train for `num_steps` steps (see the module docstring).
 
@@ -127,6 +169,9 @@ def run_loop(
         first step.
       meta: extra JSON values saved with every checkpoint (e.g. the config).
       is_main_process: whether this process writes logs (default `jax.process_index() == 0`).
+      max_consecutive_skips: stop when an optimizer in the carry has skipped this many
+        non-finite updates in a row (None: no skip counting; see the module docstring).
+      halt_on_nonfinite: stop at the first step whose metrics hold a NaN or inf.
     """
     if num_steps < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
@@ -140,15 +185,34 @@ def run_loop(
                                 max_to_keep=checkpoint.keep, async_save=checkpoint.async_save)
     start, resumed_from = 0, None
     if resume and checkpointer.latest_step() is not None:
-        carry, saved = checkpointer.restore(target=carry)
+        try:
+            carry, saved, skipped = checkpointer.restore_latest_readable(target=carry)
+        except BaseException:
+            checkpointer.close()
+            raise
         start = resumed_from = int(saved["step"])
         batches.restore(DataPosition(**saved["data_position"]))
+        if skipped and main:
+            steps = ", ".join(f"step {step} ({reason})" for step, reason in skipped)
+            print(f"warning: unreadable checkpoint {steps} in {ckpt_dir} set aside as "
+                  f"<step>.unreadable; resuming from step {start}", file=sys.stderr, flush=True)
+    count_skips = max_consecutive_skips is not None and has_skip_counters(carry)
+    if count_skips and progress_keys is not None:
+        progress_keys = (*progress_keys, SKIPS)
     logger = MetricsLogger(output_dir, is_main_process=main, tensorboard=logging.tensorboard,
                            resume_step=resumed_from if resume else None)
     bar = progress(num_steps, description, logging.progress, keys=progress_keys,
                    is_main_process=main, initial=start)
 
     def save(step: int, force: bool = False) -> None:
+        if not checkpointer.should_save(step, force=force):
+            return
+        bad = nonfinite_leaves(carry)
+        if bad:
+            checkpointer.wait()
+            raise NonFiniteError(
+                f"{description}: refusing to write the checkpoint of step {step}: NaN or inf in "
+                f"{_listing(bad)}; the latest checkpoint stays {_latest(checkpointer)}")
         position = batches.position
         checkpointer.save(step, carry, {
             "step": step, "data_position": {"epoch": position.epoch, "index": position.index},
@@ -165,20 +229,36 @@ def run_loop(
             if first_done is None:
                 jax.block_until_ready(metrics)
                 first_done, sizes = time.perf_counter(), _cache_sizes(compiled)
+            if halt_on_nonfinite:
+                try:
+                    check_finite(metrics, step)
+                except FloatingPointError as err:
+                    raise NonFiniteError(f"{description}: {err} (optim.nonfinite = halt)") from None
+            skips = skip_counts(carry) if count_skips else {}
+            diverged = bool(skips) and skips[CONSECUTIVE_SKIPS] >= max_consecutive_skips
             is_last = step == num_steps
             evaluating = evaluate is not None and (is_last or (eval_every and step % eval_every == 0))
-            if is_last or step % logging.every == 0 or evaluating:
-                row = _host(metrics)
-                if evaluating:
+            if is_last or step % logging.every == 0 or evaluating or diverged:
+                row = {**_host(metrics), **skips}
+                if evaluating and not diverged:
                     row.update(evaluate(carry))
                 last_row = logger.log(step, row) or row
                 bar.update(1, row)
+                if main and not bar.enabled:  # no bar (not a terminal): one plain line per logged row
+                    print(log_line(description, step, num_steps, row, progress_keys), flush=True)
                 now = _cache_sizes(compiled)
                 if now != sizes:
                     raise RuntimeError(f"{description}: a step function compiled again at step {step} "
                                        f"(jit cache sizes {sizes} -> {now}); shapes must stay fixed")
             else:
                 bar.update(1)
+            if diverged:
+                checkpointer.wait()
+                raise NonFiniteError(
+                    f"{description}: stopped at step {step}: {skips[CONSECUTIVE_SKIPS]} optimizer updates "
+                    f"in a row had NaN/inf gradients and were skipped (limit optim.max_consecutive_skips "
+                    f"= {max_consecutive_skips}; {skips[SKIPS]} skipped in all); the latest checkpoint "
+                    f"is {_latest(checkpointer)}. Lower the learning rate or check the data and model")
             save(step, force=is_last)
         jax.block_until_ready(carry)
     finally:
@@ -192,4 +272,4 @@ def run_loop(
                       last_metrics=dict(last_row), seconds=seconds, steps_per_second=rate)
 
 
-__all__ = ["LoopResult", "compile_train_step", "run_loop", "checkpoint_dir", "CHECKPOINT_DIR"]
+__all__ = ["LoopResult", "compile_train_step", "run_loop", "log_line", "checkpoint_dir", "CHECKPOINT_DIR"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import math
 import os
 import sys
@@ -95,6 +96,10 @@ class MetricsLogger:
             self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
+
+            # NaN/inf metrics are written as they are (and shown in metrics.jsonl and the
+            # progress line); tensorboardX's per-value warning would only flood stderr.
+            logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
             log_dir = os.path.join(self.out_dir, TENSORBOARD_DIR)
             if resume_step is None:  # a fresh run replaces an earlier run's events

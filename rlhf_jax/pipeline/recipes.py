@@ -9,7 +9,12 @@ supervised stages (sft, reward, dpo) share `StageConfig`:
     tokenizer   tokenizer folder (default: the model folder)
     data        files and lengths (`rlhf_jax.pipeline.data.DataConfig`)
     optim       optimizer (`rlhf_jax.training.optim.OptimizerConfig`); `total_steps` is set
-                to the stage's `train.steps`, so the schedule always spans the run
+                to the stage's `train.steps`, so the schedule always spans the run.
+                `optim.nonfinite` says what a NaN/inf gradient does: "skip" (default) drops
+                the update and counts it (`optim/nonfinite_skips` in the logs and progress
+                line), and the run stops after `optim.max_consecutive_skips` (default 10)
+                skips in a row; "halt" stops at the first non-finite metric; "none" does
+                nothing. No checkpoint or exported model holding a NaN/inf is ever written.
     mesh        device mesh (`rlhf_jax.training.sharding.MeshConfig`); with no -1 entry the
                 mesh uses the first data*fsdp*tensor devices
     train       length, batch size, micro-batching, `stop_after` (stop early to test resuming)
@@ -35,7 +40,7 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.lora import DEFAULT_TARGETS, check_lora_settings
 from rlhf_jax.pipeline.config import ConfigError, load_config
 from rlhf_jax.pipeline.data import DataConfig
-from rlhf_jax.pipeline.task import TaskConfig
+from rlhf_jax.pipeline.tasks import split_task_section
 from rlhf_jax.training.dpo_step import PreferenceLossConfig
 from rlhf_jax.training.grpo import GRPOConfig as GRPOAlgorithmConfig
 from rlhf_jax.training.optim import OptimizerConfig
@@ -122,7 +127,7 @@ class StageConfig:
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: str | None = None  # tokenizer folder; None: model.path
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)  # incl. nonfinite, max_consecutive_skips
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -174,12 +179,50 @@ class DPOConfig(StageConfig):
 
 
 @dataclass
+class RewardFunctionSpec:
+    """One reward function of `reward.functions` (see `rlhf_jax.rewards`)."""
+
+    function: str = ""  # path/to/file.py:name (relative to the working directory) or package.module:name
+    weight: float = 1.0  # its weight in the weighted sum
+
+
+@dataclass
 class RewardSource:
-    """What scores a response: a reward-model folder or the built-in task's gold scorer."""
+    """What scores a response: reward functions, a reward-model folder, both, or the built-in
+    task's gold scorer.
+
+    With `functions`, the score is `sum_f weight_f * f(...)` (a None left out of its row's
+    sum), plus `model_weight * reward model` when `path` is set; `kind` is then not used.
+    Without `functions`, `kind` picks the reward model (`path`) or the gold scorer. Reward
+    functions and the gold scorer run on the host between the jitted generate and update
+    phases of each iteration; a reward model alone scores inside the compiled iteration.
+    """
 
     kind: Literal["reward_model", "gold"] = "reward_model"
-    path: str | None = None  # reward-model folder when kind = reward_model
+    task: str | None = None  # the task whose scorer is `gold` (None: the default task)
+    path: str | None = None  # reward-model folder (kind = reward_model, or next to functions)
     gold_kind: Literal["exact", "graded"] = "exact"  # the gold scorer's variant (kind = gold)
+    functions: list[RewardFunctionSpec] = field(default_factory=list)
+    model_weight: float = 1.0  # weight of the reward model's score next to `functions`
+
+    @property
+    def uses_model(self) -> bool:
+        return self.path is not None if self.functions else self.kind == "reward_model"
+
+    @property
+    def uses_gold(self) -> bool:
+        return not self.functions and self.kind == "gold"
+
+
+@dataclass
+class DynamicSamplingSection:
+    """DAPO's dynamic sampling (Yu et al. 2025, arXiv:2503.14476): drop prompt groups whose
+    rewards all tie (zero advantage, no gradient) and refill the batch with groups of further
+    prompts, at most `max_refills` extra generate calls per iteration; a batch still short
+    after that is completed with tied groups (logged as `dynamic_sampling/filled_fraction`)."""
+
+    enabled: bool = False
+    max_refills: int = 4
 
 
 @dataclass
@@ -201,7 +244,8 @@ class RLStageConfig:
     tokenizer: str | None = None  # None: policy.path
     reward: RewardSource = field(default_factory=RewardSource)
     data: DataConfig = field(default_factory=DataConfig)  # prompt files
-    optim: OptimizerConfig = field(default_factory=OptimizerConfig)  # policy optimizer
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)  # policy optimizer (nonfinite,
+    # max_consecutive_skips: see the module docstring; PPO stops at the smaller limit of optim/value_optim)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: RLTrainSection = field(default_factory=RLTrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -236,9 +280,20 @@ class GRPOStageConfig(RLStageConfig):
     output_dir: str = "runs/grpo"
     reward: RewardSource = field(default_factory=lambda: RewardSource(kind="gold"))
     grpo: GRPOAlgorithmConfig = field(default_factory=GRPOAlgorithmConfig)
+    dynamic_sampling: DynamicSamplingSection = field(default_factory=DynamicSamplingSection)
+    mask_truncated: bool = False  # responses without EOS count no token in the loss
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalRewardSection:
+    """Reward functions scored on every policy's samples (`reward/<name>/mean` per policy); when
+    given they replace the built-in task's gold scorer (see `stages/evaluate.py`)."""
+
+    functions: list[RewardFunctionSpec] = field(default_factory=list)
+    pass_threshold: float = 0.5  # with functions: a sample passes when its weighted reward exceeds this
 
 
 @dataclass
@@ -252,6 +307,8 @@ class EvalConfig:
     reward_model: str | None = None  # reward-model folder (held-out accuracy); None: skip
     tokenizer: str | None = None  # None: the reference's (or the first policy's) folder
     prompts_file: str = ""  # prompt rows with an `answer` column (the task's eval_prompts.jsonl)
+    task: str | None = None  # the task whose scorer gives pass@k without reward.functions (None: default)
+    reward: EvalRewardSection = field(default_factory=lambda: EvalRewardSection())  # reward functions
     preferences_file: str | None = None  # held-out pairs for reward-model accuracy
     max_prompts: int | None = None  # evaluate on the first N prompts (None: all)
     num_samples: int = 64  # samples per prompt (pass@k for k <= num_samples)
@@ -278,7 +335,7 @@ class QuickstartConfig:
 
     output_dir: str = "runs/quickstart"
     seed: int = 0
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: dict = field(default_factory=dict)  # `name` (a task of rlhf_jax.tasks) + the task's config
     model: ModelConfig = field(default_factory=ModelConfig)  # the fresh policy's architecture
     stages: list[str] = field(default_factory=lambda: list(QUICKSTART_STAGES))
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -323,19 +380,34 @@ def check_stage_config(config, path=None) -> None:
                            "train.stop_after", "eval.batch_size", "logging.every"), path)
     if isinstance(config, RLStageConfig):
         _positive(config, ("train.iterations", "train.stop_after", "train.batch_size", "logging.every"), path)
+        _check_functions(config.reward.functions, "reward.functions", path)
         if config.lora is not None and config.lora.dropout > 0:
             source = f"{path}: " if path is not None else ""
             raise ConfigError(f"{source}`lora.dropout` must be 0 in the RL stages: the rollout's log-probs and "
                               f"the update's must come from the same deterministic policy")
+    if isinstance(config, GRPOStageConfig) and config.dynamic_sampling.max_refills < 0:
+        raise ConfigError(f"{path + ': ' if path else ''}`dynamic_sampling.max_refills` must be >= 0, "
+                          f"got {config.dynamic_sampling.max_refills}")
+    if isinstance(config, EvalConfig):
+        _check_functions(config.reward.functions, "reward.functions", path)
     if isinstance(config, EvalConfig):
         _positive(config, ("num_samples", "max_new_tokens", "batch_size"), path)
     if isinstance(config, QuickstartConfig):
+        split_task_section(config.task)  # an unknown task or task key is a ConfigError
         unknown = [name for name in config.stages if name not in QUICKSTART_STAGES]
         if unknown:
             raise ConfigError(f"unknown quickstart stage {unknown[0]!r} in `stages`; valid stages: "
                               f"{', '.join(QUICKSTART_STAGES)}")
         for name in QUICKSTART_STAGES:
             check_stage_config(getattr(config, name), path)
+
+
+def _check_functions(functions, key: str, path) -> None:
+    for index, spec in enumerate(functions):
+        if not spec.function:
+            source = f"{path}: " if path is not None else ""
+            raise ConfigError(f"{source}`{key}[{index}].function` is empty; expected "
+                              "'path/to/file.py:name' or 'package.module:name'")
 
 
 def with_schedule_length(optim: OptimizerConfig, steps: int) -> OptimizerConfig:
@@ -347,7 +419,7 @@ def with_schedule_length(optim: OptimizerConfig, steps: int) -> OptimizerConfig:
 __all__ = [
     "ModelSection", "LoRASection", "TrainSection", "EvalSection", "CheckpointSection", "LoggingSection",
     "StageConfig", "SFTOptions", "SFTConfig", "RewardOptions", "RewardConfig", "DPOConfig",
-    "RewardSource", "RLTrainSection", "RLStageConfig", "PPOStageConfig", "GRPOStageConfig", "EvalConfig",
+    "RewardFunctionSpec", "RewardSource", "DynamicSamplingSection", "EvalRewardSection", "RLTrainSection", "RLStageConfig", "PPOStageConfig", "GRPOStageConfig", "EvalConfig",
     "QuickstartConfig", "QUICKSTART_STAGES", "load_stage_config",
     "check_stage_config", "with_schedule_length",
 ]

@@ -28,6 +28,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from rlhf_jax.models.errors import ModelError
+
 PAD_TOKEN = "<pad>"
 EOS_TOKEN = "<eos>"
 BOS_TOKEN = "<bos>"
@@ -123,13 +125,20 @@ def _store_template_in_config(folder: Path, template: str) -> None:
 def load_tokenizer(folder: str | Path):
     """Load a Hugging Face tokenizer folder (ours or a user's model folder).
 
-    Raises ValueError naming the folder when it does not exist or the tokenizer has no EOS
-    token (responses must end with one).
+    Raises `rlhf_jax.models.errors.ModelError` naming the folder when it does not exist, holds
+    no tokenizer `transformers` can read (missing or corrupt files), or the tokenizer has no
+    EOS token (responses must end with one).
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"tokenizer folder not found: {folder}")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        raise ModelError(folder, "tokenizer folder not found")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:  # transformers/tokenizers raise OSError, ValueError, and their own types
+        detail = " ".join(str(err).split())
+        if len(detail) > 300:
+            detail = detail[:300] + " ..."
+        raise ModelError(folder, f"no readable tokenizer ({type(err).__name__}: {detail})") from None
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"{folder}: the tokenizer has no eos_token; responses need one")
+        raise ModelError(folder, "the tokenizer has no eos_token; responses need one")
     return tokenizer

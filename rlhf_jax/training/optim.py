@@ -19,11 +19,15 @@ One config (`OptimizerConfig`) builds the whole optax chain (`make_optimizer`):
   updates). `accumulate_gradients` does the same inside one compiled step with `lax.scan`.
 - Non-finite gradients (`nonfinite`):
   * "skip": `optax.apply_if_finite` drops an update whose gradients hold a NaN/Inf (parameters
-    and optimizer state unchanged) and counts it (`optimizer_metrics` reports the count).
-    After `max_consecutive_skips` skips in a row it lets the update through, so a run that has
-    truly diverged shows NaN instead of silently stalling.
-  * "halt": the chain is left as is; the training loop calls `check_finite(metrics, step)`
-    after each step, which raises `FloatingPointError` naming the step and the metrics.
+    and optimizer state unchanged) and counts it (`optimizer_metrics` reports the count,
+    `rlhf_jax.training.nonfinite.skip_counts` the counts of every optimizer in a carry).
+    After `max_consecutive_skips` skips in a row it lets the next update through, so a run
+    that has truly diverged shows NaN instead of silently stalling; the pipeline's training
+    loop (`rlhf_jax.pipeline.loop.run_loop`) stops the run with a clear message as soon as
+    the skips in a row reach `max_consecutive_skips`, before that happens.
+  * "halt": the chain is left as is; the pipeline's training loop calls
+    `check_finite(metrics, step)` after each step, which raises `FloatingPointError` naming
+    the step and the metrics.
   * "none": no handling.
 """
 from __future__ import annotations
@@ -56,7 +60,7 @@ class OptimizerConfig:
     max_grad_norm: float | None = 1.0  # global-norm clipping; None or 0 disables it
     grad_accum_steps: int = 1  # > 1: optax.MultiSteps averages this many micro-steps
     nonfinite: Literal["skip", "halt", "none"] = "skip"
-    max_consecutive_skips: int = 100  # "skip": give up skipping after this many in a row
+    max_consecutive_skips: int = 10  # "skip": stop the run after this many skipped updates in a row
 
     def __post_init__(self):
         check_in(self.schedule, SCHEDULES, "schedule")

@@ -24,7 +24,7 @@ import loss_variants  # noqa: E402
 from rlhf_jax.models.checkpoint_io import save_pretrained  # noqa: E402
 from rlhf_jax.models.config import ModelConfig  # noqa: E402
 from rlhf_jax.models.transformer import CausalLM  # noqa: E402
-from rlhf_jax.pipeline.task import TaskConfig, build_task  # noqa: E402
+from rlhf_jax.tasks.arithmetic import TaskConfig, build_task  # noqa: E402
 from rlhf_jax.pipeline.tokenizer import load_tokenizer  # noqa: E402
 
 

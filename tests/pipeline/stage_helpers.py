@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_jax.pipeline.task import TaskConfig, build_task, write_jsonl
+from rlhf_jax.pipeline.tasks import write_jsonl
+from rlhf_jax.tasks.arithmetic import TaskConfig, build_task
 
 TINY_TASK = TaskConfig(seed=1, min_digits=1, max_digits=2, num_sft=96, num_preferences=64,
                        num_prompts=32, num_eval_prompts=8, num_eval_preferences=16)

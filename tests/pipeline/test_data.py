@@ -445,3 +445,33 @@ def test_bad_iterator_arguments(numbered, options, message):
     batch_size = options.pop("batch_size")
     with pytest.raises(ValueError, match=message):
         BatchIterator(numbered, batch_size, **options)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_prompt_data_keeps_every_column_for_reward_functions(load, suffix):
+    rows = [{"prompt": "1+2=", "answer": "3", "level": 1}, {"prompt": user("9+9="), "answer": "18", "level": 2}]
+    if suffix == ".parquet":  # one type per parquet column: plain prompts only
+        rows = [rows[0], {"prompt": "9+9=", "answer": "18", "level": 2}]
+    _, data = load(rows, suffix, kind="prompt")
+    assert data.columns["answer"] == ["3", "18"] and data.columns["level"] == [1, 2]
+    assert data.columns["prompt"] == [row["prompt"] for row in rows]  # as given: text or messages
+    batch = next(BatchIterator(data, 2, shuffle=False))
+    assert [data.columns["answer"][row] for row in batch["row_index"]] == ["3", "18"]
+    if suffix != ".parquet":  # the conversational row went through the chat template
+        expect_prompt(data, 1, [BOS, USER] + ids("9+9=") + [ASSISTANT])
+
+
+def test_a_save_to_disk_folder_is_prompt_data(tokenizer, tmp_path):
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list([{"prompt": "1+2=", "answer": "3"}, {"prompt": "4+4=", "answer": "8"}]).save_to_disk(
+        str(folder))
+    data = load_data(folder, tokenizer, CONFIG, kind="prompt")
+    assert data.columns["answer"] == ["3", "8"] and data.sources == [(str(folder), 1), (str(folder), 2)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "5+5="}])}).save_to_disk(
+        str(tmp_path / "dict"))
+    assert load_data(tmp_path / "dict", tokenizer, CONFIG, kind="prompt").columns["prompt"] == ["5+5="]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
+        load_data(tmp_path / "empty", tokenizer, CONFIG, kind="prompt")

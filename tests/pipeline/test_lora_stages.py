@@ -22,7 +22,7 @@ from rlhf_jax.pipeline.recipes import LoRASection
 from rlhf_jax.pipeline.stages import common, dpo, grpo, ppo, reward, sft
 from rlhf_jax.pipeline.stages.dpo import dataset_logps, make_pair_logps
 from rlhf_jax.pipeline.stages.lora import stage_state
-from rlhf_jax.pipeline.task import write_jsonl
+from rlhf_jax.pipeline.tasks import write_jsonl
 from rlhf_jax.pipeline.tokenizer import load_tokenizer
 from rlhf_jax.training.optim import OptimizerConfig
 from rlhf_jax.training.sharding import MeshConfig, make_mesh

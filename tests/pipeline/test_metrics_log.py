@@ -139,3 +139,12 @@ def test_progress_bar(monkeypatch):
     with progress(10, "resumed", enabled=True, initial=6) as bar:
         bar.update(1)
     assert "7/10" in stream.getvalue()
+
+
+def test_log_line_shows_the_chosen_scalars():
+    from rlhf_jax.pipeline.loop import log_line
+
+    row = {"a/loss": np.float32(0.123456), "b": 2, "text": "x", "reward/c/mean": 0.5}
+    assert log_line("grpo", 3, 10, row, ("a/loss", "missing", "reward/c/mean")) == \
+        "[grpo] step 3/10  a/loss 0.1235  reward/c/mean 0.5"
+    assert log_line("sft", 1, 1, {"text": "x", "b": 2}, None) == "[sft] step 1/1  b 2"

@@ -44,7 +44,7 @@ def test_every_recipe_config_loads(name, cls):
 
 def test_quickstart_yaml_is_the_built_in_recipe():
     assert load_quickstart_config(CONFIGS / "quickstart.yaml") == load_quickstart_config()
-    assert load_quickstart_config().task.max_digits == QUICKSTART_RECIPE["task"]["max_digits"]
+    assert load_quickstart_config().task["max_digits"] == QUICKSTART_RECIPE["task"]["max_digits"]
 
 
 @pytest.mark.parametrize("stage, override, message", [
@@ -196,6 +196,13 @@ def test_ppo_with_the_gold_scorer_and_grpo_with_a_reward_model(task, sft_run, re
         "train.iterations=2", "reward.kind=reward_model", f"reward.path={rm_dir / 'model'}",
         "train.batch_size=2", "grpo.group_size=4", "grpo.sampling.max_new_tokens=5"])
     assert result["finished"] and "grpo/kl" in read_metrics(tmp_path / "grpo")[0]
+    # the reward model, scored in the generate phase, with dynamic sampling between the phases
+    result = grpo.run(None, _rl_overrides(task, tmp_path / "grpo_dynamic", policy) + [
+        "train.iterations=2", "reward.kind=reward_model", f"reward.path={rm_dir / 'model'}",
+        "train.batch_size=2", "grpo.group_size=4", "grpo.sampling.max_new_tokens=5",
+        "dynamic_sampling.enabled=true", "mask_truncated=true"])
+    rows = read_metrics(tmp_path / "grpo_dynamic")
+    assert result["finished"] and rows[0]["dynamic_sampling/refills"] == 0.0  # model scores never tie
 
 
 def test_eval_stage_reports_pass_at_k_win_rate_and_kl(task, sft_run, tmp_path):

@@ -1,11 +1,13 @@
 """The character-level tokenizer: a Hugging Face folder with distinct pad/EOS and a chat template."""
 import json
+import shutil
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from rlhf_jax.models.errors import ModelError
 from rlhf_jax.pipeline.tokenizer import build_tokenizer, load_tokenizer
 
 ALPHABET = "0123456789+-= ab"
@@ -110,5 +112,20 @@ def test_bad_padding_side_raises(tmp_path):
 
 
 def test_load_missing_folder_raises(tmp_path):
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(ModelError, match="tokenizer folder not found") as error:
         load_tokenizer(tmp_path / "nothing")
+    assert error.value.folder == str(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("breakage", ["empty folder", "tokenizer.json not JSON", "tokenizer.json binary"])
+def test_unreadable_tokenizer_folder_is_a_model_error_naming_it(folder, tmp_path, breakage):
+    broken = tmp_path / "tokenizer"
+    if breakage == "empty folder":
+        broken.mkdir()
+    else:
+        shutil.copytree(folder, broken)
+        content = b'{"version": "1.0", "trunc' if breakage == "tokenizer.json not JSON" else bytes(range(256))
+        (broken / "tokenizer.json").write_bytes(content)
+    with pytest.raises(ModelError, match="no readable tokenizer") as error:
+        load_tokenizer(broken)
+    assert error.value.folder == str(broken) and "\n" not in str(error.value)

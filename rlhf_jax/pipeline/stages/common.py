@@ -27,13 +27,16 @@ import numpy as np
 import yaml
 
 from rlhf_jax.models.checkpoint_io import load_pretrained, save_pretrained
+from rlhf_jax.models.errors import ModelError
 from rlhf_jax.models.heads import RewardModel, ValueModel
 from rlhf_jax.models.peft_io import save_peft_adapter
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.pipeline.config import ConfigError, to_dict
+from rlhf_jax.pipeline.errors import NonFiniteError, OutputError
 from rlhf_jax.pipeline.recipes import ModelSection
 from rlhf_jax.pipeline.tokenizer import load_tokenizer
 from rlhf_jax.training import multihost
+from rlhf_jax.training.nonfinite import nonfinite_leaves
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
 from rlhf_jax.training.sharding import (
     MeshConfig,
@@ -47,6 +50,7 @@ from rlhf_jax.training.state import create_train_state, train_state_shardings
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
+OUTPUT_FOLDERS = ("checkpoints", "tensorboard", MODEL_DIR, ADAPTER_DIR)  # folders a stage writes in its output_dir
 _MODULES = {"lm": CausalLM, "reward": RewardModel, "value": ValueModel}
 
 
@@ -59,13 +63,33 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _unwritable(path, err: OSError) -> OutputError:
+    return OutputError(f"`output_dir`: cannot write {path}: {err.strerror or err}")
+
+
 def prepare_output_dir(config) -> Path:
-    """Create `config.output_dir` and write the resolved config to `config.yaml` in it."""
+    """Create `config.output_dir` and write the resolved config to `config.yaml` in it.
+
+    This is a stage's first write, so an output directory that cannot be written (a file in
+    the way, no permission, a full disk) is an OutputError naming the path before any work
+    is done; so is a file where the stage will put a folder (checkpoints/, model/, ...).
+    """
     output_dir = Path(config.output_dir)
     if jax.process_index() == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(_plain(to_dict(config)), sort_keys=False)
-        (output_dir / "config.yaml").write_text(text)
+        config_file = output_dir / "config.yaml"
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _unwritable(err.filename or output_dir, err) from None
+        try:
+            config_file.write_text(text)
+        except OSError as err:  # no permission, a full disk (ENOSPC carries no file name)
+            raise _unwritable(config_file, err) from None
+        for name in OUTPUT_FOLDERS:
+            if (output_dir / name).exists() and not (output_dir / name).is_dir():
+                raise OutputError(f"`output_dir`: {output_dir / name} is a file, but the stage writes "
+                                  f"a folder there; move it away")
     return output_dir
 
 
@@ -77,13 +101,11 @@ def require(value, key: str, why: str):
 
 
 def stage_tokenizer(tokenizer_path: str | None, model_path: str | None, key: str = "tokenizer"):
-    """The tokenizer of `tokenizer_path`, else of the model folder."""
+    """The tokenizer of `tokenizer_path`, else of the model folder (a folder that is missing
+    or holds no readable tokenizer is a ModelError naming it)."""
     folder = tokenizer_path or model_path
     require(folder, key, "a tokenizer folder (or a model folder that holds one) is needed")
-    try:
-        return load_tokenizer(folder)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"`{key}`: cannot load a tokenizer from {folder}: {err}") from None
+    return load_tokenizer(folder)
 
 
 def fresh_model_config(section: ModelSection, tokenizer):
@@ -96,11 +118,12 @@ def fresh_model_config(section: ModelSection, tokenizer):
 
 
 def build_model(section: ModelSection, tokenizer, rng, *, head: str = "lm", key: str = "model"):
-    """`(module, params)`: `section.path` loaded as a Hugging Face folder with `head`, or a
-    fresh model from `section.init` (initialised from `rng`)."""
+    """`(module, params)`: `section.path` loaded as a Hugging Face folder with `head` (a
+    ModelError names a folder that is missing or cannot be loaded), or a fresh model from
+    `section.init` (initialised from `rng`)."""
     if section.path:
         if not Path(section.path).is_dir():
-            raise ConfigError(f"`{key}.path`: model folder {section.path} does not exist")
+            raise ModelError(section.path, f"no such model folder (`{key}.path`)")
         return load_pretrained(section.path, head=head, dtype=section.dtype, remat=section.remat, rng=rng)
     module = _MODULES[head](fresh_model_config(section, tokenizer))
     params = module.init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
@@ -108,10 +131,11 @@ def build_model(section: ModelSection, tokenizer, rng, *, head: str = "lm", key:
 
 
 def load_folder(path: str | None, *, head: str, key: str, rng=None):
-    """A model folder as `(module, params)`; a missing folder is a ConfigError naming `key`."""
+    """A model folder as `(module, params)`; an unset `key` is a ConfigError, a folder that is
+    missing or cannot be loaded a ModelError naming it (and `key` when it is missing)."""
     require(path, key, "a model folder is needed")
     if not Path(path).is_dir():
-        raise ConfigError(f"`{key}`: model folder {path} does not exist")
+        raise ModelError(path, f"no such model folder (`{key}`)")
     return load_pretrained(path, head=head, rng=rng)
 
 
@@ -157,8 +181,13 @@ def stage_rng(seed: int, mesh):
 
 
 def export_model(output_dir, module, params, tokenizer) -> Path:
-    """Save the final model as a Hugging Face folder `<output_dir>/model` with the tokenizer."""
+    """Save the final model as a Hugging Face folder `<output_dir>/model` with the tokenizer.
+    Parameters holding a NaN or inf are refused (NonFiniteError) and nothing is written."""
     folder = Path(output_dir) / MODEL_DIR
+    bad = nonfinite_leaves(params)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteError(f"refusing to export {folder}: NaN or inf in the parameters {shown}")
     host_params = multihost.fetch(params)  # a collective: every process gathers, one writes
     if jax.process_index() == 0:
         save_pretrained(folder, module, host_params, pad_token_id=tokenizer.pad_token_id,

@@ -1,4 +1,5 @@
-"""`rlhf-jax eval`: score policies on held-out prompts with the built-in task's gold scorer.
+"""`rlhf-jax eval`: score policies on held-out prompts with a task's gold scorer (`task`, the
+rows' `answer` column as reference) or with reward functions (`reward.functions`).
 
     rlhf-jax eval --config configs/eval.yaml policies.sft=runs/sft/model policies.ppo=runs/ppo/model
 
@@ -18,6 +19,12 @@ per policy (`results.json`):
                           over prompts (collapse onto one answer -> 1 / num_samples)
     reward_model_score    mean reward-model score of the samples (compare with the gold reward:
                           a score that rises while the gold reward does not is reward hacking)
+    reward, reward/<name>/mean|std
+                          with `reward.functions`: the mean weighted sum of the reward functions
+                          (on the host, given the prompt file's columns) and each one's mean and
+                          standard deviation; the functions then replace the gold scorer: a
+                          sample passes (pass@k, gold_reward) when its reward exceeds
+                          `reward.pass_threshold`, and the win rate compares rewards
 
 and the reward model's accuracy on held-out pairs (`preferences_file`). With `report: true` a
 markdown report with tables and plots is written (`stages/eval_report.py`).
@@ -37,7 +44,8 @@ from rlhf_jax.pipeline import eval_metrics
 from rlhf_jax.pipeline.data import DataConfig, load_data
 from rlhf_jax.pipeline.recipes import EvalConfig, load_stage_config
 from rlhf_jax.pipeline.stages import common
-from rlhf_jax.pipeline.stages.scoring import gold_scores
+from rlhf_jax.pipeline.stages.scoring import NOT_PASSED, gold_scores, reward_functions
+from rlhf_jax.rewards import RewardScorer
 from rlhf_jax.training.logprobs import response_logprobs
 from rlhf_jax.training.rollout import sampled_batch
 
@@ -136,6 +144,18 @@ def evaluate_policies(config: EvalConfig) -> dict:
     count = len(prompts) if config.max_prompts is None else min(config.max_prompts, len(prompts))
     prompt_ids = np.repeat(prompts.arrays["prompt_ids"][:count], config.num_samples, axis=0)
     prompt_mask = np.repeat(prompts.arrays["prompt_mask"][:count], config.num_samples, axis=0)
+    functions = reward_functions(config.reward.functions)
+    function_scorer = RewardScorer(functions, tokenizer) if functions else None
+    prompt_column = prompts.columns.get("prompt") or prompts.columns["prompt_text"]
+    function_inputs = dict(
+        prompts=prompt_column[:count],
+        columns={name: values[:count] for name, values in prompts.columns.items() if name not in NOT_PASSED},
+        repeat=config.num_samples,
+        row_names=[f"{file} row {number}" for file, number in prompts.sources[:count]])
+    answers = prompts.columns.get("answer")
+    gold_inputs = {"task": config.task,
+                   "answers": None if answers is None else np.repeat(np.asarray(answers[:count], object),
+                                                                     config.num_samples)}
     scorers = _Scorers()
     reward = common.load_folder(config.reward_model, head="reward", key="reward_model") if config.reward_model else None
     reference = common.load_folder(config.reference, head="lm", key="reference") if config.reference else None
@@ -151,12 +171,19 @@ def evaluate_policies(config: EvalConfig) -> dict:
         module, params = (reference if name is None else
                           common.load_folder(folder, head="lm", key=f"policies.{name}"))
         samples = sample_policy(module, params, prompt_ids, prompt_mask, config, tokenizer)
-        gold = gold_scores(tokenizer, prompt_ids, samples["tokens"], kind="exact")
-        graded = gold_scores(tokenizer, prompt_ids, samples["tokens"], kind="graded")
+        if function_scorer is None:
+            gold = gold_scores(tokenizer, prompt_ids, samples["tokens"], kind="exact", **gold_inputs)
+            graded = gold_scores(tokenizer, prompt_ids, samples["tokens"], kind="graded", **gold_inputs)
+        else:  # the reward functions replace the gold scorer: pass = reward above the threshold
+            graded, reward_metrics = function_scorer(samples["tokens"], samples["mask"], **function_inputs)
+            gold = (graded > config.reward.pass_threshold).astype(np.float32)
         samples_by_folder[folder], graded_by_folder[folder] = samples, graded
         if name is None:
             continue
         metrics = policy_metrics(samples, gold, graded, count, config.num_samples, tokenizer)
+        if function_scorer is not None:
+            metrics["reward"] = float(graded.mean())
+            metrics.update(reward_metrics)
         ids = np.concatenate([prompt_ids, samples["tokens"]], axis=1)
         mask = np.concatenate([prompt_mask, samples["mask"]], axis=1)
         if reference is not None:

@@ -1,23 +1,66 @@
-"""`rlhf-jax grpo`: GRPO / RLOO (group baselines, no value model) against the gold scorer or a
-reward model.
+"""`rlhf-jax grpo`: GRPO / RLOO (group baselines, no value model) against reward functions, a
+reward model, both, or the gold scorer.
 
     rlhf-jax grpo --config configs/grpo.yaml policy.path=runs/sft/model
 
-One iteration (`rlhf_jax.training.grpo.grpo_iteration`, compiled once) samples
-`grpo.group_size` responses for each of `train.batch_size` prompts, scores them, turns the
-scores into group-relative advantages and runs `grpo.num_iterations x grpo.num_minibatches`
-clipped-ratio updates with a `grpo.beta`-weighted k3 KL to the frozen reference.
+One iteration samples `grpo.group_size` responses for each of `train.batch_size` prompts,
+scores them, turns the scores into group-relative advantages and runs
+`grpo.num_iterations x grpo.num_minibatches` clipped-ratio updates with a `grpo.beta`-weighted
+k3 KL to the frozen reference.
+
+Where scoring runs: with a reward model alone (and neither `dynamic_sampling` nor
+`mask_truncated`), the whole iteration is one compiled `grpo_iteration`. With reward
+functions (`reward.functions`) or the gold scorer, the iteration is two compiled phases with
+the scoring on the host between them:
+`grpo_generate` (jit) -> decode + reward functions (host) -> `grpo_train` (jit). Between the
+phases the host can also drop groups whose rewards all tie and refill the batch from further
+prompts (`dynamic_sampling`, DAPO) and take responses without EOS out of the loss
+(`mask_truncated`).
 """
 from __future__ import annotations
 
 import jax
+import numpy as np
 
+from rlhf_jax.pipeline import dynamic_sampling
 from rlhf_jax.pipeline.recipes import GRPOStageConfig, load_stage_config, with_schedule_length
 from rlhf_jax.pipeline.stages import common, runs
 from rlhf_jax.pipeline.stages.lora import stage_state
-from rlhf_jax.pipeline.stages.ppo import scorer_arguments
-from rlhf_jax.training.grpo import GRPO_STATIC_ARGNAMES, grpo_iteration
+from rlhf_jax.pipeline.stages.scoring import HostScorer
+from rlhf_jax.training.grpo import (GRPO_STATIC_ARGNAMES, GRPO_TRAIN_STATIC_ARGNAMES, grpo_generate,
+                                    grpo_iteration, grpo_train)
 from rlhf_jax.training.sharding import replicated
+
+
+def model_scorer(reward, key: str = "reward") -> dict:
+    """`reward_module` / `reward_params` arguments of the in-jit reward model (none without one)."""
+    if not reward.uses_model:
+        return {}
+    module, params = common.load_folder(reward.path, head="reward", key=f"{key}.path")
+    return {"reward_module": module, "reward_params": params}
+
+
+def _placed_like(tree, reference):
+    """Host arrays `tree` placed as the device arrays `reference` are (so the compiled update
+    phase sees the same input placement every iteration)."""
+    return jax.device_put(tree, jax.tree.map(lambda x: x.sharding, reference))
+
+
+def without_truncated(data):
+    """`data` whose responses without EOS count no token in the loss (`response_mask` 0)."""
+    mask = np.asarray(data.response_mask) * np.asarray(data.has_eos)[..., None].astype(np.int32)
+    return data.replace(response_mask=jax.device_put(mask, data.response_mask.sharding))
+
+
+def _gather_groups(draws, selection, group_size: int):
+    """The selected groups of several draws (rollouts `[n, G, R]`, one group per leading
+    index; scores flat `[n * G]`), as one rollout and its scores."""
+    host = [jax.tree.map(np.asarray, data) for data, _ in draws]
+    data = jax.tree.map(lambda *parts: np.stack(parts),
+                        *[jax.tree.map(lambda x: x[group], host[draw]) for draw, group in selection.groups])
+    scores = np.concatenate([np.asarray(draws[draw][1]).reshape(-1, group_size)[group]
+                             for draw, group in selection.groups])
+    return _placed_like(data, draws[0][0]), scores
 
 
 def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
@@ -27,23 +70,69 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
     policy_module, policy_params = common.build_model(config.policy, setup.tokenizer,
                                                       common.rng_key(config.seed, 0), key="policy")
     ref_params = runs.frozen_reference(config, policy_params, mesh) if algorithm.beta > 0 else None
-    scorer = scorer_arguments(config.reward, setup.tokenizer)
+    in_jit = model_scorer(config.reward)
+    host = None if not (config.reward.functions or config.reward.uses_gold) else \
+        HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data)
+    runs.print_rollout_start("grpo", setup, host.describe() if host else ["reward model"])
     updates = config.train.iterations * algorithm.num_iterations * algorithm.num_minibatches
     policy_state, policy_shardings = stage_state(policy_module, policy_params,
                                                  with_schedule_length(config.optim, updates), mesh, config.lora, config.seed)
     del policy_params
-    # Outputs keep the inputs' placement, so the next call hits the compiled program.
-    iteration = jax.jit(grpo_iteration, static_argnames=GRPO_STATIC_ARGNAMES,
-                        donate_argnames=("policy_state",), out_shardings=(policy_shardings, replicated(mesh)))
+    everywhere = replicated(mesh)
+    if host is None and not (config.dynamic_sampling.enabled or config.mask_truncated):
+        # Outputs keep the inputs' placement, so the next call hits the compiled program.
+        iteration = jax.jit(grpo_iteration, static_argnames=GRPO_STATIC_ARGNAMES,
+                            donate_argnames=("policy_state",), out_shardings=(policy_shardings, everywhere))
 
-    def iterate(carry, prompt_ids, prompt_mask, key):
-        policy, metrics = iteration(carry["policy"], ref_params, prompt_ids, prompt_mask, key,
-                                    config=algorithm, **scorer)
-        return {"policy": policy}, metrics
+        def iterate(carry, batch, key):
+            policy, metrics = iteration(carry["policy"], ref_params, batch["prompt_ids"], batch["prompt_mask"],
+                                        key, config=algorithm, **in_jit)
+            return {"policy": policy}, metrics
 
+        compiled = (iteration,)
+    else:
+        generate = jax.jit(grpo_generate, static_argnames=GRPO_STATIC_ARGNAMES)
+        train = jax.jit(grpo_train, static_argnames=GRPO_TRAIN_STATIC_ARGNAMES,
+                        donate_argnames=("policy_state",), out_shardings=(policy_shardings, everywhere))
+        group_size, prompts = algorithm.group_size, config.train.batch_size
+        dynamic = config.dynamic_sampling
+
+        def draw(policy, batch, key):
+            data = generate(policy, ref_params, batch["prompt_ids"], batch["prompt_mask"], key,
+                            config=algorithm, **in_jit)
+            if host is None:  # the reward model alone, scored inside the generate phase
+                return data, np.asarray(data.scores).reshape(-1), {}
+            prompt_ids, response_ids, response_mask = (np.asarray(x) for x in data.flat_responses())
+            model_scores = None if data.scores is None else np.asarray(data.scores).reshape(-1)
+            scores, metrics = host.scores(prompt_ids, response_ids, response_mask,
+                                          batch["row_index"], repeat=group_size, model_scores=model_scores)
+            return data, scores, metrics
+
+        def iterate(carry, batch, key):
+            sample_key, shuffle_key = jax.random.split(key)
+            data, scores, metrics = draw(carry["policy"], batch, sample_key)
+            if dynamic.enabled:
+                draws = [(data, scores)]
+                while (len(draws) <= dynamic.max_refills
+                       and dynamic_sampling.needs_refill([s for _, s in draws], prompts, group_size)):
+                    more = runs.place_prompt_batch(next(setup.batches), mesh)
+                    extra, extra_scores, _ = draw(carry["policy"], more, jax.random.fold_in(sample_key, len(draws)))
+                    draws.append((extra, extra_scores))
+                selection = dynamic_sampling.select_groups([s for _, s in draws], prompts, group_size)
+                data, scores = _gather_groups(draws, selection, group_size)
+                metrics.update({"dynamic_sampling/refills": float(selection.refills),
+                                "dynamic_sampling/dropped_fraction": selection.dropped_fraction,
+                                "dynamic_sampling/filled_fraction": selection.filled_fraction})
+            if config.mask_truncated:
+                data = without_truncated(data)
+            policy, train_metrics = train(carry["policy"], data, scores, shuffle_key, config=algorithm)
+            return {"policy": policy}, {**train_metrics, **metrics}
+
+        compiled = (generate, train)
     return runs.run_rollout_stage("grpo", config, setup, policy_module, {"policy": policy_state}, iterate,
-                                    compiled=(iteration,), resume=resume,
-                                    progress_keys=("objective/scores", "grpo/kl", "grpo/clipfrac"))
+                                    compiled=compiled, resume=resume,
+                                    progress_keys=("objective/scores", "grpo/kl", "grpo/clipfrac",
+                                                   *runs.reward_keys(host)))
 
 
 def run(config_path=None, overrides=(), *, resume: bool = False) -> dict:

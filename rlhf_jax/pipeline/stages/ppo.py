@@ -1,12 +1,15 @@
-"""`rlhf-jax ppo`: KL-regularised PPO of a policy against a reward model (or the gold scorer).
+"""`rlhf-jax ppo`: KL-regularised PPO of a policy against a reward model, reward functions,
+both, or the gold scorer.
 
     rlhf-jax ppo --config configs/ppo.yaml policy.path=runs/sft/model reward.path=runs/reward/model
 
 Models: the policy (`policy.path`, trained), the frozen reference (`reference`, default the
 policy folder), the value model (`value`, default the reward-model folder: its decoder with a
-zeroed head, NUMERICS.md) and the scorer (`reward.kind`: a reward-model folder, or `gold`, the
-built-in task's verifiable reward). One iteration (`rlhf_jax.training.ppo.ppo_iteration`,
-compiled once) samples `train.batch_size` prompts' responses, scores them, shapes rewards with
+zeroed head, NUMERICS.md) and the scorer (`reward`: a reward-model folder, reward functions
+with weights, both, or `kind: gold`, the built-in task's verifiable reward). With a reward
+model alone the iteration is one compiled `ppo_iteration`; with reward functions or the gold
+scorer it is `ppo_generate` (jit) -> scoring on the host -> `ppo_train` (jit). One iteration
+samples `train.batch_size` prompts' responses, scores them, shapes rewards with
 the KL penalty, runs GAE and `ppo.epochs x ppo.num_minibatches` updates of the policy and the
 value model. The optimizer schedules span `iterations * epochs * num_minibatches` updates. With `lora`, the
 policy and the value model each train adapters on their frozen weights (the value model also
@@ -15,23 +18,17 @@ its `score` head, in full), and the reference is the policy's base with its adap
 from __future__ import annotations
 
 import jax
+import numpy as np
 
-from rlhf_jax.pipeline.recipes import PPOStageConfig, RewardSource, load_stage_config, with_schedule_length
+from rlhf_jax.pipeline.recipes import PPOStageConfig, load_stage_config, with_schedule_length
 from rlhf_jax.pipeline.stages import common, runs
+from rlhf_jax.pipeline.stages.grpo import model_scorer
 from rlhf_jax.pipeline.stages.lora import stage_state
 from rlhf_jax.pipeline.stages.runs import prompt_batches, sampling_with_tokenizer  # noqa: F401 (re-exported)
-from rlhf_jax.pipeline.stages.scoring import gold_score_fn
-from rlhf_jax.training.ppo import PPO_STATIC_ARGNAMES, kl_controller, ppo_iteration
-from rlhf_jax.training.rollout import host_scorer
+from rlhf_jax.pipeline.stages.scoring import HostScorer
+from rlhf_jax.training.ppo import (PPO_STATIC_ARGNAMES, PPO_TRAIN_STATIC_ARGNAMES, kl_controller, ppo_generate,
+                                   ppo_iteration, ppo_train)
 from rlhf_jax.training.sharding import replicated
-
-
-def scorer_arguments(reward: RewardSource, tokenizer, *, key: str = "reward") -> dict:
-    """`reward_module`/`reward_params` or `score_fn` keyword arguments for a rollout."""
-    if reward.kind == "gold":
-        return {"score_fn": host_scorer(gold_score_fn(tokenizer, kind=reward.gold_kind))}
-    module, params = common.load_folder(reward.path, head="reward", key=f"{key}.path")
-    return {"reward_module": module, "reward_params": params}
 
 
 def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
@@ -40,10 +37,13 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
     policy_module, policy_params = common.build_model(config.policy, setup.tokenizer,
                                                       common.rng_key(config.seed, 0), key="policy")
     ref_params = runs.frozen_reference(config, policy_params, mesh)
-    value_path = config.value or (config.reward.path if config.reward.kind == "reward_model" else None)
+    value_path = config.value or (config.reward.path if config.reward.uses_model else None)
     value_path = value_path or config.policy.path
     value_module, value_params = common.load_folder(value_path, head="value", key="value")
-    scorer = scorer_arguments(config.reward, setup.tokenizer)
+    in_jit = model_scorer(config.reward)
+    host = None if not (config.reward.functions or config.reward.uses_gold) else \
+        HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data)
+    runs.print_rollout_start("ppo", setup, host.describe() if host else ["reward model"])
 
     updates = config.train.iterations * algorithm.epochs * algorithm.num_minibatches
     policy_state, policy_shardings = stage_state(policy_module, policy_params,
@@ -53,21 +53,44 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
         config.lora, config.seed, stream=7)
     del policy_params, value_params
     everywhere = replicated(mesh)
-    # Outputs keep the inputs' placement, so the next call hits the compiled program.
-    iteration = jax.jit(ppo_iteration, static_argnames=PPO_STATIC_ARGNAMES,
-                        donate_argnames=("policy_state", "value_state", "kl_state"),
-                        out_shardings=(policy_shardings, value_shardings, everywhere, everywhere))
+    out_shardings = (policy_shardings, value_shardings, everywhere, everywhere)
+    donated = ("policy_state", "value_state", "kl_state")
+    if host is None:
+        # Outputs keep the inputs' placement, so the next call hits the compiled program.
+        iteration = jax.jit(ppo_iteration, static_argnames=PPO_STATIC_ARGNAMES, donate_argnames=donated,
+                            out_shardings=out_shardings)
 
-    def iterate(carry, prompt_ids, prompt_mask, key):
-        policy, value, kl_state, metrics = iteration(
-            carry["policy"], carry["value"], carry["kl"], ref_params, prompt_ids, prompt_mask, key,
-            config=algorithm, **scorer)
-        return {"policy": policy, "value": value, "kl": kl_state}, metrics
+        def iterate(carry, batch, key):
+            policy, value, kl_state, metrics = iteration(
+                carry["policy"], carry["value"], carry["kl"], ref_params, batch["prompt_ids"],
+                batch["prompt_mask"], key, config=algorithm, **in_jit)
+            return {"policy": policy, "value": value, "kl": kl_state}, metrics
+
+        compiled = (iteration,)
+    else:
+        generate = jax.jit(ppo_generate, static_argnames=PPO_STATIC_ARGNAMES)
+        train = jax.jit(ppo_train, static_argnames=PPO_TRAIN_STATIC_ARGNAMES, donate_argnames=donated,
+                        out_shardings=out_shardings)
+
+        def iterate(carry, batch, key):
+            sample_key, shuffle_key = jax.random.split(key)
+            data = generate(carry["policy"], carry["value"], ref_params, batch["prompt_ids"], batch["prompt_mask"],
+                            sample_key, config=algorithm, **in_jit)
+            prompt_ids, response_ids, response_mask = (np.asarray(x) for x in data.flat_responses())
+            model_scores = None if data.scores is None else np.asarray(data.scores).reshape(-1)
+            scores, metrics = host.scores(prompt_ids, response_ids, response_mask, batch["row_index"],
+                                          model_scores=model_scores)
+            policy, value, kl_state, train_metrics = train(carry["policy"], carry["value"], carry["kl"], data,
+                                                           scores, shuffle_key, config=algorithm)
+            return {"policy": policy, "value": value, "kl": kl_state}, {**train_metrics, **metrics}
+
+        compiled = (generate, train)
 
     carry = {"policy": policy_state, "value": value_state,
              "kl": jax.device_put(kl_controller(algorithm).init(), everywhere)}
-    return runs.run_rollout_stage("ppo", config, setup, policy_module, carry, iterate, compiled=(iteration,),
-                                    progress_keys=("objective/scores", "objective/kl", "ppo/clipfrac"),
+    return runs.run_rollout_stage("ppo", config, setup, policy_module, carry, iterate, compiled=compiled,
+                                    progress_keys=("objective/scores", "objective/kl", "ppo/clipfrac",
+                                                   *runs.reward_keys(host)),
                                     resume=resume)
 
 

@@ -1,4 +1,5 @@
-"""`rlhf-jax quickstart`: the whole pipeline on the built-in addition task, then a report.
+"""`rlhf-jax quickstart`: the whole pipeline on a built-in task (`task.name`, default
+`rlhf_jax.tasks.DEFAULT_TASK`), then a report.
 
     rlhf-jax quickstart                                  # the recipe of configs/quickstart.yaml
     rlhf-jax quickstart --config configs/quickstart.yaml sft.train.steps=500
@@ -36,7 +37,7 @@ from rlhf_jax.pipeline.config import ConfigError, apply_overrides, from_dict
 from rlhf_jax.pipeline.recipes import QuickstartConfig, check_stage_config
 from rlhf_jax.pipeline.report import Section
 from rlhf_jax.pipeline.stages import common
-from rlhf_jax.pipeline.task import build_task, write_jsonl
+from rlhf_jax.pipeline.tasks import default_task_name, split_task_section, write_jsonl
 
 replace = dataclasses.replace
 
@@ -103,6 +104,8 @@ def load_quickstart_config(path=None, overrides=()) -> QuickstartConfig:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        if isinstance(loaded.get("task"), dict) and loaded["task"].get("name") not in (None, default_task_name()):
+            data["task"] = {}  # another task: the recipe's task keys (the default task's) do not apply
         _merge(data, loaded)
     try:
         config = from_dict(QuickstartConfig, apply_overrides(data, overrides))
@@ -118,8 +121,9 @@ def _data(section, train, eval_files=()):
     return replace(section, train_files=[str(train)], eval_files=[str(f) for f in eval_files])
 
 
-def stage_configs(config: QuickstartConfig, task) -> dict:
-    """Each stage's config with the quickstart's paths filled in."""
+def stage_configs(config: QuickstartConfig, task, task_name: str | None = None) -> dict:
+    """Each stage's config with the quickstart's paths filled in (`task`: the `TaskFiles`;
+    `task_name`: the task whose scorer the gold reward and evaluation use)."""
     out = Path(config.output_dir)
     model_of = lambda stage: str(out / stage / common.MODEL_DIR)
     tokenizer = str(task.tokenizer_dir)
@@ -136,7 +140,7 @@ def stage_configs(config: QuickstartConfig, task) -> dict:
         "ppo": replace(config.ppo, output_dir=str(out / "ppo"), seed=seed, tokenizer=None, reference=sft_model,
                        policy=replace(config.ppo.policy, path=sft_model, init=None),
                        value=model_of("reward"),
-                       reward=replace(config.ppo.reward, path=model_of("reward")
+                       reward=replace(config.ppo.reward, task=task_name, path=model_of("reward")
                                       if config.ppo.reward.kind == "reward_model" else None),
                        data=_data(config.ppo.data, task.prompts)),
         "dpo": replace(config.dpo, output_dir=str(out / "dpo"), seed=seed, tokenizer=None, reference=sft_model,
@@ -144,14 +148,14 @@ def stage_configs(config: QuickstartConfig, task) -> dict:
                        data=_data(config.dpo.data, task.preferences, [task.eval_preferences])),
         "grpo": replace(config.grpo, output_dir=str(out / "grpo"), seed=seed, tokenizer=None, reference=sft_model,
                         policy=replace(config.grpo.policy, path=sft_model, init=None),
-                        reward=replace(config.grpo.reward, path=model_of("reward")
+                        reward=replace(config.grpo.reward, task=task_name, path=model_of("reward")
                                        if config.grpo.reward.kind == "reward_model" else None),
                         data=_data(config.grpo.data, task.prompts)),
     }
     trained = [name for name in ("sft", "ppo", "dpo", "grpo") if name in config.stages or
                (out / name / common.MODEL_DIR).is_dir()]
     configs["eval"] = replace(
-        config.eval, output_dir=str(out), seed=config.seed, tokenizer=tokenizer,
+        config.eval, output_dir=str(out), seed=config.seed, tokenizer=tokenizer, task=task_name,
         policies={name: model_of(name) for name in trained}, reference=sft_model,
         reward_model=model_of("reward"), prompts_file=str(task.eval_prompts),
         preferences_file=str(task.eval_preferences),
@@ -209,10 +213,11 @@ def run_quickstart(config: QuickstartConfig, *, resume: bool = False) -> dict:
     common.prepare_output_dir(config)
     timings = []
     start = time.perf_counter()
-    task = build_task(out / "task", config.task)
+    task_plugin, task_config = split_task_section(config.task)
+    task = task_plugin.build(out / "task", task_config)
     write_eval_sft(task, out / "task" / "eval_sft.jsonl")
     timings.append({"stage": "task", "seconds": round(time.perf_counter() - start, 1)})
-    configs = stage_configs(config, task)
+    configs = stage_configs(config, task, task_plugin.name)
     summaries = {}
     for stage in ("sft", "reward", "ppo", "dpo", "grpo"):
         if stage not in config.stages:
@@ -232,7 +237,8 @@ def run_quickstart(config: QuickstartConfig, *, resume: bool = False) -> dict:
         timings.append({"stage": "eval", "seconds": round(time.perf_counter() - start, 1)})
         timings.append({"stage": "total", "seconds": round(time.perf_counter() - began, 1)})
         checks = target_checks(results)
-        sections = [Section("Quick start", _intro(config), tables=[timings, checks])]
+        sections = [Section("Quick start", _intro(config, task_plugin.describe(task_config)),
+                            tables=[timings, checks])]
         results["timings"] = timings
         results["checks"] = checks
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -250,13 +256,9 @@ def run_quickstart(config: QuickstartConfig, *, resume: bool = False) -> dict:
     return {"stages": summaries, "results": results, "timings": timings, "seconds": total}
 
 
-def _intro(config: QuickstartConfig) -> str:
-    task = config.task
+def _intro(config: QuickstartConfig, task_description: str) -> str:
     model = config.model
-    return (f"Task: addition of {task.min_digits}-{task.max_digits} digit numbers, {task.num_sft} SFT "
-            f"demonstrations ({task.sft_noise_rate:.0%} corrupted: {', '.join(task.corruptions)}), "
-            f"{task.num_preferences} "
-            f"preference pairs, {task.num_prompts} RL prompts, {task.num_eval_prompts} held-out prompts. "
+    return (f"{task_description} "
             f"Model: a fresh {model.num_layers}-layer, d_model {model.hidden_size} {model.model_type} "
             f"transformer. PPO is scored by the reward model, GRPO by the "
             f"{'gold scorer' if config.grpo.reward.kind == 'gold' else 'reward model'}. Times are "

@@ -65,6 +65,16 @@ def pair_values(pair_fn, params, data, batch_size: int, mesh, max_batches: int |
     return np.concatenate(chosen), np.concatenate(rejected)
 
 
+def nonfinite_options(*optims) -> dict:
+    """`run_loop`'s non-finite handling for a stage's optimizer configs (None entries are
+    ignored): stop after the smallest `max_consecutive_skips` of those with
+    `nonfinite="skip"`, and at the first non-finite metric if any has `nonfinite="halt"`."""
+    optims = [optim for optim in optims if optim is not None]
+    limits = [optim.max_consecutive_skips for optim in optims if optim.nonfinite == "skip"]
+    return {"max_consecutive_skips": min(limits) if limits else None,
+            "halt_on_nonfinite": any(optim.nonfinite == "halt" for optim in optims)}
+
+
 # ----------------------------------------------------------------------------- supervised stages
 
 
@@ -121,7 +131,7 @@ def run_supervised_stage(stage: str, config, setup: SupervisedSetup, module, sta
         resume=resume, stop_after=config.train.stop_after,
         evaluate=None if evaluate is None else lambda carry: evaluate(inference_model(module, carry["state"])[1]),
         eval_every=config.eval.every, description=description or stage, progress_keys=progress_keys,
-        compiled=() if config.data.bucket_multiple else (step,),
+        compiled=() if config.data.bucket_multiple else (step,), **nonfinite_options(config.optim),
     )
     return finish_stage(stage, setup.output_dir, result, module, result.carry["state"], setup.tokenizer,
                         {"data": vars(setup.data.stats)}, base_path=config.model.path)
@@ -173,6 +183,34 @@ def open_rollout_stage(config, section: str, *, rows: int, rows_key: str) -> Rol
     return RolloutSetup(output_dir, tokenizer, algorithm, batches, stage_mesh(config.mesh))
 
 
+def place_prompt_batch(batch, mesh) -> dict:
+    """A host prompt batch as `iterate` receives it: placed ids and mask, host `row_index`."""
+    placed = place({"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"]}, mesh)
+    return {**placed, "row_index": batch["row_index"]}
+
+
+def print_rollout_start(stage: str, setup: RolloutSetup, scoring: list[str]) -> None:
+    """The block a user sees when an RL stage starts: the prompt data (rows, columns, one
+    prompt as the model sees it, prompts cut or skipped) and what scores the responses."""
+    if jax.process_index() != 0:
+        return
+    data = setup.batches.data
+    stats = data.stats
+    columns = [name for name in data.columns if name != "prompt_text"]
+    example = data.columns["prompt_text"][0] if len(data) else ""
+    lines = [f"[{stage}] prompts: {stats.num_used} rows of {stats.num_rows} "
+             f"({stats.num_skipped} skipped, {stats.num_truncated} truncated); columns: {', '.join(columns)}",
+             f"[{stage}] first prompt as the model sees it: {example!r}",
+             f"[{stage}] scored by: {'; '.join(scoring)}"]
+    print("\n".join(lines), flush=True)
+
+
+def reward_keys(host) -> tuple[str, ...]:
+    """`reward/<name>/mean` of a `HostScorer`'s reward functions (shown in progress lines)."""
+    functions = getattr(host, "functions", None)
+    return tuple(f"reward/{name}/mean" for name in functions.names) if functions is not None else ()
+
+
 def frozen_reference(config, policy_params, mesh):
     """The frozen reference policy's parameters, replicated over `mesh`: the `reference`
     folder (default `policy.path`), else a copy of the fresh policy's `policy_params`. With
@@ -190,33 +228,34 @@ def frozen_reference(config, policy_params, mesh):
 
 def run_rollout_stage(stage: str, config, setup: RolloutSetup, policy_module, carry, iterate, *,
                       compiled, progress_keys, resume: bool = False) -> dict:
-    """Run `train.iterations` rounds of `iterate(carry, prompt_ids, prompt_mask, key) ->
-    (carry, metrics)` (the `compiled` iteration; `carry` holds the states, e.g. `policy`) on
-    the prompt batches, with a fresh key from the checkpointed `rng` each round; export the
-    policy when finished; the stage's summary."""
+    """Run `train.iterations` rounds of `iterate(carry, batch, key) -> (carry, metrics)` (the
+    `compiled` phases; `carry` holds the states, e.g. `policy`) on the prompt batches, with a
+    fresh key from the checkpointed `rng` each round; export the policy when finished; the
+    stage's summary. `batch` holds the placed `prompt_ids`, `prompt_mask` and the host
+    `row_index` (the data rows, for the reward functions' columns)."""
     split = jax.jit(jax.random.split, out_shardings=replicated(setup.mesh))
 
     def step_fn(carry, batch):
         rng, key = split(carry["rng"])
-        new_carry, metrics = iterate(carry, batch["prompt_ids"], batch["prompt_mask"], key)
+        new_carry, metrics = iterate(carry, batch, key)
         return {**new_carry, "rng": rng}, metrics
 
     result = run_loop(
         output_dir=setup.output_dir, carry={**carry, "rng": stage_rng(config.seed, setup.mesh)},
         step_fn=step_fn, batches=setup.batches,
-        prepare_batch=lambda batch: place(
-            {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"]}, setup.mesh),
+        prepare_batch=lambda batch: place_prompt_batch(batch, setup.mesh),
         num_steps=config.train.iterations, checkpoint=config.checkpoint, logging=config.logging,
         resume=resume, stop_after=config.train.stop_after, description=stage,
         progress_keys=progress_keys, compiled=compiled,
+        **nonfinite_options(config.optim, getattr(config, "value_optim", None)),
     )
     return finish_stage(stage, setup.output_dir, result, policy_module, result.carry["policy"], setup.tokenizer,
                         base_path=config.policy.path)
 
 
 __all__ = [
-    "process_share", "train_batches", "ordered_batches", "pair_values", "SupervisedSetup",
+    "process_share", "train_batches", "nonfinite_options", "ordered_batches", "pair_values", "SupervisedSetup",
     "open_supervised_stage", "supervised_state_and_step", "run_supervised_stage",
     "sampling_with_tokenizer", "prompt_batches", "RolloutSetup", "open_rollout_stage",
-    "frozen_reference", "run_rollout_stage",
+    "place_prompt_batch", "print_rollout_start", "reward_keys", "frozen_reference", "run_rollout_stage",
 ]

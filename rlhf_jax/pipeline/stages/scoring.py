@@ -1,15 +1,29 @@
-"""Token ids -> text -> the built-in task's gold reward, for RL rewards and evaluation.
+"""What scores an RL stage's responses, on the host: reward functions, the gold scorer, and
+the reward model's in-jit score added to them.
 
-The gold scorer (`rlhf_jax.pipeline.task.gold_reward`) reads text: the prompt decoded without
-special tokens (`"12+345="`, also from a chat-rendered prompt) and the response decoded with
-them, so the EOS token marks where the answer stops. Identical rows are decoded once (many
-samples of one prompt repeat), which keeps scoring thousands of samples cheap.
+Reward functions (`reward.functions`, see `rlhf_jax.rewards`) and the built-in task's gold
+scorer read decoded text, so they run on the host between the jitted generate phase
+(`grpo_generate` / `ppo_generate`) and the update phase (`grpo_train` / `ppo_train`), never
+inside a JAX callback: an error in a reward function is a `RewardError`, reported by the CLI in
+one line (`reward error`) with exit code 2.
+
+The gold scorer (`reward.kind: gold`) is the `reward` of a task (`rlhf_jax.pipeline.tasks`): it
+reads the prompt decoded without special tokens (also from a chat-rendered prompt), the
+response decoded with them, so the EOS token marks where the answer stops, and the row's
+`answer` when the data has one. Identical rows are decoded once.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 
-from rlhf_jax.pipeline.task import gold_reward
+from rlhf_jax.pipeline.tasks import load_task
+from rlhf_jax.rewards import RewardError, RewardFunction, RewardScorer, function_name, load_reward_function
+
+# Columns of prompt data that are not passed to reward functions as keyword arguments.
+NOT_PASSED = ("prompt", "prompt_text")
 
 
 def decode_rows(tokenizer, ids: np.ndarray, *, skip_special_tokens: bool) -> list[str]:
@@ -20,33 +34,106 @@ def decode_rows(tokenizer, ids: np.ndarray, *, skip_special_tokens: bool) -> lis
     return [texts[i] for i in np.ravel(inverse)]
 
 
-def gold_scores(tokenizer, prompt_ids, response_ids, *, kind: str = "exact") -> np.ndarray:
-    """Gold rewards [B] float32 of responses [B, N] to prompts [B, P] (token ids).
+def gold_scores(tokenizer, prompt_ids, response_ids, *, kind: str = "exact", task: str | None = None,
+                answers=None) -> np.ndarray:
+    """Gold rewards [B] float32 of responses [B, N] to prompts [B, P] (token ids), by the
+    scorer of `task` (`rlhf_jax.pipeline.tasks`; None: the default task), with the rows'
+    reference `answers` [B] when the prompt data has them.
 
-    A response without the tokenizer's EOS token did not stop and scores 0 ("exact") or -1
-    ("graded"), see `gold_reward`.
+    A response without the tokenizer's EOS token did not stop (the task's scorer decides what
+    that scores). A prompt the scorer cannot read is a `RewardError` naming it.
     """
+    scorer = load_task(task)
     prompts = decode_rows(tokenizer, prompt_ids, skip_special_tokens=True)
     responses = decode_rows(tokenizer, response_ids, skip_special_tokens=False)
-    cache: dict[tuple[str, str], float] = {}
+    answers = [None] * len(prompts) if answers is None else [None if a is None else str(a) for a in answers]
+    cache: dict[tuple, float] = {}
     scores = np.empty(len(prompts), np.float32)
-    for index, pair in enumerate(zip(prompts, responses)):
-        if pair not in cache:
-            cache[pair] = gold_reward(pair[0], pair[1], kind=kind, eos_token=tokenizer.eos_token)
-        scores[index] = cache[pair]
+    for index, key in enumerate(zip(prompts, responses, answers)):
+        if key not in cache:
+            try:
+                cache[key] = scorer.reward(*key, kind=kind, eos_token=tokenizer.eos_token)
+            except ValueError as error:
+                raise RewardError(f"the {scorer.name} task's gold scorer cannot score prompt {key[0]!r}: "
+                                  f"{error}") from None
+        scores[index] = cache[key]
     return scores
 
 
-def gold_score_fn(tokenizer, *, kind: str = "exact"):
-    """A host scorer `(prompt_ids, response_ids, response_mask) -> [B]` for
-    `rlhf_jax.training.rollout.host_scorer`."""
-
-    def score(prompt_ids, response_ids, response_mask):
-        del response_mask  # the EOS token in the decoded text marks the end
-        return gold_scores(tokenizer, prompt_ids, response_ids, kind=kind)
-
-    score.__name__ = f"gold_{kind}"
-    return score
+def reward_functions(specs) -> list[RewardFunction]:
+    """Load `reward.functions` entries (`RewardFunctionSpec`s); raises `RewardError`."""
+    functions = []
+    for spec in specs:
+        fn = load_reward_function(spec.function)
+        functions.append(RewardFunction(function_name(fn, spec.function), fn, float(spec.weight)))
+    return functions
 
 
-__all__ = ["decode_rows", "gold_scores", "gold_score_fn"]
+@dataclasses.dataclass
+class HostScorer:
+    """Scores a stage's rollouts on the host from its `reward` section.
+
+    `scores(...)` returns `[B]` float32 scores: the weighted reward functions (plus
+    `model_weight *` the reward model's in-jit score, passed as `model_scores`), or the gold
+    scorer; and the metrics `reward/<name>/mean|std`.
+    """
+
+    tokenizer: Any
+    functions: RewardScorer | None
+    gold_kind: str | None
+    gold_task: str | None  # the task whose scorer is `gold`
+    model_weight: float | None  # None: no reward model
+    prompts: list  # the prompt data's `prompt` column (strings or message lists)
+    columns: dict[str, list]  # the other columns, passed to reward functions
+    row_names: list[str]  # "file row n" of each data row
+
+    @classmethod
+    def from_config(cls, reward, tokenizer, data) -> "HostScorer":
+        functions = reward_functions(reward.functions)
+        prompts = data.columns.get("prompt") or data.columns["prompt_text"]
+        return cls(
+            tokenizer=tokenizer,
+            functions=RewardScorer(functions, tokenizer) if functions else None,
+            gold_kind=reward.gold_kind if reward.uses_gold else None,
+            gold_task=reward.task,
+            model_weight=float(reward.model_weight) if reward.uses_model and functions else None,
+            prompts=list(prompts),
+            columns={name: values for name, values in data.columns.items() if name not in NOT_PASSED},
+            row_names=[f"{file} row {number}" for file, number in data.sources],
+        )
+
+    def describe(self) -> list[str]:
+        """One line per scoring part, with its weight."""
+        lines = []
+        if self.functions is not None:
+            lines += [f"{f.name} (weight {f.weight:g})" for f in self.functions.functions]
+        if self.model_weight is not None:
+            lines.append(f"reward model (weight {self.model_weight:g})")
+        if self.gold_kind is not None:
+            lines.append(f"gold scorer of the {load_task(self.gold_task).name} task ({self.gold_kind})")
+        return lines
+
+    def scores(self, prompt_ids, response_ids, response_mask, rows: np.ndarray, *, repeat: int = 1,
+               model_scores=None) -> tuple[np.ndarray, dict]:
+        """Scores of responses `[B, N]` to the data rows `rows` `[B / repeat]` (each row's
+        `repeat` responses contiguous)."""
+        response_ids, response_mask = np.asarray(response_ids), np.asarray(response_mask)
+        rows = np.asarray(rows)
+        if self.gold_kind is not None:
+            answers = self.columns.get("answer")
+            answers = None if answers is None else [answers[row] for row in rows for _ in range(repeat)]
+            return gold_scores(self.tokenizer, np.asarray(prompt_ids), response_ids, kind=self.gold_kind,
+                               task=self.gold_task, answers=answers), {}
+        scores, metrics = self.functions(
+            response_ids, response_mask, [self.prompts[row] for row in rows],
+            {name: [values[row] for row in rows] for name, values in self.columns.items()},
+            repeat=repeat, row_names=[self.row_names[row] for row in rows])
+        if self.model_weight is not None:
+            model_scores = np.asarray(model_scores, np.float32)
+            metrics["reward/reward_model/mean"] = float(model_scores.mean())
+            metrics["reward/reward_model/std"] = float(model_scores.std())
+            scores = scores + np.float32(self.model_weight) * model_scores
+        return scores.astype(np.float32), metrics
+
+
+__all__ = ["decode_rows", "gold_scores", "reward_functions", "HostScorer", "NOT_PASSED"]

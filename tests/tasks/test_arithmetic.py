@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from rlhf_jax.pipeline.config import ConfigError, load_config
 from rlhf_jax.pipeline.data import DataConfig, load_data
-from rlhf_jax.pipeline.task import (
+from rlhf_jax.tasks.arithmetic import (
     CORRUPTIONS,
     TaskConfig,
     build_task,
@@ -241,6 +241,26 @@ def test_gold_reward_bad_input():
 def test_parse_problem():
     assert parse_problem("12+345=") == (12, 345)
     assert parse_problem("<|user|>1+2=<|assistant|>3+4=") == (3, 4)
+    assert parse_problem("2+2+2=") == (2, 2, 2)
+
+
+def test_gold_reward_counts_every_operand_and_prefers_the_answer():
+    assert gold_reward("2+2+2=", "4<eos>") == 0.0
+    assert gold_reward("2+2+2=", "6<eos>") == 1.0
+    assert gold_reward("what is two plus two?", "4<eos>", answer="4") == 1.0
+    assert gold_reward("1+1=", "2<eos>", answer="3") == 0.0  # the row's answer wins
+
+
+def test_the_task_behind_the_interface_and_its_reward_function():
+    from rlhf_jax.pipeline.tasks import load_task
+    from rlhf_jax.tasks.arithmetic import correct
+
+    task = load_task("arithmetic")
+    assert task is load_task(None) and task.reward("1+2+3=", "6<eos>", eos_token="<eos>") == 1.0
+    assert task.make_config({"max_digits": 2}).max_digits == 2
+    assert correct(["1+2=", "5+5=", [{"role": "user", "content": "9+1="}]],
+                   ["3", "11", [{"role": "assistant", "content": "10"}]]) == [1.0, 0.0, 1.0]
+    assert correct(["hello"], ["7"], answer=["7"]) == [1.0]
 
 
 @settings(max_examples=20, deadline=None)

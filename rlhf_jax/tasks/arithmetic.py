@@ -31,9 +31,12 @@ answers, each corrupted with probability `preference_noise_rate`, ordered by the
 
 Held-out problems (eval prompts and eval preferences) never appear in a training split.
 
-The gold scorer `gold_reward(prompt, completion)` reads the completion up to the EOS token
-and returns 1.0 for exactly the right sum, else 0.0; `kind="graded"` gives partial credit
-(share of right digits, a penalty without EOS). `gold_rewards` scores a batch.
+The gold scorer `gold_reward(prompt, completion, answer=...)` reads the completion up to the
+EOS token and returns 1.0 for exactly the right sum (all operands of `a+b(+c...)=`, or the
+row's `answer` when given), else 0.0; `kind="graded"` gives partial credit (share of right
+digits, a penalty without EOS). `gold_rewards` scores a batch; `correct` is the TRL-style
+reward function (`rlhf_jax.tasks.arithmetic:correct` in a config). `TASK` is the task behind
+the `rlhf_jax.pipeline.tasks.Task` interface.
 """
 from __future__ import annotations
 
@@ -46,25 +49,25 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from rlhf_jax.pipeline.tasks import Task, TaskFiles, write_config, write_jsonl
 from rlhf_jax.pipeline.tokenizer import EOS_TOKEN, build_tokenizer
 
 TASK_ALPHABET = "0123456789+="
 CORRUPTIONS = ("digit", "off_by_one", "no_carry", "drop", "extra")
 
 
-_PROBLEM = re.compile(r"(\d+)\+(\d+)=")
+_PROBLEM = re.compile(r"(\d+(?:\+\d+)+)=")
 
 
-def parse_problem(prompt: str) -> tuple[int, int]:
-    """The operands (a, b) of the last `a+b=` in `prompt` (plain or chat-rendered).
+def parse_problem(prompt: str) -> tuple[int, ...]:
+    """All operands of the last `a+b(+c...)=` in `prompt` (plain or chat-rendered).
 
     Raises ValueError when the prompt holds no addition problem.
     """
     matches = _PROBLEM.findall(prompt)
     if not matches:
         raise ValueError(f"prompt {prompt!r} holds no addition problem like '12+345='")
-    a, b = matches[-1]
-    return int(a), int(b)
+    return tuple(int(operand) for operand in matches[-1].split("+"))
 
 
 def gold_reward(
@@ -75,24 +78,26 @@ def gold_reward(
     eos_token: str = EOS_TOKEN,
     require_eos: bool = True,
     no_eos_score: float = -1.0,
+    answer: str | None = None,
 ) -> float:
     """The verifiable reward of `completion` for the addition problem in `prompt`.
 
-    The answer is the completion's text before the first `eos_token` (anything after it,
-    such as padding, is ignored). A completion without `eos_token` did not stop: it scores
-    0.0 under "exact" and `no_eos_score` under "graded", unless `require_eos=False` (for
-    completions already cut at EOS), in which case the whole text is the answer.
+    The target is `answer` when given (the prompt row's reference), else the sum of all
+    operands of the prompt's last `a+b(+c...)=`. The completion's answer is its text before
+    the first `eos_token` (anything after it, such as padding, is ignored). A completion
+    without `eos_token` did not stop: it scores 0.0 under "exact" and `no_eos_score` under
+    "graded", unless `require_eos=False` (for completions already cut at EOS), in which case
+    the whole text is the answer.
 
     Kinds:
-      exact:  1.0 if the answer is exactly `str(a + b)` (no spaces, no leading zeros), else 0.0.
+      exact:  1.0 if the answer is exactly the target (no spaces, no leading zeros), else 0.0.
       graded: the share of correct characters, aligned from the right (units under units):
               `matches / max(len(answer), len(target))`, so exactly right is 1.0, an empty
               answer 0.0, a missing EOS `no_eos_score` (a penalty, -1.0 by default).
     """
     if kind not in ("exact", "graded"):
         raise ValueError(f"kind must be 'exact' or 'graded', got {kind!r}")
-    a, b = parse_problem(prompt)
-    target = str(a + b)
+    target = str(answer).strip() if answer is not None else str(sum(parse_problem(prompt)))
     stop = completion.find(eos_token)
     if stop < 0 and require_eos:
         return 0.0 if kind == "exact" else float(no_eos_score)
@@ -137,19 +142,6 @@ class TaskConfig:
     preference_reward: Literal["exact", "graded"] = "exact"  # scorer ordering the pairs
     corruptions: tuple[str, ...] = CORRUPTIONS  # kinds of corruption to draw from
     format: Literal["string", "conversational"] = "string"
-
-
-@dataclass(frozen=True)
-class TaskFiles:
-    """Paths written by `build_task`."""
-
-    tokenizer_dir: Path
-    sft: Path
-    preferences: Path
-    prompts: Path
-    eval_prompts: Path
-    eval_preferences: Path
-    config: Path
 
 
 def validate_task_config(config: TaskConfig) -> None:
@@ -344,17 +336,49 @@ def build_task(output_dir: str | Path, config: TaskConfig | None = None) -> Task
     build_tokenizer(output_dir / "tokenizer", TASK_ALPHABET)
     for name, rows in splits.items():
         write_jsonl(output_dir / f"{name}.jsonl", rows)
-    config_path = output_dir / "task_config.json"
-    config_path.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     return TaskFiles(
         tokenizer_dir=output_dir / "tokenizer",
-        config=config_path,
+        config=write_config(output_dir / "task_config.json", config),
         **{name: output_dir / f"{name}.jsonl" for name in splits},
     )
 
 
-def write_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
-    """Write one JSON object per line (UTF-8, keys in insertion order)."""
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+def correct(prompts, completions, answer=None, **kwargs) -> list[float]:
+    """TRL-style reward function: 1.0 when the completion (decoded without special tokens) is
+    the sum, from the row's `answer` when it has one, else from the prompt's operands."""
+    answers = answer if answer is not None else [None] * len(prompts)
+    return [gold_reward(_prompt_text(prompt), _completion_text(completion), require_eos=False, answer=gold)
+            for prompt, completion, gold in zip(prompts, completions, answers)]
+
+
+def _prompt_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else " ".join(str(m.get("content", "")) for m in prompt)
+
+
+def _completion_text(completion) -> str:
+    return completion if isinstance(completion, str) else str(completion[-1].get("content", ""))
+
+
+class ArithmeticTask(Task):
+    """Multi-digit addition (the module docstring)."""
+
+    name = "arithmetic"
+    config_class = TaskConfig
+
+    def build(self, output_dir, config=None) -> TaskFiles:
+        return build_task(output_dir, config)
+
+    def reward(self, prompt, completion, answer=None, *, kind="exact", eos_token=EOS_TOKEN) -> float:
+        return gold_reward(prompt, completion, kind=kind, eos_token=eos_token, answer=answer)
+
+    def reward_functions(self):
+        return {"correct": correct}
+
+    def describe(self, config: TaskConfig) -> str:
+        return (f"Task: addition of {config.min_digits}-{config.max_digits} digit numbers, {config.num_sft} SFT "
+                f"demonstrations ({config.sft_noise_rate:.0%} corrupted: {', '.join(config.corruptions)}), "
+                f"{config.num_preferences} preference pairs, {config.num_prompts} RL prompts, "
+                f"{config.num_eval_prompts} held-out prompts.")
+
+
+TASK = ArithmeticTask()

@@ -1,0 +1,113 @@
+"""Reward functions: what they are, how they are named in a config, how they are loaded.
+
+A reward function follows the convention of TRL's `GRPOTrainer(reward_funcs=...)`:
+
+    fn(prompts: list, completions: list, **columns) -> list[float | None]
+
+`prompts` and `completions` are one entry per response (a prompt appears once per sample of
+it): plain strings, or for conversational rows the prompt's message list and
+`[{"role": "assistant", "content": text}]`. `columns` are the prompt dataset's other fields for
+the same rows (e.g. `answer=[...]`) plus `completion_ids` (each response's token ids up to and
+including its EOS). `None` means "does not apply to this row". A function whose signature has
+no `**kwargs` receives only the columns it names.
+
+In a config a function is `path/to/file.py:name` (relative to the working directory) or
+`package.module:name`. `RewardError` carries the one-line message of anything that goes wrong
+(import failure, exception, wrong length, non-number, NaN); the `rlhf-jax` command reports it
+as `rlhf-jax <stage>: reward error: ...` with exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Callable
+
+
+class RewardError(ValueError):
+    """A reward function that cannot be loaded or returned something unusable (one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardFunction:
+    """A reward function with its log name and its weight in the weighted sum."""
+
+    name: str
+    fn: Callable
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise RewardError(f"reward function {self.name!r} is not callable (got {type(self.fn).__name__})")
+
+
+def _load_file(path: Path, spec: str):
+    if not path.is_file():
+        raise RewardError(f"reward function {spec!r}: file {path} not found")
+    module_name = f"rlhf_jax_user_rewards_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)  # let the file import its neighbours
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
+def load_reward_function(spec: str) -> Callable:
+    """The callable named by `spec`: `path/to/file.py:name` or `package.module:name`.
+
+    Raises `RewardError` (one line) when the module cannot be imported, has no such name, or
+    the object is not callable.
+    """
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise RewardError(f"reward function {spec!r}: expected 'path/to/file.py:name' or 'package.module:name'")
+    where, name = spec.split(":")
+    try:
+        module = _load_file(Path(where), spec) if where.endswith(".py") else importlib.import_module(where)
+    except RewardError:
+        raise
+    except BaseException as error:  # a user module may raise anything while importing
+        raise RewardError(f"reward function {spec!r}: cannot import {where}: "
+                          f"{type(error).__name__}: {_one_line(error)}") from None
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise RewardError(f"reward function {spec!r}: {where} has no attribute {name!r}")
+    if not callable(fn):
+        raise RewardError(f"reward function {spec!r}: {name} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def function_name(fn: Callable, spec: str | None = None) -> str:
+    """The name logged for a reward function: its `__name__`, else the spec's name part."""
+    name = getattr(fn, "__name__", None)
+    if not name or name == "<lambda>":
+        name = spec.split(":")[-1] if spec else type(fn).__name__
+    return name
+
+
+def accepted_columns(fn: Callable, columns: dict) -> dict:
+    """The keyword arguments `fn` can take: all `columns` if it has `**kwargs`, else the ones
+    it names."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return dict(columns)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return dict(columns)
+    names = {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                         inspect.Parameter.KEYWORD_ONLY)}
+    return {key: value for key, value in columns.items() if key in names}
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+__all__ = ["RewardError", "RewardFunction", "load_reward_function", "function_name", "accepted_columns"]

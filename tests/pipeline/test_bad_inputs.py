@@ -1,0 +1,328 @@
+"""Broken inputs through the `rlhf-jax` command: each is one line `rlhf-jax <stage>: <kind>
+error: ...` naming the culprit, exit code 2, and no traceback (a damaged latest checkpoint is
+a one-line warning, and the run resumes from the newest readable one).
+
+Most cases call the command's `main` in this process (the same code path as the console
+script, its stderr captured); two run `python -m rlhf_jax.pipeline.cli` in a subprocess."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import safetensors.numpy
+from stage_helpers import LENGTHS, QUIET, TINY_MODEL, tiny_task
+
+from rlhf_jax.models.checkpoint_io import save_pretrained
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import CausalLM
+from rlhf_jax.pipeline import cli
+from rlhf_jax.pipeline.metrics_log import read_metrics
+from rlhf_jax.pipeline.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+K_PROJ = "model.layers.0.self_attn.k_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return tiny_task(tmp_path_factory.mktemp("task"))
+
+
+@pytest.fixture(scope="module")
+def good_model(task, tmp_path_factory):
+    """A tiny policy folder (weights, config, tokenizer) that every stage accepts."""
+    tokenizer = load_tokenizer(task.tokenizer_dir)
+    config = ModelConfig.llama(vocab_size=len(tokenizer), hidden_size=32, num_layers=1, num_heads=2,
+                               intermediate_size=64, max_position_embeddings=32)
+    module = CausalLM(config)
+    params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
+    folder = save_pretrained(tmp_path_factory.mktemp("good") / "model", module, params,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=tokenizer.bos_token_id)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def run_cli(capsys, *argv) -> tuple[int, list[str], str]:
+    """`rlhf-jax argv...` in this process: (exit code, non-empty stderr lines, stderr)."""
+    capsys.readouterr()
+    code = cli.main([str(arg) for arg in argv])
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip()], err
+
+
+def assert_one_error_line(code, lines, err, stage, kind, *culprits):
+    assert "Traceback" not in err, err
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"rlhf-jax {stage}: {kind} error: "), lines[0]
+    for culprit in culprits:
+        assert str(culprit) in lines[0], (culprit, lines[0])
+
+
+def sft_args(task, output_dir, *extra):
+    return ["sft", f"output_dir={output_dir}", f"tokenizer={task.tokenizer_dir}", f"model.init={TINY_MODEL}",
+            f"data.train_files=[{task.sft}]", *LENGTHS, *QUIET, "train.steps=4", "train.batch_size=8",
+            "checkpoint.keep=null", "checkpoint.async_save=false", *extra]
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def _edit_tensors(edit):
+    def apply(folder):
+        tensors = safetensors.numpy.load_file(folder / "model.safetensors")
+        edit(tensors)
+        safetensors.numpy.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return apply
+
+
+def _truncate(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * 2 // 3])
+
+
+def _unknown_model_type(folder):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
+
+
+MODEL_BREAKAGES = {
+    "no config.json": (lambda f: (f / "config.json").unlink(), "no config.json"),
+    "no weights": (lambda f: (f / "model.safetensors").unlink(), "no *.safetensors weights"),
+    "pytorch_model.bin only": (lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"),
+                               "found pytorch_model.bin"),
+    "truncated safetensors": (_truncate, "model.safetensors: truncated"),
+    "unknown model_type": (_unknown_model_type, "model_type 't5' is not supported"),
+    "wrong shape": (_edit_tensors(lambda t: t.update({K_PROJ: np.zeros((3, 32), np.float32)})),
+                    f"tensor '{K_PROJ}' has shape (3, 32)"),
+    "missing tensor": (_edit_tensors(lambda t: t.pop(K_PROJ)), f"missing tensor '{K_PROJ}'"),
+}
+
+
+def broken_copy(good_model, folder, breakage):
+    shutil.copytree(good_model, folder)
+    MODEL_BREAKAGES[breakage][0](folder)
+    return folder
+
+
+@pytest.mark.parametrize("breakage", list(MODEL_BREAKAGES))
+def test_broken_policy_folder(task, good_model, tmp_path, capsys, breakage):
+    folder = broken_copy(good_model, tmp_path / "policy", breakage)
+    result = run_cli(capsys, *sft_args(task, tmp_path / "out", f"model.path={folder}"))
+    assert_one_error_line(*result, "sft", "model", f"{folder}: ", MODEL_BREAKAGES[breakage][1])
+
+
+def test_broken_reference_folder(task, good_model, tmp_path, capsys):
+    folder = broken_copy(good_model, tmp_path / "reference", "truncated safetensors")
+    result = run_cli(capsys, "dpo", f"output_dir={tmp_path / 'out'}", f"model.path={good_model}",
+                     f"reference={folder}", f"data.train_files=[{task.preferences}]", *LENGTHS, *QUIET,
+                     "train.steps=2", "train.batch_size=8")
+    assert_one_error_line(*result, "dpo", "model", f"{folder}: model.safetensors: truncated")
+
+
+def _ppo_args(task, good_model, output_dir, *extra):
+    return ["ppo", f"output_dir={output_dir}", f"policy.path={good_model}", f"data.train_files=[{task.prompts}]",
+            *LENGTHS, *QUIET, "train.iterations=1", "train.batch_size=8", "ppo.num_minibatches=2", *extra]
+
+
+def test_broken_reward_folder(task, good_model, tmp_path, capsys):
+    folder = broken_copy(good_model, tmp_path / "reward", "missing tensor")
+    result = run_cli(capsys, *_ppo_args(task, good_model, tmp_path / "out", f"value={good_model}",
+                                        f"reward.path={folder}"))
+    assert_one_error_line(*result, "ppo", "model", f"{folder}: missing tensor '{K_PROJ}'")
+
+
+def test_broken_value_folder(task, good_model, tmp_path, capsys):
+    folder = broken_copy(good_model, tmp_path / "value", "no config.json")
+    result = run_cli(capsys, *_ppo_args(task, good_model, tmp_path / "out", f"value={folder}", "reward.kind=gold"))
+    assert_one_error_line(*result, "ppo", "model", f"{folder}: no config.json")
+
+
+def test_missing_model_folder_names_it_and_the_key(task, tmp_path, capsys):
+    result = run_cli(capsys, *sft_args(task, tmp_path / "out", f"model.path={tmp_path / 'absent'}"))
+    assert_one_error_line(*result, "sft", "model", f"{tmp_path / 'absent'}: no such model folder (`model.path`)")
+
+
+@pytest.mark.parametrize("breakage", ["missing", "corrupt tokenizer.json"])
+def test_broken_tokenizer_folder(task, tmp_path, capsys, breakage):
+    folder = tmp_path / "tokenizer"
+    if breakage == "corrupt tokenizer.json":
+        shutil.copytree(task.tokenizer_dir, folder)
+        (folder / "tokenizer.json").write_bytes(b'{"version": "1.0", "added_tok')
+    args = sft_args(task, tmp_path / "out")
+    args = [arg for arg in args if not arg.startswith("tokenizer=")] + [f"tokenizer={folder}"]
+    result = run_cli(capsys, *args)
+    what = "tokenizer folder not found" if breakage == "missing" else "no readable tokenizer"
+    assert_one_error_line(*result, "sft", "model", f"{folder}: {what}")
+
+
+# ----------------------------------------------------------------------------- data files
+
+
+def _latin1_jsonl(path):
+    path.write_bytes(b'{"prompt": "1+2=", "completion": "3"}\n' + '{"prompt": "é", "completion": "3"}\n'.encode("latin-1"))
+    return "row 2", "not valid UTF-8"
+
+
+def _latin1_json(path):
+    path.write_bytes(b'[{"prompt": "1+2=", "completion": "3"},\n {"prompt": "\xe9", "completion": "3"}]')
+    return "line 2", "not valid UTF-8"
+
+
+def _binary_jsonl(path):
+    path.write_bytes(bytes([0xFF]) + os.urandom(400))
+    return "row 1", "byte 0xff at offset 0 is not valid UTF-8"
+
+
+def _bad_parquet(path):
+    raw = pa.array([b"1+2=", b"\xff"], type=pa.binary())
+    prompts = pa.Array.from_buffers(pa.string(), 2, raw.buffers())
+    pq.write_table(pa.table({"prompt": prompts, "completion": pa.array(["3", "4"])}), path)
+    return "row 2", "column 'prompt' is not valid UTF-8"
+
+
+DATA_BREAKAGES = {"latin1.jsonl": _latin1_jsonl, "latin1.json": _latin1_json, "binary.jsonl": _binary_jsonl,
+                  "invalid.parquet": _bad_parquet}
+
+
+@pytest.mark.parametrize("name", list(DATA_BREAKAGES))
+def test_data_that_is_not_utf8(task, tmp_path, capsys, name):
+    path = tmp_path / name
+    where, what = DATA_BREAKAGES[name](path)
+    result = run_cli(capsys, *sft_args(task, tmp_path / "out", f"data.train_files=[{path}]"))
+    assert_one_error_line(*result, "sft", "data", f"{path}", where, what)
+
+
+# ----------------------------------------------------------------------------- output directories
+
+
+@pytest.mark.parametrize("where", ["is a file", "under a file", "checkpoints is a file", "disk full"])
+def test_output_dir_that_cannot_be_written(task, tmp_path, capsys, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    output_dir, culprit = {"is a file": (blocker, blocker), "under a file": (blocker / "run", blocker / "run"),
+                           "checkpoints is a file": (tmp_path / "run", tmp_path / "run" / "checkpoints"),
+                           "disk full": (tmp_path / "run", tmp_path / "run" / "config.yaml")}[where]
+    if where == "checkpoints is a file":
+        output_dir.mkdir()
+        (output_dir / "checkpoints").write_text("")
+    if where == "disk full":  # the first write goes to /dev/full, which answers ENOSPC
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full on this system")
+        output_dir.mkdir()
+        (output_dir / "config.yaml").symlink_to("/dev/full")
+    code, lines, err = run_cli(capsys, *sft_args(task, output_dir))
+    assert_one_error_line(code, lines, err, "sft", "output", "`output_dir`", culprit)
+    if where == "disk full":
+        assert "No space left on device" in lines[0]
+
+
+def test_config_file_that_is_not_utf8(tmp_path, capsys):
+    config = tmp_path / "sft.yaml"
+    config.write_bytes(b"output_dir: runs/caf\xe9\n")
+    result = run_cli(capsys, "sft", "--config", config)
+    assert_one_error_line(*result, "sft", "config", f"{config}: byte 0xe9 at offset 20 is not valid UTF-8")
+
+
+# ----------------------------------------------------------------------------- checkpoints and NaN
+
+
+def _truncate_file(path):
+    with open(path, "r+b") as file:
+        file.truncate(4)
+
+
+@pytest.mark.slow
+def test_damaged_checkpoints_on_resume(task, tmp_path, capsys):
+    """(Truncated array data is resumed past in the subprocess test below.)"""
+    out = tmp_path / "run"
+    args = sft_args(task, out, "checkpoint.interval=2")
+    assert run_cli(capsys, *args, "train.stop_after=4")[0] == 0
+    checkpoints = out / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["2", "4"]
+    _truncate_file(checkpoints / "4" / "state" / "_sharding")  # orbax: FAILED_PRECONDITION ... Invalid JSON
+
+    code, lines, err = run_cli(capsys, *args, "--resume")
+    assert code == 0 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("warning: unreadable checkpoint step 4 ("), err
+    assert "Invalid JSON" in lines[0] and str(checkpoints) in lines[0] and "resuming from step 2" in lines[0]
+    assert (checkpoints / "4.unreadable").is_dir() and (checkpoints / "4").is_dir()  # step 4 written again
+    assert [row["step"] for row in read_metrics(out)] == [1, 2, 3, 4] and (out / "model").is_dir()
+
+    for step in ("2", "4"):
+        _truncate_file(checkpoints / step / "meta" / "metadata")
+    result = run_cli(capsys, *args, "--resume")
+    assert_one_error_line(*result, "sft", "checkpoint", f"no readable checkpoint in {checkpoints}", "step 4: ",
+                          "step 2: ")
+
+
+@pytest.fixture(scope="module")
+def overflowing_model(good_model, tmp_path_factory):
+    """The good policy with a final-norm scale of 3e38: finite weights whose logits overflow,
+    so every loss and gradient is NaN/inf."""
+    folder = tmp_path_factory.mktemp("overflow") / "model"
+    shutil.copytree(good_model, folder)
+    _edit_tensors(lambda t: t["model.norm.weight"].fill(3e38))(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_nonfinite_gradients_skip_then_stop_and_nothing_nonfinite_is_written(task, overflowing_model, tmp_path,
+                                                                            capsys):
+    out = tmp_path / "skip"
+    result = run_cli(capsys, *sft_args(task, out, f"model.path={overflowing_model}",
+                                       "optim.max_consecutive_skips=3", "checkpoint.interval=1"))
+    assert_one_error_line(*result, "sft", "training", "sft: stopped at step 3: 3 optimizer updates in a row",
+                          "optim.max_consecutive_skips = 3", "the latest checkpoint is step 2")
+    rows = read_metrics(out)
+    assert [row["optim/nonfinite_skips"] for row in rows] == [1, 2, 3]
+    assert sorted(os.listdir(out / "checkpoints")) == ["1", "2"] and not (out / "model").exists()
+
+    out = tmp_path / "none"  # no skipping: the first update writes NaN into the parameters
+    result = run_cli(capsys, *sft_args(task, out, f"model.path={overflowing_model}", "optim.nonfinite=none",
+                                       "checkpoint.interval=1"))
+    assert_one_error_line(*result, "sft", "training", "refusing to write the checkpoint of step 1: NaN or inf",
+                          "the latest checkpoint stays none")
+    assert not os.listdir(out / "checkpoints")
+
+
+# ----------------------------------------------------------------------------- the real command
+
+
+@pytest.mark.slow
+def test_the_command_line_in_a_subprocess(task, good_model, tmp_path, capsys):
+    """`python -m rlhf_jax.pipeline.cli` (the three commands run side by side): a broken model
+    folder, a non-UTF-8 data file, and `--resume` past a checkpoint whose array data was cut
+    short (orbax abandons that checkpoint's other reads; their asyncio tracebacks must not
+    reach stderr)."""
+    folder = broken_copy(good_model, tmp_path / "policy", "truncated safetensors")
+    data = tmp_path / "latin1.jsonl"
+    _latin1_jsonl(data)
+    resumed = sft_args(task, tmp_path / "resume", "checkpoint.interval=2")
+    assert run_cli(capsys, *resumed, "train.stop_after=4")[0] == 0
+    for path in (tmp_path / "resume" / "checkpoints" / "4" / "state").glob("**/d/*"):
+        _truncate_file(path)
+    commands = {"model": sft_args(task, tmp_path / "model", f"model.path={folder}"),
+                "data": sft_args(task, tmp_path / "data", f"data.train_files=[{data}]"),
+                "resume": [*resumed, "--resume"]}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    processes = {kind: subprocess.Popen([sys.executable, "-m", "rlhf_jax.pipeline.cli", *map(str, args)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+                 for kind, args in commands.items()}
+    stderr = {kind: process.communicate(timeout=600)[1] for kind, process in processes.items()}
+    lines = {kind: [line for line in text.splitlines() if line.strip()] for kind, text in stderr.items()}
+    assert_one_error_line(processes["model"].returncode, lines["model"], stderr["model"], "sft", "model",
+                          f"{folder}: model.safetensors: truncated")
+    assert_one_error_line(processes["data"].returncode, lines["data"], stderr["data"], "sft", "data", f"{data} row 2")
+    assert processes["resume"].returncode == 0, stderr["resume"]
+    assert len(lines["resume"]) == 1 and lines["resume"][0].startswith("warning: unreadable checkpoint step 4 ("), \
+        stderr["resume"]

@@ -1,0 +1,120 @@
+"""Your own task through `rlhf-jax grpo` / `ppo`: a folder with prompts.jsonl and a reward file."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from stage_helpers import sft_overrides, tiny_task
+
+from rlhf_jax.pipeline import cli
+from rlhf_jax.pipeline.metrics_log import read_metrics
+from rlhf_jax.pipeline.stages import sft
+
+REWARD_FILE = '''
+def correct(prompts, completions, answer, **kwargs):
+    """1 for the right sum, else 0."""
+    return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+
+def starts_right(completions, **kwargs):
+    """TRL style: only **kwargs; None (does not apply) for one-digit answers."""
+    return [None if len(a) == 1 else float(c[:1] == a[:1]) for c, a in zip(completions, kwargs["answer"])]
+'''
+
+BAD_FUNCTIONS = {
+    "raises": ("def f(prompts, completions, **kw):\n    raise KeyError('answer2')\n",
+               r"reward function 'f' raised KeyError: 'answer2'"),
+    "wrong_length": ("def f(prompts, completions, **kw):\n    return [0.0]\n",
+                     r"reward function 'f' returned 1 values for 4 completions"),
+    "non_number": ("def f(prompts, completions, **kw):\n    return ['high'] * len(completions)\n",
+                   r"reward function 'f' returned a str \('high'\) for row 0 \(.*prompts.jsonl row \d+\)"),
+    "nan": ("def f(prompts, completions, **kw):\n    return [float('nan')] * len(completions)\n",
+            r"reward function 'f' returned nan for row 0 \(.*prompts.jsonl row \d+\)"),
+    "import": ("import a_module_that_is_not_installed\ndef f(prompts, completions, **kw):\n    return []\n",
+               r"reward function 'my_reward.py:f': cannot import my_reward.py: ModuleNotFoundError"),
+}
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """A tiny SFT model of the built-in addition task (its tokenizer knows digits, + and =)."""
+    task = tiny_task(tmp_path_factory.mktemp("task"))
+    out = tmp_path_factory.mktemp("sft")
+    sft.run(None, sft_overrides(task, out, steps=30))
+    return out / "model"
+
+
+def user_folder(folder, reward_source: str):
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in
+            [(1, 2), (3, 4), (12, 5), (7, 7), (20, 31), (8, 9), (40, 2), (6, 13)]]
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / "my_reward.py").write_text(reward_source)
+
+
+def grpo_args(policy, functions: str, *extra: str) -> list[str]:
+    return ["grpo", "output_dir=run", f"policy.path={policy}", "data.train_files=[prompts.jsonl]",
+            "data.max_prompt_length=8", "logging.progress=false", "logging.tensorboard=false", "mesh.data=1",
+            "train.batch_size=2", "grpo.group_size=2", "grpo.sampling.max_new_tokens=4", "checkpoint.interval=0",
+            f"reward.functions={functions}", *extra]
+
+
+@pytest.mark.slow
+def test_a_user_folder_runs_grpo_with_its_reward_functions(policy, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    user_folder(tmp_path, REWARD_FILE)
+    functions = ("[{function: my_reward.py:correct, weight: 1.0}, {function: my_reward.py:starts_right, "
+                 "weight: 0.5}, {function: 'rlhf_jax.rewards:think_format', weight: 0.1}]")
+    assert cli.main(grpo_args(policy, functions, "train.iterations=3", "grpo.sampling.temperature=1.0",
+                              "dynamic_sampling.enabled=true", "dynamic_sampling.max_refills=2",
+                              "mask_truncated=true")) == 0
+    out = capsys.readouterr().out
+    assert "prompts: 8 rows of 8" in out and "columns: prompt, answer" in out
+    assert "correct (weight 1)" in out and "starts_right (weight 0.5)" in out
+    assert "[grpo] step 3/3" in out and "reward/correct/mean" in out  # a line per logged step
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 3
+    for row in rows:
+        assert 0.0 <= row["reward/correct/mean"] <= 1.0 and "reward/correct/std" in row
+        assert row["reward/think_format/mean"] == 0.0
+        assert 0 <= row["dynamic_sampling/refills"] <= 2
+        assert np.isfinite(row["grpo/loss"])
+    assert any("reward/starts_right/mean" in row for row in rows)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FUNCTIONS))
+def test_each_bad_reward_function_is_one_line_and_exit_2(policy, tmp_path, monkeypatch, capsys, case):
+    monkeypatch.chdir(tmp_path)
+    source, message = BAD_FUNCTIONS[case]
+    user_folder(tmp_path, source)
+    assert cli.main(grpo_args(policy, "[{function: my_reward.py:f}]", "train.iterations=1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rlhf-jax grpo: reward error: ")
+    assert re.search(message, err[0]), err[0]
+
+
+@pytest.mark.slow
+def test_ppo_with_reward_functions(policy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    user_folder(tmp_path, REWARD_FILE)
+    args = ["ppo", "output_dir=run", f"policy.path={policy}", "data.train_files=[prompts.jsonl]",
+            "data.max_prompt_length=8", "logging.progress=false", "logging.tensorboard=false", "mesh.data=1",
+            "train.batch_size=4", "train.iterations=2", "ppo.sampling.max_new_tokens=4", "ppo.num_minibatches=2",
+            "ppo.epochs=1", "checkpoint.interval=0", "reward.functions=[{function: my_reward.py:correct}]"]
+    assert cli.main(args) == 0
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 2 and "reward/correct/mean" in rows[0] and "value/loss" in rows[0]
+
+
+def test_eval_with_reward_functions_replaces_the_gold_scorer(policy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    user_folder(tmp_path, REWARD_FILE + "\n\ndef always(prompts, completions, **kw):\n"
+                "    return [1.0] * len(completions)\n")
+    args = ["eval", "output_dir=run", f"policies={{a: {policy}}}", "prompts_file=prompts.jsonl", "num_samples=2",
+            "max_new_tokens=4", "batch_size=16", "report=false",
+            "reward.functions=[{function: my_reward.py:always, weight: 0.25}, {function: my_reward.py:correct}]"]
+    assert cli.main(args) == 0
+    a = json.loads((tmp_path / "run" / "results.json").read_text())["policies"]["a"]
+    assert a["reward/always/mean"] == 1.0 and a["reward"] == pytest.approx(0.25 + a["reward/correct/mean"])
+    assert a["pass@1"] == pytest.approx(a["reward/correct/mean"])  # passes: 0.25 + 1 > 0.5 only when correct
