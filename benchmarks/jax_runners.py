@@ -140,7 +140,8 @@ class GRPOSession:
             self.state, ref_params, prompt_ids, jnp.ones_like(prompt_ids), jax.random.PRNGKey(0),
             config=self.config, reward_module=reward_module, reward_params=reward_params))
         self.update = jax.jit(grpo_update, static_argnames=("config",), donate_argnames=("policy_state",))
-        rows, length = self.data.input_ids.shape
+        groups, group_size, response_length = self.data.response_ids.shape  # [n, G, R]
+        rows, length = groups * group_size, self.data.prompt_ids.shape[1] + response_length
         self.tokens_per_step = float(rows * length)
         self.flops_per_step = 3 * forward_flops(c, self.tokens_per_step, length, lm_head=True)
         self.index = 0

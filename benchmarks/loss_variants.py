@@ -66,7 +66,8 @@ from rlhf_jax.training.batches import KTOBatch  # noqa: E402
 from rlhf_jax.training.preference_step import PreferenceLossConfig, preference_step  # noqa: E402
 from rlhf_jax.training import sharding  # noqa: E402
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer  # noqa: E402
-from rlhf_jax.training.rollout import response_logprobs  # noqa: E402
+from rlhf_jax.training.logprobs import response_logprobs  # noqa: E402
+from rlhf_jax.training.rollout import sampled_batch  # noqa: E402
 from rlhf_jax.training.sharding import MeshConfig  # noqa: E402
 from rlhf_jax.training.state import create_train_state, train_state_shardings  # noqa: E402
 
@@ -154,8 +155,8 @@ class Evaluator:
                 raise ValueError(f"{settings.eval_prompts_file}: prompts that are not the built-in "
                                  "task need an `answer` column") from None
             self.answers = [str(a) for a in answers[:count] for _ in range(settings.num_samples)]
-        self.logps = jax.jit(lambda params, ids, mask, response_mask: jnp.sum(
-            response_logprobs(module.apply, params, ids, mask, response_mask)[0], axis=1))
+        self.logps = jax.jit(lambda params, ids, mask, response_mask: response_logprobs(
+                module.apply, params, sampled_batch(ids, mask, response_mask)).sequence_sum()[:, 0])
         self.pair_logps = make_pair_logps(module.apply)
         self.pairs = self.reference_pairs = None
         if settings.eval_pairs_file:

@@ -4,13 +4,20 @@ Every option that changes the program (top_k, top_p, greedy) is a static Python 
 disabled filter costs nothing: top_p == 1 never sorts the vocabulary, top_k == 0 never runs
 `lax.top_k`. The returned log-probability is that of the full temperature-scaled
 distribution, `log_softmax(logits / T)[token]`, which is what a training forward pass
-recomputes (the filters only restrict which tokens can be drawn).
+recomputes (the filters only restrict which tokens can be drawn). `select_kept_set` also
+returns the distribution the token was actually drawn from: the kept set, described by a
+threshold `t` midway between its smallest scaled logit and the largest excluded one (the kept
+set is `{v : logits_v / T >= t}`; `t = -inf` when nothing is excluded), and the token's
+log-probability renormalised over it, `z_token - logsumexp(z_v : z_v >= t)` with
+`z = logits / T`; a trainer replays that distribution from `t` (`rlhf_jax.ops.kept_set`).
 
 Tokens are drawn by inverse-CDF sampling with one uniform number per row, and argmax-like
 choices use min-reductions over indices: both are much cheaper on CPU than Gumbel-max
 (one random number per vocabulary entry) and `argmax` (a variadic reduction).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -103,12 +110,39 @@ def sample_tokens(rng, logits, *, temperature=1.0, top_k: int = 0, top_p: float 
                          greedy=greedy)
 
 
+class KeptSetSelection(NamedTuple):
+    """Tokens, their full-distribution log-probs, and the kept set they were drawn from."""
+
+    tokens: jax.Array  # [B] int32
+    logprobs: jax.Array  # [B] float32: log_softmax(logits / T)[token]
+    kept_logprobs: jax.Array  # [B] float32: log-prob under the kept set renormalised
+    kept_threshold: jax.Array  # [B] float32: between the kept and the excluded scaled logits
+
+
 def select_tokens(logits, uniforms, *, temperature=1.0, top_k: int = 0, top_p: float = 1.0,
                   greedy: bool = False):
     """`sample_tokens` with the randomness given: `uniforms` [B] in (0, 1] (None if greedy).
 
     Lets a decode loop draw all its random numbers before the loop.
     """
+    selection = _select(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p,
+                        greedy=greedy, kept_set=False)
+    return selection.tokens, selection.logprobs
+
+
+def select_kept_set(logits, uniforms, *, temperature=1.0, top_k: int = 0, top_p: float = 1.0,
+                    greedy: bool = False) -> KeptSetSelection:
+    """`select_tokens` plus the kept set: its threshold and the renormalised log-prob.
+
+    Same tokens as `select_tokens` for the same `uniforms`. Greedy keeps only the row maximum
+    (kept log-prob 0); without filters the kept set is the whole vocabulary (threshold = the
+    smallest scaled logit, kept log-prob = the full one).
+    """
+    return _select(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p,
+                   greedy=greedy, kept_set=True)
+
+
+def _select(logits, uniforms, *, temperature, top_k, top_p, greedy, kept_set) -> KeptSetSelection:
     check_rank(logits, 2, "logits")
     validate_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
     logits = logits.astype(jnp.float32)
@@ -116,8 +150,11 @@ def select_tokens(logits, uniforms, *, temperature=1.0, top_k: int = 0, top_p: f
         logits = logits / temperature
     row_max = jnp.max(logits, axis=-1, keepdims=True)  # [B, 1]; the filters keep this token
     total = None  # sum of exp(logits - row_max) over the whole vocabulary
+    kept_total = kept = None  # the kept set's mass (same shift) and membership [B, V]
     if greedy:
         tokens = jnp.minimum(first_index(logits == row_max), logits.shape[-1] - 1)
+        if kept_set:
+            kept_total, kept = jnp.ones(logits.shape[:1], jnp.float32), logits == row_max
     else:
         filtered = logits
         if 0 < top_k < logits.shape[-1]:
@@ -127,8 +164,16 @@ def select_tokens(logits, uniforms, *, temperature=1.0, top_k: int = 0, top_p: f
         tokens, cdf = _draw(uniforms, jnp.exp(filtered - row_max))
         if filtered is logits:
             total = cdf[:, -1]  # unfiltered: the draw already summed every weight
+        if kept_set:
+            kept_total, kept = cdf[:, -1], ~jnp.isneginf(filtered)
     if total is None:
         total = jnp.sum(jnp.exp(logits - row_max), axis=-1)
-    log_norm = row_max[:, 0] + jnp.log(total)
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-    return tokens.astype(jnp.int32), chosen - log_norm
+    logprobs = chosen - (row_max[:, 0] + jnp.log(total))
+    kept_logprobs = threshold = None
+    if kept_set:
+        kept_logprobs = chosen - (row_max[:, 0] + jnp.log(kept_total))
+        smallest_kept = jnp.min(jnp.where(kept, logits, jnp.inf), axis=-1)
+        largest_excluded = jnp.max(jnp.where(kept, -jnp.inf, logits), axis=-1)
+        threshold = 0.5 * smallest_kept + 0.5 * largest_excluded  # -inf when nothing is excluded
+    return KeptSetSelection(tokens.astype(jnp.int32), logprobs, kept_logprobs, threshold)

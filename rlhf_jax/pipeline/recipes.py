@@ -269,7 +269,8 @@ class GRPOStageConfig(RLStageConfig):
 
     `grpo` is `rlhf_jax.training.grpo.GRPOConfig` (`grpo.sampling` as in PPO; EOS and pad ids
     come from the tokenizer). `train.batch_size` counts prompts: a rollout has
-    `batch_size * group_size` responses.
+    `batch_size * group_size` responses, and `grpo.num_minibatches` must divide
+    `train.batch_size` (minibatches hold whole prompt groups).
     """
 
     output_dir: str = "runs/grpo"

@@ -12,7 +12,8 @@ Use it between the two jitted phases of a GRPO or PPO iteration:
     for batch in batches:                                     # prompt ids + the rows' columns
         key, sample_key, shuffle_key = jax.random.split(key, 3)
         data = generate(state, ref_params, batch.prompt_ids, batch.prompt_mask, sample_key, config=config)
-        scores, metrics = scorer(data.response_ids, data.response_mask, batch.prompts,
+        _, response_ids, response_mask = data.flat_responses()  # [n * G, R]
+        scores, metrics = scorer(response_ids, response_mask, batch.prompts,
                                  {"answer": batch.answers}, repeat=config.group_size)
         state, train_metrics = train(state, data, scores, shuffle_key, config=config)
 

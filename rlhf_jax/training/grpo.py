@@ -7,11 +7,18 @@ variants through `grpo_loss` options: DAPO (arXiv:2503.14476: `aggregation="dapo
 
 One iteration on a batch of `n` left-padded prompts:
 
-    repeat each prompt G times (contiguous groups) -> sample -> score (reward model,
-    score_fn, or host reward functions between phases) -> sequence advantages: group  A = (R - mean_g R) / (std_g R + 1e-4)
-                                      rloo   A = R - mean_{j != i} R_j
+    sample G responses per prompt (one prefill per prompt, the G continuations share its
+    KV cache) -> score (reward model, score_fn, or host reward functions between phases)
+    -> sequence advantages [n, G]:  group  A = (R - mean_g R) / (std_g R + 1e-4)
+                                    rloo   A = R - mean_{j != i} R_j
     -> num_iterations x num_minibatches steps of grpo_loss (clipped ratio against the
        rollout log-probs, + beta * k3 KL to the reference per token), in one lax.scan
+
+Layout: the rollout is `[n, G, R]` (`rlhf_jax.training.rollout`); every forward pass (rollout
+log-probs and each update minibatch) runs each group's prompt once for its G responses
+(`response_logprobs`). Minibatches are therefore formed over whole prompt groups:
+`num_minibatches` must divide the number of prompts `n` (a group split across minibatches
+would run its prompt twice; it is rejected with an error).
 
     step = jax.jit(grpo_iteration, static_argnames=GRPO_STATIC_ARGNAMES,
                    donate_argnames=("policy_state",))
@@ -36,13 +43,13 @@ from rlhf_jax.losses.aggregation import check_aggregation
 from rlhf_jax.losses.policy import IMPORTANCE_LEVELS, grpo_loss
 from rlhf_jax.ops.advantages import GROUP_SCALES, group_advantages, rloo_advantages
 from rlhf_jax.ops.checks import check_in, check_positive
-from rlhf_jax.ops.logprobs import entropy_from_logits
 from rlhf_jax.ops.masking import masked_mean
 from rlhf_jax.training.rollout import (
     Rollout,
     SamplingConfig,
+    flatten_responses,
     generate_rollout,
-    response_logprobs,
+    policy_logprobs,
     rollout_logprobs,
     rollout_metrics,
     rollout_scores,
@@ -68,8 +75,11 @@ class GRPOConfig:
     aggregation: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | token_mean | ...
     importance_level: Literal["token", "sequence"] = "token"  # "sequence" = GSPO
     num_iterations: int = 1  # passes over each rollout (mu in the GRPO paper)
-    num_minibatches: int = 1  # optimizer steps per pass; must divide n_prompts * G
+    num_minibatches: int = 1  # optimizer steps per pass; must divide the number of prompts
     missing_eos_score: float | None = None  # score for responses without EOS
+    # Each update minibatch runs a group's prompt once for its G responses; False runs every
+    # response with its own copy of the prompt (the reference computation, G x the prompt cost).
+    prompt_once: bool = True
 
     def __post_init__(self):
         if not isinstance(self.group_size, int) or self.group_size < 2:
@@ -85,23 +95,30 @@ class GRPOConfig:
 
 
 def sequence_advantages(scores, has_eos, *, config: GRPOConfig):
-    """`[B]` advantages of contiguous groups of `config.group_size` rows.
+    """Advantages of groups of `config.group_size` responses, shaped like `scores`.
 
-    Rows without EOS first get `missing_eos_score` when it is set; then `group_advantages`
-    (`advantage_estimator="group"`, with `scale`) or `rloo_advantages` (`"rloo"`).
+    `scores`, `has_eos`: `[n, G]` (one row per prompt group), or flat `[n * G]` with
+    contiguous groups. Responses without EOS first get `missing_eos_score` when it is set;
+    then `group_advantages` (`advantage_estimator="group"`, with `scale`) or
+    `rloo_advantages` (`"rloo"`).
     """
+    shape = jnp.shape(scores)
+    if len(shape) == 2 and shape[1] != config.group_size:
+        raise ValueError(f"`scores` of shape {shape} must hold `group_size` = {config.group_size} "
+                         "responses per row")
+    scores, has_eos = jnp.reshape(scores, (-1,)), jnp.reshape(has_eos, (-1,))
     if config.missing_eos_score is not None:
         scores = jnp.where(has_eos, scores, jnp.float32(config.missing_eos_score))
     if config.advantage_estimator == "rloo":
-        return rloo_advantages(scores, config.group_size)
-    return group_advantages(scores, config.group_size, scale=config.scale)
+        return rloo_advantages(scores, config.group_size).reshape(shape)
+    return group_advantages(scores, config.group_size, scale=config.scale).reshape(shape)
 
 
 def grpo_generate(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, config: GRPOConfig,
                   reward_module=None, reward_params=None, score_fn=None) -> Rollout:
     """Generate phase (jittable): sample G responses per prompt and compute what needs no score.
 
-    Rows `i*G .. i*G + G - 1` answer prompt i (`[n * G]` rows). Fills `logp` and, when
+    Returns a `Rollout` `[n, G, R]` (response g of prompt i at `[i, g]`). Fills `logp` and, when
     `config.beta > 0`, `ref_logp` (then `ref_params` is required). `scores` come from the
     in-jit scorer when one is given (`reward_module` + `reward_params`, or `score_fn`, see
     `rlhf_jax.training.rollout.score_rollout`), else stay None for the host to compute and
@@ -111,14 +128,13 @@ def grpo_generate(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, con
         train = jax.jit(grpo_train, static_argnames=("config",), donate_argnames=("policy_state",))
         sample_key, shuffle_key = jax.random.split(key)
         data = generate(policy_state, ref_params, prompt_ids, prompt_mask, sample_key, config=config)
-        scores = my_host_scores(data)                        # NumPy [n * G] float32
+        scores = my_host_scores(data)                        # NumPy [n, G] float32
         policy_state, metrics = train(policy_state, data, scores, shuffle_key, config=config)
     """
     if config.beta > 0 and ref_params is None:
         raise ValueError("`ref_params` is required when `beta` > 0")
-    prompt_ids = jnp.repeat(prompt_ids, config.group_size, axis=0)  # [n * G, P]
-    prompt_mask = jnp.repeat(prompt_mask, config.group_size, axis=0)
-    data = generate_rollout(policy_state, prompt_ids, prompt_mask, rng, sampling=config.sampling)
+    data = generate_rollout(policy_state, prompt_ids, prompt_mask, rng, sampling=config.sampling,
+                            num_responses=config.group_size)
     data = rollout_logprobs(data, policy_state, ref_params if config.beta > 0 else None,
                             sampling=config.sampling)
     if reward_module is not None or score_fn is not None:
@@ -129,7 +145,7 @@ def grpo_generate(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, con
 
 def grpo_rollout(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, config: GRPOConfig,
                  reward_module=None, reward_params=None, score_fn=None) -> Rollout:
-    """Sample G responses per prompt, score them in jit, fill `advantages` `[n * G]`.
+    """Sample G responses per prompt, score them in jit, fill `advantages` `[n, G]`.
 
     `grpo_generate` with a scorer, then `sequence_advantages`.
     """
@@ -141,58 +157,70 @@ def grpo_rollout(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, conf
 
 
 def _grpo_loss(params, apply_fn, batch: Rollout, config: GRPOConfig):
-    mask = batch.response_mask
-    logp, logits = response_logprobs(apply_fn, params, batch.input_ids, batch.attention_mask, mask,
-                                     temperature=config.sampling.temperature)
+    flat = flatten_responses
+    current = policy_logprobs(apply_fn, params, batch.batch, temperature=config.sampling.temperature,
+                              kept_threshold=batch.kept_threshold, with_entropy=True,
+                              prompt_once=config.prompt_once)
+    mask = flat(batch.response_mask)
     loss, metrics = grpo_loss(
-        logp, batch.logp, batch.ref_logp, batch.advantages, mask,
+        flat(current.logprobs), flat(batch.logp), None if batch.ref_logp is None else flat(batch.ref_logp),
+        flat(batch.advantages), mask,
         clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high, beta=config.beta,
         aggregation=config.aggregation, importance_level=config.importance_level,
         max_len=config.sampling.max_new_tokens,
     )
-    entropy = entropy_from_logits(jax.lax.stop_gradient(logits), temperature=config.sampling.temperature)
-    metrics["grpo/entropy"] = masked_mean(entropy, mask.astype(jnp.float32))
+    metrics["grpo/entropy"] = masked_mean(jax.lax.stop_gradient(current.entropy), current.mask)
     return loss, metrics
+
+
+def check_group_minibatches(num_prompts: int, num_minibatches: int) -> None:
+    """Raise unless `num_minibatches` splits the `num_prompts` prompt groups evenly (module
+    docstring: minibatches are formed over whole groups)."""
+    if num_prompts % num_minibatches:
+        raise ValueError(
+            f"the rollout's {num_prompts} prompt groups do not split into `num_minibatches` = "
+            f"{num_minibatches} equal minibatches; minibatches are formed over whole groups (each "
+            "group's prompt runs once per minibatch), so `num_minibatches` must divide the "
+            "number of prompts")
 
 
 def grpo_update(policy_state, data: Rollout, rng, *, config: GRPOConfig):
     """`num_iterations x num_minibatches` steps of `grpo_loss` on one rollout, one `lax.scan`.
 
     `old_logp` is the rollout's `logp`, so the first step of each rollout has ratio 1 (with
-    `logprobs_source="forward"`). Each pass shuffles the rows afresh.
+    `logprobs_source="forward"`, whatever the sampling filters). Each pass shuffles the prompt
+    groups afresh and cuts them into `num_minibatches` minibatches of whole groups.
 
     Returns `(policy_state, metrics)`: means over steps of `grpo/loss`, `grpo/clipfrac`,
     `grpo/kl`, `grpo/ratio_mean`, `grpo/entropy`, `optim/grad_norm`, plus `rollout_metrics`.
     """
     if data.advantages is None:
         raise ValueError("`grpo_update` needs a rollout with `advantages` (use `grpo_rollout`)")
-    batch_size = data.input_ids.shape[0]
-    if batch_size % config.num_minibatches:
-        raise ValueError(f"the rollout's {batch_size} rows do not split into "
-                         f"`num_minibatches` = {config.num_minibatches} equal minibatches")
+    num_prompts = data.prompt_ids.shape[0]
+    check_group_minibatches(num_prompts, config.num_minibatches)
     passes = config.num_iterations
-    shuffles = jax.vmap(lambda key: jax.random.permutation(key, batch_size))(jax.random.split(rng, passes))
-    minibatch_rows = shuffles.reshape(passes * config.num_minibatches, batch_size // config.num_minibatches)
+    shuffles = jax.vmap(lambda key: jax.random.permutation(key, num_prompts))(jax.random.split(rng, passes))
+    minibatch_groups = shuffles.reshape(passes * config.num_minibatches, num_prompts // config.num_minibatches)
     grad_fn = jax.value_and_grad(_grpo_loss, has_aux=True)
 
-    def minibatch_step(state, rows):
-        batch = jax.tree.map(lambda x: x[rows], data)
+    def minibatch_step(state, groups):
+        batch = jax.tree.map(lambda x: x[groups], data)
         (_, metrics), grads = grad_fn(state.params, state.apply_fn, batch, config)
         metrics["optim/grad_norm"] = optax.global_norm(grads)
         return state.apply_gradients(grads=grads), metrics
 
-    policy_state, metrics = jax.lax.scan(minibatch_step, policy_state, minibatch_rows)
+    policy_state, metrics = jax.lax.scan(minibatch_step, policy_state, minibatch_groups)
     metrics = {name: jnp.mean(value) for name, value in metrics.items()}
     metrics.update(rollout_metrics(data))
-    grouped = data.scores.reshape(-1, config.group_size)
-    group_std = jnp.std(grouped, axis=1, ddof=1)
+    group_std = jnp.std(data.scores, axis=1, ddof=1)
     metrics["grpo/reward_std"] = jnp.mean(group_std)
     metrics["grpo/zero_std_fraction"] = jnp.mean((group_std == 0).astype(jnp.float32))
     return policy_state, metrics
 
 
 def grpo_train(policy_state, data: Rollout, scores, rng, *, config: GRPOConfig):
-    """Update phase (jittable): `scores` `[n * G]` float32 -> group advantages -> `grpo_update`.
+    """Update phase (jittable): `scores` `[n, G]` (or flat `[n * G]`) float32 -> group
+    advantages -> `grpo_update`.
 
     `data` is a `grpo_generate` rollout (or rows of several, regrouped on the host, e.g. by
     dynamic sampling); `scores` may come from the host (reward functions on decoded text) or
@@ -229,6 +257,6 @@ def grpo_iteration(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, co
 
 __all__ = [
     "GRPO_STATIC_ARGNAMES", "GRPO_TRAIN_STATIC_ARGNAMES", "ADVANTAGE_ESTIMATORS", "GRPOConfig",
-    "sequence_advantages", "grpo_generate", "grpo_rollout", "grpo_update", "grpo_train",
+    "sequence_advantages", "check_group_minibatches", "grpo_generate", "grpo_rollout", "grpo_update", "grpo_train",
     "grpo_iteration",
 ]

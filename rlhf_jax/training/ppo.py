@@ -19,6 +19,11 @@ reward model's decoder with a zeroed head (`value_params_from_reward_model`).
             policy_state, value_state, kl_state, ref_params, prompt_ids, prompt_mask, key,
             config=config, reward_module=reward_model, reward_params=reward_params)
 
+Layout: a PPO rollout is the `LMBatch` layout with N = 1 (`prompt_ids [B, P]`, per-token
+arrays `[B, 1, R]`, `scores [B, 1]`, `rlhf_jax.training.rollout`); the losses read them
+flattened to `[B, R]`. Log-probs and values come from `policy_logprobs` / `response_values`
+(`response_logprobs` / `response_hidden_states`), the same path as the rollout's.
+
 `ppo_update` alone runs every epoch and minibatch inside one `lax.scan`, so one compiled call
 does the whole optimisation phase of an iteration.
 
@@ -37,21 +42,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax.losses.aggregation import check_aggregation
-from rlhf_jax.losses.entropy import entropy_loss
+from rlhf_jax.losses.aggregation import aggregate, check_aggregation
 from rlhf_jax.losses.policy import ppo_policy_loss
 from rlhf_jax.losses.value import value_loss
 from rlhf_jax.ops.checks import check_in, check_positive
 from rlhf_jax.ops.kl import KL_ESTIMATORS
 from rlhf_jax.ops.kl_controller import KLController, adaptive_kl_controller, fixed_kl_controller
-from rlhf_jax.ops.logprobs import entropy_from_logits
 from rlhf_jax.ops.masking import masked_mean
 from rlhf_jax.training.rollout import (
     Rollout,
     SamplingConfig,
+    flatten_responses,
     generate_rollout,
+    policy_logprobs,
     ppo_advantages,
-    response_logprobs,
     response_values,
     rollout_logprobs,
     rollout_metrics,
@@ -130,39 +134,38 @@ def value_params_from_reward_model(reward_params):
 
 
 def _policy_loss(params, apply_fn, batch: Rollout, config: PPOConfig):
-    mask = batch.response_mask
-    response_length = mask.shape[1]
-    logp, logits = response_logprobs(apply_fn, params, batch.input_ids, batch.attention_mask, mask,
-                                     temperature=config.sampling.temperature)
+    flat = flatten_responses
+    response_length = batch.response_ids.shape[-1]
+    current = policy_logprobs(apply_fn, params, batch.batch, temperature=config.sampling.temperature,
+                              kept_threshold=batch.kept_threshold, with_entropy=True)
+    mask = flat(batch.response_mask)
     loss, metrics = ppo_policy_loss(
-        logp, batch.logp, batch.advantages, mask, clip_eps=config.clip_eps,
+        flat(current.logprobs), flat(batch.logp), flat(batch.advantages), mask, clip_eps=config.clip_eps,
         clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high,
         dual_clip=config.dual_clip, aggregation=config.aggregation, max_len=response_length,
     )
-    if config.ent_coef > 0:
-        bonus, entropy_metrics = entropy_loss(logits, mask, temperature=config.sampling.temperature,
-                                              aggregation=config.aggregation, max_len=response_length)
+    if config.ent_coef > 0:  # entropy bonus -aggregate(H) (rlhf_jax.losses.entropy)
+        bonus = -aggregate(flat(current.entropy), mask, config.aggregation, max_len=response_length)
         loss = loss + config.ent_coef * bonus
-        metrics["ppo/entropy"] = entropy_metrics["entropy/mean"]
-    else:
-        entropy = entropy_from_logits(jax.lax.stop_gradient(logits), temperature=config.sampling.temperature)
-        metrics["ppo/entropy"] = masked_mean(entropy, mask.astype(jnp.float32))
+    metrics["ppo/entropy"] = masked_mean(jax.lax.stop_gradient(current.entropy), current.mask)
     return loss, metrics
 
 
 def _value_loss(params, apply_fn, batch: Rollout, config: PPOConfig):
-    mask = batch.response_mask
-    values = response_values(apply_fn, params, batch.input_ids, batch.attention_mask, mask)
-    loss, metrics = value_loss(values, batch.values, batch.returns, mask, clip_eps=config.value_clip_eps,
-                               aggregation=config.aggregation, max_len=mask.shape[1])
+    flat = flatten_responses
+    mask = flat(batch.response_mask)
+    values = flat(response_values(apply_fn, params, batch.batch))
+    loss, metrics = value_loss(values, flat(batch.values), flat(batch.returns), mask,
+                               clip_eps=config.value_clip_eps, aggregation=config.aggregation,
+                               max_len=mask.shape[1])
     return config.vf_coef * loss, metrics
 
 
 def ppo_update(policy_state, value_state, data: Rollout, rng, *, config: PPOConfig):
     """All `epochs x num_minibatches` PPO steps on one rollout, in one `lax.scan`.
 
-    Each epoch draws a fresh permutation of the B rows and cuts it into `num_minibatches`
-    minibatches. On each minibatch the policy takes one optimizer step on
+    Each epoch draws a fresh permutation of the B prompts (a PPO rollout holds N = 1 response
+    per prompt, `[B, 1, R]`) and cuts it into `num_minibatches` minibatches. On each minibatch the policy takes one optimizer step on
     `ppo_policy_loss + ent_coef * entropy_loss` and the value model one on
     `vf_coef * value_loss` (the two networks share no parameters, so this equals one step on
     the summed loss). Log-probs use `logits / sampling.temperature`, as in the rollout.
@@ -183,7 +186,7 @@ def ppo_update(policy_state, value_state, data: Rollout, rng, *, config: PPOConf
     for name in ("values", "advantages", "returns"):
         if getattr(data, name) is None:
             raise ValueError(f"`ppo_update` needs a rollout with `{name}` (use `rollout(...)`)")
-    batch_size = data.input_ids.shape[0]
+    batch_size = data.prompt_ids.shape[0]
     if batch_size % config.num_minibatches:
         raise ValueError(f"the rollout's {batch_size} rows do not split into "
                          f"`num_minibatches` = {config.num_minibatches} equal minibatches")
@@ -233,7 +236,7 @@ def ppo_generate(policy_state, value_state, ref_params, prompt_ids, prompt_mask,
 
 
 def ppo_train(policy_state, value_state, kl_state, data: Rollout, scores, rng, *, config: PPOConfig):
-    """Update phase (jittable): `scores` `[B]` float32 -> shaped rewards, GAE (`ppo_advantages`
+    """Update phase (jittable): `scores` `[B, 1]` (or `[B]`) float32 -> shaped rewards, GAE (`ppo_advantages`
     with `kl_state.coef`) -> `ppo_update` -> KL-controller update.
 
     `data` is a `ppo_generate` rollout; `scores` may come from the host (reward functions on
@@ -254,7 +257,7 @@ def ppo_train(policy_state, value_state, kl_state, data: Rollout, scores, rng, *
     policy_state, value_state, metrics = ppo_update(policy_state, value_state, data, rng, config=config)
     metrics["objective/kl_coef"] = jnp.asarray(kl_state.coef, jnp.float32)
     kl_state = kl_controller(config).update(kl_state, metrics["objective/kl"],
-                                            n_steps=data.input_ids.shape[0])
+                                            n_steps=data.prompt_ids.shape[0])
     return policy_state, value_state, kl_state, metrics
 
 

@@ -1,38 +1,56 @@
 """RLHF rollouts: sample responses, score them, and turn scores into PPO advantages.
 
-One rollout of a left-padded prompt batch `[B, P]` runs, all on device and inside one jit:
+Layout (the `LMBatch` layout of `rlhf_jax.training.logprobs`): a rollout of `B` left-padded
+prompts `[B, P]` holds `N` sampled responses per prompt, `response_ids [B, N, R]`
+right-padded (`R = max_new_tokens`): N = 1 for PPO, N = G for GRPO / RLOO groups. Per-token
+arrays (`logp`, `ref_logp`, `values`, `rewards`, PPO `advantages`, `returns`) are
+`[B, N, R]`; per-response arrays (`scores`, `has_eos`, GRPO `advantages`) are `[B, N]`.
 
-    generate_rollout   sample N new tokens per prompt (KV-cache `generate`), join prompt and
-                       response into `input_ids [B, P + N]`; `response_mask [B, N]` is 1 up to
-                       and including the first EOS, 0 on the pad slots after it
-    score_rollout      policy log-probs of the response tokens under `softmax(logits / T)`
-                       (recomputed by a forward pass, or the sampler's own, see below),
-                       reference log-probs, values of a `ValueModel`, and the sequence score of
-                       a `RewardModel` or of a user `score_fn`
+    generate_rollout   sample N responses per prompt with the KV-cache `generate`
+                       (`num_samples=N`: each prompt's prefill runs once and the N
+                       continuations share its cache); `response_mask` is 1 up to and
+                       including the first EOS
+    rollout_logprobs   policy log-probs under the sampling distribution (recomputed by a
+                       forward pass, or the sampler's own, see below), reference log-probs,
+                       values of a `ValueModel`: every pass runs each prompt once for its N
+                       responses (`response_logprobs` / `response_hidden_states`)
+    rollout_scores     the sequence scores `[B, N]` of a `RewardModel` or of a `score_fn`
     ppo_advantages     `shape_rewards` (-kl_coef * KL per token, score on the last response
                        token, optional missing-EOS score) -> optional reward whitening (scale
-                       only) -> `gae` -> advantage whitening (mean shift)
+                       only) -> `gae` -> advantage whitening (mean shift), over the `B * N`
+                       responses
 
-`rollout(...)` chains the three. All forward passes project to the vocabulary only at the
-`N` positions that predict response tokens (`P - 1 .. P + N - 2`), never over the prompt.
+`rollout(...)` chains them (`score_rollout` = `rollout_logprobs` + `rollout_scores`).
 
 Log-prob source (`SamplingConfig.logprobs_source`): `"forward"` (default) recomputes the
-rollout policy's log-probs with a full forward pass, exactly the computation the PPO update
-repeats, so the first minibatch starts at ratio 1 bit for bit; `"generate"` keeps the
-sampler's log-probs (KV-cache path, same temperature) and saves that pass. The two agree to
-float32 rounding (~1e-6 on the test model; tested at 1e-4); in bfloat16 the forward pass is
-the safer choice.
+rollout policy's log-probs with the forward pass the PPO / GRPO update repeats
+(`policy_logprobs`), so the first minibatch starts at ratio 1 bit for bit; `"generate"` keeps
+the sampler's log-probs (KV-cache path, same temperature) and saves that pass. The two agree
+to float32 rounding (~1e-6 on the test model; tested at 1e-4); in bfloat16 the forward pass
+is the safer choice.
+
+Sampler-trainer consistency (`SamplingConfig.kept_set_logprobs`, on by default when top-k or
+top-p is active): a top-k / top-p sampler draws from the kept set renormalised, so the
+rollout stores each token's kept-set threshold (`kept_threshold [B, N, R]`, midway between
+the smallest kept and the largest excluded `logit / T`) and every policy log-prob of the rollout and of the update is
+`z_y - logsumexp_{z_v >= t} z_v` (`rlhf_jax.ops.kept_set`): the ratios compare the
+distribution the tokens came from. Reference log-probs stay those of the full
+`softmax(logits / T)` of the reference model. Off (or without filters), log-probs are those of
+`softmax(logits / T)`.
 
 Where scoring runs. Inside one jit (`score_rollout`, `rollout`, `grpo_iteration`,
 `ppo_iteration`), scores come from exactly one of:
-- `reward_module` (a `RewardModel`, static) with `reward_params`: the score head read at the
-  last non-pad token of prompt + response (the EOS token when there is one);
-- `score_fn(prompt_ids [B, P], response_ids [B, N], response_mask [B, N]) -> [B]`, a static,
-  hashable JAX-traceable function (verifiable rewards written in JAX).
+- `reward_module` (a `RewardModel`, static) with `reward_params`: the score head read at each
+  response's last real token (the EOS token when there is one), each prompt run once;
+- `score_fn(prompt_ids [B*N, P], response_ids [B*N, R], response_mask [B*N, R]) -> [B*N]`, a
+  static, hashable JAX-traceable function (verifiable rewards written in JAX) called on the
+  responses flattened row-major (row `b*N + n` is response n of prompt b, its prompt
+  repeated); the result is laid out `[B, N]`.
 Python scorers on decoded text (reward functions, `rlhf_jax.rewards`) run on the HOST between
 two jitted phases instead: a generate phase (`generate_rollout` + `rollout_logprobs`; in GRPO
 `grpo_generate`, in PPO `ppo_generate`) returns the rollout, the host decodes it and calls the
-functions, and an update phase (`grpo_train` / `ppo_train`) takes the `scores` `[B]` float32.
+functions, and an update phase (`grpo_train` / `ppo_train`) takes the `scores` (`[B, N]`, or
+`[B * N]` in the flattened row order above) float32.
 Each phase compiles once; errors in a reward function are ordinary Python exceptions. This is
 how `rlhf-jax grpo` / `ppo` score. `host_scorer(fn)` (a `jax.pure_callback`) remains for
 custom loops that want one compiled program with a NumPy scorer; an exception inside it
@@ -53,9 +71,12 @@ from rlhf_jax.models.generation import generate
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.ops.advantages import gae
 from rlhf_jax.ops.checks import check_in, check_positive, check_rank, check_same_shape
-from rlhf_jax.ops.logprobs import token_logprobs
+from rlhf_jax.ops.kept_set import kept_set_logits
+from rlhf_jax.ops.logprobs import entropy_from_logits, token_logprobs
 from rlhf_jax.ops.masking import masked_sum, masked_whiten
 from rlhf_jax.ops.rewards import shape_rewards
+from rlhf_jax.training.logprobs import (LMBatch, ResponseLogprobs, response_hidden_states,
+                                        response_logprobs)
 from rlhf_jax.training.lora_state import inference_model, is_lora_state
 
 LOGPROB_SOURCES = ("forward", "generate")
@@ -65,7 +86,7 @@ LOGPROB_SOURCES = ("forward", "generate")
 class SamplingConfig:
     """How responses are sampled (frozen, so it can be a static jit argument)."""
 
-    max_new_tokens: int = 32  # N: response slots per prompt (fixed padded shape)
+    max_new_tokens: int = 32  # R: response slots per response (fixed padded shape)
     temperature: float = 1.0  # T: sampling and every PPO/GRPO log-prob use logits / T
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
@@ -73,6 +94,9 @@ class SamplingConfig:
     eos_token_id: int = 1  # must differ from pad_token_id
     pad_token_id: int = 0
     logprobs_source: Literal["forward", "generate"] = "forward"  # see the module docstring
+    # Score tokens under the kept set they were drawn from (module docstring); None = on
+    # exactly when top-k or top-p filtering is active (and not greedy).
+    kept_set_logprobs: bool | None = None
 
     def __post_init__(self):
         check_positive(self.max_new_tokens, "max_new_tokens")
@@ -80,35 +104,66 @@ class SamplingConfig:
         check_in(self.logprobs_source, LOGPROB_SOURCES, "logprobs_source")
         if self.eos_token_id == self.pad_token_id:
             raise ValueError(f"`eos_token_id` and `pad_token_id` must differ, both are {self.pad_token_id}")
+        if self.kept_set_logprobs not in (None, True, False):
+            raise ValueError(f"`kept_set_logprobs` must be None, True or False, got {self.kept_set_logprobs!r}")
+
+    @property
+    def replays_kept_set(self) -> bool:
+        """Whether rollouts record kept-set thresholds and log-probs use them."""
+        if self.kept_set_logprobs is None:
+            return (self.top_k > 0 or self.top_p < 1.0) and not self.greedy
+        return self.kept_set_logprobs
 
 
 @struct.dataclass
 class Rollout:
-    """A batch of sampled responses and everything the update reads (a pytree).
+    """Sampled responses in the `LMBatch` layout and everything the update reads (a pytree).
 
-    Token arrays over prompt + response are `[B, P + N]`; response arrays are `[B, N]` with
-    `response[:, j] = input_ids[:, P + j]`. Fields a stage has not filled are None.
+    Fields a stage has not filled are None. Indexing the leading axis selects whole prompt
+    groups (how update minibatches are formed).
     """
 
-    input_ids: Any  # [B, P+N] int32: left-padded prompt, then the right-padded response
-    attention_mask: Any  # [B, P+N] int32: prompt mask, then response_mask
-    response_mask: Any  # [B, N] int32: 1 up to and including the first EOS
-    has_eos: Any  # [B] bool: the response ended with an EOS token
-    logp: Any  # [B, N] float32: rollout-policy log-probs (0 on padding)
-    ref_logp: Any = None  # [B, N] float32: reference log-probs (0 on padding)
-    values: Any = None  # [B, N] float32: V(state before response token j)
-    scores: Any = None  # [B] float32: reward-model / score_fn scores, as returned
-    rewards: Any = None  # [B, N] float32: shaped per-token rewards (before any whitening)
-    advantages: Any = None  # [B, N] (PPO) or [B] (GRPO) float32
-    returns: Any = None  # [B, N] float32: value targets A + V (before advantage whitening)
+    prompt_ids: Any  # [B, P] int32, left-padded
+    prompt_mask: Any  # [B, P] int32
+    response_ids: Any  # [B, N, R] int32, pad after the first EOS
+    response_mask: Any  # [B, N, R] int32: 1 up to and including the first EOS
+    has_eos: Any  # [B, N] bool: the response ended with an EOS token
+    logp: Any  # [B, N, R] float32: rollout-policy log-probs (0 on padding)
+    kept_threshold: Any = None  # [B, N, R] float32: kept-set thresholds (module docstring)
+    ref_logp: Any = None  # [B, N, R] float32: reference log-probs (0 on padding)
+    values: Any = None  # [B, N, R] float32: V(state before response token j)
+    scores: Any = None  # [B, N] float32: reward-model / score_fn / host scores
+    rewards: Any = None  # [B, N, R] float32: shaped per-token rewards (before any whitening)
+    advantages: Any = None  # [B, N, R] (PPO) or [B, N] (GRPO) float32
+    returns: Any = None  # [B, N, R] float32: value targets A + V (before advantage whitening)
 
     @property
-    def prompt_length(self) -> int:
-        return self.input_ids.shape[1] - self.response_mask.shape[1]
+    def batch(self) -> LMBatch:
+        return LMBatch(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)
 
     @property
-    def response_ids(self):
-        return self.input_ids[:, self.prompt_length:]
+    def num_responses(self) -> int:
+        return self.response_ids.shape[1]
+
+    def flat_responses(self):
+        """`(prompt_ids [B*N, P], response_ids [B*N, R], response_mask [B*N, R])`: one row
+        per response, row `b*N + n` (its prompt repeated)."""
+        num = self.num_responses
+        return (jnp.repeat(self.prompt_ids, num, axis=0), flatten_responses(self.response_ids),
+                flatten_responses(self.response_mask))
+
+
+def flatten_responses(x):
+    """`[B, N, ...]` -> `[B * N, ...]` (row `b*N + n`)."""
+    return jnp.reshape(x, (-1, *jnp.shape(x)[2:]))
+
+
+def sampled_batch(input_ids, attention_mask, response_mask) -> LMBatch:
+    """The `LMBatch` (N = 1) of rows `[B, P + R]` that hold a left-padded prompt followed by a
+    sampled response (`generate`'s tokens), `response_mask [B, R]` marking the response."""
+    prompt_length = input_ids.shape[1] - response_mask.shape[1]
+    return LMBatch(input_ids[:, :prompt_length], attention_mask[:, :prompt_length],
+                   input_ids[:, None, prompt_length:], response_mask[:, None])
 
 
 def causal_lm_of(apply_fn) -> CausalLM:
@@ -130,43 +185,52 @@ def sampling_model(policy_state):
     return causal_lm_of(policy_state.apply_fn), policy_state.params
 
 
-def response_hidden(apply_fn, params, input_ids, attention_mask, response_length: int):
-    """Hidden states `[B, N, D]` at the positions that predict the N response tokens."""
-    prompt_length = input_ids.shape[1] - response_length
-    if prompt_length < 1:
-        raise ValueError(f"need at least one prompt token, got input length {input_ids.shape[1]} "
-                         f"for {response_length} response tokens")
-    hidden = apply_fn({"params": params}, input_ids, attention_mask, method="hidden_states")
-    return hidden[:, prompt_length - 1: prompt_length - 1 + response_length]  # [B, N, D]
+def policy_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, kept_threshold=None,
+                    with_entropy: bool = False, prompt_once: bool = True) -> ResponseLogprobs:
+    """Policy log-probs `[B, N, R]` as rollouts and updates score them, each prompt run once
+    (`prompt_once`, see `response_logprobs`).
 
-
-def response_logprobs(apply_fn, params, input_ids, attention_mask, response_mask, *, temperature=1.0):
-    """`(logp [B, N], logits [B, N, V])` of the response tokens under `softmax(logits / T)`.
-
-    `logp[b, j] = log_softmax(logits(input_ids[b, :P + j]) / T)[input_ids[b, P + j]]`, 0 where
-    `response_mask` is 0; `logits` are the raw (unscaled) float32 logits.
+    Without `kept_threshold`: `response_logprobs` (`softmax(logits / T)`). With it
+    (`[B, N, R]`, module docstring): the same hidden states, then the log-prob and entropy of
+    the kept set renormalised (`rlhf_jax.ops.kept_set.kept_set_logits`).
     """
-    response_length = response_mask.shape[1]
-    hidden = response_hidden(apply_fn, params, input_ids, attention_mask, response_length)
-    logits = apply_fn({"params": params}, hidden, method="lm_logits")  # [B, N, V] float32
-    response_ids = input_ids[:, input_ids.shape[1] - response_length:]
-    logp = token_logprobs(logits, response_ids, temperature=temperature)
-    return jnp.where(response_mask != 0, logp, 0.0), logits
+    if kept_threshold is None:
+        return response_logprobs(apply_fn, params, batch, temperature=temperature,
+                                 with_entropy=with_entropy, prompt_once=prompt_once)
+    hidden = response_hidden_states(apply_fn, params, batch, prompt_once=prompt_once)
+    logits = apply_fn({"params": params}, hidden.predicting, method="lm_logits")  # [B, N, R, V]
+    logits = kept_set_logits(logits, batch.response_ids, kept_threshold, temperature=temperature)
+    mask = jnp.asarray(batch.response_mask, jnp.float32)
+    logprobs = jnp.where(mask != 0, token_logprobs(logits, batch.response_ids, temperature=temperature), 0.0)
+    entropy = None
+    if with_entropy:
+        entropy = jnp.where(mask != 0, entropy_from_logits(logits, temperature=temperature), 0.0)
+    return ResponseLogprobs(logprobs, mask, entropy)
 
 
-def response_values(apply_fn, params, input_ids, attention_mask, response_mask):
-    """`ValueModel` estimates `[B, N]` of the state before each response token (0 on padding)."""
-    hidden = response_hidden(apply_fn, params, input_ids, attention_mask, response_mask.shape[1])
+def response_values(apply_fn, params, batch: LMBatch):
+    """`ValueModel` estimates `[B, N, R]` of the state before each response token (0 on
+    padding), each prompt run once."""
+    hidden = response_hidden_states(apply_fn, params, batch).predicting
     values = apply_fn({"params": params}, hidden, method="scores_from_hidden")
-    return jnp.where(response_mask != 0, values, 0.0)
+    return jnp.where(jnp.asarray(batch.response_mask) != 0, values, 0.0)
+
+
+def reward_model_scores(reward_module, reward_params, batch: LMBatch):
+    """`RewardModel` scores `[B, N]`: the score head at each response's last real token (the
+    EOS token when there is one), each prompt run once."""
+    tokens = response_hidden_states(reward_module.apply, reward_params, batch).tokens  # [B, N, R, D]
+    last = jnp.maximum(jnp.sum(jnp.asarray(batch.response_mask, jnp.int32), axis=-1) - 1, 0)  # [B, N]
+    hidden = jnp.take_along_axis(tokens, last[..., None, None], axis=2)[:, :, 0]  # [B, N, D]
+    return reward_module.apply({"params": reward_params}, hidden, method="scores_from_hidden")
 
 
 def host_scorer(fn: Callable) -> Callable:
     """A traceable `score_fn` that runs the host function `fn` through `jax.pure_callback`.
 
-    `fn(prompt_ids, response_ids, response_mask)` receives NumPy arrays and returns `B`
-    scores. Create the wrapper once and reuse it: it is a static jit argument, hashed by
-    identity.
+    `fn(prompt_ids, response_ids, response_mask)` receives NumPy arrays (one row per
+    response, module docstring) and returns one score per row. Create the wrapper once and
+    reuse it: it is a static jit argument, hashed by identity.
     """
 
     def call_on_host(prompt_ids, response_ids, response_mask):
@@ -182,30 +246,41 @@ def host_scorer(fn: Callable) -> Callable:
     return score_fn
 
 
-def generate_rollout(policy_state, prompt_ids, prompt_mask, rng, *, sampling: SamplingConfig) -> Rollout:
-    """Sample responses and lay out prompt + response; `logp` holds the sampler's log-probs.
+def generate_rollout(policy_state, prompt_ids, prompt_mask, rng, *, sampling: SamplingConfig,
+                     num_responses: int = 1) -> Rollout:
+    """Sample `num_responses` responses per prompt; `logp` holds the sampler's log-probs.
 
     Args:
       policy_state: train state (or anything with `apply_fn`, `params`) of a `CausalLM`.
       prompt_ids, prompt_mask: `[B, P]` LEFT-padded prompts and their mask.
       rng: PRNG key for sampling.
       sampling: a `SamplingConfig` (static).
+      num_responses: N responses per prompt (static); the prefill runs once per prompt.
+
+    Returns a `Rollout` `[B, N, R]` with `logp` (the kept-set log-probs and `kept_threshold`
+    when `sampling.replays_kept_set`).
     """
     check_rank(prompt_ids, 2, "prompt_ids")
     check_same_shape(prompt_ids=prompt_ids, prompt_mask=prompt_mask)
+    kept = sampling.replays_kept_set
     out = generate(
         *sampling_model(policy_state), prompt_ids, prompt_mask, rng,
         max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
         top_k=sampling.top_k, top_p=sampling.top_p, greedy=sampling.greedy,
         eos_token_id=sampling.eos_token_id, pad_token_id=sampling.pad_token_id,
+        num_samples=num_responses, kept_set=kept,
     )
+    grouped = lambda x: x.reshape(prompt_ids.shape[0], num_responses, *x.shape[1:])
     response_mask = out.mask.astype(jnp.int32)
+    logp = out.kept_logprobs if kept else out.logprobs
     return Rollout(
-        input_ids=jnp.concatenate([prompt_ids.astype(jnp.int32), out.tokens], axis=1),
-        attention_mask=jnp.concatenate([prompt_mask.astype(jnp.int32), response_mask], axis=1),
-        response_mask=response_mask,
-        has_eos=out.finished,
-        logp=jnp.where(response_mask != 0, out.logprobs, 0.0),
+        prompt_ids=prompt_ids.astype(jnp.int32),
+        prompt_mask=prompt_mask.astype(jnp.int32),
+        response_ids=grouped(out.tokens),
+        response_mask=grouped(response_mask),
+        has_eos=grouped(out.finished),
+        logp=grouped(jnp.where(response_mask != 0, logp, 0.0)),
+        kept_threshold=grouped(jnp.where(response_mask != 0, out.kept_threshold, -jnp.inf)) if kept else None,
     )
 
 
@@ -221,37 +296,46 @@ def rollout_logprobs(data: Rollout, policy_state, ref_params, *, sampling: Sampl
     """Fill what needs no score: `logp` (when `sampling.logprobs_source == "forward"`),
     `ref_logp` (None when `ref_params` is None) and `values` (None without `value_state`).
 
-    `ref_params` are parameters of the policy's module (the frozen reference policy).
+    `ref_params` are parameters of the policy's module (the frozen reference policy). Each
+    prompt runs once per forward pass for its N responses.
     """
-    args = (data.input_ids, data.attention_mask, data.response_mask)
-    temperature = sampling.temperature
+    batch, temperature = data.batch, sampling.temperature
     if sampling.logprobs_source == "forward":
-        data = data.replace(logp=response_logprobs(policy_state.apply_fn, policy_state.params, *args,
-                                                   temperature=temperature)[0])
+        data = data.replace(logp=policy_logprobs(policy_state.apply_fn, policy_state.params, batch,
+                                                 temperature=temperature,
+                                                 kept_threshold=data.kept_threshold).logprobs)
     if ref_params is not None:
-        data = data.replace(ref_logp=response_logprobs(policy_state.apply_fn, ref_params, *args,
-                                                       temperature=temperature)[0])
+        data = data.replace(ref_logp=response_logprobs(policy_state.apply_fn, ref_params, batch,
+                                                       temperature=temperature).logprobs)
     if value_state is not None:
-        data = data.replace(values=response_values(value_state.apply_fn, value_state.params, *args))
+        data = data.replace(values=response_values(value_state.apply_fn, value_state.params, batch))
     return data
 
 
 def rollout_scores(data: Rollout, *, reward_module=None, reward_params=None, score_fn=None):
-    """Sequence scores `[B]` of an in-jit scorer: exactly one of `reward_module` +
+    """Sequence scores `[B, N]` of an in-jit scorer: exactly one of `reward_module` +
     `reward_params`, or `score_fn` (module docstring)."""
     _check_scorer(reward_module, reward_params, score_fn)
     if reward_module is not None:
-        return reward_module.apply({"params": reward_params}, data.input_ids, data.attention_mask)
-    prompt_ids = data.input_ids[:, :data.prompt_length]
-    return score_fn(prompt_ids, data.response_ids, data.response_mask)
+        return reward_model_scores(reward_module, reward_params, data.batch)
+    scores = score_fn(*data.flat_responses())
+    count = data.response_ids.shape[0] * data.num_responses
+    if jnp.shape(scores) != (count,):
+        raise ValueError(f"the scorer must return shape ({count},) (one score per response), "
+                         f"got {jnp.shape(scores)}")
+    return jnp.reshape(scores, data.response_ids.shape[:2])
 
 
 def with_scores(data: Rollout, scores) -> Rollout:
-    """`data` with `scores` `[B]` (float32), however computed: in jit (`rollout_scores`) or on
-    the host between a generate phase and an update phase."""
-    batch = data.input_ids.shape[0]
-    if jnp.shape(scores) != (batch,):
-        raise ValueError(f"the scorer must return shape ({batch},), got {jnp.shape(scores)}")
+    """`data` with `scores` `[B, N]` float32, however computed: in jit (`rollout_scores`) or on
+    the host between a generate phase and an update phase. A flat `[B * N]` array is read in
+    the row order of `Rollout.flat_responses` (response n of prompt b at `b*N + n`)."""
+    shape = tuple(data.response_ids.shape[:2])
+    if jnp.shape(scores) == (shape[0] * shape[1],):
+        scores = jnp.reshape(scores, shape)
+    if jnp.shape(scores) != shape:
+        raise ValueError(f"the scorer must return shape {shape} (or ({shape[0] * shape[1]},)), "
+                         f"got {jnp.shape(scores)}")
     return data.replace(scores=jnp.asarray(scores, jnp.float32))
 
 
@@ -277,29 +361,35 @@ def ppo_advantages(data: Rollout, *, kl_coef, kl_estimator="k1", gamma=1.0, lam=
         A, R = gae(r, V, mask; gamma, lam), V after the last token = 0, R = A + V
         A <- (A - mean(A)) / std(A)                           (whiten_advantages)
 
-    Ziegler et al. 2019 (arXiv:1909.08593); Schulman et al. 2016 (arXiv:1506.02438).
-    Needs `logp`, `ref_logp`, `values` and `scores`; `rewards` keep the unwhitened values.
+    over the `B * N` responses (whitening statistics over all their counted tokens); the
+    results are `[B, N, R]`. Ziegler et al. 2019 (arXiv:1909.08593); Schulman et al. 2016
+    (arXiv:1506.02438). Needs `logp`, `ref_logp`, `values` and `scores`; `rewards` keep the
+    unwhitened values.
     """
     for name in ("ref_logp", "values", "scores"):
         if getattr(data, name) is None:
             raise ValueError(f"`ppo_advantages` needs `{name}`; run `score_rollout` with it first")
-    mask = data.response_mask
+    flat = flatten_responses
+    mask = flat(data.response_mask)
     rewards = shape_rewards(
-        data.scores, data.logp, data.ref_logp, mask, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        has_eos=data.has_eos, missing_eos_score=missing_eos_score, score_clip=score_clip,
+        flat(data.scores), flat(data.logp), flat(data.ref_logp), mask, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, has_eos=flat(data.has_eos), missing_eos_score=missing_eos_score,
+        score_clip=score_clip,
     )
     gae_rewards = masked_whiten(rewards, mask, shift_mean=False) if whiten_rewards else rewards
-    advantages, returns = gae(gae_rewards, data.values, mask, gamma=gamma, lam=lam)
+    advantages, returns = gae(gae_rewards, flat(data.values), mask, gamma=gamma, lam=lam)
     if whiten_advantages:
         advantages = masked_whiten(advantages, mask)
-    return data.replace(rewards=rewards, advantages=advantages, returns=returns)
+    grouped = lambda x: x.reshape(data.response_mask.shape)
+    return data.replace(rewards=grouped(rewards), advantages=grouped(advantages), returns=grouped(returns))
 
 
 def rollout(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, sampling: SamplingConfig,
             kl_coef, value_state=None, reward_module=None, reward_params=None, score_fn=None,
             kl_estimator="k1", gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=True,
             missing_eos_score=None, score_clip=None) -> Rollout:
-    """`generate_rollout` -> `score_rollout` -> `ppo_advantages` (see each for the arguments).
+    """`generate_rollout` (N = 1) -> `score_rollout` -> `ppo_advantages` (see each for the
+    arguments).
 
     Static (for `jax.jit`): `sampling`, `reward_module`, `score_fn` and the shaping options;
     `kl_coef` may be traced (a `KLControllerState.coef`). Without `value_state` the values
@@ -321,30 +411,31 @@ def rollout(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, sampling:
 
 
 def rollout_metrics(data: Rollout) -> dict[str, jax.Array]:
-    """Scalar summaries of a rollout (stable names):
+    """Scalar summaries of a rollout (stable names), means over its `B * N` responses:
 
-    `objective/scores` mean score; `objective/kl` mean over rows of the summed per-token
+    `objective/scores` mean score; `objective/kl` mean of the summed per-token
     `logp - ref_logp` (the k1 sequence KL the adaptive controller tracks); `objective/rlhf_reward`
-    mean over rows of the summed shaped rewards; `rollout/response_length` mean counted tokens;
-    `rollout/eos_rate` fraction of rows that ended with EOS.
+    mean of the summed shaped rewards; `rollout/response_length` mean counted tokens;
+    `rollout/eos_rate` fraction of responses that ended with EOS.
     """
     mask = data.response_mask.astype(jnp.float32)
     metrics = {
-        "rollout/response_length": jnp.mean(jnp.sum(mask, axis=1)),
+        "rollout/response_length": jnp.mean(jnp.sum(mask, axis=-1)),
         "rollout/eos_rate": jnp.mean(data.has_eos.astype(jnp.float32)),
     }
     if data.scores is not None:
         metrics["objective/scores"] = jnp.mean(data.scores)
     if data.ref_logp is not None:
-        metrics["objective/kl"] = jnp.mean(masked_sum(data.logp - data.ref_logp, mask, axis=1))
+        metrics["objective/kl"] = jnp.mean(masked_sum(data.logp - data.ref_logp, mask, axis=-1))
     if data.rewards is not None:
-        metrics["objective/rlhf_reward"] = jnp.mean(masked_sum(data.rewards, mask, axis=1))
+        metrics["objective/rlhf_reward"] = jnp.mean(masked_sum(data.rewards, mask, axis=-1))
     return metrics
 
 
 __all__ = [
-    "LOGPROB_SOURCES", "SamplingConfig", "Rollout", "causal_lm_of", "response_hidden",
-    "response_logprobs", "response_values", "host_scorer", "generate_rollout", "rollout_logprobs",
-    "rollout_scores", "with_scores", "score_rollout",
-    "ppo_advantages", "rollout", "rollout_metrics",
+    "LOGPROB_SOURCES", "SamplingConfig", "Rollout", "flatten_responses", "sampled_batch", "causal_lm_of",
+    "sampling_model",
+    "policy_logprobs", "response_values", "reward_model_scores", "host_scorer", "generate_rollout",
+    "rollout_logprobs", "rollout_scores", "with_scores", "score_rollout", "ppo_advantages",
+    "rollout", "rollout_metrics",
 ]

@@ -12,6 +12,8 @@ from rlhf_jax.models.checkpoint_io import load_pretrained
 from rlhf_jax.models.generation import GENERATE_STATIC_ARGNAMES, generate
 from rlhf_jax.models.heads import RewardModel
 from rlhf_jax.models.sampling import top_k_filter
+from rlhf_jax.ops.kept_set import kept_set_logits
+from rlhf_jax.ops.logprobs import token_logprobs
 
 NEW_TOKENS = 10
 EOS_ID = 2
@@ -86,6 +88,40 @@ def test_top_k_one_equals_greedy(models):
     np.testing.assert_array_equal(top1.tokens, greedy.tokens)
     np.testing.assert_array_equal(top1.mask, greedy.mask)
     np.testing.assert_allclose(top1.logprobs, greedy.logprobs, atol=1e-5)
+
+
+def test_num_samples_shares_the_prefill_and_equals_repeated_prompts(models):
+    """G samples per prompt from one prefill: the same tokens and log-probs as `generate` on
+    the prompts repeated G times (rows b*G + g)."""
+    module, params = models["llama"]
+    ids, mask = prompts(seed=8)
+    options = dict(seed=9, temperature=0.8, top_k=20, top_p=0.95, kept_set=True)
+    grouped = run(module, params, ids, mask, num_samples=3, **options)
+    repeated = run(module, params, np.repeat(ids, 3, axis=0), np.repeat(mask, 3, axis=0), **options)
+    assert grouped.tokens.shape == (12, NEW_TOKENS)
+    np.testing.assert_array_equal(grouped.tokens, repeated.tokens)
+    np.testing.assert_array_equal(grouped.mask, repeated.mask)
+    np.testing.assert_array_equal(grouped.finished, repeated.finished)
+    for name in ("logprobs", "kept_logprobs", "kept_threshold"):
+        np.testing.assert_allclose(getattr(grouped, name), getattr(repeated, name), atol=1e-5)
+    assert not all(np.array_equal(grouped.tokens[0], grouped.tokens[g]) for g in (1, 2))
+    assert run(module, params, ids, mask).kept_threshold is None  # off by default
+    with pytest.raises(ValueError, match="num_samples"):
+        run(module, params, ids, mask, num_samples=0)
+
+
+def test_kept_set_logprobs_replay_from_a_fresh_forward_pass(models):
+    """The sampler's kept-set log-probs equal a forward pass scored under the stored
+    thresholds (`kept_set_logits`); they exceed the full-distribution log-probs."""
+    module, params = models["gpt2"]
+    ids, mask = prompts(seed=10)
+    out = run(module, params, ids, mask, seed=11, temperature=1.3, top_k=5, top_p=0.8, kept_set=True)
+    _, scaled = fresh_logprobs(module, params, ids, mask, out, temperature=1.3)
+    replayed = token_logprobs(kept_set_logits(jnp.asarray(scaled), out.tokens, out.kept_threshold), out.tokens)
+    valid = np.asarray(out.mask).astype(bool)
+    np.testing.assert_allclose(np.asarray(replayed)[valid], np.asarray(out.kept_logprobs)[valid], atol=1e-4)
+    assert (np.asarray(out.kept_logprobs)[valid] >= np.asarray(out.logprobs)[valid]).all()
+    assert (np.asarray(out.kept_logprobs)[~valid] == 0).all()
 
 
 def test_top_k_and_top_p_only_draw_allowed_tokens(models):

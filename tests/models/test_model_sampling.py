@@ -7,8 +7,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from rlhf_jax.models.sampling import (
-    categorical, first_index, sample_tokens, select_tokens, top_k_filter, top_p_filter,
+    categorical, first_index, sample_tokens, select_kept_set, select_tokens, top_k_filter, top_p_filter,
 )
+from rlhf_jax.ops.kept_set import kept_set_logits
+from rlhf_jax.ops.logprobs import token_logprobs
 
 
 def oracle_top_k(logits, k):
@@ -128,3 +130,59 @@ def test_select_tokens_is_sample_tokens_with_given_uniforms():
     expected = [int(np.argmax(cdf[row] >= u * cdf[row, -1] - 1e-6)) for row, u in enumerate(np.asarray(uniforms))]
     np.testing.assert_array_equal(tokens, expected)
     np.testing.assert_allclose(logprobs, np.log(probs[np.arange(4), expected]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k, top_p, temperature", [(5, 1.0, 1.0), (0, 0.7, 1.0), (8, 0.8, 0.6),
+                                                       (0, 1.0, 1.3)])
+def test_select_kept_set_matches_oracle(top_k, top_p, temperature):
+    """The kept set's threshold and the renormalised log-prob against NumPy, and the same
+    tokens and full log-probs as `select_tokens`."""
+    logits = random_logits(11, shape=(6, 40))
+    uniforms = np.random.default_rng(12).uniform(0.01, 1.0, 6).astype(np.float32)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    chosen = select_kept_set(jnp.asarray(logits), jnp.asarray(uniforms), **options)
+    tokens, logprobs = select_tokens(jnp.asarray(logits), jnp.asarray(uniforms), **options)
+    np.testing.assert_array_equal(chosen.tokens, tokens)
+    np.testing.assert_array_equal(chosen.logprobs, logprobs)
+    scaled = logits.astype(np.float64) / temperature
+    kept = np.ones(scaled.shape, bool)
+    if top_k:
+        kept &= oracle_top_k(scaled, top_k)
+    if top_p < 1:
+        kept &= oracle_top_p(np.where(kept, scaled, -np.inf), top_p)
+    midpoint = (np.where(kept, scaled, np.inf).min(1) + np.where(kept, -np.inf, scaled).max(1)) / 2
+    np.testing.assert_allclose(chosen.kept_threshold, midpoint, rtol=1e-6)
+    np.testing.assert_array_equal(scaled >= np.asarray(chosen.kept_threshold)[:, None], kept)
+    rows = np.arange(6)
+    assert kept[rows, np.asarray(tokens)].all()
+    kept_norm = np.log(np.where(kept, np.exp(scaled), 0.0).sum(1))
+    np.testing.assert_allclose(chosen.kept_logprobs, scaled[rows, tokens] - kept_norm, atol=1e-5)
+    if top_k or top_p < 1:
+        assert (np.asarray(chosen.kept_logprobs) > np.asarray(logprobs) + 1e-3).all()
+    else:
+        np.testing.assert_allclose(chosen.kept_logprobs, logprobs, atol=1e-6)
+
+
+def test_kept_set_logits_replay_the_sampler():
+    """`kept_set_logits` with the sampler's thresholds gives back its kept-set log-probs, keeps
+    the drawn token even below the threshold, and keeps everything at threshold -inf."""
+    logits = random_logits(13, shape=(6, 40))
+    uniforms = jnp.asarray(np.random.default_rng(14).uniform(0.01, 1.0, 6).astype(np.float32))
+    chosen = select_kept_set(jnp.asarray(logits), uniforms, temperature=0.7, top_k=6, top_p=0.9)
+    replayed = kept_set_logits(jnp.asarray(logits), chosen.tokens, chosen.kept_threshold, temperature=0.7)
+    np.testing.assert_allclose(token_logprobs(replayed, chosen.tokens, temperature=0.7),
+                               chosen.kept_logprobs, atol=1e-6)
+    # Logits that round differently from the sampler's (a KV-cache step vs a forward pass)
+    # still replay the same kept set: the threshold lies midway between kept and excluded.
+    lowered = logits - 1e-6 * np.abs(logits)
+    replayed = kept_set_logits(jnp.asarray(lowered), chosen.tokens, chosen.kept_threshold, temperature=0.7)
+    np.testing.assert_allclose(token_logprobs(replayed, chosen.tokens, temperature=0.7),
+                               chosen.kept_logprobs, atol=1e-5)
+    above = kept_set_logits(jnp.asarray(logits), chosen.tokens, jnp.full((6,), 1e9), temperature=0.7)
+    # A threshold above every logit keeps the drawn token and those at least as likely.
+    drawn = logits[np.arange(6), np.asarray(chosen.tokens)]
+    np.testing.assert_array_equal(np.isfinite(np.asarray(above)), logits >= drawn[:, None])
+    everything = kept_set_logits(jnp.asarray(logits), chosen.tokens, jnp.full((6,), -jnp.inf))
+    np.testing.assert_array_equal(everything, logits)
+    with pytest.raises(ValueError, match="threshold"):
+        kept_set_logits(jnp.asarray(logits), chosen.tokens, chosen.kept_threshold[:3])

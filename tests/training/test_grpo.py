@@ -82,10 +82,12 @@ def test_rloo_raises_mean_reward_and_groups_are_contiguous():
         data = sample(state, None, prompt_ids, prompt_mask, sample_key)
         if iteration == 0:
             assert data.ref_logp is None
-            np.testing.assert_array_equal(data.input_ids[:, :PROMPT], np.repeat(prompt_ids, GROUP, axis=0))
-            grouped = np.asarray(data.scores).reshape(PROMPTS, GROUP)
+            np.testing.assert_array_equal(data.prompt_ids, prompt_ids)
+            assert data.response_ids.shape == data.logp.shape == (PROMPTS, GROUP, RESPONSE)
+            grouped = np.asarray(data.scores)
+            assert grouped.shape == data.advantages.shape == (PROMPTS, GROUP)
             loo = grouped - (grouped.sum(1, keepdims=True) - grouped) / (GROUP - 1)
-            np.testing.assert_allclose(data.advantages, loo.reshape(-1), atol=1e-6)
+            np.testing.assert_allclose(data.advantages, loo, atol=1e-6)
         state, metrics = update(state, data, shuffle_key)
         scores.append(float(metrics["objective/scores"]))
     scores = np.array(scores)
@@ -130,12 +132,19 @@ def test_update_matches_hand_assembled_gradient_step():
                         group_size=GROUP, beta=beta)
     rng = np.random.default_rng(5)
     input_ids, attention_mask, response_mask = with_random_responses(rng, *make_prompts(5, batch), RESPONSE)
+    advantages = rng.normal(size=batch).astype(np.float32)
+    groups = batch // GROUP
+    grouped = lambda x: np.asarray(x).reshape(groups, GROUP, *np.shape(x)[1:])
+    prompt_ids, prompt_mask = input_ids[::GROUP, :PROMPT], attention_mask[::GROUP, :PROMPT]
+    # Responses of a group share their prompt: rows b*G .. b*G + G - 1 answer prompt b.
+    input_ids[:, :PROMPT] = np.repeat(prompt_ids, GROUP, axis=0)
+    attention_mask[:, :PROMPT] = np.repeat(prompt_mask, GROUP, axis=0)
     logp = np.asarray(full_logp(POLICY_PARAMS, input_ids, attention_mask, temperature)) * response_mask
     ref_logp = np.asarray(full_logp(REF_PARAMS, input_ids, attention_mask, temperature)) * response_mask
-    advantages = rng.normal(size=batch).astype(np.float32)
-    data = Rollout(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
-                   has_eos=np.ones(batch, bool), logp=logp, ref_logp=ref_logp,
-                   scores=rng.normal(size=batch).astype(np.float32), advantages=advantages)
+    data = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=grouped(input_ids[:, PROMPT:]),
+                   response_mask=grouped(response_mask), has_eos=np.ones((groups, GROUP), bool),
+                   logp=grouped(logp), ref_logp=grouped(ref_logp),
+                   scores=rng.normal(size=(groups, GROUP)).astype(np.float32), advantages=grouped(advantages))
 
     def oracle_loss(params):
         mask = jnp.asarray(response_mask, jnp.float32)
@@ -173,3 +182,17 @@ def test_reference_required_when_beta_positive():
     with pytest.raises(ValueError, match="ref_params"):
         grpo_rollout(state, None, *make_prompts(0), jax.random.key(0),
                      config=GRPOConfig(sampling=SAMPLING, beta=0.1), score_fn=target_fraction)
+
+
+def test_minibatches_must_hold_whole_groups():
+    """Minibatches are formed over prompt groups (each group's prompt runs once per
+    minibatch): `num_minibatches` must divide the number of prompts, not only of responses."""
+    config = GRPOConfig(sampling=SAMPLING, group_size=GROUP, beta=0.0, num_minibatches=3)
+    state = fresh_policy_state(optax.sgd(0.1))
+    data = grpo_rollout(state, None, *make_prompts(0, 4), jax.random.key(0), config=config,
+                        score_fn=target_fraction)
+    assert data.response_ids.shape[:2] == (4, GROUP)  # 16 responses would split into 4 or 8, not 3
+    with pytest.raises(ValueError, match="4 prompt groups.*num_minibatches.*whole groups"):
+        grpo_update(state, data, jax.random.key(1), config=config)
+    with pytest.raises(ValueError, match="group_size"):
+        sequence_advantages(np.zeros((4, 3), np.float32), np.ones((4, 3), bool), config=config)

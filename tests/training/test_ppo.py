@@ -115,27 +115,31 @@ def synthetic_rollout(seed, policy_params, value_params):
     logp, _ = response_logp_and_entropy(policy_params, input_ids, attention_mask, PROMPT, 0.8)
     values = full_values(value_params, input_ids, attention_mask)
     mask = response_mask.astype(np.float32)
+    one = lambda x: np.asarray(x)[:, None]  # [B, ...] -> [B, N = 1, ...]
     return Rollout(
-        input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
-        has_eos=np.zeros(UPDATE_BATCH, bool), logp=np.asarray(logp) * mask,
-        ref_logp=np.asarray(logp) * mask, values=np.asarray(values) * mask,
-        scores=rng.normal(size=UPDATE_BATCH).astype(np.float32),
-        advantages=(rng.normal(size=(UPDATE_BATCH, RESPONSE)) * mask).astype(np.float32),
-        returns=(rng.normal(size=(UPDATE_BATCH, RESPONSE)) * mask).astype(np.float32),
+        prompt_ids=input_ids[:, :PROMPT], prompt_mask=attention_mask[:, :PROMPT],
+        response_ids=one(input_ids[:, PROMPT:]), response_mask=one(response_mask),
+        has_eos=np.zeros((UPDATE_BATCH, 1), bool), logp=one(np.asarray(logp) * mask),
+        ref_logp=one(np.asarray(logp) * mask), values=one(np.asarray(values) * mask),
+        scores=rng.normal(size=(UPDATE_BATCH, 1)).astype(np.float32),
+        advantages=one((rng.normal(size=(UPDATE_BATCH, RESPONSE)) * mask).astype(np.float32)),
+        returns=one((rng.normal(size=(UPDATE_BATCH, RESPONSE)) * mask).astype(np.float32)),
     )
 
 
 def oracle_losses(policy_params, value_params, data, config):
     """Hand-assembled: token-mean of -A * ratio - ent_coef * H, and vf_coef * 0.5 (V - R)^2."""
-    mask = jnp.asarray(data.response_mask, jnp.float32)
+    input_ids, attention_mask = data.batch.joined()  # [B, P + R]: prompt then response
+    single = lambda x: jnp.asarray(x)[:, 0]  # [B, 1, ...] -> [B, ...]
+    mask = single(data.response_mask).astype(jnp.float32)
     count = jnp.sum(mask)
-    logp, entropy = response_logp_and_entropy(policy_params, data.input_ids, data.attention_mask,
+    logp, entropy = response_logp_and_entropy(policy_params, input_ids, attention_mask,
                                               PROMPT, config.sampling.temperature)
-    ratio = jnp.exp(jnp.where(mask > 0, logp - data.logp, 0.0))
-    policy_loss = jnp.sum(-data.advantages * ratio * mask) / count
+    ratio = jnp.exp(jnp.where(mask > 0, logp - single(data.logp), 0.0))
+    policy_loss = jnp.sum(-single(data.advantages) * ratio * mask) / count
     policy_total = policy_loss - config.ent_coef * jnp.sum(entropy * mask) / count
-    values = full_values(value_params, data.input_ids, data.attention_mask)
-    value_loss = jnp.sum(0.5 * (values - data.returns) ** 2 * mask) / count
+    values = full_values(value_params, input_ids, attention_mask)
+    value_loss = jnp.sum(0.5 * (values - single(data.returns)) ** 2 * mask) / count
     return policy_total, config.vf_coef * value_loss, policy_loss, value_loss
 
 

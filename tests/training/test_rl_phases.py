@@ -17,10 +17,10 @@ SAMPLING = SamplingConfig(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD)
 
 
 def numpy_target_fraction(data):
-    """The score of `target_fraction`, computed on the host from the phase's output."""
+    """The score of `target_fraction`, computed on the host from the phase's output: `[B, N]`."""
     response = np.asarray(data.response_ids)
     mask = np.asarray(data.response_mask)
-    return ((response == TARGET) * mask).sum(1).astype(np.float32) / np.maximum(mask.sum(1), 1)
+    return ((response == TARGET) * mask).sum(-1).astype(np.float32) / np.maximum(mask.sum(-1), 1)
 
 
 def assert_trees_close(a, b):
@@ -42,8 +42,13 @@ def test_grpo_phases_with_host_scores_equal_grpo_iteration():
     sample_key, shuffle_key = jax.random.split(key)
     state = fresh_policy_state(optax.adam(1e-2))
     data = generate(state, ref, *prompts, sample_key, config=config)
-    assert data.scores is None and data.input_ids.shape[0] == 16
+    assert data.scores is None and data.response_ids.shape[:2] == (4, 4)
+    # Host scores as [n, G] or flattened [n * G] (response g of prompt i at i * G + g).
     state_b, metrics_b = train(state, data, numpy_target_fraction(data), shuffle_key, config=config)
+    state_c, metrics_c = train(fresh_policy_state(optax.adam(1e-2)), data,
+                               numpy_target_fraction(data).reshape(-1), shuffle_key, config=config)
+    assert_trees_close(state_b.params, state_c.params)
+    assert_trees_close(metrics_b, metrics_c)
     assert_trees_close(state_a.params, state_b.params)
     assert_trees_close(metrics_a, metrics_b)
 

@@ -1,6 +1,10 @@
 """Rollout plumbing: layout, masks after EOS, log-probs, values, scores, shaping and GAE,
-each checked against full-forward + NumPy oracles written from NUMERICS.md."""
+each checked against full-forward + NumPy oracles written from NUMERICS.md.
+
+The rollout is `[B, N = 1, R]` (the `LMBatch` layout); the oracles read it through
+`flat_view`, one joined `[B, P + R]` row per response."""
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +40,22 @@ def states():
             create_train_state(VALUE, VALUE_PARAMS, optax.sgd(0.1)))
 
 
+def flat_view(data):
+    """The rollout's arrays with one row per response: `input_ids` / `attention_mask`
+    `[B*N, P + R]` (prompt then response), per-token arrays `[B*N, R]`, per-response `[B*N]`."""
+    input_ids, attention_mask = (np.asarray(x) for x in data.batch.joined())
+    fields = {name: np.asarray(getattr(data, name)).reshape(-1, *np.shape(getattr(data, name))[2:])
+              for name in ("response_ids", "response_mask", "has_eos", "logp", "ref_logp", "values",
+                           "scores", "rewards", "advantages", "returns")
+              if getattr(data, name) is not None}
+    fields.setdefault("ref_logp", None)
+    fields.setdefault("values", None)
+    return types.SimpleNamespace(input_ids=input_ids, attention_mask=attention_mask, **fields)
+
+
 @pytest.fixture(scope="module")
-def rolled():
-    """(generate_rollout output, rollout output) from the same key, in one compiled call."""
+def rolled_grouped():
+    """(generate_rollout output, rollout output) `[B, 1, R]` from the same key, in one compiled call."""
 
     def run(policy_state, value_state, ref_params, prompt_ids, prompt_mask, rng):
         generated = generate_rollout(policy_state, prompt_ids, prompt_mask, rng, sampling=SAMPLING)
@@ -50,6 +67,11 @@ def rolled():
     policy_state, value_state = states()
     out = jax.jit(run)(policy_state, value_state, REF_PARAMS, PROMPT_IDS, PROMPT_MASK, jax.random.key(7))
     return jax.tree.map(np.asarray, out)
+
+
+@pytest.fixture(scope="module")
+def rolled(rolled_grouped):
+    return tuple(flat_view(data) for data in rolled_grouped)
 
 
 # --- NumPy oracles ------------------------------------------------------------------------
@@ -113,7 +135,14 @@ def np_whiten(x, mask, shift_mean=True):
 
 # --- tests --------------------------------------------------------------------------------
 
-def test_layout_and_masks_after_eos(rolled):
+def test_layout_and_masks_after_eos(rolled, rolled_grouped):
+    grouped = rolled_grouped[1]
+    np.testing.assert_array_equal(grouped.prompt_ids, PROMPT_IDS)
+    np.testing.assert_array_equal(grouped.prompt_mask, PROMPT_MASK)
+    assert grouped.response_ids.shape == grouped.response_mask.shape == (BATCH, 1, RESPONSE)
+    assert grouped.logp.shape == grouped.values.shape == grouped.advantages.shape == (BATCH, 1, RESPONSE)
+    assert grouped.scores.shape == grouped.has_eos.shape == (BATCH, 1)
+    assert grouped.kept_threshold is None  # no top-k / top-p
     _, data = rolled
     assert data.input_ids.shape == (BATCH, PROMPT + RESPONSE)
     assert data.response_mask.shape == data.logp.shape == data.values.shape == (BATCH, RESPONSE)
@@ -168,10 +197,10 @@ def test_advantages_and_returns_match_gae(rolled):
     np.testing.assert_allclose(data.advantages, np_whiten(advantages, data.response_mask), atol=1e-4)
 
 
-def test_missing_eos_score_and_reward_whitening(rolled):
+def test_missing_eos_score_and_reward_whitening(rolled, rolled_grouped):
     _, data = rolled
-    out = ppo_advantages(data, kl_coef=0.3, kl_estimator="k3", gamma=1.0, lam=0.95,
-                         whiten_rewards=True, whiten_advantages=False, missing_eos_score=-1.0)
+    out = flat_view(ppo_advantages(rolled_grouped[1], kl_coef=0.3, kl_estimator="k3", gamma=1.0, lam=0.95,
+                         whiten_rewards=True, whiten_advantages=False, missing_eos_score=-1.0))
     rewards = oracle_rewards(data.scores, data.logp, data.ref_logp, data.response_mask, 0.3,
                              missing=-1.0, has_eos=data.has_eos)
     np.testing.assert_allclose(out.rewards, rewards, atol=1e-5)
@@ -181,9 +210,9 @@ def test_missing_eos_score_and_reward_whitening(rolled):
     np.testing.assert_allclose(out.returns, returns, atol=1e-4)
 
 
-def test_rollout_metrics(rolled):
+def test_rollout_metrics(rolled, rolled_grouped):
     _, data = rolled
-    metrics = jax.tree.map(float, rollout_metrics(data))
+    metrics = jax.tree.map(float, rollout_metrics(rolled_grouped[1]))
     mask = data.response_mask
     assert metrics["rollout/response_length"] == pytest.approx(mask.sum(1).mean())
     assert metrics["rollout/eos_rate"] == pytest.approx(data.has_eos.mean())
@@ -193,8 +222,8 @@ def test_rollout_metrics(rolled):
     assert metrics["objective/rlhf_reward"] == pytest.approx((data.rewards * mask).sum(1).mean(), abs=1e-5)
 
 
-def test_reward_model_and_host_scorer(rolled):
-    generated, _ = rolled
+def test_reward_model_and_host_scorer(rolled_grouped):
+    generated = rolled_grouped[0]
     policy_state, _ = states()
     calls = []
 
@@ -213,6 +242,8 @@ def test_reward_model_and_host_scorer(rolled):
 
     by_model, by_host = jax.jit(run)(policy_state, REWARD_PARAMS, generated)
     assert calls == [(BATCH, PROMPT)]
+    assert by_model.scores.shape == by_host.scores.shape == (BATCH, 1)
+    generated, by_model, by_host = flat_view(generated), flat_view(by_model), flat_view(by_host)
     assert by_model.ref_logp is None and by_model.values is None
     expected = ((generated.response_ids == TARGET) * generated.response_mask).sum(1)
     np.testing.assert_allclose(by_host.scores, expected / generated.response_mask.sum(1), atol=1e-6)
@@ -223,8 +254,8 @@ def test_reward_model_and_host_scorer(rolled):
     np.testing.assert_allclose(by_model.scores, token_scores[np.arange(BATCH), last], atol=1e-5)
 
 
-def test_generate_logprob_source_keeps_sampler_logprobs(rolled):
-    generated, data = rolled
+def test_generate_logprob_source_keeps_sampler_logprobs(rolled_grouped):
+    generated, data = rolled_grouped
     policy_state, _ = states()
     sampling = dataclasses.replace(SAMPLING, logprobs_source="generate")
     out = score_rollout(generated, policy_state, None, sampling=sampling, score_fn=target_fraction)
@@ -232,8 +263,8 @@ def test_generate_logprob_source_keeps_sampler_logprobs(rolled):
     assert out.ref_logp is None
 
 
-def test_bad_inputs_raise(rolled):
-    generated, _ = rolled
+def test_bad_inputs_raise(rolled_grouped):
+    generated, _ = rolled_grouped
     policy_state, _ = states()
     with pytest.raises(ValueError, match="exactly one"):
         score_rollout(generated, policy_state, None, sampling=SAMPLING)
@@ -246,7 +277,7 @@ def test_bad_inputs_raise(rolled):
         score_rollout(generated, policy_state, None, sampling=SAMPLING,
                       score_fn=lambda p, r, m: jnp.zeros((BATCH, 2)))
     with pytest.raises(ValueError, match="ref_logp"):
-        ppo_advantages(generated.replace(scores=np.zeros(BATCH, np.float32)), kl_coef=0.1)
+        ppo_advantages(generated.replace(scores=np.zeros((BATCH, 1), np.float32)), kl_coef=0.1)
     with pytest.raises(ValueError, match="prompt_ids"):
         generate_rollout(policy_state, PROMPT_IDS[0], PROMPT_MASK[0], jax.random.key(0), sampling=SAMPLING)
     with pytest.raises(ValueError, match="CausalLM"):

@@ -46,7 +46,8 @@ from rlhf_jax.pipeline.recipes import EvalConfig, load_stage_config
 from rlhf_jax.pipeline.stages import common
 from rlhf_jax.pipeline.stages.scoring import NOT_PASSED, gold_scores, reward_functions
 from rlhf_jax.rewards import RewardScorer
-from rlhf_jax.training.rollout import response_logprobs
+from rlhf_jax.training.logprobs import response_logprobs
+from rlhf_jax.training.rollout import sampled_batch
 
 _generate = jax.jit(generate, static_argnames=GENERATE_STATIC_ARGNAMES)
 
@@ -69,8 +70,8 @@ class _Scorers:
     def logps(self, module):
         key = ("logp", module)
         if key not in self._cache:
-            self._cache[key] = jax.jit(lambda params, ids, mask, response_mask: jnp.sum(
-                response_logprobs(module.apply, params, ids, mask, response_mask)[0], axis=1))
+            self._cache[key] = jax.jit(lambda params, ids, mask, response_mask: response_logprobs(
+                module.apply, params, sampled_batch(ids, mask, response_mask)).sequence_sum()[:, 0])
         return self._cache[key]
 
     def rewards(self, module):

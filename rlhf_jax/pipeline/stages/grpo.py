@@ -48,23 +48,24 @@ def _placed_like(tree, reference):
 
 def without_truncated(data):
     """`data` whose responses without EOS count no token in the loss (`response_mask` 0)."""
-    mask = np.asarray(data.response_mask) * np.asarray(data.has_eos)[:, None].astype(np.int32)
+    mask = np.asarray(data.response_mask) * np.asarray(data.has_eos)[..., None].astype(np.int32)
     return data.replace(response_mask=jax.device_put(mask, data.response_mask.sharding))
 
 
 def _gather_groups(draws, selection, group_size: int):
-    """The selected groups' rows of several draws, as one rollout and its scores."""
-    pieces = dynamic_sampling.group_rows(selection.groups, group_size)
+    """The selected groups of several draws (rollouts `[n, G, R]`, one group per leading
+    index; scores flat `[n * G]`), as one rollout and its scores."""
     host = [jax.tree.map(np.asarray, data) for data, _ in draws]
-    data = jax.tree.map(lambda *parts: np.concatenate(parts),
-                        *[jax.tree.map(lambda x: x[rows], host[draw]) for draw, rows in pieces])
-    scores = np.concatenate([draws[draw][1][rows] for draw, rows in pieces])
+    data = jax.tree.map(lambda *parts: np.stack(parts),
+                        *[jax.tree.map(lambda x: x[group], host[draw]) for draw, group in selection.groups])
+    scores = np.concatenate([np.asarray(draws[draw][1]).reshape(-1, group_size)[group]
+                             for draw, group in selection.groups])
     return _placed_like(data, draws[0][0]), scores
 
 
 def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
-    setup = runs.open_rollout_stage(config, "grpo", rows=config.train.batch_size * config.grpo.group_size,
-                                      rows_key="train.batch_size * grpo.group_size")
+    # Update minibatches hold whole prompt groups (each group's prompt runs once per minibatch).
+    setup = runs.open_rollout_stage(config, "grpo", rows=config.train.batch_size, rows_key="train.batch_size")
     algorithm, mesh = setup.algorithm, setup.mesh
     policy_module, policy_params = common.build_model(config.policy, setup.tokenizer,
                                                       common.rng_key(config.seed, 0), key="policy")
@@ -100,10 +101,11 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
             data = generate(policy, ref_params, batch["prompt_ids"], batch["prompt_mask"], key,
                             config=algorithm, **in_jit)
             if host is None:  # the reward model alone, scored inside the generate phase
-                return data, np.asarray(data.scores), {}
-            prompt_ids = np.asarray(data.input_ids[:, :data.prompt_length])
-            scores, metrics = host.scores(prompt_ids, data.response_ids, data.response_mask,
-                                          batch["row_index"], repeat=group_size, model_scores=data.scores)
+                return data, np.asarray(data.scores).reshape(-1), {}
+            prompt_ids, response_ids, response_mask = (np.asarray(x) for x in data.flat_responses())
+            model_scores = None if data.scores is None else np.asarray(data.scores).reshape(-1)
+            scores, metrics = host.scores(prompt_ids, response_ids, response_mask,
+                                          batch["row_index"], repeat=group_size, model_scores=model_scores)
             return data, scores, metrics
 
         def iterate(carry, batch, key):

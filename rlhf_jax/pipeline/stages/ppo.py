@@ -76,9 +76,10 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
             sample_key, shuffle_key = jax.random.split(key)
             data = generate(carry["policy"], carry["value"], ref_params, batch["prompt_ids"], batch["prompt_mask"],
                             sample_key, config=algorithm, **in_jit)
-            prompt_ids = np.asarray(data.input_ids[:, :data.prompt_length])
-            scores, metrics = host.scores(prompt_ids, data.response_ids, data.response_mask, batch["row_index"],
-                                          model_scores=data.scores)
+            prompt_ids, response_ids, response_mask = (np.asarray(x) for x in data.flat_responses())
+            model_scores = None if data.scores is None else np.asarray(data.scores).reshape(-1)
+            scores, metrics = host.scores(prompt_ids, response_ids, response_mask, batch["row_index"],
+                                          model_scores=model_scores)
             policy, value, kl_state, train_metrics = train(carry["policy"], carry["value"], carry["kl"], data,
                                                            scores, shuffle_key, config=algorithm)
             return {"policy": policy, "value": value, "kl": kl_state}, {**train_metrics, **metrics}
