@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal, Sequence
 
-from rlhf_jax.pipeline.config import ConfigError, load_config
+from rlhf_jax.typed_config import ConfigError, load_config
 
 SUPPORTED_ENVS = ("CartPole-v1", "Acrobot-v1")
 

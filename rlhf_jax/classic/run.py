@@ -22,8 +22,8 @@ import numpy as np
 
 from rlhf_jax.classic.config import ClassicConfig, derived_sizes, load_classic_config
 from rlhf_jax.classic.train import make_train_parts
-from rlhf_jax.pipeline.config import ConfigError, to_dict
-from rlhf_jax.pipeline.plots import plot_curves
+from rlhf_jax.plots import plot_curves
+from rlhf_jax.typed_config import ConfigError, to_dict
 
 FINAL_WINDOW_FRACTION = 0.1  # final return = mean over episodes ended in the last 10% of updates
 

@@ -22,7 +22,7 @@ import sys
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from rlhf_jax.models.errors import ModelError
-from rlhf_jax.pipeline.config import ConfigError
+from rlhf_jax.typed_config import ConfigError
 from rlhf_jax.pipeline.data_formats import DataError
 from rlhf_jax.pipeline.errors import CheckpointError, NonFiniteError, OutputError
 from rlhf_jax.rewards.loading import RewardError

@@ -2,7 +2,7 @@
 
 Each names what is at fault; the `rlhf-jax` command prints `rlhf-jax <stage>: <kind> error:
 <message>` and exits with code 2. The other kinds live next to the code that raises them:
-`ConfigError` (`pipeline.config`), `DataError` (`pipeline.data_formats`) and `ModelError`
+`ConfigError` (`rlhf_jax.typed_config`), `DataError` (`pipeline.data_formats`) and `ModelError`
 (`models.errors`).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Typed configs of the pipeline stages: one dataclass tree per `rlhf-jax` subcommand.
 
-Every stage config is loaded with `rlhf_jax.pipeline.config.load_config`, so an unknown key or
+Every stage config is loaded with `rlhf_jax.typed_config.load_config`, so an unknown key or
 a value of the wrong type is a `ConfigError` naming the key and listing the valid ones. The
 supervised stages (sft, reward, dpo) share `StageConfig`:
 
@@ -38,7 +38,7 @@ from typing import Literal
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.lora import DEFAULT_TARGETS, check_lora_settings
-from rlhf_jax.pipeline.config import ConfigError, load_config
+from rlhf_jax.typed_config import ConfigError, load_config
 from rlhf_jax.pipeline.data import DataConfig
 from rlhf_jax.pipeline.tasks import split_task_section
 from rlhf_jax.training.preference_step import PreferenceLossConfig

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from rlhf_jax.pipeline.config import ConfigError, from_dict
+from rlhf_jax.typed_config import ConfigError, from_dict
 
 TASK_PACKAGE = "rlhf_jax.tasks"
 

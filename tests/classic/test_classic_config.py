@@ -9,7 +9,7 @@ from rlhf_jax.classic.config import (
     load_classic_config,
     validate_classic_config,
 )
-from rlhf_jax.pipeline.config import ConfigError
+from rlhf_jax.typed_config import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.classic.run import main, run_classic, smoothed_returns, windowed_returns
-from rlhf_jax.pipeline.config import ConfigError
+from rlhf_jax.typed_config import ConfigError
 
 # 5 updates in chunks of 2 exercises the shorter final chunk (same compiled function).
 TINY = ["env_name=Acrobot-v1", "num_envs=4", "num_steps=16", "total_timesteps=320",

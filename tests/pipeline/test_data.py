@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rlhf_jax.pipeline.config import ConfigError, load_config
+from rlhf_jax.typed_config import ConfigError, load_config
 from rlhf_jax.pipeline.batching import BatchIterator, DataPosition
 from rlhf_jax.pipeline.data import DataConfig, check_data_config, load_data
 from rlhf_jax.pipeline.data_formats import DataError

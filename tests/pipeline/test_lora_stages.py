@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf_jax.models.checkpoint_io import load_pretrained
 from rlhf_jax.pipeline import cli
-from rlhf_jax.pipeline.config import ConfigError
+from rlhf_jax.typed_config import ConfigError
 from rlhf_jax.pipeline.data import DataConfig, load_data
 from rlhf_jax.pipeline.metrics_log import read_metrics
 from rlhf_jax.pipeline.recipes import LoRASection

@@ -5,7 +5,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from rlhf_jax.pipeline.plots import plot_curves, plot_pass_at_k
+from rlhf_jax.plots import plot_curves, plot_pass_at_k
 from rlhf_jax.pipeline.report import Section, markdown_table, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf_jax.pipeline.config import ConfigError, load_config
+from rlhf_jax.typed_config import ConfigError, load_config
 from rlhf_jax.pipeline.data import DataConfig, load_data
 from rlhf_jax.tasks.arithmetic import (
     CORRUPTIONS,

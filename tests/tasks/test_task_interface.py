@@ -7,7 +7,7 @@ import pytest
 
 import rlhf_jax.pipeline
 import rlhf_jax.tasks
-from rlhf_jax.pipeline.config import ConfigError
+from rlhf_jax.typed_config import ConfigError
 from rlhf_jax.pipeline.stages.quickstart import load_quickstart_config
 from rlhf_jax.pipeline.tasks import Task, load_task, split_task_section
 

@@ -31,7 +31,7 @@ from rlhf_jax.models.errors import ModelError
 from rlhf_jax.models.heads import RewardModel, ValueModel
 from rlhf_jax.models.peft_io import save_peft_adapter
 from rlhf_jax.models.transformer import CausalLM
-from rlhf_jax.pipeline.config import ConfigError, to_dict
+from rlhf_jax.typed_config import ConfigError, to_dict
 from rlhf_jax.pipeline.errors import NonFiniteError, OutputError
 from rlhf_jax.pipeline.recipes import ModelSection
 from rlhf_jax.pipeline.tokenizer import load_tokenizer

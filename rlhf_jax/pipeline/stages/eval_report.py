@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from rlhf_jax.pipeline.metrics_log import METRICS_FILE, read_metrics
-from rlhf_jax.pipeline.plots import plot_curves, plot_pass_at_k
+from rlhf_jax.plots import plot_curves, plot_pass_at_k
 from rlhf_jax.pipeline.report import Section, write_report
 
 # The curves drawn for each stage's metrics.jsonl (keys a run lacks show "no data").

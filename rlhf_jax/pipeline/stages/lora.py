@@ -14,7 +14,7 @@ import numpy as np
 from rlhf_jax.models.lora import LoRAConfig, LoRAModel, adapter_layers, init_adapters, split_modules
 from rlhf_jax.models.peft_io import load_peft_adapter
 from rlhf_jax.models.transformer import CausalLM
-from rlhf_jax.pipeline.config import ConfigError
+from rlhf_jax.typed_config import ConfigError
 from rlhf_jax.pipeline.recipes import LoRASection
 from rlhf_jax.pipeline.stages import common
 from rlhf_jax.training.lora_state import create_lora_train_state, disabled_adapters

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from rlhf_jax.pipeline.config import ConfigError, apply_overrides, from_dict
+from rlhf_jax.typed_config import ConfigError, apply_overrides, from_dict
 from rlhf_jax.pipeline.recipes import QuickstartConfig, check_stage_config
 from rlhf_jax.pipeline.report import Section
 from rlhf_jax.pipeline.stages import common

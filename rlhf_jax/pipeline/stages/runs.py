@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlhf_jax.pipeline.config import ConfigError
+from rlhf_jax.typed_config import ConfigError
 from rlhf_jax.pipeline.batching import BatchIterator
 from rlhf_jax.pipeline.data import load_data
 from rlhf_jax.pipeline.loop import compile_train_step, run_loop

@@ -3,7 +3,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from rlhf_jax.pipeline.config import ConfigError, apply_overrides, load_config, parse_override, to_dict
+from rlhf_jax.typed_config import ConfigError, apply_overrides, load_config, parse_override, to_dict
 
 
 @dataclasses.dataclass
