@@ -52,7 +52,7 @@ from rlhf_jax.models.config import ModelConfig  # noqa: E402
 from rlhf_jax.pipeline import eval_metrics  # noqa: E402
 from rlhf_jax.pipeline.batching import BatchIterator  # noqa: E402
 from rlhf_jax.pipeline.data import DataConfig, load_data  # noqa: E402
-from rlhf_jax.pipeline.loop import compile_train_step, run_loop  # noqa: E402
+from rlhf_jax.pipeline.loop import run_loop  # noqa: E402
 from rlhf_jax.pipeline.recipes import (  # noqa: E402
     CheckpointSection, EvalConfig, LoggingSection, ModelSection, SFTConfig, TrainSection, with_schedule_length,
 )
@@ -70,6 +70,7 @@ from rlhf_jax.training.logprobs import response_logprobs  # noqa: E402
 from rlhf_jax.training.rollout import sampled_batch  # noqa: E402
 from rlhf_jax.training.sharding import MeshConfig  # noqa: E402
 from rlhf_jax.training.state import create_train_state, train_state_shardings  # noqa: E402
+from rlhf_jax.training.step_runner import make_train_step  # noqa: E402
 
 SECTION = "## Loss variants"
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
@@ -237,7 +238,7 @@ def train_and_evaluate(settings: Settings, log=print) -> list[dict]:
     for seed in settings.seeds:
         rows.append({"loss": "sft", "beta": 0.0, "seed": seed, **evaluator.evaluate(sft_params, seed)})
     for name, beta in runs_to_do(settings):
-        step = compile_train_step(preference_step, mesh=mesh, state_shardings=shardings, config=loss_config(name, beta))
+        step = make_train_step(preference_step, mesh=mesh, state_shardings=shardings, config=loss_config(name, beta))
         for seed in settings.seeds:
             began = time.perf_counter()
             state, _ = fresh_state(module, sft_params, optimizer, mesh)

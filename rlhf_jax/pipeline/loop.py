@@ -57,7 +57,6 @@ from rlhf_jax.pipeline.metrics_log import MetricsLogger, progress
 from rlhf_jax.pipeline.recipes import CheckpointSection, LoggingSection
 from rlhf_jax.training.nonfinite import CONSECUTIVE_SKIPS, SKIPS, has_skip_counters, nonfinite_leaves, skip_counts
 from rlhf_jax.training.optim import check_finite
-from rlhf_jax.training.sharding import batch_sharding, replicated
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -111,21 +110,6 @@ def checkpoint_dir(output_dir: str | os.PathLike) -> str:
     return os.path.join(os.fspath(output_dir), CHECKPOINT_DIR)
 
 
-def compile_train_step(step: Callable, *, mesh, state_shardings, **options) -> Callable:
-    """`jit(step)(state, batch) -> (state, metrics)` with the state donated and kept on
-    `state_shardings`, the batch split over the mesh's batch axes, metrics replicated, and the
-    static `options` bound (e.g. `sft_step`, `label_smoothing=0.1`). The result has the jit
-    cache (`_cache_size`) that `run_loop(compiled=...)` watches, which is why this is not
-    `rlhf_jax.training.step_runner.make_train_step`: that returns a Python wrapper choosing
-    between two jitted functions, and its caches cannot be watched."""
-
-    def bound(state, batch):
-        return step(state, batch, **options)
-
-    return jax.jit(bound, in_shardings=(state_shardings, batch_sharding(mesh)),
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
-
-
 def run_loop(
     *,
     output_dir: str | os.PathLike,
@@ -165,8 +149,8 @@ def run_loop(
       evaluate: `carry -> {name: value}` held-out metrics, merged into the step's row.
       eval_every: evaluate every N steps (0: only at the end); the end is always evaluated.
       description, progress_keys: progress-bar label and the metrics it shows.
-      compiled: jitted functions (`jax.jit` outputs) that must not compile again after the
-        first step.
+      compiled: jitted functions (`jax.jit` outputs or `make_train_step` results) that must
+        not compile again after the first step.
       meta: extra JSON values saved with every checkpoint (e.g. the config).
       is_main_process: whether this process writes logs (default `jax.process_index() == 0`).
       max_consecutive_skips: stop when an optimizer in the carry has skipped this many
@@ -272,4 +256,4 @@ def run_loop(
                       last_metrics=dict(last_row), seconds=seconds, steps_per_second=rate)
 
 
-__all__ = ["LoopResult", "compile_train_step", "run_loop", "log_line", "checkpoint_dir", "CHECKPOINT_DIR"]
+__all__ = ["LoopResult", "run_loop", "log_line", "checkpoint_dir", "CHECKPOINT_DIR"]

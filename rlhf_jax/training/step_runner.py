@@ -16,7 +16,9 @@ batch is split over the ("data", "fsdp") axes, the state follows `state_sharding
 `train_state_shardings(state, param_shardings(...))` for FSDP; default: replicated), the
 reference parameters follow `reference_shardings` (default: replicated) and the metrics come
 back replicated. XLA inserts the collectives (gradient all-reduce; FSDP all-gathers and
-reduce-scatters), so the step function itself has no sharding code.
+reduce-scatters), so the step function itself has no sharding code. The returned
+`JittedStep` reports its compile-cache size, so `run_loop(compiled=[run])` can check that the
+step never compiles again after the first step.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def make_train_step(
     reference_shardings=None,
     donate: bool = True,
     **options,
-) -> Callable:
+) -> "JittedStep":
     """`run(state, batch, ref_params=None) -> (new_state, metrics)`: `step` jitted once.
 
     Args:
@@ -91,12 +93,28 @@ def make_train_step(
             for fn, extra in ((without_reference, ()), (with_reference, (reference_shardings,)))
         ]
 
-    def run(state, batch, ref_params=None):
+    return JittedStep(*jitted)
+
+
+class JittedStep:
+    """A step jitted by `make_train_step`: `step(state, batch, ref_params=None)`.
+
+    Calls without `ref_params` go to one jitted function, calls with them to another.
+    `_cache_size()` (the name `jax.jit` outputs use) is the number of compiled versions of
+    both, which `rlhf_jax.pipeline.loop.run_loop(compiled=[step])` watches to fail a run
+    whose step compiles again after its first step.
+    """
+
+    def __init__(self, without_reference: Callable, with_reference: Callable):
+        self._jitted = (without_reference, with_reference)
+
+    def __call__(self, state, batch, ref_params=None):
         if ref_params is None:
-            return jitted[0](state, batch)
-        return jitted[1](state, batch, ref_params)
+            return self._jitted[0](state, batch)
+        return self._jitted[1](state, batch, ref_params)
 
-    return run
+    def _cache_size(self) -> int:
+        return sum(fn._cache_size() for fn in self._jitted)
 
 
-__all__ = ["gradient_step", "shard_count", "make_train_step"]
+__all__ = ["gradient_step", "shard_count", "make_train_step", "JittedStep"]

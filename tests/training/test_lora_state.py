@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models.lora import LoRAConfig, LoRAModel, init_adapters, merge_adapters
-from rlhf_jax.pipeline.loop import compile_train_step
 from rlhf_jax.training.preference_step import PreferenceLossConfig, preference_step
 from rlhf_jax.training.lora_state import (
     create_lora_train_state,
@@ -16,6 +15,7 @@ from rlhf_jax.training.lora_state import (
 from rlhf_jax.training.rollout import response_logprobs
 from rlhf_jax.training.sft_step import sft_step
 from rlhf_jax.training.sharding import MeshConfig, make_mesh, shard_batch
+from rlhf_jax.training.step_runner import make_train_step
 from step_problems import (
     OPTIMIZER,
     POLICY,
@@ -114,8 +114,8 @@ def test_sharded_lora_steps_equal_single_device():
     q_kernel = sharded.apply_fn.base["decoder"]["layers_0"]["attn"]["q_proj"]["kernel"]
     lora_a = sharded.params["lora"]["decoder"]["layers_0"]["attn"]["q_proj"]["lora_a"]
     assert "fsdp" in tuple(q_kernel.sharding.spec) and "fsdp" in tuple(lora_a.sharding.spec)
-    compiled = compile_train_step(preference_step, mesh=mesh, state_shardings=shardings, config=config,
-                                  ref_params=disabled_adapters())
+    compiled = make_train_step(preference_step, mesh=mesh, state_shardings=shardings, config=config,
+                               ref_params=disabled_adapters())
     for batch in batches:
         sharded, metrics = compiled(sharded, shard_batch(batch, mesh))
     assert_trees_close(jax.device_get(sharded.params), jax.device_get(single.params), atol=1e-5)

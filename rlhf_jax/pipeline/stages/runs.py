@@ -20,7 +20,7 @@ import numpy as np
 from rlhf_jax.typed_config import ConfigError
 from rlhf_jax.pipeline.batching import BatchIterator
 from rlhf_jax.pipeline.data import load_data
-from rlhf_jax.pipeline.loop import compile_train_step, run_loop
+from rlhf_jax.pipeline.loop import run_loop
 from rlhf_jax.pipeline.recipes import with_schedule_length
 from rlhf_jax.pipeline.stages.common import (
     finish_stage, load_folder, place, prepare_output_dir, require, stage_mesh, stage_rng, stage_tokenizer,
@@ -29,6 +29,7 @@ from rlhf_jax.pipeline.stages.lora import check_lora_reference, reference_of, st
 from rlhf_jax.training.batches import PreferenceBatch
 from rlhf_jax.training.lora_state import inference_model
 from rlhf_jax.training.sharding import replicated
+from rlhf_jax.training.step_runner import make_train_step
 
 
 # ----------------------------------------------------------------------------- batches
@@ -107,8 +108,8 @@ def supervised_state_and_step(config, module, params, mesh, step, /, **options):
     `options` (which may include a `config=` of the step's own)."""
     state, shardings = stage_state(module, params, with_schedule_length(config.optim, config.train.steps), mesh,
                                    config.lora, config.seed)
-    return state, compile_train_step(step, mesh=mesh, state_shardings=shardings,
-                                     num_microbatches=config.train.num_microbatches, **options)
+    return state, make_train_step(step, mesh=mesh, state_shardings=shardings,
+                                  num_microbatches=config.train.num_microbatches, **options)
 
 
 def run_supervised_stage(stage: str, config, setup: SupervisedSetup, module, state, step, *,
