@@ -2,21 +2,21 @@
 
 One config (`OptimizerConfig`) builds the whole optax chain (`make_optimizer`):
 
-    [apply_if_finite] ( [MultiSteps] ( clip_by_global_norm -> adamw(schedule, mask) ) )
+    [apply_if_finite] ( clip_by_global_norm -> adamw(schedule, mask) )
 
 - Learning rate (`make_schedule`): linear warmup from 0 to `learning_rate` over
   `warmup_steps`, then cosine or linear decay to `end_lr_ratio * learning_rate` at
-  `total_steps` (held there afterwards), or constant. Steps count optimizer updates, so with
-  gradient accumulation one step is `grad_accum_steps` micro-steps, and skipped non-finite
-  updates do not advance it.
+  `total_steps` (held there afterwards), or constant. Steps count optimizer updates (one per
+  training step), and skipped non-finite updates do not advance it.
 - Weight decay (decoupled, Loshchilov & Hutter 2019, arXiv:1711.05101) applies only to arrays
   with `ndim >= 2` (`decay_mask`): matrices and embeddings decay; biases, norm scales and
   every other 1-D or scalar parameter do not.
 - Adam `eps` defaults to 1e-5, the value PPO implementations use (Huang et al. 2022, "The 37
   implementation details of PPO"); 1e-8 is the optax default.
-- Gradient accumulation: `grad_accum_steps > 1` wraps the chain in `optax.MultiSteps`, which
-  averages that many successive gradients and applies one update (the others return zero
-  updates). `accumulate_gradients` does the same inside one compiled step with `lax.scan`.
+- Gradient accumulation is not part of the optimizer: `accumulate_gradients` (the training
+  steps' `num_microbatches`, config key `train.num_microbatches`) averages the gradients of
+  the micro-batches inside one compiled step with `lax.scan`, so every step applies exactly
+  one update.
 - Non-finite gradients (`nonfinite`):
   * "skip": `optax.apply_if_finite` drops an update whose gradients hold a NaN/Inf (parameters
     and optimizer state unchanged) and counts it (`optimizer_metrics` reports the count,
@@ -58,7 +58,6 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-5  # Adam epsilon; 1e-5 is the usual RL choice
     max_grad_norm: float | None = 1.0  # global-norm clipping; None or 0 disables it
-    grad_accum_steps: int = 1  # > 1: optax.MultiSteps averages this many micro-steps
     nonfinite: Literal["skip", "halt", "none"] = "skip"
     max_consecutive_skips: int = 10  # "skip": stop the run after this many skipped updates in a row
 
@@ -67,7 +66,6 @@ class OptimizerConfig:
         check_in(self.nonfinite, NONFINITE_POLICIES, "nonfinite")
         check_positive(self.learning_rate, "learning_rate")
         check_positive(self.eps, "eps")
-        check_positive(self.grad_accum_steps, "grad_accum_steps")
         check_positive(self.max_consecutive_skips, "max_consecutive_skips")
         if self.warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {self.warmup_steps}")
@@ -130,9 +128,6 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
         )
     )
     optimizer = optax.chain(*parts)
-    if config.grad_accum_steps > 1:
-        optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.grad_accum_steps)
-        optimizer = optimizer.gradient_transformation()
     if config.nonfinite == "skip":
         optimizer = optax.apply_if_finite(optimizer, config.max_consecutive_skips)
     return optimizer

@@ -4,8 +4,8 @@
 `params`, `tx`, `opt_state`; `state.apply_gradients(grads=grads)` runs the optimizer and
 increments `step`). It needs no extra fields here: RNG keys are passed to step functions
 explicitly, and the count of skipped non-finite updates lives in the optimizer state
-(`rlhf_jax.training.optim.optimizer_metrics`). With gradient accumulation (`optax.MultiSteps`)
-`step` counts micro-steps.
+(`rlhf_jax.training.optim.optimizer_metrics`). `step` counts optimizer updates (gradient
+accumulation happens inside a step, `num_microbatches`).
 
 The models of RLHF map onto it as follows:
 - policy, value model, reward model: one `TrainState` each (`create_train_state`);

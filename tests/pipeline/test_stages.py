@@ -25,6 +25,7 @@ from rlhf_jax.pipeline.recipes import (
 from rlhf_jax.pipeline.stages import dpo, evaluate, grpo, ppo, reward, sft
 from rlhf_jax.pipeline.stages.quickstart import QUICKSTART_RECIPE, load_quickstart_config
 from rlhf_jax.pipeline.tokenizer import load_tokenizer
+from rlhf_jax.typed_config import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -40,6 +41,13 @@ def test_every_recipe_config_loads(name, cls):
     assert config.output_dir == f"runs/{name}"
     if name == "ipo":
         assert config.dpo.loss_type == "ipo"
+
+
+def test_removed_grad_accum_steps_is_an_unknown_key(tmp_path):
+    path = tmp_path / "sft.yaml"
+    path.write_text("optim:\n  grad_accum_steps: 4\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"sft.yaml: unknown config key 'optim.grad_accum_steps'"):
+        load_stage_config(SFTConfig, path, [])
 
 
 def test_quickstart_yaml_is_the_built_in_recipe():

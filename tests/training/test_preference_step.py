@@ -1,6 +1,6 @@
 """preference_step: every preference loss against independently computed log-probs (plain
 forward passes of each prompt + response), training, precomputed reference log-probs, KTO
-with mismatched pairs, optax.MultiSteps."""
+with mismatched pairs, micro-batch accumulation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,15 +140,11 @@ def test_kto_step_with_mismatched_pairs_matches_numpy_and_lowers_its_loss():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_multisteps_over_four_microbatches_equals_one_big_batch():
-    accumulating = make_optimizer(OptimizerConfig(**{**OPTIMIZER_CONFIG.__dict__, "grad_accum_steps": 4}))
+def test_four_microbatches_equal_one_big_batch():
     big, _ = STEP(fresh_state(POLICY, POLICY_PARAMS), BATCH, config=SIGMOID, ref_params=REFERENCE_PARAMS)
-    state = fresh_state(POLICY, POLICY_PARAMS, accumulating)
-    for k in range(4):
-        rows = slice(2 * k, 2 * k + 2)
-        microbatch = jax.tree.map(lambda x: x[rows], BATCH)
-        state, _ = STEP(state, microbatch, config=SIGMOID, ref_params=REFERENCE_PARAMS)
-    assert int(state.step) == 4
+    state, _ = STEP(fresh_state(POLICY, POLICY_PARAMS), BATCH, config=SIGMOID, ref_params=REFERENCE_PARAMS,
+                    num_microbatches=4)
+    assert int(state.step) == 1
     assert_trees_close(state.params, big.params, atol=1e-5)
 
 

@@ -211,13 +211,12 @@ def test_param_shardings_rules_override_and_errors():
 def test_opt_state_shardings_follow_params():
     mesh = make_mesh(MeshConfig(data=2, fsdp=4))
     shardings = param_shardings(PARAMS, mesh, min_size=512)
-    accumulating = make_optimizer(OptimizerConfig(grad_accum_steps=2, schedule="constant"))
-    specs = jax.tree.map(lambda s: s.spec, opt_state_shardings(accumulating, PARAMS, shardings, mesh))
-    multi = specs.inner_state
-    assert multi.acc_grads["params"]["Dense_0"]["kernel"] == P(None, "fsdp")
-    adam = adam_state(multi.inner_opt_state)
+    optimizer = make_optimizer(OptimizerConfig(schedule="constant"))
+    specs = jax.tree.map(lambda s: s.spec, opt_state_shardings(optimizer, PARAMS, shardings, mesh))
+    adam = adam_state(specs.inner_state)
+    assert adam.mu["params"]["Dense_0"]["kernel"] == P(None, "fsdp")
     assert adam.nu["params"]["Dense_1"]["kernel"] == P("fsdp")
-    assert adam.count == P() and multi.mini_step == P() and specs.total_notfinite == P()
+    assert adam.count == P() and specs.total_notfinite == P()
 
 
 def test_shard_batch_splits_leading_axis():

@@ -77,12 +77,12 @@ def test_reference_params_are_separate_frozen_buffers():
 def test_sharded_creation_places_params_and_optimizer_state():
     mesh = make_mesh(MeshConfig(data=2, fsdp=4))
     shardings = param_shardings(PARAMS, mesh, min_size=128)
-    optimizer = make_optimizer(OptimizerConfig(grad_accum_steps=2, schedule="constant"))
+    optimizer = make_optimizer(OptimizerConfig(schedule="constant"))
     state = create_train_state(MODULE, PARAMS, optimizer, param_shardings=shardings)
     kernel = state.params["params"]["Dense_0"]["kernel"]  # [8, 32]
     assert kernel.sharding.spec == P(None, "fsdp") and kernel.addressable_shards[0].data.shape == (8, 8)
-    accumulated = state.opt_state.inner_state.acc_grads["params"]["Dense_0"]["kernel"]
-    assert accumulated.sharding.spec == P(None, "fsdp")
+    first_moment = adam_state(state.opt_state).mu["params"]["Dense_0"]["kernel"]
+    assert first_moment.sharding.spec == P(None, "fsdp")
     assert state.step.sharding.spec == P() and state.params["params"]["Dense_1"]["bias"].sharding.spec == P()
     jax.tree.map(np.testing.assert_array_equal, state.params, PARAMS)
     # the same state built unsharded has equal values
