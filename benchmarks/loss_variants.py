@@ -53,11 +53,11 @@ from rlhf_jax.pipeline import eval_metrics  # noqa: E402
 from rlhf_jax.pipeline.batching import BatchIterator  # noqa: E402
 from rlhf_jax.pipeline.data import DataConfig, load_data  # noqa: E402
 from rlhf_jax.pipeline.loop import run_loop  # noqa: E402
-from rlhf_jax.pipeline.recipes import (  # noqa: E402
+from rlhf_jax.pipeline.stage_configs import (  # noqa: E402
     CheckpointSection, EvalConfig, LoggingSection, ModelSection, SFTConfig, TrainSection, with_schedule_length,
 )
 from rlhf_jax.pipeline.stages.scoring import decode_rows, gold_scores  # noqa: E402
-from rlhf_jax.pipeline.stages import common as stage  # noqa: E402
+from rlhf_jax.pipeline.stages import stage_setup as stage  # noqa: E402
 from rlhf_jax.pipeline.stages.dpo import dataset_logps, make_pair_logps, with_reference  # noqa: E402
 from rlhf_jax.pipeline.stages.evaluate import sample_policy  # noqa: E402
 from rlhf_jax.pipeline.stages.sft import train_sft  # noqa: E402

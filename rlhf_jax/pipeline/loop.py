@@ -54,7 +54,7 @@ from rlhf_jax.pipeline.checkpoint import Checkpointer
 from rlhf_jax.pipeline.batching import BatchIterator, DataPosition
 from rlhf_jax.pipeline.errors import NonFiniteError
 from rlhf_jax.pipeline.metrics_log import MetricsLogger, progress
-from rlhf_jax.pipeline.recipes import CheckpointSection, LoggingSection
+from rlhf_jax.pipeline.stage_configs import CheckpointSection, LoggingSection
 from rlhf_jax.training.nonfinite import CONSECUTIVE_SKIPS, SKIPS, has_skip_counters, nonfinite_leaves, skip_counts
 from rlhf_jax.training.optim import check_finite
 

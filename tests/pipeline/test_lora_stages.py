@@ -18,8 +18,8 @@ from rlhf_jax.pipeline import cli
 from rlhf_jax.typed_config import ConfigError
 from rlhf_jax.pipeline.data import DataConfig, load_data
 from rlhf_jax.pipeline.metrics_log import read_metrics
-from rlhf_jax.pipeline.recipes import LoRASection
-from rlhf_jax.pipeline.stages import common, dpo, grpo, ppo, reward, sft
+from rlhf_jax.pipeline.stage_configs import LoRASection
+from rlhf_jax.pipeline.stages import dpo, grpo, ppo, reward, sft, stage_setup
 from rlhf_jax.pipeline.stages.dpo import dataset_logps, make_pair_logps
 from rlhf_jax.pipeline.stages.lora import stage_state
 from rlhf_jax.pipeline.tasks import write_jsonl
@@ -91,7 +91,7 @@ def test_lora_optimizer_state_is_under_five_percent_of_full_fine_tuning(setting)
     optim = OptimizerConfig(learning_rate=0.01)
     section = LoRASection(rank=2, alpha=16, targets=["q_proj", "v_proj"])
     lora_state, _ = stage_state(module, params, optim, mesh, section, seed=0)
-    full_state, _ = common.make_state(module, jax.tree.map(np.array, params), optim, mesh)
+    full_state, _ = stage_setup.make_state(module, jax.tree.map(np.array, params), optim, mesh)
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
     ratio = nbytes(lora_state.opt_state) / nbytes(full_state.opt_state)
     assert 0 < ratio < 0.05, ratio

@@ -16,9 +16,9 @@ from rlhf_jax.pipeline.data import DataStats, TokenizedData
 from rlhf_jax.pipeline.errors import NonFiniteError
 from rlhf_jax.pipeline.loop import checkpoint_dir, run_loop
 from rlhf_jax.pipeline.metrics_log import read_metrics
-from rlhf_jax.pipeline.recipes import CheckpointSection, LoggingSection
-from rlhf_jax.pipeline.stages.common import export_model
-from rlhf_jax.pipeline.stages.runs import nonfinite_options
+from rlhf_jax.pipeline.stage_configs import CheckpointSection, LoggingSection
+from rlhf_jax.pipeline.stages.stage_setup import export_model
+from rlhf_jax.pipeline.stages.skeletons import nonfinite_options
 from rlhf_jax.training.nonfinite import CONSECUTIVE_SKIPS, SKIPS, nonfinite_leaves, skip_counts
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
 from rlhf_jax.training.state import create_train_state

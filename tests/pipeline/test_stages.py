@@ -13,7 +13,7 @@ from rlhf_jax.models.checkpoint_io import load_pretrained
 from rlhf_jax.pipeline import cli
 from rlhf_jax.pipeline.data_formats import DataError
 from rlhf_jax.pipeline.metrics_log import read_metrics
-from rlhf_jax.pipeline.recipes import (
+from rlhf_jax.pipeline.stage_configs import (
     DPOConfig,
     EvalConfig,
     GRPOStageConfig,

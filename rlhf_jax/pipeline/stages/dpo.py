@@ -16,8 +16,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from rlhf_jax.pipeline.recipes import DPOConfig, load_stage_config
-from rlhf_jax.pipeline.stages import common, runs
+from rlhf_jax.pipeline.stage_configs import DPOConfig, load_stage_config
+from rlhf_jax.pipeline.stages import skeletons, stage_setup
 from rlhf_jax.pipeline.stages.lora import check_lora_reference
 from rlhf_jax.training.batches import PreferenceBatch
 from rlhf_jax.training.preference_step import pair_logps, preference_step
@@ -37,7 +37,7 @@ def make_pair_logps(apply_fn):
 
 def dataset_logps(pair_logps, params, data, batch_size: int, mesh, max_batches=None):
     """Summed log-probs `(chosen [N], rejected [N])` of every row of `data`, in row order."""
-    return runs.pair_values(pair_logps, params, data, batch_size, mesh, max_batches)
+    return skeletons.pair_values(pair_logps, params, data, batch_size, mesh, max_batches)
 
 
 def with_reference(batch: dict, ref_chosen: np.ndarray, ref_rejected: np.ndarray) -> PreferenceBatch:
@@ -51,9 +51,9 @@ def with_reference(batch: dict, ref_chosen: np.ndarray, ref_rejected: np.ndarray
 
 
 def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
-    setup = runs.open_supervised_stage(config, kind="preference", why="DPO needs preference pairs")
+    setup = skeletons.open_supervised_stage(config, kind="preference", why="DPO needs preference pairs")
     data, eval_data, mesh = setup.data, setup.eval_data, setup.mesh
-    module, params = common.build_model(config.model, setup.tokenizer, common.rng_key(config.seed, 0))
+    module, params = stage_setup.build_model(config.model, setup.tokenizer, stage_setup.rng_key(config.seed, 0))
     pair_logps = make_pair_logps(module.apply)
     ref_chosen = ref_rejected = eval_ref = None
     if config.dpo.needs_reference:
@@ -62,7 +62,7 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
             check_lora_reference(config, config.model.path)
             ref_params = params
         elif reference_path:
-            _, ref_params = common.load_folder(reference_path, head="lm", key="reference")
+            _, ref_params = stage_setup.load_folder(reference_path, head="lm", key="reference")
         else:  # a fresh model is its own reference
             ref_params = params
         batch_size = config.eval.batch_size
@@ -70,7 +70,7 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
         if eval_data is not None:
             eval_ref = dataset_logps(pair_logps, ref_params, eval_data, batch_size, mesh, config.eval.max_batches)
         del ref_params
-    state, step = runs.supervised_state_and_step(config, module, params, mesh, preference_step,
+    state, step = skeletons.supervised_state_and_step(config, module, params, mesh, preference_step,
                                                    config=config.dpo)
     del params
     eval_model = inference_model(module, state)[0]
@@ -78,8 +78,8 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
 
     def prepare(batch):
         if ref_chosen is None:
-            return common.place(PreferenceBatch.from_arrays(batch), mesh)
-        return common.place(with_reference(batch, ref_chosen, ref_rejected), mesh)
+            return stage_setup.place(PreferenceBatch.from_arrays(batch), mesh)
+        return stage_setup.place(with_reference(batch, ref_chosen, ref_rejected), mesh)
 
     evaluate = None
     if eval_data is not None:
@@ -94,7 +94,7 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
                     "eval/dpo/margin": float(np.mean(beta * (chosen - rejected)))}
 
     kind = config.dpo.kind
-    return runs.run_supervised_stage(
+    return skeletons.run_supervised_stage(
         "dpo", config, setup, module, state, step, resume=resume, prepare_batch=prepare, evaluate=evaluate,
         description=kind, progress_keys=(f"{kind}/loss", f"{kind}/accuracy", "eval/dpo/accuracy"))
 

@@ -42,8 +42,8 @@ import numpy as np
 from rlhf_jax.models.generation import GENERATE_STATIC_ARGNAMES, generate
 from rlhf_jax.pipeline import eval_metrics
 from rlhf_jax.pipeline.data import DataConfig, load_data
-from rlhf_jax.pipeline.recipes import EvalConfig, load_stage_config
-from rlhf_jax.pipeline.stages import common
+from rlhf_jax.pipeline.stage_configs import EvalConfig, load_stage_config
+from rlhf_jax.pipeline.stages import stage_setup
 from rlhf_jax.pipeline.stages.scoring import NOT_PASSED, gold_scores, reward_functions
 from rlhf_jax.rewards import RewardScorer
 from rlhf_jax.training.logprobs import response_logprobs
@@ -93,7 +93,7 @@ def sample_policy(module, params, prompt_ids, prompt_mask, config: EvalConfig, t
     for chunk, start in enumerate(range(0, total, size)):
         rows = np.arange(start, start + size) % total  # the last chunk wraps: same shape
         out = _generate(module, params, jnp.asarray(prompt_ids[rows]), jnp.asarray(prompt_mask[rows]),
-                        common.rng_key(config.seed, 2, chunk), max_new_tokens=config.max_new_tokens,
+                        stage_setup.rng_key(config.seed, 2, chunk), max_new_tokens=config.max_new_tokens,
                         temperature=config.temperature, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
         keep = min(size, total - start)
@@ -135,10 +135,10 @@ def policy_metrics(samples, gold, graded, num_prompts: int, num_samples: int, to
 
 def evaluate_policies(config: EvalConfig) -> dict:
     """Sample, score and compare every policy of `config`; returns the results dict."""
-    common.require(config.policies, "policies", "name at least one policy folder (name: path)")
-    common.require(config.prompts_file, "prompts_file", "held-out prompts (e.g. the task's eval_prompts.jsonl)")
+    stage_setup.require(config.policies, "policies", "name at least one policy folder (name: path)")
+    stage_setup.require(config.prompts_file, "prompts_file", "held-out prompts (e.g. the task's eval_prompts.jsonl)")
     first_folder = config.reference or next(iter(config.policies.values()))
-    tokenizer = common.stage_tokenizer(config.tokenizer, first_folder)
+    tokenizer = stage_setup.stage_tokenizer(config.tokenizer, first_folder)
     data_config = DataConfig(max_prompt_length=config.max_prompt_length, max_response_length=1)
     prompts = load_data(config.prompts_file, tokenizer, data_config, kind="prompt")
     count = len(prompts) if config.max_prompts is None else min(config.max_prompts, len(prompts))
@@ -157,8 +157,8 @@ def evaluate_policies(config: EvalConfig) -> dict:
                    "answers": None if answers is None else np.repeat(np.asarray(answers[:count], object),
                                                                      config.num_samples)}
     scorers = _Scorers()
-    reward = common.load_folder(config.reward_model, head="reward", key="reward_model") if config.reward_model else None
-    reference = common.load_folder(config.reference, head="lm", key="reference") if config.reference else None
+    reward = stage_setup.load_folder(config.reward_model, head="reward", key="reward_model") if config.reward_model else None
+    reference = stage_setup.load_folder(config.reference, head="lm", key="reference") if config.reference else None
     results = {"num_prompts": count, "num_samples": config.num_samples, "policies": {}}
 
     samples_by_folder, graded_by_folder = {}, {}
@@ -169,7 +169,7 @@ def evaluate_policies(config: EvalConfig) -> dict:
         began = time.perf_counter()
         folder = config.reference if name is None else config.policies[name]
         module, params = (reference if name is None else
-                          common.load_folder(folder, head="lm", key=f"policies.{name}"))
+                          stage_setup.load_folder(folder, head="lm", key=f"policies.{name}"))
         samples = sample_policy(module, params, prompt_ids, prompt_mask, config, tokenizer)
         if function_scorer is None:
             gold = gold_scores(tokenizer, prompt_ids, samples["tokens"], kind="exact", **gold_inputs)
@@ -224,7 +224,7 @@ def reward_model_accuracy(reward, config: EvalConfig, tokenizer, scorers) -> flo
 
 
 def run_eval(config: EvalConfig, *, extra_sections=()) -> dict:
-    output_dir = common.prepare_output_dir(config)
+    output_dir = stage_setup.prepare_output_dir(config)
     began = time.perf_counter()
     results = evaluate_policies(config)
     results["seconds"] = round(time.perf_counter() - began, 2)

@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 from rlhf_jax.pipeline import dynamic_sampling
-from rlhf_jax.pipeline.recipes import GRPOStageConfig, load_stage_config, with_schedule_length
-from rlhf_jax.pipeline.stages import common, runs
+from rlhf_jax.pipeline.stage_configs import GRPOStageConfig, load_stage_config, with_schedule_length
+from rlhf_jax.pipeline.stages import skeletons, stage_setup
 from rlhf_jax.pipeline.stages.lora import stage_state
 from rlhf_jax.pipeline.stages.scoring import HostScorer
 from rlhf_jax.training.grpo import (GRPO_STATIC_ARGNAMES, GRPO_TRAIN_STATIC_ARGNAMES, grpo_generate,
@@ -36,7 +36,7 @@ def model_scorer(reward, key: str = "reward") -> dict:
     """`reward_module` / `reward_params` arguments of the in-jit reward model (none without one)."""
     if not reward.uses_model:
         return {}
-    module, params = common.load_folder(reward.path, head="reward", key=f"{key}.path")
+    module, params = stage_setup.load_folder(reward.path, head="reward", key=f"{key}.path")
     return {"reward_module": module, "reward_params": params}
 
 
@@ -65,15 +65,15 @@ def _gather_groups(draws, selection, group_size: int):
 
 def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
     # Update minibatches hold whole prompt groups (each group's prompt runs once per minibatch).
-    setup = runs.open_rollout_stage(config, "grpo", rows=config.train.batch_size, rows_key="train.batch_size")
+    setup = skeletons.open_rollout_stage(config, "grpo", rows=config.train.batch_size, rows_key="train.batch_size")
     algorithm, mesh = setup.algorithm, setup.mesh
-    policy_module, policy_params = common.build_model(config.policy, setup.tokenizer,
-                                                      common.rng_key(config.seed, 0), key="policy")
-    ref_params = runs.frozen_reference(config, policy_params, mesh) if algorithm.beta > 0 else None
+    policy_module, policy_params = stage_setup.build_model(config.policy, setup.tokenizer,
+                                                      stage_setup.rng_key(config.seed, 0), key="policy")
+    ref_params = skeletons.frozen_reference(config, policy_params, mesh) if algorithm.beta > 0 else None
     in_jit = model_scorer(config.reward)
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
         HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data)
-    runs.print_rollout_start("grpo", setup, host.describe() if host else ["reward model"])
+    skeletons.print_rollout_start("grpo", setup, host.describe() if host else ["reward model"])
     updates = config.train.iterations * algorithm.num_iterations * algorithm.num_minibatches
     policy_state, policy_shardings = stage_state(policy_module, policy_params,
                                                  with_schedule_length(config.optim, updates), mesh, config.lora, config.seed)
@@ -115,7 +115,7 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
                 draws = [(data, scores)]
                 while (len(draws) <= dynamic.max_refills
                        and dynamic_sampling.needs_refill([s for _, s in draws], prompts, group_size)):
-                    more = runs.place_prompt_batch(next(setup.batches), mesh)
+                    more = skeletons.place_prompt_batch(next(setup.batches), mesh)
                     extra, extra_scores, _ = draw(carry["policy"], more, jax.random.fold_in(sample_key, len(draws)))
                     draws.append((extra, extra_scores))
                 selection = dynamic_sampling.select_groups([s for _, s in draws], prompts, group_size)
@@ -129,10 +129,10 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
             return {"policy": policy}, {**train_metrics, **metrics}
 
         compiled = (generate, train)
-    return runs.run_rollout_stage("grpo", config, setup, policy_module, {"policy": policy_state}, iterate,
+    return skeletons.run_rollout_stage("grpo", config, setup, policy_module, {"policy": policy_state}, iterate,
                                     compiled=compiled, resume=resume,
                                     progress_keys=("objective/scores", "grpo/kl", "grpo/clipfrac",
-                                                   *runs.reward_keys(host)))
+                                                   *skeletons.reward_keys(host)))
 
 
 def run(config_path=None, overrides=(), *, resume: bool = False) -> dict:

@@ -3,7 +3,7 @@
 With `lora` set, a stage trains a `LoRATrainState` (`rlhf_jax.training.lora_state`): the model's
 parameters become the frozen base, the trainable parameters are fresh adapters on the `targets`
 layers (or those of the PEFT folder `lora.path`), plus the `score` head of a reward or value
-model, trained in full. Without it, the stage trains all parameters (`common.make_state`).
+model, trained in full. Without it, the stage trains all parameters (`stage_setup.make_state`).
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from rlhf_jax.models.lora import LoRAConfig, LoRAModel, adapter_layers, init_ada
 from rlhf_jax.models.peft_io import load_peft_adapter
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.typed_config import ConfigError
-from rlhf_jax.pipeline.recipes import LoRASection
-from rlhf_jax.pipeline.stages import common
+from rlhf_jax.pipeline.stage_configs import LoRASection
+from rlhf_jax.pipeline.stages import stage_setup
 from rlhf_jax.training.lora_state import create_lora_train_state, disabled_adapters
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
 
@@ -70,9 +70,9 @@ def stage_state(module, params, optim: OptimizerConfig, mesh, lora: LoRASection 
     """`(state, shardings)`: a LoRA train state when `lora` is set (adapters drawn from RNG
     stream `stream` of `seed`), else a full one."""
     if lora is None:
-        return common.make_state(module, params, optim, mesh)
-    config, base, trainable = lora_parts(lora, module, params, common.rng_key(seed, stream))
-    dropout_key = common.rng_key(seed, stream, 1) if config.dropout > 0 else None
+        return stage_setup.make_state(module, params, optim, mesh)
+    config, base, trainable = lora_parts(lora, module, params, stage_setup.rng_key(seed, stream))
+    dropout_key = stage_setup.rng_key(seed, stream, 1) if config.dropout > 0 else None
     return create_lora_train_state(LoRAModel(module, config), base, trainable, make_optimizer(optim),
                                    mesh=mesh, dropout_key=dropout_key)
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from rlhf_jax.pipeline.recipes import PPOStageConfig, load_stage_config, with_schedule_length
-from rlhf_jax.pipeline.stages import common, runs
+from rlhf_jax.pipeline.stage_configs import PPOStageConfig, load_stage_config, with_schedule_length
+from rlhf_jax.pipeline.stages import skeletons, stage_setup
 from rlhf_jax.pipeline.stages.grpo import model_scorer
 from rlhf_jax.pipeline.stages.lora import stage_state
-from rlhf_jax.pipeline.stages.runs import prompt_batches, sampling_with_tokenizer  # noqa: F401 (re-exported)
+from rlhf_jax.pipeline.stages.skeletons import prompt_batches, sampling_with_tokenizer  # noqa: F401 (re-exported)
 from rlhf_jax.pipeline.stages.scoring import HostScorer
 from rlhf_jax.training.ppo import (PPO_STATIC_ARGNAMES, PPO_TRAIN_STATIC_ARGNAMES, kl_controller, ppo_generate,
                                    ppo_iteration, ppo_train)
@@ -32,18 +32,18 @@ from rlhf_jax.training.sharding import replicated
 
 
 def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
-    setup = runs.open_rollout_stage(config, "ppo", rows=config.train.batch_size, rows_key="train.batch_size")
+    setup = skeletons.open_rollout_stage(config, "ppo", rows=config.train.batch_size, rows_key="train.batch_size")
     algorithm, mesh = setup.algorithm, setup.mesh
-    policy_module, policy_params = common.build_model(config.policy, setup.tokenizer,
-                                                      common.rng_key(config.seed, 0), key="policy")
-    ref_params = runs.frozen_reference(config, policy_params, mesh)
+    policy_module, policy_params = stage_setup.build_model(config.policy, setup.tokenizer,
+                                                      stage_setup.rng_key(config.seed, 0), key="policy")
+    ref_params = skeletons.frozen_reference(config, policy_params, mesh)
     value_path = config.value or (config.reward.path if config.reward.uses_model else None)
     value_path = value_path or config.policy.path
-    value_module, value_params = common.load_folder(value_path, head="value", key="value")
+    value_module, value_params = stage_setup.load_folder(value_path, head="value", key="value")
     in_jit = model_scorer(config.reward)
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
         HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data)
-    runs.print_rollout_start("ppo", setup, host.describe() if host else ["reward model"])
+    skeletons.print_rollout_start("ppo", setup, host.describe() if host else ["reward model"])
 
     updates = config.train.iterations * algorithm.epochs * algorithm.num_minibatches
     policy_state, policy_shardings = stage_state(policy_module, policy_params,
@@ -88,9 +88,9 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
 
     carry = {"policy": policy_state, "value": value_state,
              "kl": jax.device_put(kl_controller(algorithm).init(), everywhere)}
-    return runs.run_rollout_stage("ppo", config, setup, policy_module, carry, iterate, compiled=compiled,
+    return skeletons.run_rollout_stage("ppo", config, setup, policy_module, carry, iterate, compiled=compiled,
                                     progress_keys=("objective/scores", "objective/kl", "ppo/clipfrac",
-                                                   *runs.reward_keys(host)),
+                                                   *skeletons.reward_keys(host)),
                                     resume=resume)
 
 

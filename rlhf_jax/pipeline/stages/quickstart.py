@@ -34,9 +34,9 @@ from pathlib import Path
 import yaml
 
 from rlhf_jax.typed_config import ConfigError, apply_overrides, from_dict
-from rlhf_jax.pipeline.recipes import QuickstartConfig, check_stage_config
+from rlhf_jax.pipeline.stage_configs import QuickstartConfig, check_stage_config
 from rlhf_jax.pipeline.report import Section
-from rlhf_jax.pipeline.stages import common
+from rlhf_jax.pipeline.stages import stage_setup
 from rlhf_jax.pipeline.tasks import default_task_name, split_task_section, write_jsonl
 
 replace = dataclasses.replace
@@ -125,7 +125,7 @@ def stage_configs(config: QuickstartConfig, task, task_name: str | None = None) 
     """Each stage's config with the quickstart's paths filled in (`task`: the `TaskFiles`;
     `task_name`: the task whose scorer the gold reward and evaluation use)."""
     out = Path(config.output_dir)
-    model_of = lambda stage: str(out / stage / common.MODEL_DIR)
+    model_of = lambda stage: str(out / stage / stage_setup.MODEL_DIR)
     tokenizer = str(task.tokenizer_dir)
     sft_model = model_of("sft")
     eval_sft = out / "task" / "eval_sft.jsonl"
@@ -153,7 +153,7 @@ def stage_configs(config: QuickstartConfig, task, task_name: str | None = None) 
                         data=_data(config.grpo.data, task.prompts)),
     }
     trained = [name for name in ("sft", "ppo", "dpo", "grpo") if name in config.stages or
-               (out / name / common.MODEL_DIR).is_dir()]
+               (out / name / stage_setup.MODEL_DIR).is_dir()]
     configs["eval"] = replace(
         config.eval, output_dir=str(out), seed=config.seed, tokenizer=tokenizer, task=task_name,
         policies={name: model_of(name) for name in trained}, reference=sft_model,
@@ -210,7 +210,7 @@ def run_quickstart(config: QuickstartConfig, *, resume: bool = False) -> dict:
     began = time.perf_counter()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    common.prepare_output_dir(config)
+    stage_setup.prepare_output_dir(config)
     timings = []
     start = time.perf_counter()
     task_plugin, task_config = split_task_section(config.task)

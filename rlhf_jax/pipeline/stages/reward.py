@@ -13,8 +13,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from rlhf_jax.pipeline.recipes import RewardConfig, load_stage_config
-from rlhf_jax.pipeline.stages import common, runs
+from rlhf_jax.pipeline.stage_configs import RewardConfig, load_stage_config
+from rlhf_jax.pipeline.stages import skeletons, stage_setup
 from rlhf_jax.training.batches import PreferenceBatch
 from rlhf_jax.training.lora_state import inference_model
 from rlhf_jax.training.reward_step import pair_scores, reward_step
@@ -31,7 +31,7 @@ def make_pair_scorer(apply_fn):
 
 def score_pairs(scorer, params, data, batch_size: int, mesh, max_batches: int | None = None):
     """Scores `(chosen [N], rejected [N])` of every pair of `data` (fixed-shape batches)."""
-    return runs.pair_values(scorer, params, data, batch_size, mesh, max_batches)
+    return skeletons.pair_values(scorer, params, data, batch_size, mesh, max_batches)
 
 
 def pair_accuracy(chosen, rejected) -> dict:
@@ -40,10 +40,10 @@ def pair_accuracy(chosen, rejected) -> dict:
 
 
 def train_reward(config: RewardConfig, *, resume: bool = False) -> dict:
-    setup = runs.open_supervised_stage(config, kind="preference", why="the reward model needs preference pairs")
-    module, params = common.build_model(config.model, setup.tokenizer, common.rng_key(config.seed, 0),
+    setup = skeletons.open_supervised_stage(config, kind="preference", why="the reward model needs preference pairs")
+    module, params = stage_setup.build_model(config.model, setup.tokenizer, stage_setup.rng_key(config.seed, 0),
                                         head="reward")
-    state, step = runs.supervised_state_and_step(config, module, params, setup.mesh, reward_step,
+    state, step = skeletons.supervised_state_and_step(config, module, params, setup.mesh, reward_step,
                                                    center_coef=config.reward.center_coef)
     del params
     evaluate = None
@@ -51,9 +51,9 @@ def train_reward(config: RewardConfig, *, resume: bool = False) -> dict:
         scorer = make_pair_scorer(inference_model(module, state)[0].apply)
         evaluate = lambda params: pair_accuracy(*score_pairs(
             scorer, params, setup.eval_data, config.eval.batch_size, setup.mesh, config.eval.max_batches))
-    return runs.run_supervised_stage(
+    return skeletons.run_supervised_stage(
         "reward", config, setup, module, state, step, resume=resume, evaluate=evaluate,
-        prepare_batch=lambda batch: common.place(pair_batch(batch), setup.mesh),
+        prepare_batch=lambda batch: stage_setup.place(pair_batch(batch), setup.mesh),
         progress_keys=("reward/loss", "reward/accuracy", "eval/reward/accuracy"))
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from rlhf_jax.pipeline.recipes import SFTConfig, load_stage_config
-from rlhf_jax.pipeline.stages import common, runs
+from rlhf_jax.pipeline.stage_configs import SFTConfig, load_stage_config
+from rlhf_jax.pipeline.stages import skeletons, stage_setup
 from rlhf_jax.training.batches import SFTBatch
 from rlhf_jax.training.lora_state import inference_model
 from rlhf_jax.training.sft_step import sft_step, sft_token_sums
@@ -19,7 +19,7 @@ from rlhf_jax.training.sft_step import sft_step, sft_token_sums
 
 def make_sft_evaluator(apply_fn, data, config: SFTConfig, mesh):
     """`params -> {"eval/sft/loss", "eval/sft/accuracy"}`: token means over the held-out data."""
-    runs.ordered_batches(data, config.eval.batch_size)  # a batch size the processes cannot share fails now
+    skeletons.ordered_batches(data, config.eval.batch_size)  # a batch size the processes cannot share fails now
 
     @jax.jit
     def sums(params, batch: SFTBatch):
@@ -28,8 +28,8 @@ def make_sft_evaluator(apply_fn, data, config: SFTConfig, mesh):
 
     def evaluate(params) -> dict:
         totals = np.zeros(3)
-        for batch in runs.ordered_batches(data, config.eval.batch_size, config.eval.max_batches):
-            totals += np.asarray(jax.device_get(sums(params, common.place(SFTBatch.from_arrays(batch), mesh))))
+        for batch in skeletons.ordered_batches(data, config.eval.batch_size, config.eval.max_batches):
+            totals += np.asarray(jax.device_get(sums(params, stage_setup.place(SFTBatch.from_arrays(batch), mesh))))
         tokens = max(totals[2], 1.0)
         return {"eval/sft/loss": totals[0] / tokens, "eval/sft/accuracy": totals[1] / tokens}
 
@@ -37,16 +37,16 @@ def make_sft_evaluator(apply_fn, data, config: SFTConfig, mesh):
 
 
 def train_sft(config: SFTConfig, *, resume: bool = False) -> dict:
-    setup = runs.open_supervised_stage(config, kind="sft", why="SFT needs prompt/completion data")
-    module, params = common.build_model(config.model, setup.tokenizer, common.rng_key(config.seed, 0))
-    state, step = runs.supervised_state_and_step(config, module, params, setup.mesh, sft_step,
+    setup = skeletons.open_supervised_stage(config, kind="sft", why="SFT needs prompt/completion data")
+    module, params = stage_setup.build_model(config.model, setup.tokenizer, stage_setup.rng_key(config.seed, 0))
+    state, step = skeletons.supervised_state_and_step(config, module, params, setup.mesh, sft_step,
                                                    label_smoothing=config.sft.label_smoothing)
     del params
     evaluate = (make_sft_evaluator(inference_model(module, state)[0].apply, setup.eval_data, config, setup.mesh)
                 if setup.eval_data is not None else None)
-    return runs.run_supervised_stage(
+    return skeletons.run_supervised_stage(
         "sft", config, setup, module, state, step, resume=resume, evaluate=evaluate,
-        prepare_batch=lambda batch: common.place(SFTBatch.from_arrays(batch), setup.mesh),
+        prepare_batch=lambda batch: stage_setup.place(SFTBatch.from_arrays(batch), setup.mesh),
         progress_keys=("sft/loss", "sft/accuracy", "eval/sft/accuracy"))
 
 

@@ -1,7 +1,7 @@
 """What the stage modules share: output folders, tokenizer and model set-up, mesh, export.
 
 The training runs themselves (batches, the supervised and RL stage skeletons) are in
-`rlhf_jax.pipeline.stages.runs`.
+`rlhf_jax.pipeline.stages.skeletons`.
 
 Every stage writes into its `output_dir`:
 
@@ -33,7 +33,7 @@ from rlhf_jax.models.peft_io import save_peft_adapter
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.typed_config import ConfigError, to_dict
 from rlhf_jax.pipeline.errors import NonFiniteError, OutputError
-from rlhf_jax.pipeline.recipes import ModelSection
+from rlhf_jax.pipeline.stage_configs import ModelSection
 from rlhf_jax.pipeline.tokenizer import load_tokenizer
 from rlhf_jax.training import multihost
 from rlhf_jax.training.nonfinite import nonfinite_leaves

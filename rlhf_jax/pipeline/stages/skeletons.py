@@ -21,8 +21,8 @@ from rlhf_jax.typed_config import ConfigError
 from rlhf_jax.pipeline.batching import BatchIterator
 from rlhf_jax.pipeline.data import load_data
 from rlhf_jax.pipeline.loop import run_loop
-from rlhf_jax.pipeline.recipes import with_schedule_length
-from rlhf_jax.pipeline.stages.common import (
+from rlhf_jax.pipeline.stage_configs import with_schedule_length
+from rlhf_jax.pipeline.stages.stage_setup import (
     finish_stage, load_folder, place, prepare_output_dir, require, stage_mesh, stage_rng, stage_tokenizer,
 )
 from rlhf_jax.pipeline.stages.lora import check_lora_reference, reference_of, stage_state
