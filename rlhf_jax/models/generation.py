@@ -149,7 +149,8 @@ def generate(module: CausalLM, params, prompt_ids, prompt_mask, rng, *, max_new_
     def decode_step(state):
         step, token, position, cache, finished, tokens, buffers = state
         logits, cache = module.apply(
-            variables, token[:, None], new_token_mask, position_ids=position[:, None], cache=cache
+            variables, token[:, None], new_token_mask, position_ids=position[:, None], cache=cache,
+            method="forward_with_cache",
         )
         token, values, finished = choose(step, logits[:, 0], finished)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)

@@ -19,11 +19,11 @@ Forward API (the training code calls these; params come from `load_pretrained` o
     logits = model.apply({"params": params}, input_ids, attention_mask)
         # input_ids [B, T] int, attention_mask [B, T] (1 = real token, 0 = pad; None = all 1)
         # -> logits [B, T, V] float32
-    logits, new_cache = model.apply({"params": params}, input_ids, attention_mask, cache=cache)
-    logits, hidden = model.apply({"params": params}, input_ids, attention_mask, return_hidden=True)
-        # hidden [B, T, D]: final-norm hidden states in the compute dtype
-        # order of outputs: logits, then hidden (if return_hidden), then new_cache (if cache)
+        # `__call__` returns logits only, whatever its arguments
+    logits, new_cache = model.apply({"params": params}, input_ids, attention_mask, cache=cache,
+                                    method="forward_with_cache")
     hidden = model.apply({"params": params}, input_ids, attention_mask, method="hidden_states")
+        # hidden [B, T, D]: final-norm hidden states in the compute dtype
     logits = model.apply({"params": params}, hidden, method="lm_logits")
         # any [..., D] hidden -> [..., V] float32; project only the positions a loss reads
     head = model.apply({"params": params}, method="output_head")
@@ -217,15 +217,17 @@ class CausalLM(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = LMHead(c)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None,
-                 return_hidden: bool = False):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+        """Logits [B, T, V] in float32 (hidden states: `hidden_states`; a KV cache:
+        `forward_with_cache`)."""
+        hidden, _ = self.decoder(input_ids, attention_mask, position_ids, None)
+        return self.lm_logits(hidden)
+
+    def forward_with_cache(self, input_ids, attention_mask=None, position_ids=None, *, cache):
+        """`(logits [B, T, V], new_cache)`: the forward pass continuing from `cache` (from
+        `rlhf_jax.models.kv_cache.init_cache`), the T new tokens written into it."""
         hidden, new_cache = self.decoder(input_ids, attention_mask, position_ids, cache)
-        outputs = (self.lm_logits(hidden),)
-        if return_hidden:
-            outputs += (hidden,)
-        if cache is not None:
-            outputs += (new_cache,)
-        return outputs[0] if len(outputs) == 1 else outputs
+        return self.lm_logits(hidden), new_cache
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """Final hidden states [B, T, D]; `(hidden, new_cache)` when a cache is given."""

@@ -120,7 +120,7 @@ def test_kv_cache_decoding_past_the_window_matches_full_forward(family, loaded):
     ids, mask = map(jnp.asarray, padded_batch(seed=14, time=TIME, side="left"))
     full = forward(variables, ids, mask)
     cache = init_cache(module.config, ids.shape[0], TIME + 2)
-    step = jax.jit(lambda v, i, m, c: module.apply(v, i, m, cache=c))
+    step = jax.jit(lambda v, i, m, c: module.apply(v, i, m, cache=c, method="forward_with_cache"))
     pieces = []
     for start, stop in [(0, 5), (5, 7)] + [(t, t + 1) for t in range(7, TIME)]:
         logits, cache = step(variables, ids[:, start:stop], mask[:, start:stop], cache)

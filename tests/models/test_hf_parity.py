@@ -1,5 +1,4 @@
 """Logits parity with transformers + torch (CPU, float32) and save/load round trips."""
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -97,8 +96,8 @@ def test_forward_api_pieces_agree(loaded):
 
     @jax.jit
     def pieces(variables, ids, mask, position_ids):
-        logits2, hidden = module.apply(variables, ids, mask, return_hidden=True)
-        hidden2 = module.apply(variables, ids, mask, method="hidden_states")
+        logits2 = module.apply(variables, ids, mask)
+        hidden = hidden2 = module.apply(variables, ids, mask, method="hidden_states")
         from_hidden = module.apply(variables, hidden2, method="lm_logits")
         # lm_logits on a slice (the positions a loss reads) is the same projection.
         subset = module.apply(variables, hidden2[:, -3:], method="lm_logits")
@@ -120,6 +119,16 @@ def test_forward_api_pieces_agree(loaded):
     assert np.abs(np.asarray(stretched - logits)).max() > 1e-2
 
 
+def test_call_returns_logits_only(loaded):
+    module, params, _ = loaded["gpt2"]
+    ids, mask = map(jnp.asarray, padded_batch(seed=9))
+    cache = init_cache(module.config, ids.shape[0], ids.shape[1])
+    with pytest.raises(TypeError, match="cache"):
+        module.apply({"params": params}, ids, mask, cache=cache)
+    with pytest.raises(TypeError, match="return_hidden"):
+        module.apply({"params": params}, ids, mask, return_hidden=True)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_kv_cache_steps_match_full_forward(family, loaded):
     module, params, forward = loaded[family]
@@ -127,7 +136,7 @@ def test_kv_cache_steps_match_full_forward(family, loaded):
     ids, mask = map(jnp.asarray, padded_batch(seed=7, time=10))
     full = forward(variables, ids, mask)
     cache = init_cache(module.config, ids.shape[0], 12)
-    step = jax.jit(lambda v, i, m, c: module.apply(v, i, m, cache=c))
+    step = jax.jit(lambda v, i, m, c: module.apply(v, i, m, cache=c, method="forward_with_cache"))
     chunk_logits, cache = step(variables, ids[:, :6], mask[:, :6], cache)
     pieces = [chunk_logits]
     for t in range(6, 10):
@@ -144,7 +153,9 @@ def test_bfloat16_compute_keeps_float32_logits(hf_lm, loaded):
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params16))
     _, params, forward = loaded["qwen2"]
     ids, mask = map(jnp.asarray, padded_batch(seed=8))
-    logits16, hidden16 = jax.jit(partial(module16.apply, return_hidden=True))({"params": params16}, ids, mask)
+    logits16, hidden16 = jax.jit(lambda v, i, m: (module16.apply(v, i, m),
+                                                  module16.apply(v, i, m, method="hidden_states")))(
+        {"params": params16}, ids, mask)
     assert logits16.dtype == jnp.float32 and hidden16.dtype == jnp.bfloat16
     error = max_diff_on_tokens(logits16, forward({"params": params}, ids, mask), np.asarray(mask))
     assert 0 < error < 0.15
