@@ -37,7 +37,7 @@ def test_overrides_are_typed():
 
 
 @pytest.mark.parametrize("override,words", [
-    ("learning_rate=0.1", ["learning_rate", "valid keys"]),
+    ("update_epochs=4", ["update_epochs", "valid keys"]),
     ("num_envs=four", ["num_envs", "int"]),
     ("algorithm=a2c", ["algorithm", "ppo"]),
     ("baseline=maybe", ["baseline", "bool"]),
