@@ -9,7 +9,7 @@ runs the same way and reports its starting and final returns.
 
     python benchmarks/classic.py                 # print, and write the "## Classic RL"
                                                  # section of benchmarks/RESULTS.md
-    python benchmarks/classic.py --no-write lr=0.0005   # overrides apply to the PPO config
+    python benchmarks/classic.py --no-write learning_rate=0.0005   # overrides apply to the PPO config
 """
 from __future__ import annotations
 
@@ -105,8 +105,8 @@ def section(ppo: dict, reinforce: dict | None, machine: list[str], command: str,
     lines = [
         SECTION, "",
         f"PPO on CartPole-v1 with `configs/classic_ppo.yaml` ({c.num_envs} envs x {c.num_steps} "
-        f"steps per rollout, {c.update_epochs} epochs x {c.num_minibatches} minibatches, lr "
-        f"{c.lr} annealed={c.anneal_lr}, gamma {c.gamma}, lambda {c.gae_lambda}), every seed "
+        f"steps per rollout, {c.epochs} epochs x {c.num_minibatches} minibatches, lr "
+        f"{c.learning_rate} annealed={c.anneal_lr}, gamma {c.gamma}, lambda {c.gae_lambda}), every seed "
         "trained at once by `jax.jit(jax.vmap(make_train(config)))`: rollouts, GAE, epochs and "
         "minibatches are `lax.scan`s inside one compiled function. \"Final return\" is the mean "
         f"return of the episodes that ended in the last {ppo['final_updates']} updates (10%); "
@@ -123,7 +123,7 @@ def section(ppo: dict, reinforce: dict | None, machine: list[str], command: str,
         lines += [
             "- " + timing_line("REINFORCE with baseline", reinforce),
             f"- REINFORCE with baseline (`configs/classic_reinforce.yaml`, {rc.num_envs} envs x "
-            f"{rc.num_steps} steps, lr {rc.lr}): mean return over the first 10% of updates "
+            f"{rc.num_steps} steps, lr {rc.learning_rate}): mean return over the first 10% of updates "
             f"{starts} -> last 10% {finals} (seeds {reinforce['seeds']}).",
         ]
     lines += [

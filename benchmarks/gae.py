@@ -7,7 +7,7 @@ The rollout is environment-style (rewards, values, episode ends, bootstrap value
 implementation computes exactly
 
     delta_t = r_t + gamma * V_{t+1} * (1 - done_t) - V_t
-    A_t     = delta_t + gamma * lam * (1 - done_t) * A_{t+1}
+    A_t     = delta_t + gamma * gae_lambda * (1 - done_t) * A_{t+1}
 
 and the script checks that they agree before timing. Times are medians over `--repeats` runs;
 the JAX functions are jitted, compiled before timing (compile time reported on its own), and
@@ -31,11 +31,11 @@ import common  # noqa: E402
 
 from rlhf_jax.ops.advantages import gae  # noqa: E402
 
-GAMMA, LAM = 0.99, 0.95
+GAMMA, GAE_LAMBDA = 0.99, 0.95
 DEFAULT_SHAPES = ("64x128", "64x1024", "16x4096", "8x16384")
 
 
-def python_loop_gae(rewards, values, dones, bootstrap_value, gamma, lam):
+def python_loop_gae(rewards, values, dones, bootstrap_value, gamma, gae_lambda):
     """One Python float at a time, the way a textbook `for t in reversed(range(T))` loop runs."""
     advantages = []
     rows = zip(rewards, values, dones, bootstrap_value)
@@ -45,14 +45,14 @@ def python_loop_gae(rewards, values, dones, bootstrap_value, gamma, lam):
         for t in reversed(range(len(row_rewards))):
             not_done = 1.0 - row_dones[t]
             delta = row_rewards[t] + gamma * next_value * not_done - row_values[t]
-            next_advantage = delta + gamma * lam * not_done * next_advantage
+            next_advantage = delta + gamma * gae_lambda * not_done * next_advantage
             row[t] = next_advantage
             next_value = row_values[t]
         advantages.append(row)
     return advantages
 
 
-def numpy_loop_gae(rewards, values, dones, bootstrap_value, gamma, lam):
+def numpy_loop_gae(rewards, values, dones, bootstrap_value, gamma, gae_lambda):
     """Reverse loop over time, each step vectorised over the batch."""
     advantages = np.zeros_like(rewards)
     not_done = 1.0 - dones
@@ -60,7 +60,7 @@ def numpy_loop_gae(rewards, values, dones, bootstrap_value, gamma, lam):
     next_value = bootstrap_value
     for t in range(rewards.shape[1] - 1, -1, -1):
         delta = rewards[:, t] + gamma * next_value * not_done[:, t] - values[:, t]
-        next_advantage = delta + gamma * lam * not_done[:, t] * next_advantage
+        next_advantage = delta + gamma * gae_lambda * not_done[:, t] * next_advantage
         advantages[:, t] = next_advantage
         next_value = values[:, t]
     return advantages
@@ -96,25 +96,25 @@ def format_ms(seconds):
 def benchmark_shape(batch, time_steps, repeats, python_budget, python_seconds_per_element):
     rewards, values, dones, bootstrap_value = make_rollout(batch, time_steps)
     row = {"shape": f"({batch}, {time_steps})"}
-    reference = numpy_loop_gae(rewards, values, dones, bootstrap_value, GAMMA, LAM)
+    reference = numpy_loop_gae(rewards, values, dones, bootstrap_value, GAMMA, GAE_LAMBDA)
 
     projected = python_seconds_per_element * batch * time_steps * repeats
     if projected <= python_budget:
         lists = [x.tolist() for x in (rewards, values, dones, bootstrap_value)]
-        result = python_loop_gae(*lists, GAMMA, LAM)
+        result = python_loop_gae(*lists, GAMMA, GAE_LAMBDA)
         np.testing.assert_allclose(np.array(result), reference, rtol=1e-4, atol=1e-4)
-        row["python"] = median_seconds(lambda: python_loop_gae(*lists, GAMMA, LAM), repeats)
+        row["python"] = median_seconds(lambda: python_loop_gae(*lists, GAMMA, GAE_LAMBDA), repeats)
     else:
         row["python"] = None
         row["python_note"] = f"projected {projected:.0f} s for {repeats} runs"
 
     row["numpy"] = median_seconds(
-        lambda: numpy_loop_gae(rewards, values, dones, bootstrap_value, GAMMA, LAM), repeats
+        lambda: numpy_loop_gae(rewards, values, dones, bootstrap_value, GAMMA, GAE_LAMBDA), repeats
     )
 
     device_inputs = [jax.device_put(x) for x in (rewards, values, dones, bootstrap_value)]
     for method in ("scan", "associative"):
-        fn = jax.jit(functools.partial(gae, gamma=GAMMA, lam=LAM, method=method))
+        fn = jax.jit(functools.partial(gae, gamma=GAMMA, gae_lambda=GAE_LAMBDA, method=method))
 
         def run(fn=fn):
             r, v, d, b = device_inputs
@@ -158,12 +158,12 @@ def main():
     print("# GAE benchmark", datetime.datetime.now().isoformat(timespec="seconds"))
     for line in common.machine_info(packages=("jax",)):
         print("  " + line)
-    print(f"  gamma={GAMMA}, lam={LAM}, float32, episode ends with probability 0.01, "
+    print(f"  gamma={GAMMA}, gae_lambda={GAE_LAMBDA}, float32, episode ends with probability 0.01, "
           f"median of {args.repeats} runs")
 
     # Calibrate the pure-Python loop on a small rollout to project its cost per element.
     calibration = [x.tolist() for x in make_rollout(16, 256, seed=1)]
-    calibration_seconds = median_seconds(lambda: python_loop_gae(*calibration, GAMMA, LAM), 3)
+    calibration_seconds = median_seconds(lambda: python_loop_gae(*calibration, GAMMA, GAE_LAMBDA), 3)
     python_seconds_per_element = calibration_seconds / (16 * 256)
 
     rows = []

@@ -75,7 +75,7 @@ from rlhf_jax.training.step_runner import make_train_step  # noqa: E402
 SECTION = "## Loss variants"
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
 VARIANTS = DPO_LOSS_TYPES + REFERENCE_FREE + ("kto",)
-DEFAULT_BETA = {"simpo": 2.0}  # SimPO's paper range is 2.0-2.5 (gamma 0.5); every other loss 0.1
+DEFAULT_BETA = {"simpo": 2.0}  # SimPO's paper range is 2.0-2.5 (target_margin 0.5); every other loss 0.1
 LABEL_SMOOTHING = {"robust": 0.1}  # robust DPO with eps = 0 is plain DPO (exo_pair defaults to 1e-3)
 SWEPT = ("sigmoid", "ipo", "hinge")
 METRICS = ("pass@1", "gold_reward", "kl", "win_rate", "margin", "accuracy")
@@ -382,7 +382,7 @@ def results_section(settings: Settings, summary: list[dict], command: str, info:
         f"seeds {', '.join(map(str, s.seeds))} (data order and evaluation samples). Evaluation: "
         f"{s.num_eval_prompts} held-out prompts x {s.num_samples} samples at temperature {s.temperature:g}, "
         f"up to {s.max_new_tokens} new tokens; held-out pairs for the margins. Beta: 0.1, SimPO 2.0 "
-        "(gamma 0.5); ORPO's lambda 0.1 is fixed (its beta is unused); robust DPO with label smoothing 0.1, EXO "
+        "(target_margin 0.5); ORPO's odds_ratio_coef 0.1 is fixed (its beta is unused); robust DPO with label smoothing 0.1, EXO "
         "with 1e-3. Mean ± std over seeds.\n\n"
         + main + "\n\n"
         + (f"Beta sweep (DPO = sigmoid, IPO, hinge):\n\n{sweep}\n\n" if sweep else "")

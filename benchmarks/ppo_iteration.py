@@ -105,7 +105,7 @@ def run(repeats: int = 5) -> list[dict]:
     def score_fn(data, policy_state, value_state, ref_params, reward_params, reward_module):
         data = score_rollout(data, policy_state, ref_params, sampling=ppo.sampling, value_state=value_state,
                              reward_module=reward_module, reward_params=reward_params)
-        return ppo_advantages(data, kl_coef=ppo.kl_coef, gamma=ppo.gamma, lam=ppo.lam)
+        return ppo_advantages(data, kl_coef=ppo.kl_coef, gamma=ppo.gamma, gae_lambda=ppo.gae_lambda)
 
     update_fn = jax.jit(functools.partial(ppo_update, config=ppo), donate_argnames=("policy_state", "value_state"))
     iteration_fn = jax.jit(ppo_iteration, static_argnames=PPO_STATIC_ARGNAMES,

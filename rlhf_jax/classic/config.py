@@ -32,17 +32,17 @@ class ClassicConfig:
     gamma: float = 0.98                  # discount
     gae_lambda: float = 0.8              # PPO: GAE lambda
     clip_eps: float = 0.2                # PPO: policy ratio clip range
-    vf_clip_eps: float | None = 0.2      # PPO: value clip range around the rollout values (null: off)
+    value_clip_eps: float | None = 0.2   # PPO: value clip range around the rollout values (null: off)
     ent_coef: float = 0.0                # entropy bonus coefficient
     vf_coef: float = 0.5                 # value loss coefficient
-    normalize_advantages: bool = True    # whiten advantages per minibatch
+    whiten_advantages: bool = True       # whiten advantages per minibatch
     bootstrap_truncated: bool = True     # on a time-limit cut, add gamma * V(final obs) to the reward
 
     # Optimisation
-    lr: float = 1e-3                     # Adam learning rate (policy and value networks)
+    learning_rate: float = 1e-3          # Adam learning rate (policy and value networks)
     anneal_lr: bool = True               # linear decay of the learning rate to 0 over the run
     max_grad_norm: float = 0.5           # clip each network's gradient by global norm
-    update_epochs: int = 20              # passes over each rollout
+    epochs: int = 20                     # passes over each rollout
     num_minibatches: int = 1             # minibatches per pass
     hidden_size: int = 64                # width of the two tanh hidden layers of each network
 
@@ -57,7 +57,7 @@ class DerivedSizes:
     batch_size: int          # num_envs * num_steps transitions per rollout
     num_updates: int         # rollouts (and parameter updates) per run
     minibatch_size: int      # batch_size // num_minibatches
-    optimizer_steps: int     # num_updates * update_epochs * num_minibatches
+    optimizer_steps: int     # num_updates * epochs * num_minibatches
 
 
 def combine_losses(config: ClassicConfig, policy_loss, value_loss, neg_entropy, *metrics: dict):
@@ -73,15 +73,15 @@ def validate_classic_config(config: ClassicConfig) -> None:
     """Raise ConfigError naming the first key whose value cannot work."""
     if config.env_name not in SUPPORTED_ENVS:
         raise ConfigError(f"`env_name` must be one of {list(SUPPORTED_ENVS)}, got {config.env_name!r}")
-    for name in ("num_envs", "num_steps", "total_timesteps", "update_epochs", "num_minibatches",
+    for name in ("num_envs", "num_steps", "total_timesteps", "epochs", "num_minibatches",
                  "hidden_size", "log_every"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"`{name}` must be > 0, got {getattr(config, name)}")
-    for name in ("lr", "max_grad_norm", "clip_eps"):
+    for name in ("learning_rate", "max_grad_norm", "clip_eps"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"`{name}` must be > 0, got {getattr(config, name)}")
-    if config.vf_clip_eps is not None and config.vf_clip_eps <= 0:
-        raise ConfigError(f"`vf_clip_eps` must be > 0 or null, got {config.vf_clip_eps}")
+    if config.value_clip_eps is not None and config.value_clip_eps <= 0:
+        raise ConfigError(f"`value_clip_eps` must be > 0 or null, got {config.value_clip_eps}")
     for name in ("gamma", "gae_lambda"):
         if not 0.0 <= getattr(config, name) <= 1.0:
             raise ConfigError(f"`{name}` must be in [0, 1], got {getattr(config, name)}")
@@ -112,7 +112,7 @@ def derived_sizes(config: ClassicConfig) -> DerivedSizes:
         batch_size=batch_size,
         num_updates=num_updates,
         minibatch_size=batch_size // config.num_minibatches,
-        optimizer_steps=num_updates * config.update_epochs * config.num_minibatches,
+        optimizer_steps=num_updates * config.epochs * config.num_minibatches,
     )
 
 

@@ -2,10 +2,10 @@
 
 Advantages by GAE over episode boundaries (Schulman et al. 2016, arXiv:1506.02438):
 `delta_t = r_t + gamma * V_{t+1} * (1 - done_t) - V_t`,
-`A_t = delta_t + gamma * lam * (1 - done_t) * A_{t+1}`, with V after the last step the
+`A_t = delta_t + gamma * gae_lambda * (1 - done_t) * A_{t+1}`, with V after the last step the
 critic's value of the next observation; returns `R_t = A_t + V_t` are the value targets.
 
-Then `update_epochs` passes of shuffled minibatches, each minimising
+Then `epochs` passes of shuffled minibatches, each minimising
 `L = L_clip(policy) + vf_coef * L_value + ent_coef * (-entropy)` with the library's
 `ppo_policy_loss`, `value_loss` and `entropy_loss`; the policy and value networks are
 separate and each takes its own optimizer step on its part of the gradient.
@@ -37,9 +37,9 @@ class PPOBatch:
     target: jax.Array       # [N] value targets (GAE returns)
 
 
-def rollout_advantages(transitions: Transition, last_value, *, gamma: float, lam: float):
+def rollout_advantages(transitions: Transition, last_value, *, gamma: float, gae_lambda: float):
     """GAE `(advantages, returns)` `[E, T]` from `[E, T]` transitions and `last_value` `[E]`."""
-    return gae(transitions.reward, transitions.value, None, gamma=gamma, lam=lam,
+    return gae(transitions.reward, transitions.value, None, gamma=gamma, gae_lambda=gae_lambda,
                dones=transitions.done, bootstrap_value=last_value)
 
 
@@ -51,13 +51,13 @@ def ppo_loss(actor_params, critic_params, batch: PPOBatch, *, actor_apply, criti
     logits = actor_apply(actor_params, batch.obs)  # [N, A]
     logp = categorical_logp(logits, batch.action)
     advantage = row(batch.advantage)
-    if config.normalize_advantages:
+    if config.whiten_advantages:
         advantage = masked_whiten(advantage, ones)
     policy_loss, policy_metrics = ppo_policy_loss(row(logp), row(batch.old_logp), advantage, ones,
                                                   clip_eps=config.clip_eps)
     values = critic_apply(critic_params, batch.obs)  # [N]
     critic_loss, critic_metrics = value_loss(row(values), row(batch.old_value), row(batch.target),
-                                             ones, clip_eps=config.vf_clip_eps)
+                                             ones, clip_eps=config.value_clip_eps)
     neg_entropy, entropy_metrics = entropy_loss(logits[None], ones)
     return combine_losses(config, policy_loss, critic_loss, neg_entropy,
                           policy_metrics, critic_metrics, entropy_metrics)
@@ -70,7 +70,7 @@ def ppo_update(rng, actor_state, critic_state, transitions: Transition, last_val
     Returns `(actor_state, critic_state, metrics)`, metrics averaged over the minibatch steps.
     """
     advantages, returns = rollout_advantages(transitions, last_value, gamma=config.gamma,
-                                             lam=config.gae_lambda)
+                                             gae_lambda=config.gae_lambda)
     batch = flatten_batch(PPOBatch(obs=transitions.obs, action=transitions.action,
                                    old_logp=transitions.logp, old_value=transitions.value,
                                    advantage=advantages, target=returns))
@@ -85,7 +85,7 @@ def ppo_update(rng, actor_state, critic_state, transitions: Transition, last_val
                 critic_state.apply_gradients(grads=critic_grads)), metrics
 
     (actor_state, critic_state), metrics = run_epochs(
-        rng, (actor_state, critic_state), batch, num_epochs=config.update_epochs,
+        rng, (actor_state, critic_state), batch, num_epochs=config.epochs,
         num_minibatches=config.num_minibatches, minibatch_step=minibatch_step)
     metrics["advantage/mean"] = jnp.mean(advantages)
     metrics["value/target_mean"] = jnp.mean(returns)

@@ -11,8 +11,8 @@ its last reward, see `rollout.py`.)
 Loss on the counted steps:
 `-mean(logp_t * (G_t - b_t)) + vf_coef * 0.5 * mean((V(s_t) - G_t)^2) - ent_coef * entropy`,
 with `b_t = stop_gradient(V(s_t))` when `baseline` is on and 0 otherwise, and
-`G_t - b_t` whitened over the minibatch when `normalize_advantages` is on.
-Use `update_epochs = num_minibatches = 1` for the textbook on-policy estimator: later
+`G_t - b_t` whitened over the minibatch when `whiten_advantages` is on.
+Use `epochs = num_minibatches = 1` for the textbook on-policy estimator: later
 minibatch steps reuse samples from an older policy without an importance ratio.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ def reinforce_objective(actor_params, critic_params, batch: ReinforceBatch, *, a
                                                  clip_eps=None)
     policy_loss, policy_metrics = reinforce_loss(row(logp), row(batch.target), mask,
                                                  baseline=baseline,
-                                                 normalize=config.normalize_advantages)
+                                                 normalize=config.whiten_advantages)
     neg_entropy, entropy_metrics = entropy_loss(logits[None], mask)
     return combine_losses(config, policy_loss, critic_loss, neg_entropy,
                           policy_metrics, critic_metrics, entropy_metrics)
@@ -94,7 +94,7 @@ def reinforce_update(rng, actor_state, critic_state, transitions: Transition, la
         return (actor_state, critic_state), metrics
 
     (actor_state, critic_state), metrics = run_epochs(
-        rng, (actor_state, critic_state), batch, num_epochs=config.update_epochs,
+        rng, (actor_state, critic_state), batch, num_epochs=config.epochs,
         num_minibatches=config.num_minibatches, minibatch_step=minibatch_step)
     metrics["reinforce/counted_fraction"] = jnp.mean(mask)
     metrics["value/target_mean"] = jnp.sum(returns * mask) / jnp.maximum(jnp.sum(mask), 1.0)

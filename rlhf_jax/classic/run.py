@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description="Classic RL (PPO / REINFORCE) on gymnax environments.")
     parser.add_argument("--config", default=None, help="YAML config (defaults when omitted)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=0.001")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=0.001")
     args = parser.parse_args(argv)
     return run_classic(args.config, args.overrides)
 

@@ -47,7 +47,7 @@ def make_train_parts(config: ClassicConfig) -> tuple[Callable, Callable]:
     env, env_params = make_env(config.env_name)
     num_actions = env.action_space(env_params).n
     obs_shape = env.observation_space(env_params).shape
-    optimizer = make_optimizer(lr=config.lr, max_grad_norm=config.max_grad_norm,
+    optimizer = make_optimizer(lr=config.learning_rate, max_grad_norm=config.max_grad_norm,
                                anneal_lr=config.anneal_lr, total_steps=sizes.optimizer_steps)
     with_critic = uses_critic(config)
     algorithm_update = ppo_update if config.algorithm == "ppo" else reinforce_update

@@ -5,6 +5,12 @@
 - preferences: `dpo_loss` (every `DPO_LOSS_TYPES`), `simpo_loss`, `cpo_loss`, `orpo_loss`, `kto_loss`;
 - reward models: `reward_model_loss`, `ensemble_reward_model_loss`, `ensemble_scores`;
 - regression: `rwr_weights`, `awr_weights`, `weighted_nll_loss`; supervised: `sft_loss`.
+
+Causal shift: functions that take a model's logits take them for the whole `input_ids` and
+shift themselves (`sft_loss(logits, input_ids, mask)`, like `ops.sequence_logprobs`);
+functions that take per-token log-probs (every policy and preference loss,
+`sft_loss_from_logprobs`) take them aligned with the tokens they score. Hyperparameter names
+are listed in the glossary of docs/numerics.md.
 """
 from rlhf_jax.losses.aggregation import AGGREGATION_MODES, aggregate
 from rlhf_jax.losses.entropy import entropy_loss

@@ -206,7 +206,7 @@ def grpo_loss(
     *,
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
-    beta: float = 0.04,
+    kl_coef: float = 0.04,
     aggregation: str = "grpo",
     importance_level: str = "token",
     max_len: int | None = None,
@@ -214,11 +214,11 @@ def grpo_loss(
 ):
     """GRPO loss (Shao et al., 2024, arXiv:2402.03300) and its DAPO / Dr. GRPO / GSPO variants.
 
-    Per token: `-min(rho*A, clip(rho, 1 - eps_low, 1 + eps_high)*A) + beta*k3`, with
+    Per token: `-min(rho*A, clip(rho, 1 - eps_low, 1 + eps_high)*A) + kl_coef*k3`, with
     `k3 = exp(ref_logp - logp) - 1 - (ref_logp - logp)` (unbiased, non-negative estimate of
     KL(pi || pi_ref)), reduced with `aggregate(..., aggregation)`.
 
-    Variants: DAPO (arXiv:2503.14476) = `aggregation="dapo"`, `clip_eps_high=0.28`, `beta=0`;
+    Variants: DAPO (arXiv:2503.14476) = `aggregation="dapo"`, `clip_eps_high=0.28`, `kl_coef=0`;
     Dr. GRPO (arXiv:2503.20783) = `aggregation="dr_grpo"` with unscaled advantages;
     GSPO (arXiv:2507.18071) = `importance_level="sequence"`.
 
@@ -227,10 +227,10 @@ def grpo_loss(
         update per rollout, pass `old_logp=logp`: the ratio is 1 and the gradient is
         `A * grad logp`.
       ref_logp: `[B, T]` log-probs under the reference policy (stop-gradient); may be
-        `None` when `beta == 0`.
+        `None` when `kl_coef == 0`.
       advantages: `[B]` group-relative advantages or `[B, T]` per-token ones.
       mask: `[B, T]`, 1 on response tokens.
-      beta: KL coefficient.
+      kl_coef: KL coefficient.
       aggregation, importance_level, max_len, global_token_count: as in `ppo_policy_loss`.
 
     Returns:
@@ -238,8 +238,8 @@ def grpo_loss(
       `grpo/ratio_mean`.
     """
     _check_token_inputs(logp, mask, old_logp=old_logp, ref_logp=ref_logp)
-    if ref_logp is None and not (isinstance(beta, (int, float)) and beta == 0):
-        raise ValueError("`ref_logp` may be None only when `beta` is 0")
+    if ref_logp is None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
+        raise ValueError("`ref_logp` may be None only when `kl_coef` is 0")
     terms = _clipped_terms(
         logp, old_logp, advantages, mask, eps_low=clip_eps_low, eps_high=clip_eps_high,
         dual_clip=None, aggregation=aggregation, importance_level=importance_level,
@@ -253,7 +253,7 @@ def grpo_loss(
         safe_logp = jnp.where(counted, logp.astype(jnp.float32), 0.0)
         safe_ref_logp = jnp.where(counted, jax.lax.stop_gradient(ref_logp), 0.0)
         kl = kl_estimate(safe_logp, safe_ref_logp, "k3")
-        per_token = per_token + beta * kl
+        per_token = per_token + kl_coef * kl
     loss = aggregate(
         per_token, mask, aggregation, max_len=max_len, global_token_count=global_token_count
     )

@@ -50,18 +50,18 @@ def _reward_metrics(prefix, chosen_rewards, rejected_rewards, dtype):
     }
 
 
-def simpo_loss(chosen_avg_logps, rejected_avg_logps, *, beta=2.0, gamma=0.5, label_smoothing=0.0):
-    """SimPO: `-logsig(beta*(lbar_w - lbar_l) - gamma)` (Meng et al. 2024, arXiv:2405.14734).
+def simpo_loss(chosen_avg_logps, rejected_avg_logps, *, beta=2.0, target_margin=0.5, label_smoothing=0.0):
+    """SimPO: `-logsig(beta*(lbar_w - lbar_l) - target_margin)` (Meng et al. 2024, arXiv:2405.14734).
 
-    The implicit reward is the length-normalised log-prob `beta * lbar`; `gamma` is the target
+    The implicit reward is the length-normalised log-prob `beta * lbar`; `target_margin` is the target
     reward margin. With label smoothing eps the loss is
-    `-(1-eps)*logsig(z) - eps*logsig(-z)` with `z = beta*(lbar_w - lbar_l) - gamma`.
+    `-(1-eps)*logsig(z) - eps*logsig(-z)` with `z = beta*(lbar_w - lbar_l) - target_margin`.
 
     Args:
       chosen_avg_logps: `[B]` per-token mean log-prob of each chosen response under the policy.
       rejected_avg_logps: `[B]` the same for the rejected responses.
       beta: reward scale; > 0 (the paper uses 2.0-2.5).
-      gamma: target margin between chosen and rejected rewards.
+      target_margin: target margin between chosen and rejected rewards.
       label_smoothing: eps in [0, 1).
 
     Returns:
@@ -72,7 +72,7 @@ def simpo_loss(chosen_avg_logps, rejected_avg_logps, *, beta=2.0, gamma=0.5, lab
     chosen_rewards, rejected_rewards = _scaled_rewards(
         beta, label_smoothing, chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps
     )
-    logits = chosen_rewards - rejected_rewards - gamma
+    logits = chosen_rewards - rejected_rewards - target_margin
     loss = jnp.mean(smoothed_logistic_loss(logits, label_smoothing))
     metrics = {
         "simpo/loss": loss,
@@ -133,8 +133,8 @@ def log_odds(avg_logps):
     return x - log1mexp
 
 
-def orpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, *, lam=0.1):
-    """ORPO: `NLL(chosen) - lam * logsig(log_odds(lbar_w) - log_odds(lbar_l))` (Hong et al. 2024, arXiv:2403.07691).
+def orpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, *, odds_ratio_coef=0.1):
+    """ORPO: `NLL(chosen) - odds_ratio_coef * logsig(log_odds(lbar_w) - log_odds(lbar_l))` (Hong et al. 2024, arXiv:2403.07691).
 
     The odds of a response are `p / (1 - p)` with `p = exp(lbar)`, the geometric-mean token
     probability; the odds-ratio term pushes the chosen odds above the rejected ones while
@@ -144,7 +144,7 @@ def orpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, *, lam=0.1):
       chosen_avg_logps: `[B]` per-token mean log-prob of each chosen response (<= 0).
       rejected_avg_logps: `[B]` the same for the rejected responses.
       chosen_nll: `[B]` mean token negative log-likelihood of each chosen response.
-      lam: weight of the odds-ratio term (lambda in the paper).
+      odds_ratio_coef: weight of the odds-ratio term (lambda in the paper).
 
     Returns:
       `(loss, metrics)` with `orpo/loss`, `orpo/nll`, `orpo/odds_ratio_loss` (mean
@@ -157,7 +157,7 @@ def orpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, *, lam=0.1):
     log_odds_ratio = log_odds(chosen) - log_odds(rejected)
     odds_ratio_loss = -jnp.mean(jax.nn.log_sigmoid(log_odds_ratio))
     mean_nll = jnp.mean(nll)
-    loss = mean_nll + lam * odds_ratio_loss
+    loss = mean_nll + odds_ratio_coef * odds_ratio_loss
     metrics = {
         "orpo/loss": loss,
         "orpo/nll": mean_nll,

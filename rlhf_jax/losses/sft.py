@@ -1,13 +1,17 @@
 """Supervised fine-tuning loss: token cross-entropy over the counted tokens.
 
-    log p_t = log_softmax(logits_t)                       (float32)
-    l_t = -(1 - eps) * log p_t(y_t) - eps * mean_v log p_t(v)
-    loss = sum_t(l_t * m_t) / sum_t(m_t)
+    log p_t = log_softmax(logits_{t-1})                   (float32; token t is predicted at t-1)
+    l_t = -(1 - eps) * log p_t(x_t) - eps * mean_v log p_t(v)
+    loss = sum_{t>=1}(l_t * m_t) / sum_{t>=1}(m_t)
 
 `eps` is label smoothing towards the uniform distribution (Szegedy et al., 2016,
 arXiv:1512.00567), the same convention as `torch.nn.CrossEntropyLoss(label_smoothing=eps)`.
-The logits must already be aligned with the labels: `logits[:, t]` predicts `labels[:, t]`
-(the caller drops the last logit and the first label).
+Causal-shift convention (docs/numerics.md, the same across `rlhf_jax.losses` and
+`rlhf_jax.ops`): functions that take a model's logits take them for the whole `input_ids` and
+shift themselves; functions that take per-token log-probs take them aligned with the tokens
+they score. So `sft_loss(model_logits, input_ids, mask)` is the loss, as
+`ops.sequence_logprobs(model_logits, input_ids, mask)` is the log-likelihood; logits that are
+already shifted (`[B, T-1, V]` with `input_ids [B, T]`) raise a ValueError.
 
 `sft_loss_from_logprobs` takes the per-token statistics instead of logits (`log p_t(y_t)`,
 `mean_v log p_t(v)` and whether `y_t` is the argmax), as a chunked LM head
@@ -23,38 +27,46 @@ from rlhf_jax.ops.checks import check_floating, check_rank, check_same_shape
 from rlhf_jax.ops.masking import masked_mean
 
 
-def sft_loss(logits, labels, mask, *, label_smoothing: float = 0.0):
-    """Masked token cross-entropy with optional label smoothing.
+def sft_loss(logits, input_ids, mask, *, label_smoothing: float = 0.0):
+    """Masked next-token cross-entropy with optional label smoothing, from a model's logits.
+
+    `logits[:, t - 1]` predicts `input_ids[:, t]` (the shift is done here, as in
+    `ops.sequence_logprobs`); `mask[:, 0]` is ignored because nothing predicts the first token.
 
     Args:
-      logits: `[B, T, V]` logits aligned with `labels`.
-      labels: `[B, T]` integer target token ids; values at masked positions are ignored
+      logits: `[B, T, V]` the model's logits for `input_ids` (unshifted).
+      input_ids: `[B, T]` integer token ids; values at masked positions are ignored
         (e.g. -100 padding is fine).
       mask: `[B, T]`, 1 on tokens that count (typically the response tokens).
       label_smoothing: `eps` in `[0, 1)`.
 
     Returns:
       `(loss, metrics)` with `sft/loss` (the smoothed loss), `sft/nll` (plain cross-entropy),
-      `sft/accuracy` (`argmax(logits) == label` over counted tokens) and `sft/perplexity`
-      (`exp(sft/nll)`).
+      `sft/accuracy` (`argmax(logits[:, t-1]) == input_ids[:, t]` over counted tokens) and
+      `sft/perplexity` (`exp(sft/nll)`).
+
+    Raises:
+      ValueError: when `logits.shape[:2] != input_ids.shape`, e.g. logits shifted already.
     """
     check_rank(logits, 3, "logits")
     check_floating(logits, "logits")
-    check_rank(labels, 2, "labels")
-    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-        raise ValueError(f"`labels` must hold integer token ids, got dtype {jnp.result_type(labels)}")
-    check_same_shape(labels=labels, mask=mask)
-    if jnp.shape(labels) != jnp.shape(logits)[:2]:
+    check_rank(input_ids, 2, "input_ids")
+    if not jnp.issubdtype(jnp.result_type(input_ids), jnp.integer):
+        raise ValueError(f"`input_ids` must hold integer token ids, got dtype {jnp.result_type(input_ids)}")
+    check_same_shape(input_ids=input_ids, mask=mask)
+    if jnp.shape(input_ids) != jnp.shape(logits)[:2]:
         raise ValueError(
-            f"`labels` must have shape {jnp.shape(logits)[:2]} (the first two axes of "
-            f"`logits`), got {jnp.shape(labels)}"
+            f"`logits` must be the model's logits for the whole `input_ids` ([B, T, V] with "
+            f"input_ids [B, T]; sft_loss shifts them itself), got logits {jnp.shape(logits)} "
+            f"and input_ids {jnp.shape(input_ids)}"
         )
     if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing}")
 
+    logits, labels, mask = logits[:, :-1], input_ids[:, 1:], mask[:, 1:]
     counted = mask.astype(bool)
     safe_labels = jnp.where(counted, labels, 0)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T-1, V]
     label_log_probs = jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
     mean_log_probs = None
     if not _is_zero(label_smoothing):
@@ -70,6 +82,9 @@ def _is_zero(label_smoothing) -> bool:
 
 def sft_loss_from_logprobs(label_logprobs, mask, *, mean_logprobs=None, correct=None, label_smoothing: float = 0.0):
     """`sft_loss` from per-token statistics instead of logits.
+
+    The statistics are aligned with the tokens they score (no shift here): position `t` of
+    every argument describes the prediction of the same token.
 
     Args:
       label_logprobs: `[...]` `log p_t(y_t)` of the labels.

@@ -89,11 +89,11 @@ def _prepare(rewards, values, mask, dones, bootstrap_value):
     return dtype, rewards, values, counted, not_done, bootstrap_value
 
 
-def gae(rewards, values, mask=None, *, gamma, lam, dones=None, bootstrap_value=None, method="scan"):
+def gae(rewards, values, mask=None, *, gamma, gae_lambda, dones=None, bootstrap_value=None, method="scan"):
     """Generalized Advantage Estimation (Schulman et al., 2016, arXiv:1506.02438).
 
         delta_t = r_t + gamma * V_{t+1} * (1 - done_t) - V_t
-        A_t     = delta_t + gamma * lam * (1 - done_t) * A_{t+1},     A_T = 0
+        A_t     = delta_t + gamma * gae_lambda * (1 - done_t) * A_{t+1},     A_T = 0
         returns = A + V
 
     `V_T`, the value of the state after the last step, is `bootstrap_value` (0 when None).
@@ -104,7 +104,7 @@ def gae(rewards, values, mask=None, *, gamma, lam, dones=None, bootstrap_value=N
     responses this makes the value after the last response token 0 (the standard RLHF
     convention), and prompt / padding values never leak into the response's advantages.
     The recurrence itself still runs through masked steps, so a nonzero `bootstrap_value`
-    reaches a right-padded row through its padding (discounted by `gamma * lam` per step);
+    reaches a right-padded row through its padding (discounted by `gamma * gae_lambda` per step);
     mark such rows `done` at their last step if they ended.
 
     Args:
@@ -112,7 +112,7 @@ def gae(rewards, values, mask=None, *, gamma, lam, dones=None, bootstrap_value=N
       values: `[B, T]` value estimates `V_t` of the states where each step starts.
       mask: optional `[B, T]`, 1 on counted steps, 0 on padding.
       gamma: discount in [0, 1] (LM default 1.0), a Python float or traced scalar.
-      lam: GAE lambda in [0, 1] (typically 0.95), a Python float or traced scalar.
+      gae_lambda: GAE lambda in [0, 1] (typically 0.95), a Python float or traced scalar.
       dones: optional `[B, T]` episode-end flags (bool or float) for environment rollouts.
       bootstrap_value: optional `[B]` value of the state after the last step.
       method: `"scan"` (reverse `lax.scan`) or `"associative"` (`lax.associative_scan`).
@@ -123,15 +123,15 @@ def gae(rewards, values, mask=None, *, gamma, lam, dones=None, bootstrap_value=N
     check_in(method, SCAN_METHODS, "method")
     _check_time_inputs(rewards, values, mask, dones, bootstrap_value)
     _check_discount(gamma, "gamma")
-    _check_discount(lam, "lam")
+    _check_discount(gae_lambda, "gae_lambda")
     dtype, rewards, values, counted, not_done, bootstrap_value = _prepare(
         rewards, values, mask, dones, bootstrap_value
     )
     gamma = jnp.asarray(gamma, dtype)
-    lam = jnp.asarray(lam, dtype)
+    gae_lambda = jnp.asarray(gae_lambda, dtype)
     next_values = jnp.concatenate([values[..., 1:], bootstrap_value[..., None]], axis=-1)
     deltas = rewards + gamma * next_values * not_done - values
-    advantages = _reverse_affine_scan(deltas, gamma * lam * not_done, method)
+    advantages = _reverse_affine_scan(deltas, gamma * gae_lambda * not_done, method)
     returns = advantages + values
     if counted is not None:
         advantages = jnp.where(counted, advantages, 0.0)

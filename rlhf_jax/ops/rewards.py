@@ -38,7 +38,7 @@ def shape_rewards(
       logp: `[B, T]` policy log-probabilities of the response tokens (at rollout time).
       ref_logp: `[B, T]` reference-model log-probabilities of the same tokens.
       mask: `[B, T]` 1 on response tokens, 0 on padding (bool or float).
-      kl_coef: KL-penalty coefficient `beta`, a Python float or a traced scalar (e.g. the
+      kl_coef: KL-penalty coefficient, a Python float or a traced scalar (e.g. the
         `coef` of a `KLControllerState`).
       kl_estimator: `"k1"`, `"k2"` or `"k3"` (see `kl_estimate`).
       has_eos: optional `[B]` bool, whether each response ended with an EOS token.

@@ -2,7 +2,7 @@
 
 Shao et al. 2024 (GRPO, arXiv:2402.03300); Ahmadian et al. 2024 (RLOO, arXiv:2402.14740);
 variants through `grpo_loss` options: DAPO (arXiv:2503.14476: `aggregation="dapo"`,
-`clip_eps_high=0.28`, `beta=0`), Dr. GRPO (arXiv:2503.20783: `aggregation="dr_grpo"`,
+`clip_eps_high=0.28`, `kl_coef=0`), Dr. GRPO (arXiv:2503.20783: `aggregation="dr_grpo"`,
 `scale="none"`), GSPO (arXiv:2507.18071: `importance_level="sequence"`).
 
 One iteration on a batch of `n` left-padded prompts:
@@ -12,7 +12,7 @@ One iteration on a batch of `n` left-padded prompts:
     -> sequence advantages [n, G]:  group  A = (R - mean_g R) / (std_g R + 1e-4)
                                     rloo   A = R - mean_{j != i} R_j
     -> num_iterations x num_minibatches steps of grpo_loss (clipped ratio against the
-       rollout log-probs, + beta * k3 KL to the reference per token), in one lax.scan
+       rollout log-probs, + kl_coef * k3 KL to the reference per token), in one lax.scan
 
 Layout: the rollout is `[n, G, R]` (`rlhf_jax.training.rollout`); every forward pass (rollout
 log-probs and each update minibatch) runs each group's prompt once for its G responses
@@ -69,7 +69,7 @@ class GRPOConfig:
     group_size: int = 4  # G responses per prompt
     advantage_estimator: Literal["group", "rloo"] = "group"  # GRPO baseline or leave-one-out
     scale: Literal["group", "batch", "none"] = "group"  # std used by the "group" estimator
-    beta: float = 0.04  # k3 KL coefficient (0: no reference forward pass)
+    kl_coef: float = 0.04  # k3 KL coefficient (0: no reference forward pass)
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2  # 0.28 for DAPO's clip-higher
     aggregation: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | token_mean | ...
@@ -90,8 +90,8 @@ class GRPOConfig:
         check_aggregation(self.aggregation)
         for name in ("clip_eps_low", "clip_eps_high", "num_iterations", "num_minibatches"):
             check_positive(getattr(self, name), name)
-        if self.beta < 0:
-            raise ValueError(f"`beta` must be >= 0, got {self.beta}")
+        if self.kl_coef < 0:
+            raise ValueError(f"`kl_coef` must be >= 0, got {self.kl_coef}")
 
 
 def sequence_advantages(scores, has_eos, *, config: GRPOConfig):
@@ -119,7 +119,7 @@ def grpo_generate(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, con
     """Generate phase (jittable): sample G responses per prompt and compute what needs no score.
 
     Returns a `Rollout` `[n, G, R]` (response g of prompt i at `[i, g]`). Fills `logp` and, when
-    `config.beta > 0`, `ref_logp` (then `ref_params` is required). `scores` come from the
+    `config.kl_coef > 0`, `ref_logp` (then `ref_params` is required). `scores` come from the
     in-jit scorer when one is given (`reward_module` + `reward_params`, or `score_fn`, see
     `rlhf_jax.training.rollout.score_rollout`), else stay None for the host to compute and
     pass to `grpo_train`.
@@ -131,11 +131,11 @@ def grpo_generate(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, con
         scores = my_host_scores(data)                        # NumPy [n, G] float32
         policy_state, metrics = train(policy_state, data, scores, shuffle_key, config=config)
     """
-    if config.beta > 0 and ref_params is None:
-        raise ValueError("`ref_params` is required when `beta` > 0")
+    if config.kl_coef > 0 and ref_params is None:
+        raise ValueError("`ref_params` is required when `kl_coef` > 0")
     data = generate_rollout(policy_state, prompt_ids, prompt_mask, rng, sampling=config.sampling,
                             num_responses=config.group_size)
-    data = rollout_logprobs(data, policy_state, ref_params if config.beta > 0 else None,
+    data = rollout_logprobs(data, policy_state, ref_params if config.kl_coef > 0 else None,
                             sampling=config.sampling)
     if reward_module is not None or score_fn is not None:
         data = with_scores(data, rollout_scores(data, reward_module=reward_module,
@@ -165,7 +165,7 @@ def _grpo_loss(params, apply_fn, batch: Rollout, config: GRPOConfig):
     loss, metrics = grpo_loss(
         flat(current.logprobs), flat(batch.logp), None if batch.ref_logp is None else flat(batch.ref_logp),
         flat(batch.advantages), mask,
-        clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high, beta=config.beta,
+        clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high, kl_coef=config.kl_coef,
         aggregation=config.aggregation, importance_level=config.importance_level,
         max_len=config.sampling.max_new_tokens,
     )
@@ -237,7 +237,7 @@ def grpo_iteration(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, co
 
     Args:
       policy_state: `TrainState` of the `CausalLM` policy (donate it).
-      ref_params: frozen reference parameters (may be None when `config.beta == 0`).
+      ref_params: frozen reference parameters (may be None when `config.kl_coef == 0`).
       prompt_ids, prompt_mask: `[n, P]` left-padded prompts (each sampled G times).
       rng: PRNG key (split into the sampling key and the shuffle key).
       config: `GRPOConfig` (static).

@@ -2,7 +2,7 @@
 
 The recipe of Ziegler et al. 2019 (arXiv:1909.08593) and Ouyang et al. 2022
 (arXiv:2203.02155) with the details of NUMERICS.md: KL-shaped per-token rewards with the
-score on the last response token, GAE (gamma 1, lam 0.95), whitened advantages, clipped
+score on the last response token, GAE (gamma 1, gae_lambda 0.95), whitened advantages, clipped
 policy surrogate (eps 0.2), clipped value loss (eps 0.2, vf_coef 0.1), 4 epochs with a fresh
 shuffle each, minibatches, and a fixed or adaptive KL coefficient. The policy and the value
 model are separate networks with their own train states; the value model starts from the
@@ -83,7 +83,7 @@ class PPOConfig:
     whiten_rewards: bool = False  # scale-only whitening of the shaped rewards before GAE
     # --- advantages ---
     gamma: float = 1.0
-    lam: float = 0.95
+    gae_lambda: float = 0.95
     whiten_advantages: bool = True
     # --- update ---
     epochs: int = 4  # passes over the rollout, fresh shuffle each
@@ -105,7 +105,7 @@ class PPOConfig:
         for name in ("kl_coef", "vf_coef", "ent_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
-        for name in ("gamma", "lam"):
+        for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}")
 
@@ -250,7 +250,7 @@ def ppo_train(policy_state, value_state, kl_state, data: Rollout, scores, rng, *
         data = data.replace(ref_logp=data.logp)
     data = ppo_advantages(
         data, kl_coef=kl_state.coef, kl_estimator=config.kl_estimator, gamma=config.gamma,
-        lam=config.lam, whiten_rewards=config.whiten_rewards,
+        gae_lambda=config.gae_lambda, whiten_rewards=config.whiten_rewards,
         whiten_advantages=config.whiten_advantages, missing_eos_score=config.missing_eos_score,
         score_clip=config.score_clip,
     )

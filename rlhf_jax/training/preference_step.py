@@ -62,9 +62,9 @@ class PreferenceLossConfig:
     divergence: str = "reverse_kl"  # kind="dpo": f-DPO divergence
     alpha: float = 0.5  # alpha-divergence parameter
     discopop_tau: float = 0.05  # loss_type="discopop"
-    gamma: float = 0.5  # SimPO target reward margin
+    target_margin: float = 0.5  # SimPO target reward margin
     nll_coef: float = 1.0  # CPO weight of the chosen NLL
-    lam: float = 0.1  # ORPO weight of the odds-ratio term
+    odds_ratio_coef: float = 0.1  # ORPO weight of the odds-ratio term
     desirable_weight: float = 1.0  # KTO w_d
     undesirable_weight: float = 1.0  # KTO w_u
 
@@ -165,11 +165,11 @@ def preference_loss(apply_fn, params, batch, *, config: PreferenceLossConfig, ax
         )
     if config.kind == "simpo":
         return simpo_loss(chosen.mean_logps, rejected.mean_logps, beta=config.beta,
-                          gamma=config.gamma, label_smoothing=config.label_smoothing)
+                          target_margin=config.target_margin, label_smoothing=config.label_smoothing)
     if config.kind == "cpo":
         return cpo_loss(chosen.logps, rejected.logps, -chosen.mean_logps, beta=config.beta,
                         nll_coef=config.nll_coef, label_smoothing=config.label_smoothing)
-    return orpo_loss(chosen.mean_logps, rejected.mean_logps, -chosen.mean_logps, lam=config.lam)
+    return orpo_loss(chosen.mean_logps, rejected.mean_logps, -chosen.mean_logps, odds_ratio_coef=config.odds_ratio_coef)
 
 
 def preference_step(

@@ -351,14 +351,14 @@ def score_rollout(data: Rollout, policy_state, ref_params, *, sampling: Sampling
                                             score_fn=score_fn))
 
 
-def ppo_advantages(data: Rollout, *, kl_coef, kl_estimator="k1", gamma=1.0, lam=0.95,
+def ppo_advantages(data: Rollout, *, kl_coef, kl_estimator="k1", gamma=1.0, gae_lambda=0.95,
                    whiten_rewards=False, whiten_advantages=True, missing_eos_score=None,
                    score_clip=None) -> Rollout:
     """Per-token rewards, GAE advantages and returns (NUMERICS.md, PPO for language models).
 
         r_t = -kl_coef * KL_t + [t == last] * score          (shape_rewards)
         r <- r / std(r) (+ mean kept)                         (whiten_rewards)
-        A, R = gae(r, V, mask; gamma, lam), V after the last token = 0, R = A + V
+        A, R = gae(r, V, mask; gamma, gae_lambda), V after the last token = 0, R = A + V
         A <- (A - mean(A)) / std(A)                           (whiten_advantages)
 
     over the `B * N` responses (whitening statistics over all their counted tokens); the
@@ -377,7 +377,7 @@ def ppo_advantages(data: Rollout, *, kl_coef, kl_estimator="k1", gamma=1.0, lam=
         score_clip=score_clip,
     )
     gae_rewards = masked_whiten(rewards, mask, shift_mean=False) if whiten_rewards else rewards
-    advantages, returns = gae(gae_rewards, flat(data.values), mask, gamma=gamma, lam=lam)
+    advantages, returns = gae(gae_rewards, flat(data.values), mask, gamma=gamma, gae_lambda=gae_lambda)
     if whiten_advantages:
         advantages = masked_whiten(advantages, mask)
     grouped = lambda x: x.reshape(data.response_mask.shape)
@@ -386,7 +386,7 @@ def ppo_advantages(data: Rollout, *, kl_coef, kl_estimator="k1", gamma=1.0, lam=
 
 def rollout(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, sampling: SamplingConfig,
             kl_coef, value_state=None, reward_module=None, reward_params=None, score_fn=None,
-            kl_estimator="k1", gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=True,
+            kl_estimator="k1", gamma=1.0, gae_lambda=0.95, whiten_rewards=False, whiten_advantages=True,
             missing_eos_score=None, score_clip=None) -> Rollout:
     """`generate_rollout` (N = 1) -> `score_rollout` -> `ppo_advantages` (see each for the
     arguments).
@@ -404,7 +404,7 @@ def rollout(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, sampling:
     if data.ref_logp is None:
         data = data.replace(ref_logp=data.logp)
     return ppo_advantages(
-        data, kl_coef=kl_coef, kl_estimator=kl_estimator, gamma=gamma, lam=lam,
+        data, kl_coef=kl_coef, kl_estimator=kl_estimator, gamma=gamma, gae_lambda=gae_lambda,
         whiten_rewards=whiten_rewards, whiten_advantages=whiten_advantages,
         missing_eos_score=missing_eos_score, score_clip=score_clip,
     )

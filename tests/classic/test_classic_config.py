@@ -28,16 +28,16 @@ def test_shipped_configs_load(name, algorithm):
 
 def test_overrides_are_typed():
     config = load_classic_config(CONFIGS / "classic_ppo.yaml",
-                                 ["lr=0.0003", "seeds=[4, 5]", "env_name=Acrobot-v1",
-                                  "vf_clip_eps=null", "anneal_lr=false"])
-    assert config.lr == pytest.approx(3e-4)
+                                 ["learning_rate=0.0003", "seeds=[4, 5]", "env_name=Acrobot-v1",
+                                  "value_clip_eps=null", "anneal_lr=false"])
+    assert config.learning_rate == pytest.approx(3e-4)
     assert config.seeds == [4, 5]
     assert config.env_name == "Acrobot-v1"
-    assert config.vf_clip_eps is None and config.anneal_lr is False
+    assert config.value_clip_eps is None and config.anneal_lr is False
 
 
 @pytest.mark.parametrize("override,words", [
-    ("learning_rate=0.1", ["learning_rate", "valid keys"]),
+    ("update_epochs=4", ["update_epochs", "valid keys"]),
     ("num_envs=four", ["num_envs", "int"]),
     ("algorithm=a2c", ["algorithm", "ppo"]),
     ("baseline=maybe", ["baseline", "bool"]),
@@ -56,7 +56,7 @@ def test_unknown_keys_and_wrong_types_are_named(override, words):
     ({"num_envs": 3, "num_steps": 5, "num_minibatches": 2}, "num_minibatches"),
     ({"total_timesteps": 10}, "total_timesteps"),
     ({"gamma": 1.5}, "gamma"),
-    ({"vf_clip_eps": -0.1}, "vf_clip_eps"),
+    ({"value_clip_eps": -0.1}, "value_clip_eps"),
     ({"ent_coef": -1.0}, "ent_coef"),
     ({"seeds": []}, "seeds"),
 ])

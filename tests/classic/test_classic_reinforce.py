@@ -15,8 +15,8 @@ def window_return(metrics, updates):
 
 def test_reinforce_with_baseline_improves_on_cartpole():
     config = ClassicConfig(algorithm="reinforce", baseline=True, num_envs=16, num_steps=128,
-                           total_timesteps=16 * 128 * 24, update_epochs=1, num_minibatches=1,
-                           lr=3e-3, anneal_lr=False, ent_coef=0.0, vf_coef=0.5)
+                           total_timesteps=16 * 128 * 24, epochs=1, num_minibatches=1,
+                           learning_rate=3e-3, anneal_lr=False, ent_coef=0.0, vf_coef=0.5)
     rngs = jax.vmap(jax.random.PRNGKey)(jnp.arange(2))
     runner, metrics = jax.jit(jax.vmap(make_train(config)))(rngs)
     start = window_return(metrics, slice(0, 2))
@@ -31,7 +31,7 @@ def test_reinforce_with_baseline_improves_on_cartpole():
 def test_reinforce_without_baseline_runs_without_a_critic():
     # (Acrobot without a baseline runs in test_classic_run.py.)
     config = ClassicConfig(algorithm="reinforce", baseline=False, num_envs=4,
-                           num_steps=64, total_timesteps=4 * 64 * 2, update_epochs=1,
+                           num_steps=64, total_timesteps=4 * 64 * 2, epochs=1,
                            num_minibatches=1)
     runner, metrics = jax.jit(make_train(config))(jax.random.PRNGKey(0))
     assert runner.critic_state is None

@@ -117,7 +117,7 @@ def simulate(actions, gamma, bootstrap_truncated):
     return out, last_obs
 
 
-def oracle_gae(rewards, values, dones, bootstrap, gamma, lam):
+def oracle_gae(rewards, values, dones, bootstrap, gamma, gae_lambda):
     """[E, T] loops: delta_t = r_t + g V_{t+1} (1-d_t) - V_t; A_t = delta_t + g l (1-d_t) A_{t+1}."""
     envs, steps = rewards.shape
     advantages = np.zeros((envs, steps))
@@ -126,7 +126,7 @@ def oracle_gae(rewards, values, dones, bootstrap, gamma, lam):
         for t in reversed(range(steps)):
             not_done = 1.0 - dones[env, t]
             delta = rewards[env, t] + gamma * next_value * not_done - values[env, t]
-            next_advantage = delta + gamma * lam * not_done * next_advantage
+            next_advantage = delta + gamma * gae_lambda * not_done * next_advantage
             advantages[env, t] = next_advantage
             next_value = values[env, t]
     return advantages, advantages + values
@@ -162,10 +162,10 @@ def run_fake_rollouts(gamma, bootstrap_truncated, num_envs=5, num_steps=7, jit=T
     return first, second, last_value
 
 
-@pytest.mark.parametrize("gamma,lam,bootstrap_truncated,jit",
+@pytest.mark.parametrize("gamma,gae_lambda,bootstrap_truncated,jit",
                          [(0.99, 0.95, True, True), (0.9, 0.5, False, True),
                           (0.8, 1.0, True, False)])
-def test_rollout_matches_replayed_oracle(gamma, lam, bootstrap_truncated, jit):
+def test_rollout_matches_replayed_oracle(gamma, gae_lambda, bootstrap_truncated, jit):
     first, second, last_value = run_fake_rollouts(gamma, bootstrap_truncated, jit=jit)
     actions = np.concatenate([np.asarray(first.action), np.asarray(second.action)])  # [2T, E]
     expected, last_obs = simulate(actions, gamma, bootstrap_truncated)
@@ -188,10 +188,10 @@ def test_rollout_matches_replayed_oracle(gamma, lam, bootstrap_truncated, jit):
 
     # GAE over the second rollout: [T, E] -> [E, T], bootstrap from the next observation.
     batch = time_last(second)
-    advantages, returns = rollout_advantages(batch, last_value, gamma=gamma, lam=lam)
+    advantages, returns = rollout_advantages(batch, last_value, gamma=gamma, gae_lambda=gae_lambda)
     want_adv, want_ret = oracle_gae(expected["learn_reward"][steps:].T, expected["value"][steps:].T,
                                     expected["done"][steps:].T,
-                                    np.array([oracle_value(o) for o in last_obs]), gamma, lam)
+                                    np.array([oracle_value(o) for o in last_obs]), gamma, gae_lambda)
     np.testing.assert_allclose(advantages, want_adv, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(returns, want_ret, rtol=1e-5, atol=1e-5)
 
@@ -223,7 +223,7 @@ def test_gae_uses_bootstrap_only_after_last_episode_end():
                        done=dones, episode_return=rewards, episode_length=zeros)
     outputs = {}
     for bootstrap in ([0.0, 0.0], [5.0, 5.0]):
-        adv, ret = rollout_advantages(batch, jnp.asarray(bootstrap, jnp.float32), gamma=0.9, lam=0.8)
+        adv, ret = rollout_advantages(batch, jnp.asarray(bootstrap, jnp.float32), gamma=0.9, gae_lambda=0.8)
         want_adv, want_ret = oracle_gae(rewards, values, dones, np.asarray(bootstrap), 0.9, 0.8)
         np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-6)

@@ -9,7 +9,7 @@ from rlhf_jax.typed_config import ConfigError
 
 # 5 updates in chunks of 2 exercises the shorter final chunk (same compiled function).
 TINY = ["env_name=Acrobot-v1", "num_envs=4", "num_steps=16", "total_timesteps=320",
-        "update_epochs=1", "num_minibatches=2", "seeds=[0, 1]", "log_every=2"]
+        "epochs=1", "num_minibatches=2", "seeds=[0, 1]", "log_every=2"]
 
 
 def test_run_classic_writes_metrics_and_curve(tmp_path, capsys):

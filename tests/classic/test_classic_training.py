@@ -10,8 +10,8 @@ from rlhf_jax.classic.config import ClassicConfig, derived_sizes
 from rlhf_jax.classic.train import make_train
 
 RANDOM_CARTPOLE_RETURN = 22.0  # mean episode return of the uniform policy
-CONFIG = ClassicConfig(num_envs=8, num_steps=32, total_timesteps=8 * 32 * 48, update_epochs=10,
-                       num_minibatches=1, gamma=0.98, gae_lambda=0.8, ent_coef=0.0, lr=1e-3)
+CONFIG = ClassicConfig(num_envs=8, num_steps=32, total_timesteps=8 * 32 * 48, epochs=10,
+                       num_minibatches=1, gamma=0.98, gae_lambda=0.8, ent_coef=0.0, learning_rate=1e-3)
 
 
 def window_return(metrics, updates):
@@ -62,6 +62,6 @@ def test_vmap_over_seeds_matches_single_seed_runs_and_is_deterministic(two_seed_
     for key in alone:
         np.testing.assert_array_equal(alone[key], again[key], err_msg=key)
     # A hyperparameter that is not a size changes no shape (so nothing recompiles per size).
-    other = jax.eval_shape(make_train(dataclasses.replace(CONFIG, lr=1e-4, clip_eps=0.1)),
+    other = jax.eval_shape(make_train(dataclasses.replace(CONFIG, learning_rate=1e-4, clip_eps=0.1)),
                            rngs[0])
     assert jax.tree.map(lambda x: x.shape, other[1]) == jax.tree.map(lambda x: x.shape, alone)

@@ -61,12 +61,12 @@ def np_ppo(logp, old_logp, adv, mask, *, eps_low, eps_high, dual_clip=None, leve
     return np_aggregate(per_token, mask, mode, **agg), metrics
 
 
-def np_grpo(logp, old_logp, ref_logp, adv, mask, *, eps_low, eps_high, beta, level="token", mode="grpo", **agg):
+def np_grpo(logp, old_logp, ref_logp, adv, mask, *, eps_low, eps_high, kl_coef, level="token", mode="grpo", **agg):
     adv = np.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, logp.shape)
     ratio = np_ratio(logp, old_logp, mask, level)
     surrogate = -np.minimum(ratio * adv, np.clip(ratio, 1 - eps_low, 1 + eps_high) * adv)
     k3 = np.exp(ref_logp - logp) - 1 - (ref_logp - logp)
-    per_token = surrogate + beta * k3
+    per_token = surrogate + kl_coef * k3
     count = mask.sum()
     metrics = {
         "grpo/kl": (k3 * mask).sum() / count,
@@ -263,12 +263,12 @@ def test_ppo_bad_inputs_raise():
     "options",
     [
         dict(),  # GRPO defaults
-        dict(beta=0.1, clip_eps_low=0.1, clip_eps_high=0.3),
-        dict(beta=0.0, clip_eps_low=0.2, clip_eps_high=0.28, aggregation="dapo"),  # DAPO
-        dict(beta=0.0, aggregation="dr_grpo", max_len=10),  # Dr. GRPO
+        dict(kl_coef=0.1, clip_eps_low=0.1, clip_eps_high=0.3),
+        dict(kl_coef=0.0, clip_eps_low=0.2, clip_eps_high=0.28, aggregation="dapo"),  # DAPO
+        dict(kl_coef=0.0, aggregation="dr_grpo", max_len=10),  # Dr. GRPO
         dict(aggregation="bnpo"),
         dict(importance_level="sequence", clip_eps_low=3e-4, clip_eps_high=4e-4),  # GSPO
-        dict(importance_level="sequence", beta=0.0),
+        dict(importance_level="sequence", kl_coef=0.0),
     ],
 )
 @pytest.mark.parametrize("advantage_shape", ["sequence", "token"])
@@ -279,7 +279,7 @@ def test_grpo_matches_oracle(options, advantage_shape):
     expected, expected_metrics = np_grpo(
         logp, old_logp, ref_logp, adv, mask,
         eps_low=options.get("clip_eps_low", 0.2), eps_high=options.get("clip_eps_high", 0.2),
-        beta=options.get("beta", 0.04), level=options.get("importance_level", "token"),
+        kl_coef=options.get("kl_coef", 0.04), level=options.get("importance_level", "token"),
         mode=options.get("aggregation", "grpo"), **agg,
     )
     np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
@@ -288,22 +288,22 @@ def test_grpo_matches_oracle(options, advantage_shape):
         np.testing.assert_allclose(metrics[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-def test_grpo_without_reference_when_beta_is_zero():
+def test_grpo_without_reference_when_kl_coef_is_zero():
     logp, old_logp, ref_logp, adv, mask = as_jnp(*make_batch(11, "sequence"))
-    with_ref, _ = grpo_loss(logp, old_logp, ref_logp, adv, mask, beta=0.0)
-    without_ref, metrics = grpo_loss(logp, old_logp, None, adv, mask, beta=0.0)
+    with_ref, _ = grpo_loss(logp, old_logp, ref_logp, adv, mask, kl_coef=0.0)
+    without_ref, metrics = grpo_loss(logp, old_logp, None, adv, mask, kl_coef=0.0)
     np.testing.assert_allclose(without_ref, with_ref, rtol=1e-6)
     assert float(metrics["grpo/kl"]) == 0.0
     with pytest.raises(ValueError, match="ref_logp"):
-        grpo_loss(logp, old_logp, None, adv, mask, beta=0.04)
+        grpo_loss(logp, old_logp, None, adv, mask, kl_coef=0.04)
 
 
 def test_grpo_single_update_gradient_matches_analytic_form():
-    """With old_logp = logp the gradient per token is (-A + beta*(1 - exp(ref - logp))) / (B * n_b)."""
+    """With old_logp = logp the gradient per token is (-A + kl_coef*(1 - exp(ref - logp))) / (B * n_b)."""
     logp, _, ref_logp, adv, mask = make_batch(12, "sequence")
-    beta = 0.1
-    grad = grad_wrt_logp(grpo_loss, *as_jnp(logp, logp, ref_logp, adv, mask), beta=beta)
-    per_token = -adv[:, None] + beta * (1 - np.exp(ref_logp - logp))
+    kl_coef = 0.1
+    grad = grad_wrt_logp(grpo_loss, *as_jnp(logp, logp, ref_logp, adv, mask), kl_coef=kl_coef)
+    per_token = -adv[:, None] + kl_coef * (1 - np.exp(ref_logp - logp))
     expected = per_token * mask / mask.sum(1, keepdims=True) / B
     np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
     assert np.all(np.sign(grad[mask > 0]) == np.sign(expected[mask > 0]))
@@ -313,14 +313,14 @@ def test_grpo_kl_pulls_towards_reference():
     """With zero advantages only the k3 term acts: logp above ref is pushed down and vice versa."""
     logp = jnp.array([[-1.0, -2.0, -0.5]])
     ref_logp = jnp.array([[-1.5, -1.0, -0.5]])
-    grad = grad_wrt_logp(grpo_loss, logp, logp, ref_logp, jnp.zeros((1,)), jnp.ones((1, 3)), beta=1.0)
+    grad = grad_wrt_logp(grpo_loss, logp, logp, ref_logp, jnp.zeros((1,)), jnp.ones((1, 3)), kl_coef=1.0)
     assert grad[0, 0] > 0 and grad[0, 1] < 0 and abs(grad[0, 2]) < 1e-7
 
 
 def test_grpo_jit_matches_eager_and_bad_inputs_raise():
     logp, old_logp, ref_logp, adv, mask = as_jnp(*make_batch(13, "sequence"))
     fn = jax.jit(grpo_loss, static_argnames=("aggregation", "importance_level", "max_len"))
-    for options in (dict(aggregation="dapo", beta=0.0), dict(importance_level="sequence")):
+    for options in (dict(aggregation="dapo", kl_coef=0.0), dict(importance_level="sequence")):
         jit_loss, _ = fn(logp, old_logp, ref_logp, adv, mask, **options)
         eager_loss, _ = grpo_loss(logp, old_logp, ref_logp, adv, mask, **options)
         np.testing.assert_allclose(jit_loss, eager_loss, rtol=1e-6)

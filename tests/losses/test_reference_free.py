@@ -38,14 +38,14 @@ def make_batch(seed):
 
 # ----------------------------------------------------------------------------- SimPO
 @pytest.mark.parametrize("beta", [1.0, 2.0, 2.5])
-@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.4])
-def test_simpo_matches_oracle(beta, gamma):
-    data = make_batch(seed=int(beta * 10 + gamma * 100))
+@pytest.mark.parametrize("target_margin", [0.0, 0.5, 1.4])
+def test_simpo_matches_oracle(beta, target_margin):
+    data = make_batch(seed=int(beta * 10 + target_margin * 100))
     w, l = data["chosen_avg"].astype(np.float64), data["rejected_avg"].astype(np.float64)
     for eps in (0.0, 0.15):
-        loss, metrics = simpo_loss(data["chosen_avg"], data["rejected_avg"], beta=beta, gamma=gamma,
+        loss, metrics = simpo_loss(data["chosen_avg"], data["rejected_avg"], beta=beta, target_margin=target_margin,
                                    label_smoothing=eps)
-        np.testing.assert_allclose(float(loss), smoothed(beta * (w - l) - gamma, eps).mean(), rtol=1e-5)
+        np.testing.assert_allclose(float(loss), smoothed(beta * (w - l) - target_margin, eps).mean(), rtol=1e-5)
         np.testing.assert_allclose(float(metrics["simpo/margin"]), (beta * (w - l)).mean(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(float(metrics["simpo/accuracy"]), (w > l).mean())
         np.testing.assert_allclose(float(metrics["simpo/rewards_chosen"]), (beta * w).mean(), rtol=1e-5)
@@ -86,15 +86,15 @@ def test_cpo_gradients():
 
 
 # ----------------------------------------------------------------------------- ORPO
-@pytest.mark.parametrize("lam", [0.1, 0.5, 2.0])
-def test_orpo_matches_oracle(lam):
-    data = make_batch(seed=int(lam * 10))
+@pytest.mark.parametrize("odds_ratio_coef", [0.1, 0.5, 2.0])
+def test_orpo_matches_oracle(odds_ratio_coef):
+    data = make_batch(seed=int(odds_ratio_coef * 10))
     w, l = data["chosen_avg"].astype(np.float64), data["rejected_avg"].astype(np.float64)
     nll = data["chosen_nll"].astype(np.float64)
-    loss, metrics = orpo_loss(data["chosen_avg"], data["rejected_avg"], data["chosen_nll"], lam=lam)
+    loss, metrics = orpo_loss(data["chosen_avg"], data["rejected_avg"], data["chosen_nll"], odds_ratio_coef=odds_ratio_coef)
     ratio = np_log_odds(w) - np_log_odds(l)
     odds_loss = -logsig(ratio).mean()
-    np.testing.assert_allclose(float(loss), nll.mean() + lam * odds_loss, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), nll.mean() + odds_ratio_coef * odds_loss, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["orpo/odds_ratio_loss"]), odds_loss, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["orpo/log_odds_ratio"]), ratio.mean(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(float(metrics["orpo/nll"]), nll.mean(), rtol=1e-5)
@@ -123,7 +123,7 @@ def test_log_odds_and_orpo_stay_finite_at_the_edges():
 
 def test_orpo_gradient_signs():
     data = make_batch(seed=4)
-    grads = jax.grad(lambda w, l: orpo_loss(w, l, data["chosen_nll"], lam=0.5)[0], argnums=(0, 1))(
+    grads = jax.grad(lambda w, l: orpo_loss(w, l, data["chosen_nll"], odds_ratio_coef=0.5)[0], argnums=(0, 1))(
         data["chosen_avg"], data["rejected_avg"])
     assert np.all(np.asarray(grads[0]) < 0) and np.all(np.asarray(grads[1]) > 0)
 
@@ -132,9 +132,9 @@ def test_orpo_gradient_signs():
 def test_jit_matches_eager():
     data = make_batch(seed=5)
     calls = {
-        "simpo": (simpo_loss, (data["chosen_avg"], data["rejected_avg"]), dict(beta=2.0, gamma=0.7)),
+        "simpo": (simpo_loss, (data["chosen_avg"], data["rejected_avg"]), dict(beta=2.0, target_margin=0.7)),
         "cpo": (cpo_loss, (data["chosen_sum"], data["rejected_sum"], data["chosen_nll"]), dict(beta=0.2)),
-        "orpo": (orpo_loss, (data["chosen_avg"], data["rejected_avg"], data["chosen_nll"]), dict(lam=0.3)),
+        "orpo": (orpo_loss, (data["chosen_avg"], data["rejected_avg"], data["chosen_nll"]), dict(odds_ratio_coef=0.3)),
     }
     for fn, args, kwargs in calls.values():
         eager_loss, eager_metrics = fn(*args, **kwargs)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rlhf_jax.losses.sft import sft_loss, sft_loss_from_logprobs
+from rlhf_jax.ops.logprobs import sequence_logprobs
 
 B, T, V = 4, 6, 13
 
@@ -22,6 +23,20 @@ def make_batch(seed):
     return logits, labels, mask
 
 
+def model_call(logits, labels, mask, seed=0):
+    """The model's view of an aligned batch: `[B, T+1, V]` logits for `[B, T+1]` input_ids.
+
+    `input_ids[:, 1:] = labels`, `logits[:, :-1]` = the aligned logits; the first token, the
+    last logit row and `mask[:, 0]` are random, and must not matter.
+    """
+    rng = np.random.default_rng(seed + 100)
+    first = rng.integers(0, V, size=(B, 1)).astype(labels.dtype)
+    last = (rng.normal(size=(B, 1, V)) * 3.0).astype(logits.dtype)
+    return (jnp.asarray(np.concatenate([logits, last], axis=1)),
+            jnp.asarray(np.concatenate([first, labels], axis=1)),
+            jnp.asarray(np.concatenate([rng.integers(0, 2, size=(B, 1)).astype(mask.dtype), mask], axis=1)))
+
+
 def np_log_softmax(logits):
     z = logits.astype(np.float64)
     z = z - z.max(-1, keepdims=True)
@@ -31,7 +46,7 @@ def np_log_softmax(logits):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_numpy_oracle(seed):
     logits, labels, mask = make_batch(seed)
-    loss, metrics = sft_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
+    loss, metrics = sft_loss(*model_call(logits, labels, mask, seed))
     log_probs = np_log_softmax(logits)
     counted = mask > 0
     nll = -np.take_along_axis(log_probs, labels[..., None], -1)[..., 0][counted]
@@ -52,9 +67,7 @@ def test_label_smoothing_matches_torch(label_smoothing):
         torch.tensor(logits).reshape(-1, V), torch_labels.reshape(-1),
         ignore_index=-100, label_smoothing=label_smoothing,
     )
-    loss, metrics = sft_loss(
-        jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask), label_smoothing=label_smoothing
-    )
+    loss, metrics = sft_loss(*model_call(logits, labels, mask), label_smoothing=label_smoothing)
     np.testing.assert_allclose(loss, expected.item(), rtol=1e-5)
     plain = torch.nn.functional.cross_entropy(
         torch.tensor(logits).reshape(-1, V), torch_labels.reshape(-1), ignore_index=-100
@@ -65,19 +78,23 @@ def test_label_smoothing_matches_torch(label_smoothing):
 def test_ignored_label_ids_at_padding_and_bf16_logits():
     logits, labels, mask = make_batch(3)
     dirty_labels = np.where(mask > 0, labels, -100).astype(np.int32)
-    clean, clean_metrics = sft_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
-    dirty, dirty_metrics = sft_loss(jnp.asarray(logits), jnp.asarray(dirty_labels), jnp.asarray(mask))
+    clean, clean_metrics = sft_loss(*model_call(logits, labels, mask))
+    dirty, dirty_metrics = sft_loss(*model_call(logits, dirty_labels, mask))
     np.testing.assert_allclose(dirty, clean, rtol=1e-6)
     for key in clean_metrics:
         np.testing.assert_allclose(dirty_metrics[key], clean_metrics[key], rtol=1e-6)
-    bf16, _ = sft_loss(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(labels), jnp.asarray(mask))
+    full_logits, input_ids, full_mask = model_call(logits, labels, mask)
+    bf16, _ = sft_loss(full_logits.astype(jnp.bfloat16), input_ids, full_mask)
     assert bf16.dtype == jnp.float32
     np.testing.assert_allclose(bf16, clean, rtol=2e-2)
 
 
 def test_gradient_is_softmax_minus_onehot():
     logits, labels, mask = make_batch(4)
-    grad = jax.jit(jax.grad(lambda x: sft_loss(x, jnp.asarray(labels), jnp.asarray(mask))[0]))(jnp.asarray(logits))
+    full_logits, input_ids, full_mask = model_call(logits, labels, mask)
+    full_grad = jax.jit(jax.grad(lambda x: sft_loss(x, input_ids, full_mask)[0]))(full_logits)
+    assert np.all(np.asarray(full_grad)[:, -1] == 0)  # the last position predicts nothing
+    grad = full_grad[:, :-1]
     probs = np.exp(np_log_softmax(logits))
     onehot = np.eye(V)[labels]
     expected = (probs - onehot) * mask[..., None] / mask.sum()
@@ -88,7 +105,7 @@ def test_gradient_is_softmax_minus_onehot():
 
 
 def test_jit_matches_eager():
-    logits, labels, mask = map(jnp.asarray, make_batch(5))
+    logits, labels, mask = model_call(*make_batch(5))
     fn = functools.partial(sft_loss, label_smoothing=0.1)
     eager, eager_metrics = fn(logits, labels, mask)
     jitted, jit_metrics = jax.jit(fn)(logits, labels, mask)
@@ -98,17 +115,43 @@ def test_jit_matches_eager():
 
 
 def test_bad_inputs_raise():
-    logits, labels, mask = map(jnp.asarray, make_batch(6))
-    with pytest.raises(ValueError, match="labels"):
+    logits, labels, mask = model_call(*make_batch(6))
+    with pytest.raises(ValueError, match="input_ids"):
         sft_loss(logits, labels[:, :-1], mask[:, :-1])
     with pytest.raises(ValueError, match="mask"):
         sft_loss(logits, labels, mask[:, :-1])
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match="input_ids"):
         sft_loss(logits, labels.astype(jnp.float32), mask)
     with pytest.raises(ValueError, match="logits"):
         sft_loss(logits[0], labels, mask)
     with pytest.raises(ValueError, match="label_smoothing"):
         sft_loss(logits, labels, mask, label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_model_logits_for_input_ids_match_shifted_numpy_oracle(seed):
+    """`sft_loss(model_logits, input_ids, mask)`: logits at t-1 score the token at t, mask[:, 0]
+    ignored (the convention of `sequence_logprobs`); already shifted logits raise."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.normal(size=(B, T, V)) * 3.0).astype(np.float32)
+    input_ids = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    mask = (rng.random((B, T)) < 0.7).astype(np.float32)
+    mask[:, 0] = 1.0  # ignored: nothing predicts the first token
+    mask[:, 1] = 1.0
+    log_probs = np_log_softmax(logits)
+    total, count = 0.0, 0.0
+    for b in range(B):
+        for t in range(1, T):
+            total -= mask[b, t] * log_probs[b, t - 1, input_ids[b, t]]
+            count += mask[b, t]
+    loss, metrics = sft_loss(jnp.asarray(logits), jnp.asarray(input_ids), jnp.asarray(mask))
+    np.testing.assert_allclose(loss, total / count, rtol=1e-5)
+    np.testing.assert_allclose(metrics["sft/perplexity"], np.exp(total / count), rtol=1e-5)
+    # The same value as the shifting log-likelihood helper.
+    summed = sequence_logprobs(jnp.asarray(logits), jnp.asarray(input_ids), jnp.asarray(mask))
+    np.testing.assert_allclose(loss, -float(summed.sum()) / count, rtol=1e-5)
+    with pytest.raises(ValueError, match="shifts them itself"):
+        sft_loss(jnp.asarray(logits[:, :-1]), jnp.asarray(input_ids), jnp.asarray(mask))
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])

@@ -15,7 +15,7 @@ METHODS = ("scan", "associative")
 # ---------------------------------------------------------------- NumPy oracles (float64 loops)
 
 
-def gae_oracle(rewards, values, mask, gamma, lam, dones=None, bootstrap_value=None):
+def gae_oracle(rewards, values, mask, gamma, gae_lambda, dones=None, bootstrap_value=None):
     rewards = np.asarray(rewards, np.float64)
     values = np.asarray(values, np.float64)
     batch, time = rewards.shape
@@ -29,7 +29,7 @@ def gae_oracle(rewards, values, mask, gamma, lam, dones=None, bootstrap_value=No
         for t in reversed(range(time)):
             not_done = 1.0 - dones[b, t]
             delta = rewards[b, t] + gamma * next_value * not_done - values[b, t]
-            next_advantage = delta + gamma * lam * not_done * next_advantage
+            next_advantage = delta + gamma * gae_lambda * not_done * next_advantage
             advantages[b, t] = next_advantage
             next_value = values[b, t]
     return advantages * mask, (advantages + values) * mask
@@ -89,12 +89,12 @@ jit_returns = jax.jit(discounted_returns, static_argnames=("method",))
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (0.5, 0.0), (0.8, 1.0)])
-def test_gae_lm_matches_oracle(method, gamma, lam):
-    rewards, values, mask = lm_batch(seed=int(gamma * 100 + lam * 10))
-    want_adv, want_ret = gae_oracle(rewards, values, mask, gamma, lam)
+@pytest.mark.parametrize("gamma,gae_lambda", [(1.0, 0.95), (0.99, 0.9), (0.5, 0.0), (0.8, 1.0)])
+def test_gae_lm_matches_oracle(method, gamma, gae_lambda):
+    rewards, values, mask = lm_batch(seed=int(gamma * 100 + gae_lambda * 10))
+    want_adv, want_ret = gae_oracle(rewards, values, mask, gamma, gae_lambda)
     for fn in (gae, jit_gae):
-        adv, ret = fn(rewards, values, mask, gamma=gamma, lam=lam, method=method)
+        adv, ret = fn(rewards, values, mask, gamma=gamma, gae_lambda=gae_lambda, method=method)
         assert adv.dtype == jnp.float32 and adv.shape == rewards.shape
         np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-5)
@@ -102,7 +102,7 @@ def test_gae_lm_matches_oracle(method, gamma, lam):
 
 def test_gae_value_after_last_response_token_is_zero():
     rewards, values, mask = lm_batch(seed=3)
-    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, gae_lambda=0.95)
     lengths = mask.sum(axis=1).astype(int)
     for b, length in enumerate(lengths):
         if length == 0:
@@ -119,7 +119,7 @@ def test_gae_and_returns_ignore_nan_in_padding(method):
     rewards, values, mask = lm_batch(seed=4)
     nan_rewards = np.where(mask > 0, rewards, np.nan).astype(np.float32)
     nan_values = np.where(mask > 0, values, np.inf).astype(np.float32)
-    adv, ret = jit_gae(nan_rewards, nan_values, mask, gamma=1.0, lam=0.95, method=method)
+    adv, ret = jit_gae(nan_rewards, nan_values, mask, gamma=1.0, gae_lambda=0.95, method=method)
     want_adv, want_ret = gae_oracle(rewards, values, mask, 1.0, 0.95)
     np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-5)
@@ -129,17 +129,17 @@ def test_gae_and_returns_ignore_nan_in_padding(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_gae_environment_dones_and_bootstrap_match_oracle(method):
-    for seed, (gamma, lam) in enumerate([(0.99, 0.95), (0.9, 0.5), (1.0, 1.0)]):
+    for seed, (gamma, gae_lambda) in enumerate([(0.99, 0.95), (0.9, 0.5), (1.0, 1.0)]):
         rewards, values, dones, bootstrap_value = env_batch(seed)
-        want_adv, want_ret = gae_oracle(rewards, values, None, gamma, lam, dones, bootstrap_value)
+        want_adv, want_ret = gae_oracle(rewards, values, None, gamma, gae_lambda, dones, bootstrap_value)
         adv, ret = jit_gae(
-            rewards, values, gamma=gamma, lam=lam, dones=dones, bootstrap_value=bootstrap_value, method=method
+            rewards, values, gamma=gamma, gae_lambda=gae_lambda, dones=dones, bootstrap_value=bootstrap_value, method=method
         )
         np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-5)
         # float dones behave as bool dones
         adv_float, _ = jit_gae(
-            rewards, values, gamma=gamma, lam=lam, dones=dones.astype(np.float32),
+            rewards, values, gamma=gamma, gae_lambda=gae_lambda, dones=dones.astype(np.float32),
             bootstrap_value=bootstrap_value, method=method,
         )
         np.testing.assert_allclose(adv_float, adv, rtol=1e-6, atol=1e-6)
@@ -149,9 +149,9 @@ def test_gae_done_cuts_the_bootstrap():
     rewards = np.array([[1.0, 2.0, 3.0]], np.float32)
     values = np.zeros((1, 3), np.float32)
     dones = np.array([[False, False, True]])
-    adv, _ = gae(rewards, values, gamma=0.5, lam=1.0, dones=dones, bootstrap_value=np.array([100.0], np.float32))
+    adv, _ = gae(rewards, values, gamma=0.5, gae_lambda=1.0, dones=dones, bootstrap_value=np.array([100.0], np.float32))
     np.testing.assert_allclose(adv, [[1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3.0]], rtol=1e-6)
-    adv, _ = gae(rewards, values, gamma=0.5, lam=1.0, bootstrap_value=np.array([100.0], np.float32))
+    adv, _ = gae(rewards, values, gamma=0.5, gae_lambda=1.0, bootstrap_value=np.array([100.0], np.float32))
     np.testing.assert_allclose(adv[0, 2], 3.0 + 50.0, rtol=1e-6)
 
 
@@ -160,7 +160,7 @@ def test_gae_gamma_lam_one_is_reward_to_go_minus_value(method):
     rewards, values, mask = lm_batch(seed=11)
     masked_rewards, masked_values = rewards * mask, values * mask
     reward_to_go = np.cumsum(masked_rewards[:, ::-1], axis=1)[:, ::-1]
-    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0, method=method)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, gae_lambda=1.0, method=method)
     np.testing.assert_allclose(adv, (reward_to_go - masked_values) * mask, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ret, reward_to_go * mask, rtol=1e-5, atol=1e-5)
 
@@ -169,25 +169,25 @@ def test_gae_gamma_lam_one_is_reward_to_go_minus_value(method):
 @given(
     shape=st.sampled_from([(1, 1), (3, 5), (4, 16), (2, 33)]),
     gamma=st.floats(0.0, 1.0),
-    lam=st.floats(0.0, 1.0),
+    gae_lambda=st.floats(0.0, 1.0),
     use_mask=st.booleans(),
     done_rate=st.sampled_from([0.0, 0.1, 0.5]),
     use_bootstrap=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_gae_associative_agrees_with_scan(shape, gamma, lam, use_mask, done_rate, use_bootstrap, seed):
+def test_gae_associative_agrees_with_scan(shape, gamma, gae_lambda, use_mask, done_rate, use_bootstrap, seed):
     batch, time = shape
     rng = np.random.default_rng(seed)
     rewards, values, dones, bootstrap_value = env_batch(seed, batch, time, done_rate)
     # Always pass arrays (all-ones mask, zero bootstrap) so each shape compiles once.
     mask = right_padded_mask(rng, batch, time) if use_mask else np.ones((batch, time), np.float32)
     bootstrap_value = bootstrap_value if use_bootstrap else np.zeros(batch, np.float32)
-    kwargs = dict(gamma=gamma, lam=lam, dones=dones, bootstrap_value=bootstrap_value)
+    kwargs = dict(gamma=gamma, gae_lambda=gae_lambda, dones=dones, bootstrap_value=bootstrap_value)
     adv_scan, ret_scan = jit_gae(rewards, values, mask, method="scan", **kwargs)
     adv_assoc, ret_assoc = jit_gae(rewards, values, mask, method="associative", **kwargs)
     np.testing.assert_allclose(adv_assoc, adv_scan, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ret_assoc, ret_scan, rtol=1e-5, atol=1e-5)
-    want_adv, _ = gae_oracle(rewards, values, mask, gamma, lam, dones, bootstrap_value)
+    want_adv, _ = gae_oracle(rewards, values, mask, gamma, gae_lambda, dones, bootstrap_value)
     np.testing.assert_allclose(adv_scan, want_adv, rtol=1e-4, atol=1e-4)
 
 
@@ -196,52 +196,52 @@ def test_gae_traced_gamma_lam_vmap_and_grad(method):
     rewards, values, mask = lm_batch(seed=5)
 
     @functools.partial(jax.jit, static_argnames="method")
-    def run(rewards, values, mask, gamma, lam, method):
-        return gae(rewards, values, mask, gamma=gamma, lam=lam, method=method)
+    def run(rewards, values, mask, gamma, gae_lambda, method):
+        return gae(rewards, values, mask, gamma=gamma, gae_lambda=gae_lambda, method=method)
 
     adv, _ = run(rewards, values, mask, jnp.float32(0.9), jnp.float32(0.7), method)
     np.testing.assert_allclose(adv, gae_oracle(rewards, values, mask, 0.9, 0.7)[0], rtol=1e-5, atol=1e-5)
 
     # A single trajectory [T] works, so vmap over the batch reproduces the batched call.
-    per_row = jax.jit(jax.vmap(lambda r, v, m: gae(r, v, m, gamma=0.9, lam=0.7, method=method)))(rewards, values, mask)
+    per_row = jax.jit(jax.vmap(lambda r, v, m: gae(r, v, m, gamma=0.9, gae_lambda=0.7, method=method)))(rewards, values, mask)
     np.testing.assert_allclose(per_row[0], adv, rtol=1e-6, atol=1e-6)
 
-    # dA/dr >= 0, dA_t/dV_t = -1 at gamma = lam = 1, all finite; grad w.r.t. a traced gamma too.
-    grad_rewards = jax.jit(jax.grad(lambda r: gae(r, values, mask, gamma=0.9, lam=0.7, method=method)[0].sum()))(rewards)
+    # dA/dr >= 0, dA_t/dV_t = -1 at gamma = gae_lambda = 1, all finite; grad w.r.t. a traced gamma too.
+    grad_rewards = jax.jit(jax.grad(lambda r: gae(r, values, mask, gamma=0.9, gae_lambda=0.7, method=method)[0].sum()))(rewards)
     assert np.all(np.isfinite(grad_rewards)) and np.all(np.asarray(grad_rewards) >= 0.0)
     assert np.all(np.asarray(grad_rewards)[mask == 0] == 0.0)
-    grad_values = jax.jit(jax.grad(lambda v: gae(rewards, v, mask, gamma=1.0, lam=1.0, method=method)[0].sum()))(values)
+    grad_values = jax.jit(jax.grad(lambda v: gae(rewards, v, mask, gamma=1.0, gae_lambda=1.0, method=method)[0].sum()))(values)
     np.testing.assert_allclose(grad_values, -mask, atol=1e-6)
-    grad_gamma = jax.jit(jax.grad(lambda g: gae(rewards, values, mask, gamma=g, lam=0.7, method=method)[0].sum()))(0.9)
+    grad_gamma = jax.jit(jax.grad(lambda g: gae(rewards, values, mask, gamma=g, gae_lambda=0.7, method=method)[0].sum()))(0.9)
     assert np.isfinite(grad_gamma)
 
 
 def test_gae_bfloat16_inputs_compute_in_float32():
     rewards, values, mask = lm_batch(seed=8)
-    adv, ret = gae(rewards.astype(jnp.bfloat16), values.astype(jnp.bfloat16), mask, gamma=1.0, lam=0.95)
+    adv, ret = gae(rewards.astype(jnp.bfloat16), values.astype(jnp.bfloat16), mask, gamma=1.0, gae_lambda=0.95)
     assert adv.dtype == jnp.float32 and ret.dtype == jnp.float32
 
 
 def test_gae_rejects_bad_inputs():
     rewards, values, mask = lm_batch(seed=1)
     with pytest.raises(ValueError, match="`values` has shape"):
-        gae(rewards, values[:, :-1], gamma=1.0, lam=0.95)
+        gae(rewards, values[:, :-1], gamma=1.0, gae_lambda=0.95)
     with pytest.raises(ValueError, match="`mask` has shape"):
-        gae(rewards, values, mask[:, :-1], gamma=1.0, lam=0.95)
+        gae(rewards, values, mask[:, :-1], gamma=1.0, gae_lambda=0.95)
     with pytest.raises(ValueError, match="`dones` has shape"):
-        gae(rewards, values, gamma=1.0, lam=0.95, dones=np.zeros((2, 2), bool))
+        gae(rewards, values, gamma=1.0, gae_lambda=0.95, dones=np.zeros((2, 2), bool))
     with pytest.raises(ValueError, match="`bootstrap_value` must have shape"):
-        gae(rewards, values, gamma=1.0, lam=0.95, bootstrap_value=np.zeros((5, 1), np.float32))
+        gae(rewards, values, gamma=1.0, gae_lambda=0.95, bootstrap_value=np.zeros((5, 1), np.float32))
     with pytest.raises(ValueError, match="`method` must be one of"):
-        gae(rewards, values, gamma=1.0, lam=0.95, method="loop")
+        gae(rewards, values, gamma=1.0, gae_lambda=0.95, method="loop")
     with pytest.raises(ValueError, match=r"`gamma` must be in \[0, 1\]"):
-        gae(rewards, values, gamma=1.5, lam=0.95)
-    with pytest.raises(ValueError, match="`lam` must be a scalar"):
-        gae(rewards, values, gamma=1.0, lam=np.full(5, 0.9))
+        gae(rewards, values, gamma=1.5, gae_lambda=0.95)
+    with pytest.raises(ValueError, match="`gae_lambda` must be a scalar"):
+        gae(rewards, values, gamma=1.0, gae_lambda=np.full(5, 0.9))
     with pytest.raises(ValueError, match="`rewards` must be a floating-point"):
-        gae(rewards.astype(np.int32), values, gamma=1.0, lam=0.95)
+        gae(rewards.astype(np.int32), values, gamma=1.0, gae_lambda=0.95)
     with pytest.raises(ValueError, match="time axis"):
-        gae(np.float32(1.0), np.float32(1.0), gamma=1.0, lam=0.95)
+        gae(np.float32(1.0), np.float32(1.0), gamma=1.0, gae_lambda=0.95)
 
 
 # ---------------------------------------------------------------- discounted returns
@@ -264,7 +264,7 @@ def test_discounted_returns_match_oracle(method):
 def test_discounted_returns_equal_gae_returns_with_zero_values_and_lam_one():
     rewards, _, dones, bootstrap_value = env_batch(seed=23)
     zeros = np.zeros_like(rewards)
-    _, gae_returns = gae(rewards, zeros, gamma=0.9, lam=1.0, dones=dones, bootstrap_value=bootstrap_value)
+    _, gae_returns = gae(rewards, zeros, gamma=0.9, gae_lambda=1.0, dones=dones, bootstrap_value=bootstrap_value)
     got = discounted_returns(rewards, gamma=0.9, dones=dones, bootstrap_value=bootstrap_value)
     np.testing.assert_allclose(got, gae_returns, rtol=1e-5, atol=1e-5)
 

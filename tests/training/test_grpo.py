@@ -36,7 +36,7 @@ def scores_of(history):
 @pytest.fixture(scope="module")
 def grpo_run():
     """20 GRPO iterations through one jitted `grpo_iteration` (k3 KL to a reference)."""
-    config = GRPOConfig(sampling=SAMPLING, group_size=GROUP, beta=0.01, num_iterations=2,
+    config = GRPOConfig(sampling=SAMPLING, group_size=GROUP, kl_coef=0.01, num_iterations=2,
                         num_minibatches=2)
     traces = []
 
@@ -70,7 +70,7 @@ def test_grpo_raises_mean_reward(grpo_run):
 
 def test_rloo_raises_mean_reward_and_groups_are_contiguous():
     """RLOO (leave-one-out baseline, no KL term, no reference) via rollout + update jitted apart."""
-    config = GRPOConfig(sampling=SAMPLING, group_size=GROUP, advantage_estimator="rloo", beta=0.0,
+    config = GRPOConfig(sampling=SAMPLING, group_size=GROUP, advantage_estimator="rloo", kl_coef=0.0,
                         num_iterations=2, num_minibatches=2)
     sample = jax.jit(functools.partial(grpo_rollout, config=config, score_fn=target_fraction))
     update = jax.jit(functools.partial(grpo_update, config=config), donate_argnames=("policy_state",))
@@ -125,11 +125,11 @@ def full_logp(params, input_ids, attention_mask, temperature):
 
 def test_update_matches_hand_assembled_gradient_step():
     """One pass, one minibatch, ratio 1: the step equals SGD on
-    mean_b [ sum_t m (-A_b * rho_t + beta * k3_t) / sum_t m ]."""
-    beta, temperature, lr, batch = 0.2, 0.9, 0.1, 8
+    mean_b [ sum_t m (-A_b * rho_t + kl_coef * k3_t) / sum_t m ]."""
+    kl_coef, temperature, lr, batch = 0.2, 0.9, 0.1, 8
     config = GRPOConfig(sampling=SamplingConfig(max_new_tokens=RESPONSE, temperature=temperature,
                                                 eos_token_id=EOS, pad_token_id=PAD),
-                        group_size=GROUP, beta=beta)
+                        group_size=GROUP, kl_coef=kl_coef)
     rng = np.random.default_rng(5)
     input_ids, attention_mask, response_mask = with_random_responses(rng, *make_prompts(5, batch), RESPONSE)
     advantages = rng.normal(size=batch).astype(np.float32)
@@ -152,7 +152,7 @@ def test_update_matches_hand_assembled_gradient_step():
         ratio = jnp.exp(jnp.where(mask > 0, current - logp, 0.0))
         log_ref_ratio = jnp.where(mask > 0, ref_logp - current, 0.0)
         k3 = jnp.exp(log_ref_ratio) - 1 - log_ref_ratio
-        per_token = -advantages[:, None] * ratio + beta * k3
+        per_token = -advantages[:, None] * ratio + kl_coef * k3
         return jnp.mean(jnp.sum(per_token * mask, 1) / jnp.sum(mask, 1))
 
     loss, grads = jax.jit(jax.value_and_grad(oracle_loss))(POLICY_PARAMS)
@@ -168,7 +168,7 @@ def test_update_matches_hand_assembled_gradient_step():
 # --- configuration ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field, value", [
-    ("group_size", 1), ("advantage_estimator", "ppo"), ("scale", "max"), ("beta", -0.1),
+    ("group_size", 1), ("advantage_estimator", "ppo"), ("scale", "max"), ("kl_coef", -0.1),
     ("importance_level", "word"), ("num_iterations", 0), ("num_minibatches", 0),
     ("aggregation", "median"),
 ])
@@ -177,17 +177,17 @@ def test_bad_config_raises(field, value):
         GRPOConfig(**{field: value})
 
 
-def test_reference_required_when_beta_positive():
+def test_reference_required_when_kl_coef_positive():
     state = fresh_policy_state(optax.sgd(0.1))
     with pytest.raises(ValueError, match="ref_params"):
         grpo_rollout(state, None, *make_prompts(0), jax.random.key(0),
-                     config=GRPOConfig(sampling=SAMPLING, beta=0.1), score_fn=target_fraction)
+                     config=GRPOConfig(sampling=SAMPLING, kl_coef=0.1), score_fn=target_fraction)
 
 
 def test_minibatches_must_hold_whole_groups():
     """Minibatches are formed over prompt groups (each group's prompt runs once per
     minibatch): `num_minibatches` must divide the number of prompts, not only of responses."""
-    config = GRPOConfig(sampling=SAMPLING, group_size=GROUP, beta=0.0, num_minibatches=3)
+    config = GRPOConfig(sampling=SAMPLING, group_size=GROUP, kl_coef=0.0, num_minibatches=3)
     state = fresh_policy_state(optax.sgd(0.1))
     data = grpo_rollout(state, None, *make_prompts(0, 4), jax.random.key(0), config=config,
                         score_fn=target_fraction)

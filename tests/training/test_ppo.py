@@ -205,7 +205,7 @@ def test_kl_controller_choice():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("num_minibatches", 0), ("epochs", 0), ("gamma", 1.5), ("lam", -0.1), ("kl_estimator", "k4"),
+    ("num_minibatches", 0), ("epochs", 0), ("gamma", 1.5), ("gae_lambda", -0.1), ("kl_estimator", "k4"),
     ("aggregation", "median"), ("vf_coef", -1.0), ("clip_eps", 0.0),
 ])
 def test_bad_config_raises(field, value):

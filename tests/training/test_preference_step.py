@@ -58,9 +58,9 @@ CASES = (
     [PreferenceLossConfig(loss_type=loss_type, beta=0.3, label_smoothing=0.1 if loss_type in SMOOTHED else 0.0)
      for loss_type in DPO_LOSS_TYPES]
     + [PreferenceLossConfig(loss_type="sigmoid", beta=0.3, divergence="js"),
-       PreferenceLossConfig(kind="simpo", beta=2.0, gamma=0.5, label_smoothing=0.05),
+       PreferenceLossConfig(kind="simpo", beta=2.0, target_margin=0.5, label_smoothing=0.05),
        PreferenceLossConfig(kind="cpo", beta=0.2, nll_coef=0.5),
-       PreferenceLossConfig(kind="orpo", lam=0.2)]
+       PreferenceLossConfig(kind="orpo", odds_ratio_coef=0.2)]
 )
 
 
@@ -73,11 +73,11 @@ def expected_loss(config):
                         rejected_lengths=rejected_lengths, divergence=config.divergence)[0]
     chosen_mean, rejected_mean = chosen / chosen_lengths, rejected / rejected_lengths
     if config.kind == "simpo":
-        return simpo_loss(chosen_mean, rejected_mean, beta=config.beta, gamma=config.gamma,
+        return simpo_loss(chosen_mean, rejected_mean, beta=config.beta, target_margin=config.target_margin,
                           label_smoothing=config.label_smoothing)[0]
     if config.kind == "cpo":
         return cpo_loss(chosen, rejected, -chosen_mean, beta=config.beta, nll_coef=config.nll_coef)[0]
-    return orpo_loss(chosen_mean, rejected_mean, -chosen_mean, lam=config.lam)[0]
+    return orpo_loss(chosen_mean, rejected_mean, -chosen_mean, odds_ratio_coef=config.odds_ratio_coef)[0]
 
 
 @jax.jit

@@ -29,7 +29,7 @@ def assert_trees_close(a, b):
 
 
 def test_grpo_phases_with_host_scores_equal_grpo_iteration():
-    config = GRPOConfig(sampling=SAMPLING, group_size=4, beta=0.01, num_minibatches=2)
+    config = GRPOConfig(sampling=SAMPLING, group_size=4, kl_coef=0.01, num_minibatches=2)
     prompts = left_padded_prompts(3, 4, 4)
     ref = reference_params(POLICY_PARAMS)
     key = jax.random.key(7)

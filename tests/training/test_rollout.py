@@ -26,7 +26,7 @@ from rl_problems import (EOS, PAD, POLICY, POLICY_PARAMS, REF_PARAMS, REWARD, TA
                          left_padded_prompts, target_fraction, with_score_head)
 
 BATCH, PROMPT, RESPONSE = 16, 5, 8
-TEMPERATURE, KL_COEF, GAMMA, LAM = 0.7, 0.1, 0.97, 0.9
+TEMPERATURE, KL_COEF, GAMMA, GAE_LAMBDA = 0.7, 0.1, 0.97, 0.9
 REWARD_PARAMS = init_params(REWARD, 3)
 # A non-zero value head, so the values are not trivially 0.
 VALUE_PARAMS = with_score_head(init_params(VALUE, 2), 4, scale=0.5, bias=0.3)
@@ -61,7 +61,7 @@ def rolled_grouped():
         generated = generate_rollout(policy_state, prompt_ids, prompt_mask, rng, sampling=SAMPLING)
         full = rollout(policy_state, ref_params, prompt_ids, prompt_mask, rng, sampling=SAMPLING,
                        kl_coef=KL_COEF, value_state=value_state, score_fn=target_fraction,
-                       kl_estimator="k3", gamma=GAMMA, lam=LAM)
+                       kl_estimator="k3", gamma=GAMMA, gae_lambda=GAE_LAMBDA)
         return generated, full
 
     policy_state, value_state = states()
@@ -113,7 +113,7 @@ def oracle_rewards(scores, logp, ref_logp, mask, coef, missing=None, has_eos=Non
     return rewards
 
 
-def oracle_gae(rewards, values, mask, gamma, lam):
+def oracle_gae(rewards, values, mask, gamma, gae_lambda):
     advantages = np.zeros_like(rewards, np.float64)
     for b in range(rewards.shape[0]):
         next_value, next_adv = 0.0, 0.0
@@ -121,7 +121,7 @@ def oracle_gae(rewards, values, mask, gamma, lam):
             if not mask[b, t]:
                 continue
             delta = rewards[b, t] + gamma * next_value - values[b, t]
-            next_adv = delta + gamma * lam * next_adv
+            next_adv = delta + gamma * gae_lambda * next_adv
             advantages[b, t], next_value = next_adv, values[b, t]
     return advantages, (advantages + values) * mask
 
@@ -192,14 +192,14 @@ def test_scores_and_rewards_at_last_response_token(rolled):
 
 def test_advantages_and_returns_match_gae(rolled):
     _, data = rolled
-    advantages, returns = oracle_gae(data.rewards, data.values, data.response_mask, GAMMA, LAM)
+    advantages, returns = oracle_gae(data.rewards, data.values, data.response_mask, GAMMA, GAE_LAMBDA)
     np.testing.assert_allclose(data.returns, returns, atol=1e-5)
     np.testing.assert_allclose(data.advantages, np_whiten(advantages, data.response_mask), atol=1e-4)
 
 
 def test_missing_eos_score_and_reward_whitening(rolled, rolled_grouped):
     _, data = rolled
-    out = flat_view(ppo_advantages(rolled_grouped[1], kl_coef=0.3, kl_estimator="k3", gamma=1.0, lam=0.95,
+    out = flat_view(ppo_advantages(rolled_grouped[1], kl_coef=0.3, kl_estimator="k3", gamma=1.0, gae_lambda=0.95,
                          whiten_rewards=True, whiten_advantages=False, missing_eos_score=-1.0))
     rewards = oracle_rewards(data.scores, data.logp, data.ref_logp, data.response_mask, 0.3,
                              missing=-1.0, has_eos=data.has_eos)

@@ -54,7 +54,7 @@ def host_scores(data):
 def test_rollout_logprobs_are_those_of_the_sampling_distribution(name):
     """The forward-pass rollout log-probs (replayed kept set) equal the sampler's kept-set
     log-probs; with a filter they differ from the full softmax(logits / T)."""
-    config = GRPOConfig(sampling=sampling(name), group_size=4, beta=0.0)
+    config = GRPOConfig(sampling=sampling(name), group_size=4, kl_coef=0.0)
     filtered = SETTINGS[name][0] > 0 or SETTINGS[name][1] < 1
     assert config.sampling.replays_kept_set == filtered
     state = fresh_policy_state(optax.sgd(0.0))
@@ -81,7 +81,7 @@ def test_rollout_logprobs_are_those_of_the_sampling_distribution(name):
 
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_grpo_first_minibatch_ratio_is_exactly_one(name):
-    config = GRPOConfig(sampling=sampling(name), group_size=4, beta=0.02, num_minibatches=1)
+    config = GRPOConfig(sampling=sampling(name), group_size=4, kl_coef=0.02, num_minibatches=1)
     state = fresh_policy_state(optax.adam(1e-2))
     data = GENERATE_GRPO(state, REF_PARAMS, *left_padded_prompts(2, 6, 4), jax.random.key(4), config=config)
     _, metrics = TRAIN_GRPO(state, data, host_scores(data), jax.random.key(5), config=config)

@@ -5,7 +5,7 @@ reward model, both, or the gold scorer.
 
 One iteration samples `grpo.group_size` responses for each of `train.batch_size` prompts,
 scores them, turns the scores into group-relative advantages and runs
-`grpo.num_iterations x grpo.num_minibatches` clipped-ratio updates with a `grpo.beta`-weighted
+`grpo.num_iterations x grpo.num_minibatches` clipped-ratio updates with a `grpo.kl_coef`-weighted
 k3 KL to the frozen reference.
 
 Where scoring runs: with a reward model alone (and neither `dynamic_sampling` nor
@@ -69,7 +69,7 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
     algorithm, mesh = setup.algorithm, setup.mesh
     policy_module, policy_params = stage_setup.build_model(config.policy, setup.tokenizer,
                                                       stage_setup.rng_key(config.seed, 0), key="policy")
-    ref_params = skeletons.frozen_reference(config, policy_params, mesh) if algorithm.beta > 0 else None
+    ref_params = skeletons.frozen_reference(config, policy_params, mesh) if algorithm.kl_coef > 0 else None
     in_jit = model_scorer(config.reward)
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
         HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data)

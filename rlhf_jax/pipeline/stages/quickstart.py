@@ -75,7 +75,7 @@ QUICKSTART_RECIPE = {
     "grpo": {"data": dict(_DATA), "logging": {"every": 1}, "checkpoint": {"interval": 30, **_CKPT},
              "train": {"iterations": 60, "batch_size": 16},
              "optim": {"learning_rate": 3e-4, "warmup_steps": 10},
-             "grpo": {"sampling": {"max_new_tokens": 6}, "group_size": 8, "beta": 0.04}},
+             "grpo": {"sampling": {"max_new_tokens": 6}, "group_size": 8, "kl_coef": 0.04}},
     "eval": {"num_samples": 64, "max_new_tokens": 6, "batch_size": 4096, "max_prompt_length": 8},
 }
 
