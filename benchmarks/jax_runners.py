@@ -18,6 +18,7 @@ step or batch API is adapted here.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -131,9 +132,10 @@ class GRPOSession:
         self.state = create_train_state(policy, policy_params, make_optimizer(optimizer_config(hp)))
         sampling = SamplingConfig(max_new_tokens=hp.ppo_response_length, temperature=1.0,
                                   eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
-        self.config = GRPOConfig(sampling=sampling, group_size=hp.grpo_group_size,
-                                 num_minibatches=hp.ppo_minibatches)
         prompts = max(1, hp.ppo_batch_size // hp.grpo_group_size)
+        # minibatches hold whole prompt groups: at most one per prompt
+        self.config = GRPOConfig(sampling=sampling, group_size=hp.grpo_group_size,
+                                 num_minibatches=math.gcd(prompts, hp.ppo_minibatches))
         prompt_ids = jnp.asarray(setup.ppo_prompt_ids[:prompts])
         rollout = jax.jit(grpo_rollout, static_argnames=("config", "reward_module"))
         self.data = jax.block_until_ready(rollout(

@@ -12,12 +12,13 @@ from rlhf_jax.training.lora_state import (
     inference_model,
     merged_params,
 )
-from rlhf_jax.training.rollout import response_logprobs
+from rlhf_jax.training.logprobs import LMBatch, response_logprobs
 from rlhf_jax.training.sft_step import sft_step
 from rlhf_jax.training.sharding import MeshConfig, make_mesh, shard_batch
 from rlhf_jax.training.step_runner import make_train_step
 from step_problems import (
     OPTIMIZER,
+    VOCAB,
     POLICY,
     POLICY_PARAMS,
     assert_trees_close,
@@ -68,17 +69,23 @@ def test_reference_is_the_base_with_adapters_disabled():
     state, _ = lora_state()
     for seed in (1, 2, 3):
         state, _ = SFT(state, sft_batch(seed))
-    input_ids, attention_mask, loss_mask = sequences(9)
-    response = jnp.asarray(loss_mask[:, -6:])
-    ref, _ = response_logprobs(state.apply_fn, disabled_adapters(), input_ids, attention_mask, response)
-    base, _ = response_logprobs(POLICY.apply, POLICY_PARAMS, input_ids, attention_mask, response)
+    rng = np.random.default_rng(9)
+    batch = LMBatch(prompt_ids=rng.integers(1, VOCAB, (4, 5)).astype(np.int32), prompt_mask=np.ones((4, 5), np.int32),
+                    response_ids=rng.integers(1, VOCAB, (4, 1, 6)).astype(np.int32),
+                    response_mask=(np.arange(6) < np.array([6, 3, 1, 5])[:, None, None]).astype(np.int32))
+
+    def logprobs(apply_fn, params):
+        return response_logprobs(apply_fn, params, batch).logprobs
+
+    ref = logprobs(state.apply_fn, disabled_adapters())
+    base = logprobs(POLICY.apply, POLICY_PARAMS)
     np.testing.assert_allclose(ref, base, atol=1e-6)
-    policy, _ = response_logprobs(state.apply_fn, state.params, input_ids, attention_mask, response)
+    policy = logprobs(state.apply_fn, state.params)
     assert np.abs(np.asarray(policy - base)).max() > 1e-4
     # The merged model and the inference view give the policy's log-probs.
-    merged, _ = response_logprobs(POLICY.apply, merged_params(state), input_ids, attention_mask, response)
+    merged = logprobs(POLICY.apply, merged_params(state))
     model, params = inference_model(POLICY, state)
-    viewed, _ = response_logprobs(model.apply, params, input_ids, attention_mask, response)
+    viewed = logprobs(model.apply, params)
     np.testing.assert_allclose(merged, policy, atol=1e-5)
     np.testing.assert_allclose(viewed, policy, atol=1e-6)
 
