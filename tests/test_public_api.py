@@ -21,8 +21,9 @@ def test_every_name_in_all_resolves(package):
 @pytest.mark.parametrize("package", ["rlhf_jax.training", "rlhf_jax.pipeline"])
 def test_exports_are_the_defining_modules_objects(package):
     module = importlib.import_module(package)
+    module_of = {name: source for source, names in module._EXPORTS.items() for name in names}
     for name in module.__all__:
-        source = importlib.import_module(f"{package}.{module._MODULE_OF[name]}")
+        source = importlib.import_module(f"{package}.{module_of[name]}")
         assert getattr(module, name) is getattr(source, name), name
         if hasattr(source, "__all__"):
             assert name in source.__all__, f"{source.__name__}.__all__ lacks {name}"

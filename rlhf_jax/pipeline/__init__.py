@@ -10,7 +10,7 @@ use, so importing this package (and `rlhf-jax --help`) stays cheap:
 """
 from __future__ import annotations
 
-import importlib
+from rlhf_jax.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "stage_configs": ("load_stage_config", "check_stage_config", "with_schedule_length",
@@ -28,18 +28,4 @@ _EXPORTS = {
     "stages.quickstart": ("run_quickstart",),
     "loop": ("run_loop",),
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

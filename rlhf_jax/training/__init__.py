@@ -15,7 +15,7 @@ them; the modules hold the rest:
 """
 from __future__ import annotations
 
-import importlib
+from rlhf_jax.lazy_exports import lazy_exports
 
 # These three modules share their names with their step functions. Importing them here binds
 # the package attributes to the functions for good (a submodule's first import would otherwise
@@ -49,18 +49,4 @@ _EXPORTS = {
     "lora_state": ("LoRATrainState", "create_lora_train_state", "merged_params", "inference_model"),
     "distributed": ("DistributedConfig", "initialize_distributed"),
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
