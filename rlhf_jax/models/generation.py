@@ -117,8 +117,9 @@ def generate(module: CausalLM, params, prompt_ids, prompt_mask, rng, *, max_new_
 
     # Prefill: the whole prompt in one pass, vocabulary logits at the last position only.
     cache = init_cache(config, prompts, total_len)
+    last = jnp.full((prompts, 1), prompt_len - 1, jnp.int32)  # the last layer's queries: here only
     hidden, cache = module.apply(
-        variables, prompt_ids, prompt_mask, cache=cache, method="hidden_states"
+        variables, prompt_ids, prompt_mask, cache=cache, method="hidden_states", output_positions=last
     )
     logits = module.apply(variables, hidden[:, -1], method="lm_logits")  # [B, V] float32
     next_position = jnp.sum(prompt_mask, axis=1)  # [B]: position of the first new token

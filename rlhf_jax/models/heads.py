@@ -57,14 +57,17 @@ class _ScalarHeadModel(nn.Module):
         """The head applied at every position [B, T]."""
         return self.score(self.hidden_states(input_ids, attention_mask, position_ids))
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
-        return self.decoder(input_ids, attention_mask, position_ids)[0]
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, output_positions=None):
+        """Final hidden states [B, T, D] (`[B, M, D]` at `output_positions` [B, M], see `Decoder`)."""
+        return self.decoder(input_ids, attention_mask, position_ids, None, output_positions)[0]
 
-    def shared_prefix_hidden_states(self, prompt_ids, prompt_mask, response_ids, response_mask):
-        """`(prompt_last [B, D], responses [B, N, R, D])`, each prompt run once (see
+    def shared_prefix_hidden_states(self, prompt_ids, prompt_mask, response_ids, response_mask,
+                                    response_positions=None):
+        """`(prompt_last [B, D], responses [B, N, R, D])` (`[B, N, M, D]` at
+        `response_positions` [B, N, M]), each prompt run once (see
         `rlhf_jax.models.transformer.shared_prefix_forward`)."""
         return shared_prefix_forward(self.decoder, self.config, prompt_ids, prompt_mask,
-                                     response_ids, response_mask)
+                                     response_ids, response_mask, response_positions)
 
     def scores_from_hidden(self, hidden):
         return self.score(hidden)
@@ -100,7 +103,7 @@ class RewardModel(_ScalarHeadModel):
         """Rewards [B] float32."""
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)  # [B, T, D]
         last = last_token_index(attention_mask)  # [B]
-        last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
+        # the last layer past its keys and values runs at the read position only
+        last_hidden = self.hidden_states(input_ids, attention_mask, position_ids, last[:, None])[:, 0]  # [B, D]
         return self.score(last_hidden)

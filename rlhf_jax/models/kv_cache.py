@@ -46,6 +46,19 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None
     }
 
 
+def grow_cache(cache: dict, extra: int) -> dict:
+    """`cache` with `extra` empty slots appended (its written slots and index unchanged): a
+    cache filled by one pass over a prefix, made ready for `extra` more tokens."""
+    grow = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+    return {
+        "index": cache["index"],
+        "mask": grow(cache["mask"], 1),
+        "positions": grow(cache["positions"], 1),
+        "layers": tuple({"key": grow(layer["key"], 3), "value": grow(layer["value"], 2)}
+                        for layer in cache["layers"]),
+    }
+
+
 def positions_from_mask(attention_mask):
     """Position ids `clip(cumsum(mask) - 1, 0)` [B, T]: real tokens count 0, 1, 2, ... from
     the first non-pad token, whatever the padding side; pad slots get 0."""

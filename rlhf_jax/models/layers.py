@@ -22,6 +22,12 @@ from rlhf_jax.ops.chunked_head import soft_cap
 INIT_STD = 0.02  # weight init of fresh (untrained) models, as in GPT-2 and Llama
 
 
+def take_rows(x, rows):
+    """`x[b, rows[b, m]]` for x [B, T, ...] and int rows [B, M] -> [B, M, ...]."""
+    index = rows.reshape(rows.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
 def fold_matmul(x, kernel, *, transpose_kernel: bool = False, accumulate=None):
     """`x @ kernel` (or `x @ kernel.T`) for x [..., D], with x's leading axes folded into one.
 
@@ -185,29 +191,38 @@ class Attention(nn.Module):
             self.q_norm = make_norm(c, "q_norm")
             self.k_norm = make_norm(c, "k_norm")
 
-    def __call__(self, x, positions, attend_mask, layer_cache=None, cache_index=None):
+    def __call__(self, x, positions, attend_mask, layer_cache=None, cache_index=None, query_rows=None):
         """x [B, T, D]; positions [B, T]; attend_mask [B, T, S] bool (True = may attend).
 
         With `layer_cache = {"key": [B, K, Dh, S], "value": [B, K, S, Dh]}` the new keys/values are
         written at slots [cache_index, cache_index + T) and attention reads all S slots.
-        Returns (output [B, T, D], updated layer cache or None).
+        With `query_rows` [B, M] int, keys and values come from all T tokens but only the M
+        tokens `query_rows` query (output [B, M, D]): the last layer of a model whose caller
+        reads a few positions.
+        Returns (output [B, T or M, D], updated layer cache or None).
         """
         c = self.config
         batch, time, _ = x.shape
         heads, kv_heads, head_dim = c.num_heads, c.kv_heads, c.dims_per_head
+        query_positions = positions
+        if query_rows is not None:
+            query_positions, attend_mask = take_rows(positions, query_rows), take_rows(attend_mask, query_rows)
         if c.fused_qkv:
             qkv = self.qkv_proj(x)
             q, k, v = jnp.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
+            q = q if query_rows is None else take_rows(q, query_rows)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(batch, time, heads, head_dim)  # [B, T, H, Dh]
+            q = self.q_proj(x if query_rows is None else take_rows(x, query_rows))
+            k, v = self.k_proj(x), self.v_proj(x)
+        queries = q.shape[1]  # T, or M with query_rows
+        q = q.reshape(batch, queries, heads, head_dim)  # [B, Tq, H, Dh]
         k = k.reshape(batch, time, kv_heads, head_dim)  # [B, T, K, Dh]
         v = v.reshape(batch, time, kv_heads, head_dim)  # [B, T, K, Dh]
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if c.position_embedding == "rope":
             inv_freq = rope_inverse_frequencies(c, self.layer_type)
-            q = apply_rope(q, positions, inv_freq)
+            q = apply_rope(q, query_positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
         # Heads-major layouts in which both attention matmuls are plain batched products
         # (no transposed operand, no copy of the cache): keys [B, K, Dh, S], values [B, K, S, Dh].
@@ -229,16 +244,16 @@ class Attention(nn.Module):
         q = q * jnp.asarray(1.0 / math.sqrt(c.query_pre_attn_scalar or head_dim), q.dtype)
         # Query rows of a key/value head's group, [B, K, G*T, Dh]: with one batch axis pair and
         # one contracted axis, both products and their gradients are plain batched matmuls.
-        q = q.reshape(batch, time, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
-        q = q.reshape(batch, kv_heads, groups * time, head_dim)
+        q = q.reshape(batch, queries, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+        q = q.reshape(batch, kv_heads, groups * queries, head_dim)
         scores = jnp.einsum(
             "bkqd,bkds->bkqs", q, k.astype(q.dtype), preferred_element_type=jnp.float32
-        ).reshape(batch, kv_heads, groups, time, -1)  # [B, K, G, T, S]
+        ).reshape(batch, kv_heads, groups, queries, -1)  # [B, K, G, Tq, S]
         scores = soft_cap(scores, c.attn_logit_softcap)
         scores = jnp.where(attend_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(batch, kv_heads, groups * time, -1)
-        out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(batch, kv_heads, groups, time, head_dim)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(batch, time, heads * head_dim)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(batch, kv_heads, groups * queries, -1)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(batch, kv_heads, groups, queries, head_dim)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(batch, queries, heads * head_dim)
         out = out.astype(jnp.dtype(c.dtype))
         return self.o_proj(out), new_cache
 

@@ -58,10 +58,10 @@ import jax.numpy as jnp
 
 from rlhf_jax.models.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
 from rlhf_jax.models.kv_cache import (
-    causal_mask, init_cache, positions_from_mask, sliding_window_mask, write_cache_mask,
+    causal_mask, grow_cache, init_cache, positions_from_mask, sliding_window_mask, write_cache_mask,
     write_cache_positions,
 )
-from rlhf_jax.models.layers import INIT_STD, MLP, Attention, fold_matmul, make_norm, soft_cap
+from rlhf_jax.models.layers import INIT_STD, MLP, Attention, fold_matmul, make_norm, soft_cap, take_rows
 from rlhf_jax.ops.checks import check_rank, check_same_shape
 from rlhf_jax.ops.chunked_head import OutputHead
 
@@ -78,13 +78,17 @@ class Block(nn.Module):
     layer_type: str = FULL_ATTENTION
 
     @nn.compact
-    def __call__(self, x, positions, attend_mask, layer_cache=None, cache_index=None):
+    def __call__(self, x, positions, attend_mask, layer_cache=None, cache_index=None, query_rows=None):
+        """x [B, T, D] -> ([B, T, D], layer cache); with `query_rows` [B, M] only those M rows
+        are computed past the keys and values ([B, M, D] out, see `Attention`)."""
         c = self.config
         attn_out, new_layer_cache = Attention(c, self.layer_type, name="attn")(
-            make_norm(c, "attn_norm")(x), positions, attend_mask, layer_cache, cache_index
+            make_norm(c, "attn_norm")(x), positions, attend_mask, layer_cache, cache_index, query_rows
         )
         if c.sandwich_norms:
             attn_out = make_norm(c, "post_attn_norm")(attn_out)
+        if query_rows is not None:
+            x = take_rows(x, query_rows)
         x = x + attn_out
         mlp_out = MLP(c, name="mlp")(make_norm(c, "mlp_norm")(x))
         if c.sandwich_norms:
@@ -110,8 +114,15 @@ class Decoder(nn.Module):
         self.layers = [block(c, c.layer_type(i)) for i in range(c.num_layers)]
         self.final_norm = make_norm(c, "final_norm")
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        """Final hidden states [B, T, D] and the updated cache (None without a cache)."""
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, output_positions=None):
+        """Final hidden states [B, T, D] and the updated cache (None without a cache).
+
+        `output_positions` [B, M] int: return the final hidden states of those positions only,
+        [B, M, D]. The last layer then computes keys and values for every token (the cache
+        gets them all) but its queries, attention output, MLP and the final norm only at the
+        M positions: for a 4-layer model read at one position per row that skips ~20% of
+        the forward pass (and of its gradient). Same numbers as slicing the full output.
+        """
         check_rank(input_ids, 2, "input_ids")
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -137,11 +148,15 @@ class Decoder(nn.Module):
             x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)
         if c.position_embedding == "learned":
             x = x + self.position_embed(positions)
+        if output_positions is not None:
+            check_rank(output_positions, 2, "output_positions")
         new_layers = []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache["layers"][i]
             index = None if cache is None else cache["index"]
-            x, new_layer_cache = layer(x, positions, masks[c.layer_type(i)], layer_cache, index)
+            rows = output_positions if i == last else None
+            x, new_layer_cache = layer(x, positions, masks[c.layer_type(i)], layer_cache, index, rows)
             new_layers.append(new_layer_cache)
         hidden = self.final_norm(x)
         if cache is None:
@@ -179,16 +194,20 @@ class LMHead(nn.Module):
 
 
 def shared_prefix_forward(decoder: Decoder, config: ModelConfig, prompt_ids, prompt_mask, response_ids,
-                          response_mask):
+                          response_mask, response_positions=None):
     """Final hidden states of N continuations per prompt, with each prompt run once.
 
     prompt_ids / prompt_mask [B, P]: left-padded prompts (each row's last column real).
     response_ids / response_mask [B, N, R]: right-padded continuations of each prompt.
-    Returns `(prompt_last [B, D], responses [B, N, R, D])`: the final hidden states at each
-    prompt's last token and at every continuation token, the same as a forward pass over
-    each prompt + continuation. The prompt's keys and values are computed once and reach
-    the N continuations through the KV cache (gradients flow back through it), so the
-    prompt costs one forward pass instead of N.
+    response_positions [B, N, M] int (optional): return the continuations' states at these
+    positions only (e.g. each one's last token), skipping the rest of the last layer's work.
+    Returns `(prompt_last [B, D], responses [B, N, R or M, D])`: the final hidden states at
+    each prompt's last token and at every (or each requested) continuation token, the same
+    as a forward pass over each prompt + continuation. The prompt's keys and values are
+    computed once, in a cache of P slots, then copied into N caches of P + R slots that the
+    continuations attend through (gradients flow back through the copies), so the prompt
+    costs one forward pass instead of N; the prompt pass computes its last layer past the
+    keys and values only at the prompt's last token.
     """
     check_rank(prompt_ids, 2, "prompt_ids")
     check_rank(response_ids, 3, "response_ids")
@@ -198,12 +217,15 @@ def shared_prefix_forward(decoder: Decoder, config: ModelConfig, prompt_ids, pro
     num, response_len = response_ids.shape[1:]
     if response_ids.shape[0] != batch:
         raise ValueError(f"`response_ids` must have {batch} rows like `prompt_ids`, got {response_ids.shape}")
-    cache = init_cache(config, batch, prompt_len + response_len)
-    prompt_hidden, cache = decoder(prompt_ids, prompt_mask, None, cache)
-    cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, num, axis=0), cache)
-    flat = lambda x: x.reshape(batch * num, response_len)
-    hidden, _ = decoder(flat(response_ids), flat(response_mask), None, cache)
-    return prompt_hidden[:, -1], hidden.reshape(batch, num, response_len, -1)
+    cache = init_cache(config, batch, prompt_len)
+    prompt_last = jnp.full((batch, 1), prompt_len - 1, jnp.int32)
+    prompt_hidden, cache = decoder(prompt_ids, prompt_mask, None, cache, prompt_last)  # [B, 1, D]
+    cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, num, axis=0),
+                         grow_cache(cache, response_len))
+    flat = lambda x: x.reshape(batch * num, x.shape[-1])
+    rows = None if response_positions is None else flat(jnp.asarray(response_positions, jnp.int32))
+    hidden, _ = decoder(flat(response_ids), flat(response_mask), None, cache, rows)
+    return prompt_hidden[:, 0], hidden.reshape(batch, num, hidden.shape[1], -1)
 
 
 class CausalLM(nn.Module):
@@ -229,16 +251,18 @@ class CausalLM(nn.Module):
         hidden, new_cache = self.decoder(input_ids, attention_mask, position_ids, cache)
         return self.lm_logits(hidden), new_cache
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        """Final hidden states [B, T, D]; `(hidden, new_cache)` when a cache is given."""
-        hidden, new_cache = self.decoder(input_ids, attention_mask, position_ids, cache)
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None, output_positions=None):
+        """Final hidden states [B, T, D] (`[B, M, D]` at `output_positions` [B, M], see
+        `Decoder`); `(hidden, new_cache)` when a cache is given."""
+        hidden, new_cache = self.decoder(input_ids, attention_mask, position_ids, cache, output_positions)
         return hidden if cache is None else (hidden, new_cache)
 
-    def shared_prefix_hidden_states(self, prompt_ids, prompt_mask, response_ids, response_mask):
+    def shared_prefix_hidden_states(self, prompt_ids, prompt_mask, response_ids, response_mask,
+                                    response_positions=None):
         """Hidden states of N continuations per prompt, each prompt run once (see
         `shared_prefix_forward`): `(prompt_last [B, D], responses [B, N, R, D])`."""
         return shared_prefix_forward(self.decoder, self.config, prompt_ids, prompt_mask,
-                                     response_ids, response_mask)
+                                     response_ids, response_mask, response_positions)
 
     def lm_logits(self, hidden):
         """Vocabulary logits [..., V] in float32 from hidden states [..., D] (soft-capped to

@@ -32,7 +32,7 @@ _EXPORTS = {
                         "with_reference_logps", "precompute_reference_logps"),
     "batches": ("SFTBatch", "PreferenceBatch", "KTOBatch"),
     "logprobs": ("LMBatch", "ResponseLogprobs", "ResponseHidden", "response_logprobs",
-                 "response_hidden_states", "response_end_states"),
+                 "response_hidden_states", "response_end_states", "response_states_at"),
     "state": ("TrainState", "create_train_state", "train_state_shardings", "reference_params"),
     "optim": ("OptimizerConfig", "make_optimizer", "make_schedule", "optimizer_metrics",
               "accumulate_gradients", "check_finite"),

@@ -38,7 +38,10 @@ slower (steps at V = 512 / 8,192 / 32,000: 0.85x / 0.98x / 0.80x the full head's
 position with `lm_logits` (full float32 logits, their gradient and softmax temporaries: about
 12 bytes x tokens x V). Both agree to 1e-5 in values and gradients (tested).
 Value and reward models read the same hidden states (`response_hidden_states`); a reward
-model's score of a response is read at its last real token (`response_end_states`).
+model's score of a response is read at its last real token (`response_states_at`, which runs
+the last layer's queries and MLP at that token only, or `response_end_states` on states
+already computed). Every path runs the last layer past its keys and values only at the
+positions it returns (the prompt's last token and the responses; `Decoder(output_positions=)`).
 """
 from __future__ import annotations
 
@@ -136,10 +139,13 @@ def response_hidden_states(apply_fn, params, batch: LMBatch, *, prompt_once: boo
                                 method="shared_prefix_hidden_states")  # [B, D], [B, N, R, D]
     else:
         ids, mask = batch.joined()
-        hidden = apply_fn(variables, ids, mask, method="hidden_states")  # [B*N, P+R, D]
         prompt_length = jnp.shape(batch.prompt_ids)[1]
-        last = hidden[::num, prompt_length - 1]  # [B, D]: the prompt's last token
-        tokens = hidden[:, prompt_length:].reshape(batch.batch_size, num, length, -1)
+        # the prompt's last token and the responses: the last layer skips the other prompt rows
+        rows = jnp.broadcast_to(jnp.arange(prompt_length - 1, prompt_length + length, dtype=jnp.int32),
+                                (ids.shape[0], length + 1))
+        hidden = apply_fn(variables, ids, mask, method="hidden_states", output_positions=rows)  # [B*N, 1+R, D]
+        last = hidden[::num, 0]  # [B, D]: the prompt's last token
+        tokens = hidden[:, 1:].reshape(batch.batch_size, num, length, -1)
     last = jnp.broadcast_to(last[:, None, None, :], (*tokens.shape[:2], 1, tokens.shape[-1]))
     predicting = jnp.concatenate([last.astype(tokens.dtype), tokens[:, :, :-1]], axis=2)
     return ResponseHidden(predicting, tokens)
@@ -195,6 +201,30 @@ def response_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, with
     )
 
 
+def response_states_at(apply_fn, params, batch: LMBatch, index, *, prompt_once: bool = True) -> jax.Array:
+    """`[B, N, D]`: the final hidden state of each response at its token `index[b, n]`
+    (`index` [B, N] int in [-1, R); -1 = the prompt's last token).
+
+    The same states as `response_hidden_states(...).tokens` read at `index`, for one position
+    per response: the model's last layer runs its queries and MLP at that position only (see
+    `rlhf_jax.models.transformer.Decoder`), e.g. where a reward model reads its score.
+    """
+    LMBatch.validate(batch)
+    variables = {"params": params}
+    num, length = jnp.shape(batch.response_ids)[1:]
+    index = jnp.asarray(index, jnp.int32)
+    if prompt_once and num > 1:
+        last, tokens = apply_fn(variables, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                jnp.asarray(batch.response_mask, jnp.int32), jnp.maximum(index, 0)[..., None],
+                                method="shared_prefix_hidden_states")  # [B, D], [B, N, 1, D]
+        return jnp.where((index < 0)[..., None], last[:, None].astype(tokens.dtype), tokens[:, :, 0])
+    ids, mask = batch.joined()
+    prompt_length = jnp.shape(batch.prompt_ids)[1]
+    rows = (prompt_length + index).reshape(-1, 1)  # [B*N, 1]: -1 reads the prompt's last token
+    hidden = apply_fn(variables, ids, mask, method="hidden_states", output_positions=rows)  # [B*N, 1, D]
+    return hidden.reshape(batch.batch_size, num, -1)
+
+
 def response_end_states(hidden: ResponseHidden, response_mask) -> jax.Array:
     """`[B, N, D]`: each response's state at its last real token (the prompt's last token for
     an empty response), where a reward model reads its score."""
@@ -204,4 +234,4 @@ def response_end_states(hidden: ResponseHidden, response_mask) -> jax.Array:
 
 
 __all__ = ["LMBatch", "ResponseHidden", "ResponseLogprobs", "response_hidden_states", "response_logprobs",
-           "response_end_states"]
+           "response_end_states", "response_states_at"]

@@ -5,8 +5,9 @@
 (Ouyang et al. 2022, arXiv:2203.02155; margin: Touvron et al. 2023, arXiv:2307.09288;
 centering: Eisenstein et al. 2023, arXiv:2312.09244), with `r` a `RewardModel` score read at
 each response's last real token. Each pair's prompt runs once for both responses
-(`training.logprobs.response_hidden_states`, the prompt's keys and values shared), so a pair
-costs one prompt and two responses instead of two prompts and two responses.
+(`training.logprobs.response_states_at`, the prompt's keys and values shared), so a pair
+costs one prompt and two responses instead of two prompts and two responses, and the last
+layer runs its queries and MLP only where the scores are read.
 
 Usage (the caller jits; the state is donated):
 
@@ -16,16 +17,20 @@ Usage (the caller jits; the state is donated):
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from rlhf_jax.losses.reward import reward_model_loss
 from rlhf_jax.training.batches import PreferenceBatch
-from rlhf_jax.training.logprobs import LMBatch, response_end_states, response_hidden_states
+from rlhf_jax.training.logprobs import LMBatch, response_states_at
 from rlhf_jax.training.step_runner import gradient_step
 
 
 def response_scores(apply_fn, params, batch: LMBatch):
-    """Reward-model scores `[B, N]` of every response, each prompt run once."""
-    hidden = response_hidden_states(apply_fn, params, batch)
-    ends = response_end_states(hidden, batch.response_mask)  # [B, N, D]
+    """Reward-model scores `[B, N]` of every response, each prompt run once, read at each
+    response's last real token (the prompt's last token for an empty response); the model's
+    last layer runs its queries and MLP at that token only."""
+    lengths = jnp.sum(jnp.asarray(batch.response_mask, jnp.int32), axis=-1)  # [B, N]
+    ends = response_states_at(apply_fn, params, batch, lengths - 1)  # [B, N, D]
     return apply_fn({"params": params}, ends, method="scores_from_hidden")
 
 

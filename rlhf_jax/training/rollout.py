@@ -76,7 +76,7 @@ from rlhf_jax.ops.logprobs import entropy_from_logits, token_logprobs
 from rlhf_jax.ops.masking import masked_sum, masked_whiten
 from rlhf_jax.ops.rewards import shape_rewards
 from rlhf_jax.training.logprobs import (LMBatch, ResponseLogprobs, response_hidden_states,
-                                        response_logprobs)
+                                        response_logprobs, response_states_at)
 from rlhf_jax.training.lora_state import inference_model, is_lora_state
 
 LOGPROB_SOURCES = ("forward", "generate")
@@ -219,9 +219,8 @@ def response_values(apply_fn, params, batch: LMBatch):
 def reward_model_scores(reward_module, reward_params, batch: LMBatch):
     """`RewardModel` scores `[B, N]`: the score head at each response's last real token (the
     EOS token when there is one), each prompt run once."""
-    tokens = response_hidden_states(reward_module.apply, reward_params, batch).tokens  # [B, N, R, D]
     last = jnp.maximum(jnp.sum(jnp.asarray(batch.response_mask, jnp.int32), axis=-1) - 1, 0)  # [B, N]
-    hidden = jnp.take_along_axis(tokens, last[..., None, None], axis=2)[:, :, 0]  # [B, N, D]
+    hidden = response_states_at(reward_module.apply, reward_params, batch, last)  # [B, N, D]
     return reward_module.apply({"params": reward_params}, hidden, method="scores_from_hidden")
 
 

@@ -9,7 +9,7 @@ import pytest
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import ValueModel
 from rlhf_jax.models.transformer import CausalLM
-from rlhf_jax.training.logprobs import LMBatch, response_hidden_states, response_logprobs
+from rlhf_jax.training.logprobs import LMBatch, response_hidden_states, response_logprobs, response_states_at
 
 VOCAB = 48
 CONFIGS = {
@@ -152,3 +152,30 @@ def test_layout_errors_name_the_array():
                 batch.response_mask).validate()
     with pytest.raises(ValueError, match="rows like `prompt_ids`"):
         LMBatch(batch.prompt_ids[:2], batch.prompt_mask[:2], batch.response_ids, batch.response_mask).validate()
+
+
+@pytest.mark.parametrize("num", [1, 3])
+def test_response_states_at_read_the_response_hidden_states(num):
+    """`response_states_at` (last layer at one position per response) against
+    `response_hidden_states` read there, for both prompt paths; index -1 is the prompt's last
+    token. Values and gradients."""
+    module = ValueModel(CONFIGS["llama"])
+    params = module.init(jax.random.key(8), jnp.zeros((1, 4), jnp.int32))["params"]
+    batch = random_batch(seed=13, num=num)
+    index = jnp.asarray(np.sum(batch.response_mask, -1) - 1, jnp.int32)  # -1 for empty responses
+    assert np.any(np.asarray(index) == -1) or num == 1
+    weights = jax.random.normal(jax.random.key(9), index.shape + (32,))
+
+    def expected(p, prompt_once):
+        hidden = response_hidden_states(module.apply, p, batch, prompt_once=prompt_once)
+        ends = jnp.concatenate([hidden.predicting[:, :, :1], hidden.tokens], axis=2)  # [B, N, 1 + R, D]
+        return jnp.take_along_axis(ends, (index + 1)[..., None, None], axis=2)[:, :, 0]
+
+    for prompt_once in (True, False):
+        got = response_states_at(module.apply, params, batch, index, prompt_once=prompt_once)
+        np.testing.assert_allclose(got, expected(params, prompt_once), atol=1e-5, rtol=1e-5)
+        grads = [jax.grad(lambda p: jnp.sum(weights * fn(p)))(params) for fn in (
+            lambda p: response_states_at(module.apply, p, batch, index, prompt_once=prompt_once),
+            lambda p: expected(p, prompt_once))]
+        for a, b in zip(*map(jax.tree.leaves, grads)):
+            np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
