@@ -46,17 +46,12 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None
     }
 
 
-def grow_cache(cache: dict, extra: int) -> dict:
-    """`cache` with `extra` empty slots appended (its written slots and index unchanged): a
-    cache filled by one pass over a prefix, made ready for `extra` more tokens."""
-    grow = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
-    return {
-        "index": cache["index"],
-        "mask": grow(cache["mask"], 1),
-        "positions": grow(cache["positions"], 1),
-        "layers": tuple({"key": grow(layer["key"], 3), "value": grow(layer["value"], 2)}
-                        for layer in cache["layers"]),
-    }
+def append_slots(cache: dict, extra: int) -> dict:
+    """`cache` with `extra` empty slots appended to its `mask` and `positions` (index and
+    layers unchanged): the bookkeeping of a forward pass that appends its keys and values to
+    a full cache (`Decoder(..., append=True)`) instead of writing them into free slots."""
+    grow = lambda x: jnp.pad(x, [(0, 0), (0, extra)])
+    return {**cache, "mask": grow(cache["mask"]), "positions": grow(cache["positions"])}
 
 
 def positions_from_mask(attention_mask):

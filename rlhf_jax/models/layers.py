@@ -195,7 +195,9 @@ class Attention(nn.Module):
         """x [B, T, D]; positions [B, T]; attend_mask [B, T, S] bool (True = may attend).
 
         With `layer_cache = {"key": [B, K, Dh, S], "value": [B, K, S, Dh]}` the new keys/values are
-        written at slots [cache_index, cache_index + T) and attention reads all S slots.
+        written at slots [cache_index, cache_index + T) and attention reads all S slots; with
+        `cache_index=None` they are appended after the S cached slots (S + T slots, no copy
+        into a preallocated buffer: a prefix computed once, continued by a training pass).
         With `query_rows` [B, M] int, keys and values come from all T tokens but only the M
         tokens `query_rows` query (output [B, M, D]): the last layer of a model whose caller
         reads a few positions.
@@ -232,12 +234,16 @@ class Attention(nn.Module):
         new_cache = None
         if layer_cache is not None:
             cache_dtype = layer_cache["key"].dtype
-            k = jax.lax.dynamic_update_slice(
-                layer_cache["key"], k.astype(cache_dtype), (0, 0, 0, cache_index)
-            )  # [B, K, Dh, S]
-            v = jax.lax.dynamic_update_slice(
-                layer_cache["value"], v.astype(cache_dtype), (0, 0, cache_index, 0)
-            )  # [B, K, S, Dh]
+            if cache_index is None:  # append
+                k = jnp.concatenate([layer_cache["key"], k.astype(cache_dtype)], axis=3)  # [B, K, Dh, S + T]
+                v = jnp.concatenate([layer_cache["value"], v.astype(cache_dtype)], axis=2)  # [B, K, S + T, Dh]
+            else:
+                k = jax.lax.dynamic_update_slice(
+                    layer_cache["key"], k.astype(cache_dtype), (0, 0, 0, cache_index)
+                )  # [B, K, Dh, S]
+                v = jax.lax.dynamic_update_slice(
+                    layer_cache["value"], v.astype(cache_dtype), (0, 0, cache_index, 0)
+                )  # [B, K, S, Dh]
             new_cache = {"key": k, "value": v}
 
         groups = heads // kv_heads

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.models.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
 from rlhf_jax.models.kv_cache import (
-    causal_mask, grow_cache, init_cache, positions_from_mask, sliding_window_mask, write_cache_mask,
+    append_slots, causal_mask, init_cache, positions_from_mask, sliding_window_mask, write_cache_mask,
     write_cache_positions,
 )
 from rlhf_jax.models.layers import INIT_STD, MLP, Attention, fold_matmul, make_norm, soft_cap, take_rows
@@ -114,8 +114,13 @@ class Decoder(nn.Module):
         self.layers = [block(c, c.layer_type(i)) for i in range(c.num_layers)]
         self.final_norm = make_norm(c, "final_norm")
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, output_positions=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, output_positions=None,
+                 append=False):
         """Final hidden states [B, T, D] and the updated cache (None without a cache).
+
+        `append=True` (with a full cache, `index` = its S slots): the T tokens continue the
+        cached ones in T new slots appended to it (the returned cache has S + T slots), where
+        the default writes them into the cache's free slots.
 
         `output_positions` [B, M] int: return the final hidden states of those positions only,
         [B, M, D]. The last layer then computes keys and values for every token (the cache
@@ -133,6 +138,8 @@ class Decoder(nn.Module):
             positions = positions_from_mask(attention_mask) if position_ids is None else position_ids
             key_positions = positions
         else:
+            if append:
+                cache = append_slots(cache, input_ids.shape[1])  # [B, S + T] mask and positions
             cache_mask, attend_mask, positions = write_cache_mask(cache, attention_mask)  # [B, T, S]
             positions = positions if position_ids is None else position_ids
             key_positions = write_cache_positions(cache, positions)  # [B, S]
@@ -154,7 +161,7 @@ class Decoder(nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache["layers"][i]
-            index = None if cache is None else cache["index"]
+            index = None if cache is None or append else cache["index"]
             rows = output_positions if i == last else None
             x, new_layer_cache = layer(x, positions, masks[c.layer_type(i)], layer_cache, index, rows)
             new_layers.append(new_layer_cache)
@@ -204,8 +211,8 @@ def shared_prefix_forward(decoder: Decoder, config: ModelConfig, prompt_ids, pro
     Returns `(prompt_last [B, D], responses [B, N, R or M, D])`: the final hidden states at
     each prompt's last token and at every (or each requested) continuation token, the same
     as a forward pass over each prompt + continuation. The prompt's keys and values are
-    computed once, in a cache of P slots, then copied into N caches of P + R slots that the
-    continuations attend through (gradients flow back through the copies), so the prompt
+    computed once, in a cache of P slots, copied for the N continuations, which append their
+    own (gradients flow back through the copies), so the prompt
     costs one forward pass instead of N; the prompt pass computes its last layer past the
     keys and values only at the prompt's last token.
     """
@@ -220,11 +227,10 @@ def shared_prefix_forward(decoder: Decoder, config: ModelConfig, prompt_ids, pro
     cache = init_cache(config, batch, prompt_len)
     prompt_last = jnp.full((batch, 1), prompt_len - 1, jnp.int32)
     prompt_hidden, cache = decoder(prompt_ids, prompt_mask, None, cache, prompt_last)  # [B, 1, D]
-    cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, num, axis=0),
-                         grow_cache(cache, response_len))
+    cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, num, axis=0), cache)
     flat = lambda x: x.reshape(batch * num, x.shape[-1])
     rows = None if response_positions is None else flat(jnp.asarray(response_positions, jnp.int32))
-    hidden, _ = decoder(flat(response_ids), flat(response_mask), None, cache, rows)
+    hidden, _ = decoder(flat(response_ids), flat(response_mask), None, cache, rows, append=True)
     return prompt_hidden[:, 0], hidden.reshape(batch, num, hidden.shape[1], -1)
 
 
