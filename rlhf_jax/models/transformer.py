@@ -24,6 +24,8 @@ Forward API (the training code calls these; params come from `load_pretrained` o
                                     method="forward_with_cache")
     hidden = model.apply({"params": params}, input_ids, attention_mask, method="hidden_states")
         # hidden [B, T, D]: final-norm hidden states in the compute dtype
+        # output_positions=rows [B, M] int -> [B, M, D]: the last layer runs its queries and
+        # MLP only there (keys and values for every token)
     logits = model.apply({"params": params}, hidden, method="lm_logits")
         # any [..., D] hidden -> [..., V] float32; project only the positions a loss reads
     head = model.apply({"params": params}, method="output_head")
