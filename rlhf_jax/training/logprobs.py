@@ -7,7 +7,8 @@ Layout (`LMBatch`):
 
 N is 1 for SFT, KTO and PPO, 2 for preference pairs (chosen, rejected) and G for GRPO / RLOO
 groups. `response_mask` is 1 on the response tokens that exist and count (up to and
-including the EOS of a sampled response); prompt tokens are never scored. Every prompt holds
+including the EOS of a sampled response); prompt tokens are never scored. Ids at padded
+positions (mask 0) are never read, so they may hold anything, e.g. an ignore index of -100. Every prompt holds
 at least one real token, its last column: a row with no prompt text puts its first token
 (e.g. BOS) there, since nothing predicts a sequence's first token.
 
@@ -48,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from rlhf_jax.ops.checks import check_positive, check_rank, check_same_shape
+from rlhf_jax.ops.checks import check_positive, check_rank, check_same_shape, check_token_ids
 from rlhf_jax.ops.chunked_head import chunked_head_stats
 from rlhf_jax.ops.logprobs import entropy_from_logits, token_logprobs
 
@@ -83,6 +84,9 @@ class LMBatch:
         if jnp.shape(self.response_ids)[0] != self.batch_size:
             raise ValueError(f"`response_ids` must have {self.batch_size} rows like `prompt_ids`, "
                              f"got shape {jnp.shape(self.response_ids)}")
+        # Concrete arrays only: real ids must be >= 0; padded ones are never read (may be -100).
+        check_token_ids(self.prompt_ids, self.prompt_mask, "prompt_ids")
+        check_token_ids(self.response_ids, self.response_mask, "response_ids")
 
     def joined(self):
         """`(input_ids, attention_mask)` `[B * N, P + R]`: each response after its own copy of
