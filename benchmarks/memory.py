@@ -1,18 +1,27 @@
-"""Peak memory of SFT, DPO and GRPO training steps against tokens per step: full vs chunked LM head.
+"""Peak memory of SFT, DPO and GRPO training steps against tokens per step: full vs chunked LM
+head, full fine-tuning vs LoRA, plain vs blockwise attention.
 
-Each case (step x head x model x tokens) runs in a fresh Python process, so one case's
-buffers and compilation caches never count towards another's. For every case we report:
+Each case (step x head x model x tokens x fine-tuning x attention) runs in a fresh Python
+process (at `nice 19`), so one case's buffers and compilation caches never count towards
+another's. The step is compiled first (from abstract shapes), then, if its XLA estimate is
+under `--execute-limit-gb` (default 2.5 GB: the machine is shared), the arguments are built
+(random weights, Adam state) and two steps run with the state donated. Measures:
 
 - **XLA estimate**: from the compiled step (`jit(step).lower(...).compile().memory_analysis()`):
   `arguments + outputs - aliased (donated) + temporaries`, the bytes XLA's buffer assignment
-  needs for one step. It is computed from abstract shapes only (nothing allocated, nothing
-  run), so it is available for cases too large to run here, and it is what carries over to an
-  accelerator (whose runtime allocates exactly these buffers). `temp` alone is listed too: the
-  `[tokens, V]` logits, their gradient and the softmax temporaries live there.
-- **Peak RSS**: the case process's maximum resident set (`getrusage(RUSAGE_SELF).ru_maxrss`),
-  measured only for cases whose XLA estimate is below `--execute-limit-gb` (default 2.5 GB:
-  the machine is shared). Those cases are executed (two steps, state donated); it includes the
-  Python/JAX runtime (~0.4 GB) and the compiler. Other cases say "compile only".
+  needs for one step. Computed from abstract shapes only (nothing allocated, nothing run), so
+  it exists for cases too large to run here, and it is what carries over to an accelerator
+  (whose runtime allocates exactly these buffers). `temp` alone is listed too.
+- **Step peak RSS**: the resident high-water mark of the case's process from just after
+  compilation to the end of the two steps: after compiling, the process returns freed heap
+  pages to the kernel (`malloc_trim(0)`) and resets the kernel's counter by writing "5" to
+  `/proc/self/clear_refs`; `VmHWM` from `/proc/self/status` after the steps is the peak. It
+  covers everything resident while a step runs: the Python interpreter, JAX and the loaded
+  executable (~0.3 GB, the next column), the parameters, Adam moments, batch and the step's
+  temporaries -- but not the compiler's own peak. This is the "peak host memory of a step".
+- **RSS before step**: the resident set at that reset (interpreter + JAX + executable).
+- **Process peak RSS**: `getrusage(RUSAGE_SELF).ru_maxrss` at the end: the process's lifetime
+  maximum, compilation included. For "compile only" cases it is the compiler's peak.
 
 Models (random weights; Llama layout, untied head unless said):
 
@@ -20,24 +29,33 @@ Models (random weights; Llama layout, untied head unless said):
 - probe-tied: the same with tied embeddings (as the small Qwen models), SFT only;
 - qwen3-0.6b-shape: Qwen3-0.6B's dimensions (28 layers, hidden 1024, 16 query / 8 key-value
   heads of 128, MLP 3072, vocabulary 151,936, tied embeddings) without its q/k norms (a few
-  thousand parameters), float32 parameters, batch 4 rows. Compile only (~10 GB with Adam).
+  thousand parameters), float32 parameters, batch 4 rows. Compile only (~12 GB with Adam).
 
 Tokens per step = all tokens through the model; half of them are scored: each of the 4 rows
 has a prompt of `L / 2` tokens and responses of `L / 2` tokens in all (`L = tokens / 4`):
 SFT 1 response of `L / 2`, DPO 2 of `L / 4` (chosen, rejected; reference log-probs computed
-in the step from a second parameter copy), GRPO 4 of `L / 8` (old and reference log-probs
-are inputs, as computed at rollout). Each prompt runs once for its responses
-(`response_logprobs(prompt_once=True)`). Adam (AdamW, global-norm clipping) updates every
-parameter. The steps are built here from the library's pieces (`response_logprobs` with
-`head_chunk_size=None` (full) or `default_chunk_size(V)` (chunked), `sft_loss_from_logprobs`, `dpo_loss`,
-`grpo_loss`, `TrainState.apply_gradients`), the same computations as the library's steps.
+in the step), GRPO 4 of `L / 8` (old and reference log-probs are inputs, as computed at
+rollout). Each prompt runs once for its responses (`response_logprobs(prompt_once=True)`).
+AdamW with global-norm clipping. The steps are built here from the library's pieces
+(`response_logprobs` with `head_chunk_size=None` (full) or `default_chunk_size(V)`
+(chunked), `sft_loss_from_logprobs`, `dpo_loss`, `grpo_loss`, `TrainState.apply_gradients`),
+the same computations as the library's steps.
 
-LoRA vs full fine-tuning: not measured (no LoRA API in `rlhf_jax.models` when this was run;
-the column says so).
+Fine-tuning: "full" trains every parameter (DPO's reference is a second parameter copy);
+"lora" trains rank-16 adapters (alpha 32) on q, k, v, o of the frozen base
+(`create_lora_train_state`: gradients and Adam state of the adapters only; DPO's reference
+is the base with the adapters disabled, no second copy).
+
+Attention (`ModelConfig.attention_impl`): "auto" (the default: blockwise attention,
+`ops.blockwise_attention`, once a layer's queries x keys exceed one 512 x 512 block) or
+"plain" (`[B, H, T, S]` float32 scores). At batch 4 rows the probe's sequences are 256 /
+512 / 1,024 tokens at 1,024 / 2,048 / 4,096 tokens per step.
 
     python benchmarks/memory.py                    # every case; updates RESULTS.md "## Memory"
-    python benchmarks/memory.py --models probe --no-write
-    python benchmarks/memory.py --case sft full probe 1024   # one case, prints its JSON
+    python benchmarks/memory.py --models probe --heads chunked --attentions plain auto --no-write
+    python benchmarks/memory.py --models probe --steps sft dpo --finetunes full lora --no-write
+    python benchmarks/memory.py --case sft chunked probe 4096 full auto   # one case, its JSON
+    python benchmarks/memory.py --collect LOG...   # the section from earlier runs' JSON lines
 """
 from __future__ import annotations
 

@@ -21,7 +21,9 @@ custom VJP that recomputes each block's logits from the saved `h`, `W` and the p
     dh = da W^T,   dW += h^T da                 (dW accumulated in float32 over the blocks)
 
 so the backward pass holds a few `[chunk_size, V]` blocks and one float32 `[D, V]` gradient,
-whatever the number of positions. This is the memory behaviour of fused/"cut" cross-entropy
+whatever the number of positions. Each block's `h^T da` is added in `KERNEL_GRAD_PIECES`
+vocabulary slices, so no second `[D, V]` product sits next to the gradient (on the probe of
+benchmarks/RESULTS.md, V = 151,936, D = 256, that cut an SFT step's XLA estimate by 90 MB). This is the memory behaviour of fused/"cut" cross-entropy
 heads (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models",
 arXiv:2411.09009): peak memory independent of the number of tokens. The cost is one extra
 `[tokens, D] x [D, V]` matmul (the recomputation in the backward pass).
