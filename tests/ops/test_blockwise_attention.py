@@ -113,3 +113,15 @@ def test_bad_shapes_are_refused():
         blockwise_attention(q, jnp.swapaxes(k, 2, 3), v, mask)
     with pytest.raises(ValueError, match="block sizes"):
         blockwise_attention(q, k, v, mask, block_q=0)
+
+
+def test_bfloat16_inputs_keep_float32_statistics():
+    """bfloat16 q, k, v: a bfloat16 output within bfloat16 rounding of the float64 oracle."""
+    q, k, v, mask = inputs(4, window=5)
+    bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+    got = blockwise_attention(bf16(q), bf16(k), bf16(v), jnp.asarray(mask), softcap=2.0, block_q=8, block_k=8)
+    assert got.dtype == jnp.bfloat16
+    expected = numpy_attention(*(np.asarray(bf16(x), np.float32) for x in (q, k, v)), mask, 2.0)
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=3e-2)
+    grads = jax.grad(lambda q: jnp.sum(blockwise_attention(q, bf16(k), bf16(v), jnp.asarray(mask)).astype(jnp.float32)))(bf16(q))
+    assert grads.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grads)))
