@@ -94,7 +94,7 @@ def run(num_prompts: int, repeats: int) -> dict:
     config = model_config()
     params = CausalLM(config).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
     sampling = SamplingConfig(max_new_tokens=RESPONSE, eos_token_id=EOS, pad_token_id=PAD)
-    grpo = GRPOConfig(sampling=sampling, group_size=GROUP, kl_coef=0.04, num_iterations=1, num_minibatches=1)
+    grpo = GRPOConfig(sampling=sampling, group_size=GROUP, kl_coef=0.04, epochs=1, num_minibatches=1)
     data = make_rollout(config, params, num_prompts, sampling)
     optimizer = optax.adam(1e-4)
     settings = {"shared": grpo, "per_response": dataclasses.replace(grpo, prompt_once=False)}

@@ -85,8 +85,8 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict, *, prefix: str = "") -> T:
-    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError."""
+def _known_field_types(cls, data: dict, prefix: str) -> dict[str, Any]:
+    """`cls`'s field types; a key of `data` that is not a field raises ConfigError naming it."""
     types_by_name = _field_types(cls)
     unknown = sorted(set(data) - set(types_by_name))
     if unknown:
@@ -95,6 +95,12 @@ def from_dict(cls: type[T], data: dict, *, prefix: str = "") -> T:
             f"unknown config key {_join(prefix, unknown[0])!r} at {where}; "
             f"valid keys: {', '.join(sorted(types_by_name))}"
         )
+    return types_by_name
+
+
+def from_dict(cls: type[T], data: dict, *, prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError."""
+    types_by_name = _known_field_types(cls, data, prefix)
     kwargs = {name: _coerce(value, types_by_name[name], _join(prefix, name)) for name, value in data.items()}
     return cls(**kwargs)
 
@@ -165,14 +171,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 def _merge_defaults(cls: type[T], data: dict, prefix: str = "") -> T:
     """Like from_dict, but nested dataclass fields absent from `data` keep their defaults
     while present ones are merged field by field."""
-    types_by_name = _field_types(cls)
-    unknown = sorted(set(data) - set(types_by_name))
-    if unknown:
-        where = f"`{prefix}`" if prefix else "the top level"
-        raise ConfigError(
-            f"unknown config key {_join(prefix, unknown[0])!r} at {where}; "
-            f"valid keys: {', '.join(sorted(types_by_name))}"
-        )
+    types_by_name = _known_field_types(cls, data, prefix)
     kwargs = {}
     for name, value in data.items():
         annotation = types_by_name[name]

@@ -11,7 +11,7 @@ One iteration on a batch of `n` left-padded prompts:
     KV cache) -> score (reward model, score_fn, or host reward functions between phases)
     -> sequence advantages [n, G]:  group  A = (R - mean_g R) / (std_g R + 1e-4)
                                     rloo   A = R - mean_{j != i} R_j
-    -> num_iterations x num_minibatches steps of grpo_loss (clipped ratio against the
+    -> epochs x num_minibatches steps of grpo_loss (clipped ratio against the
        rollout log-probs, + kl_coef * k3 KL to the reference per token), in one lax.scan
 
 Layout: the rollout is `[n, G, R]` (`rlhf_jax.training.rollout`); every forward pass (rollout
@@ -74,7 +74,7 @@ class GRPOConfig:
     clip_eps_high: float = 0.2  # 0.28 for DAPO's clip-higher
     aggregation: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | token_mean | ...
     importance_level: Literal["token", "sequence"] = "token"  # "sequence" = GSPO
-    num_iterations: int = 1  # passes over each rollout (mu in the GRPO paper)
+    epochs: int = 1  # passes over each rollout (mu in the GRPO paper)
     num_minibatches: int = 1  # optimizer steps per pass; must divide the number of prompts
     missing_eos_score: float | None = None  # score for responses without EOS
     # Each update minibatch runs a group's prompt once for its G responses; False runs every
@@ -88,7 +88,7 @@ class GRPOConfig:
         check_in(self.scale, GROUP_SCALES, "scale")
         check_in(self.importance_level, IMPORTANCE_LEVELS, "importance_level")
         check_aggregation(self.aggregation)
-        for name in ("clip_eps_low", "clip_eps_high", "num_iterations", "num_minibatches"):
+        for name in ("clip_eps_low", "clip_eps_high", "epochs", "num_minibatches"):
             check_positive(getattr(self, name), name)
         if self.kl_coef < 0:
             raise ValueError(f"`kl_coef` must be >= 0, got {self.kl_coef}")
@@ -185,7 +185,7 @@ def check_group_minibatches(num_prompts: int, num_minibatches: int) -> None:
 
 
 def grpo_update(policy_state, data: Rollout, rng, *, config: GRPOConfig):
-    """`num_iterations x num_minibatches` steps of `grpo_loss` on one rollout, one `lax.scan`.
+    """`epochs x num_minibatches` steps of `grpo_loss` on one rollout, one `lax.scan`.
 
     `old_logp` is the rollout's `logp`, so the first step of each rollout has ratio 1 (with
     `logprobs_source="forward"`, whatever the sampling filters). Each pass shuffles the prompt
@@ -198,7 +198,7 @@ def grpo_update(policy_state, data: Rollout, rng, *, config: GRPOConfig):
         raise ValueError("`grpo_update` needs a rollout with `advantages` (use `grpo_rollout`)")
     num_prompts = data.prompt_ids.shape[0]
     check_group_minibatches(num_prompts, config.num_minibatches)
-    passes = config.num_iterations
+    passes = config.epochs
     shuffles = jax.vmap(lambda key: jax.random.permutation(key, num_prompts))(jax.random.split(rng, passes))
     minibatch_groups = shuffles.reshape(passes * config.num_minibatches, num_prompts // config.num_minibatches)
     grad_fn = jax.value_and_grad(_grpo_loss, has_aux=True)

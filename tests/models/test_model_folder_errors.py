@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+from model_folder_edits import edit_tensors, truncate_weights
 
 from rlhf_jax.models.checkpoint_io import load_pretrained, read_safetensors, save_pretrained
 from rlhf_jax.models.config import ModelConfig
@@ -25,19 +26,6 @@ def good_folder(tmp_path_factory):
     return save_pretrained(tmp_path_factory.mktemp("good") / "model", module, params)
 
 
-def _edit_tensors(edit):
-    def apply(folder):
-        tensors = safetensors.numpy.load_file(folder / "model.safetensors")
-        edit(tensors)
-        safetensors.numpy.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    return apply
-
-
-def _truncate(folder):
-    weights = folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-
-
 def _edit_config(**fields):
     def apply(folder):
         config = json.loads((folder / "config.json").read_text())
@@ -51,15 +39,15 @@ BREAKAGES = {
     "no weights": (lambda f: (f / "model.safetensors").unlink(), r"no \*\.safetensors weights"),
     "pytorch_model.bin only": (lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"),
                                r"no \*\.safetensors weights.*found pytorch_model\.bin"),
-    "truncated weights": (_truncate, r"model\.safetensors: truncated: tensor '.*' ends at data byte"),
+    "truncated weights": (truncate_weights(0.5), r"model\.safetensors: truncated: tensor '.*' ends at data byte"),
     "header cut off": (lambda f: (f / "model.safetensors").write_bytes(b"\x10\x00"),
                        r"model\.safetensors: not a safetensors file, or truncated"),
     "unknown model_type": (_edit_config(model_type="t5"), r"config\.json: model_type 't5' is not supported"),
     "missing config field": (_edit_config(hidden_size=None),
                              r"config\.json: (missing or invalid field|.*hidden_size)"),
-    "wrong shape": (_edit_tensors(lambda t: t.update({K_PROJ: np.zeros((3, 8), np.float32)})),
+    "wrong shape": (edit_tensors(lambda t: t.update({K_PROJ: np.zeros((3, 8), np.float32)})),
                     rf"tensor '{K_PROJ}' has shape \(3, 8\) but the config expects"),
-    "missing tensor": (_edit_tensors(lambda t: t.pop(K_PROJ)), rf"missing tensor '{K_PROJ}'"),
+    "missing tensor": (edit_tensors(lambda t: t.pop(K_PROJ)), rf"missing tensor '{K_PROJ}'"),
 }
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import safetensors.numpy
+from model_folder_edits import edit_tensors, truncate_weights
 from stage_helpers import LENGTHS, QUIET, TINY_MODEL, tiny_task
 
 from rlhf_jax.models.checkpoint_io import save_pretrained
@@ -77,19 +77,6 @@ def sft_args(task, output_dir, *extra):
 # ----------------------------------------------------------------------------- model folders
 
 
-def _edit_tensors(edit):
-    def apply(folder):
-        tensors = safetensors.numpy.load_file(folder / "model.safetensors")
-        edit(tensors)
-        safetensors.numpy.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    return apply
-
-
-def _truncate(folder):
-    weights = folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * 2 // 3])
-
-
 def _unknown_model_type(folder):
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
@@ -100,11 +87,11 @@ MODEL_BREAKAGES = {
     "no weights": (lambda f: (f / "model.safetensors").unlink(), "no *.safetensors weights"),
     "pytorch_model.bin only": (lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"),
                                "found pytorch_model.bin"),
-    "truncated safetensors": (_truncate, "model.safetensors: truncated"),
+    "truncated safetensors": (truncate_weights(2 / 3), "model.safetensors: truncated"),
     "unknown model_type": (_unknown_model_type, "model_type 't5' is not supported"),
-    "wrong shape": (_edit_tensors(lambda t: t.update({K_PROJ: np.zeros((3, 32), np.float32)})),
+    "wrong shape": (edit_tensors(lambda t: t.update({K_PROJ: np.zeros((3, 32), np.float32)})),
                     f"tensor '{K_PROJ}' has shape (3, 32)"),
-    "missing tensor": (_edit_tensors(lambda t: t.pop(K_PROJ)), f"missing tensor '{K_PROJ}'"),
+    "missing tensor": (edit_tensors(lambda t: t.pop(K_PROJ)), f"missing tensor '{K_PROJ}'"),
 }
 
 
@@ -271,7 +258,7 @@ def overflowing_model(good_model, tmp_path_factory):
     so every loss and gradient is NaN/inf."""
     folder = tmp_path_factory.mktemp("overflow") / "model"
     shutil.copytree(good_model, folder)
-    _edit_tensors(lambda t: t["model.norm.weight"].fill(3e38))(folder)
+    edit_tensors(lambda t: t["model.norm.weight"].fill(3e38))(folder)
     return folder
 
 

@@ -118,3 +118,19 @@ def test_eval_with_reward_functions_replaces_the_gold_scorer(policy, tmp_path, m
     a = json.loads((tmp_path / "run" / "results.json").read_text())["policies"]["a"]
     assert a["reward/always/mean"] == 1.0 and a["reward"] == pytest.approx(0.25 + a["reward/correct/mean"])
     assert a["pass@1"] == pytest.approx(a["reward/correct/mean"])  # passes: 0.25 + 1 > 0.5 only when correct
+
+
+@pytest.mark.slow
+def test_grpo_raises_a_user_reward_the_sft_model_does_not_seek(policy, tmp_path, monkeypatch):
+    """A reward only the user's file knows (answers that start with 9) rises under GRPO."""
+    monkeypatch.chdir(tmp_path)
+    user_folder(tmp_path, "def starts_with_9(completions, **kwargs):\n"
+                          "    return [float(c.strip()[:1] == '9') for c in completions]\n")
+    args = grpo_args(policy, "[{function: my_reward.py:starts_with_9}]", "train.iterations=40",
+                     "train.batch_size=4", "grpo.group_size=4", "grpo.sampling.temperature=1.0",
+                     "optim.learning_rate=0.01", "optim.warmup_steps=0", "grpo.kl_coef=0.0")
+    assert cli.main(args) == 0
+    rewards = [row["reward/starts_with_9/mean"] for row in read_metrics(tmp_path / "run")]
+    assert len(rewards) == 40
+    first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
+    assert last > first + 0.4, rewards

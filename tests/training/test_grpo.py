@@ -36,7 +36,7 @@ def scores_of(history):
 @pytest.fixture(scope="module")
 def grpo_run():
     """20 GRPO iterations through one jitted `grpo_iteration` (k3 KL to a reference)."""
-    config = GRPOConfig(sampling=SAMPLING, group_size=GROUP, kl_coef=0.01, num_iterations=2,
+    config = GRPOConfig(sampling=SAMPLING, group_size=GROUP, kl_coef=0.01, epochs=2,
                         num_minibatches=2)
     traces = []
 
@@ -71,7 +71,7 @@ def test_grpo_raises_mean_reward(grpo_run):
 def test_rloo_raises_mean_reward_and_groups_are_contiguous():
     """RLOO (leave-one-out baseline, no KL term, no reference) via rollout + update jitted apart."""
     config = GRPOConfig(sampling=SAMPLING, group_size=GROUP, advantage_estimator="rloo", kl_coef=0.0,
-                        num_iterations=2, num_minibatches=2)
+                        epochs=2, num_minibatches=2)
     sample = jax.jit(functools.partial(grpo_rollout, config=config, score_fn=target_fraction))
     update = jax.jit(functools.partial(grpo_update, config=config), donate_argnames=("policy_state",))
     state = fresh_policy_state(optax.adam(3e-3, eps=1e-5))
@@ -169,7 +169,7 @@ def test_update_matches_hand_assembled_gradient_step():
 
 @pytest.mark.parametrize("field, value", [
     ("group_size", 1), ("advantage_estimator", "ppo"), ("scale", "max"), ("kl_coef", -0.1),
-    ("importance_level", "word"), ("num_iterations", 0), ("num_minibatches", 0),
+    ("importance_level", "word"), ("epochs", 0), ("num_minibatches", 0),
     ("aggregation", "median"),
 ])
 def test_bad_config_raises(field, value):

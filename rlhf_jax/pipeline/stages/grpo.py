@@ -5,7 +5,7 @@ reward model, both, or the gold scorer.
 
 One iteration samples `grpo.group_size` responses for each of `train.batch_size` prompts,
 scores them, turns the scores into group-relative advantages and runs
-`grpo.num_iterations x grpo.num_minibatches` clipped-ratio updates with a `grpo.kl_coef`-weighted
+`grpo.epochs x grpo.num_minibatches` clipped-ratio updates with a `grpo.kl_coef`-weighted
 k3 KL to the frozen reference.
 
 Where scoring runs: with a reward model alone (and neither `dynamic_sampling` nor
@@ -74,7 +74,7 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
         HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data)
     skeletons.print_rollout_start("grpo", setup, host.describe() if host else ["reward model"])
-    updates = config.train.iterations * algorithm.num_iterations * algorithm.num_minibatches
+    updates = config.train.iterations * algorithm.epochs * algorithm.num_minibatches
     policy_state, policy_shardings = stage_state(policy_module, policy_params,
                                                  with_schedule_length(config.optim, updates), mesh, config.lora, config.seed)
     del policy_params
