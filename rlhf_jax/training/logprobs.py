@@ -31,10 +31,11 @@ backward passes never hold `[B, N, R, V]` logits: a block holds about 2^24 logit
 (`default_chunk_size(V)` positions; at most 110 positions for a 151,936-token vocabulary),
 so the head's memory no longer grows with the tokens of a step. With a small vocabulary the
 whole batch is one block. `"auto"` keeps full logits while the positions `B * N * R` are at
-most the hidden size D: the blocked backward pass holds two float32 `[D, V]` buffers (the
-kernel gradient and one block's contribution), which outweigh `[positions, V]` logits there
-(measured in benchmarks/RESULTS.md, "Memory": a Qwen3-0.6B-shaped step at 512 scored
-positions, D = 1,024, needs 13.06 GB blocked vs 12.69 GB full). On CPU the blocked head was not
+most the hidden size D. That rule dates from a blocked backward pass that held two float32
+`[D, V]` buffers (the kernel gradient and one block's contribution: a Qwen3-0.6B-shaped
+step at 512 scored positions, D = 1,024, needed 13.06 GB blocked vs 12.69 GB full); the
+block's contribution is now added in vocabulary slices, and the same step needs 12.52 GB
+blocked (benchmarks/RESULTS.md, "Memory"). On CPU the blocked head was not
 slower (steps at V = 512 / 8,192 / 32,000: 0.85x / 0.98x / 0.80x the full head's time). An int sets the positions per block; `None` projects every
 position with `lm_logits` (full float32 logits, their gradient and softmax temporaries: about
 12 bytes x tokens x V). Both agree to 1e-5 in values and gradients (tested).
