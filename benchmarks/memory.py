@@ -1,18 +1,27 @@
-"""Peak memory of SFT, DPO and GRPO training steps against tokens per step: full vs chunked LM head.
+"""Peak memory of SFT, DPO and GRPO training steps against tokens per step: full vs chunked LM
+head, full fine-tuning vs LoRA, plain vs blockwise attention.
 
-Each case (step x head x model x tokens) runs in a fresh Python process, so one case's
-buffers and compilation caches never count towards another's. For every case we report:
+Each case (step x head x model x tokens x fine-tuning x attention) runs in a fresh Python
+process (at `nice 19`), so one case's buffers and compilation caches never count towards
+another's. The step is compiled first (from abstract shapes), then, if its XLA estimate is
+under `--execute-limit-gb` (default 2.5 GB: the machine is shared), the arguments are built
+(random weights, Adam state) and two steps run with the state donated. Measures:
 
 - **XLA estimate**: from the compiled step (`jit(step).lower(...).compile().memory_analysis()`):
   `arguments + outputs - aliased (donated) + temporaries`, the bytes XLA's buffer assignment
-  needs for one step. It is computed from abstract shapes only (nothing allocated, nothing
-  run), so it is available for cases too large to run here, and it is what carries over to an
-  accelerator (whose runtime allocates exactly these buffers). `temp` alone is listed too: the
-  `[tokens, V]` logits, their gradient and the softmax temporaries live there.
-- **Peak RSS**: the case process's maximum resident set (`getrusage(RUSAGE_SELF).ru_maxrss`),
-  measured only for cases whose XLA estimate is below `--execute-limit-gb` (default 2.5 GB:
-  the machine is shared). Those cases are executed (two steps, state donated); it includes the
-  Python/JAX runtime (~0.4 GB) and the compiler. Other cases say "compile only".
+  needs for one step. Computed from abstract shapes only (nothing allocated, nothing run), so
+  it exists for cases too large to run here, and it is what carries over to an accelerator
+  (whose runtime allocates exactly these buffers). `temp` alone is listed too.
+- **Step peak RSS**: the resident high-water mark of the case's process from just after
+  compilation to the end of the two steps: after compiling, the process returns freed heap
+  pages to the kernel (`malloc_trim(0)`) and resets the kernel's counter by writing "5" to
+  `/proc/self/clear_refs`; `VmHWM` from `/proc/self/status` after the steps is the peak. It
+  covers everything resident while a step runs: the Python interpreter, JAX and the loaded
+  executable (~0.3 GB, the next column), the parameters, Adam moments, batch and the step's
+  temporaries -- but not the compiler's own peak. This is the "peak host memory of a step".
+- **RSS before step**: the resident set at that reset (interpreter + JAX + executable).
+- **Process peak RSS**: `getrusage(RUSAGE_SELF).ru_maxrss` at the end: the process's lifetime
+  maximum, compilation included. For "compile only" cases it is the compiler's peak.
 
 Models (random weights; Llama layout, untied head unless said):
 
@@ -20,28 +29,38 @@ Models (random weights; Llama layout, untied head unless said):
 - probe-tied: the same with tied embeddings (as the small Qwen models), SFT only;
 - qwen3-0.6b-shape: Qwen3-0.6B's dimensions (28 layers, hidden 1024, 16 query / 8 key-value
   heads of 128, MLP 3072, vocabulary 151,936, tied embeddings) without its q/k norms (a few
-  thousand parameters), float32 parameters, batch 4 rows. Compile only (~10 GB with Adam).
+  thousand parameters), float32 parameters, batch 4 rows. Compile only (~12 GB with Adam).
 
 Tokens per step = all tokens through the model; half of them are scored: each of the 4 rows
 has a prompt of `L / 2` tokens and responses of `L / 2` tokens in all (`L = tokens / 4`):
 SFT 1 response of `L / 2`, DPO 2 of `L / 4` (chosen, rejected; reference log-probs computed
-in the step from a second parameter copy), GRPO 4 of `L / 8` (old and reference log-probs
-are inputs, as computed at rollout). Each prompt runs once for its responses
-(`response_logprobs(prompt_once=True)`). Adam (AdamW, global-norm clipping) updates every
-parameter. The steps are built here from the library's pieces (`response_logprobs` with
-`head_chunk_size=None` (full) or `default_chunk_size(V)` (chunked), `sft_loss_from_logprobs`, `dpo_loss`,
-`grpo_loss`, `TrainState.apply_gradients`), the same computations as the library's steps.
+in the step), GRPO 4 of `L / 8` (old and reference log-probs are inputs, as computed at
+rollout). Each prompt runs once for its responses (`response_logprobs(prompt_once=True)`).
+AdamW with global-norm clipping. The steps are built here from the library's pieces
+(`response_logprobs` with `head_chunk_size=None` (full) or `default_chunk_size(V)`
+(chunked), `sft_loss_from_logprobs`, `dpo_loss`, `grpo_loss`, `TrainState.apply_gradients`),
+the same computations as the library's steps.
 
-LoRA vs full fine-tuning: not measured (no LoRA API in `rlhf_jax.models` when this was run;
-the column says so).
+Fine-tuning: "full" trains every parameter (DPO's reference is a second parameter copy);
+"lora" trains rank-16 adapters (alpha 32) on q, k, v, o of the frozen base
+(`create_lora_train_state`: gradients and Adam state of the adapters only; DPO's reference
+is the base with the adapters disabled, no second copy).
+
+Attention (`ModelConfig.attention_impl`): "auto" (the default: blockwise attention,
+`ops.blockwise_attention`, once a layer's queries x keys exceed one 512 x 512 block) or
+"plain" (`[B, H, T, S]` float32 scores). At batch 4 rows the probe's sequences are 256 /
+512 / 1,024 tokens at 1,024 / 2,048 / 4,096 tokens per step.
 
     python benchmarks/memory.py                    # every case; updates RESULTS.md "## Memory"
-    python benchmarks/memory.py --models probe --no-write
-    python benchmarks/memory.py --case sft full probe 1024   # one case, prints its JSON
+    python benchmarks/memory.py --models probe --heads chunked --attentions plain auto --no-write
+    python benchmarks/memory.py --models probe --steps sft dpo --finetunes full lora --no-write
+    python benchmarks/memory.py --case sft chunked probe 4096 full auto   # one case, its JSON
+    python benchmarks/memory.py --collect LOG...   # the section from earlier runs' JSON lines
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -68,23 +87,31 @@ MODELS = {
 TOKENS = {"probe": (1024, 2048, 4096), "probe-tied": (1024, 4096), "qwen3-0.6b-shape": (256, 1024)}
 MODEL_STEPS = {"probe-tied": ("sft",)}  # the other models run every step
 GB = 1e9
+LORA_RANK = 16
+FINETUNES = ("full", "lora")
+ATTENTIONS = ("plain", "auto")
 
 
-def build_case(step_name: str, head: str, model_name: str, tokens: int):
-    """`(step, abstract_args, make_args)`: the jitted step, its arguments as shapes, and a
-    function building real arguments (random weights and data)."""
+def build_case(step_name: str, head: str, model_name: str, tokens: int, finetune: str = "full",
+               attention: str = "auto"):
+    """`(step, make_args)`: the jitted step and a function building its arguments, as shapes
+    (`abstract=True`) or real arrays (random weights and data). `finetune`: "full" (every
+    parameter trained) or "lora" (rank-16 adapters on q, k, v, o; the base frozen); `attention`:
+    the model's `attention_impl` ("auto": blockwise for long sequences, "plain": [T, S] scores)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from rlhf_jax.losses import dpo_loss, grpo_loss, sft_loss_from_logprobs
     from rlhf_jax.models import CausalLM, ModelConfig
+    from rlhf_jax.models.lora import LoRAConfig, LoRAModel, init_adapters
     from rlhf_jax.ops.chunked_head import default_chunk_size
     from rlhf_jax.training.logprobs import LMBatch, response_logprobs
     from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
+    from rlhf_jax.training.lora_state import create_lora_train_state, disabled_adapters
     from rlhf_jax.training.state import TrainState
 
-    config = ModelConfig.llama(**MODELS[model_name])
+    config = ModelConfig.llama(**MODELS[model_name], attention_impl=attention)
     model = CausalLM(config)
     length = tokens // ROWS
     num = RESPONSES[step_name]
@@ -92,21 +119,25 @@ def build_case(step_name: str, head: str, model_name: str, tokens: int):
     chunk = None if head == "full" else default_chunk_size(config.vocab_size)  # blocks even where "auto" would not
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5, schedule="constant"))
 
-    def logprobs(params, batch, **kwargs):
-        return response_logprobs(model.apply, params, batch, head_chunk_size=chunk, **kwargs)
+    lora = LoRAConfig(rank=LORA_RANK, alpha=2.0 * LORA_RANK, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
 
-    def sft(params, batch, extras):
-        out = logprobs(params, batch, with_vocab_stats=True)
+    def logprobs(apply_fn, params, batch, **kwargs):
+        return response_logprobs(apply_fn, params, batch, head_chunk_size=chunk, **kwargs)
+
+    def sft(apply_fn, params, batch, extras):
+        out = logprobs(apply_fn, params, batch, with_vocab_stats=True)
         return sft_loss_from_logprobs(out.logprobs, out.mask, mean_logprobs=out.mean_logprob,
                                       correct=out.is_argmax, label_smoothing=0.1)
 
-    def dpo(params, batch, extras):
-        policy = logprobs(params, batch).sequence_sum()
-        reference = jax.lax.stop_gradient(logprobs(extras["ref_params"], batch).sequence_sum())
+    def dpo(apply_fn, params, batch, extras):
+        policy = logprobs(apply_fn, params, batch).sequence_sum()
+        # Full fine-tuning: a second parameter copy; LoRA: the base with the adapters disabled.
+        reference_params = disabled_adapters() if finetune == "lora" else extras["ref_params"]
+        reference = jax.lax.stop_gradient(logprobs(apply_fn, reference_params, batch).sequence_sum())
         return dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=0.1)
 
-    def grpo(params, batch, extras):
-        out = logprobs(params, batch)
+    def grpo(apply_fn, params, batch, extras):
+        out = logprobs(apply_fn, params, batch)
         flat = lambda x: x.reshape(ROWS * num, response)  # one row per sampled response
         advantages = jnp.broadcast_to(extras["advantages"][..., None], out.mask.shape)
         return grpo_loss(flat(out.logprobs), flat(extras["old_logp"]), flat(extras["ref_logp"]), flat(advantages),
@@ -115,7 +146,8 @@ def build_case(step_name: str, head: str, model_name: str, tokens: int):
     loss_fn = {"sft": sft, "dpo": dpo, "grpo": grpo}[step_name]
 
     def step(state, batch, extras):
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, extras)
+        loss_of_params = lambda params: loss_fn(state.apply_fn, params, batch, extras)
+        (loss, _), grads = jax.value_and_grad(loss_of_params, has_aux=True)(state.params)
         return state.apply_gradients(grads=grads), loss
 
     jitted = jax.jit(step, donate_argnums=0)
@@ -123,6 +155,10 @@ def build_case(step_name: str, head: str, model_name: str, tokens: int):
     def make_args(abstract: bool):
         def init():
             params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+            if finetune == "lora":
+                adapters = init_adapters(params, lora, jax.random.key(1))
+                state, _ = create_lora_train_state(LoRAModel(model, lora), params, {"lora": adapters}, optimizer)
+                return params, state
             return params, TrainState.create(apply_fn=model.apply, params=params, tx=optimizer)
 
         params, state = jax.eval_shape(init) if abstract else init()
@@ -134,7 +170,7 @@ def build_case(step_name: str, head: str, model_name: str, tokens: int):
             response_mask=np.ones((ROWS, num, response), np.int32),
         )
         extras = {}
-        if step_name == "dpo":
+        if step_name == "dpo" and finetune == "full":
             extras["ref_params"] = params if abstract else jax.tree.map(jnp.copy, params)
         if step_name == "grpo":
             extras["advantages"] = rng.normal(size=(ROWS, num)).astype(np.float32)
@@ -148,23 +184,50 @@ def build_case(step_name: str, head: str, model_name: str, tokens: int):
     return jitted, make_args
 
 
-def run_case(step_name, head, model_name, tokens, execute_limit_gb) -> dict:
-    """Compile (and, under the limit, run) one case in this process; the result as a dict."""
+def _proc_status_kb(field: str) -> int:
+    """A `kB` field of /proc/self/status (VmRSS, VmHWM) of this process."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> int:
+    """Return the heap's freed pages to the kernel (`malloc_trim(0)`), then reset this process's
+    resident high-water mark (VmHWM) to its current resident set by writing "5" to
+    /proc/self/clear_refs (Linux >= 4.0). Returns the resident set (kB) it starts from."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _proc_status_kb("VmRSS")
+
+
+def run_case(step_name, head, model_name, tokens, execute_limit_gb, finetune="full", attention="auto") -> dict:
+    """Compile (and, under the limit, run) one case in this process; the result as a dict.
+
+    A run case resets the resident high-water mark after compiling, so `step_peak_kb` is the
+    peak of building the arguments and running two steps, without the compiler's peak."""
     import jax
 
-    step, make_args = build_case(step_name, head, model_name, int(tokens))
+    step, make_args = build_case(step_name, head, model_name, int(tokens), finetune, attention)
     compiled = step.lower(*make_args(abstract=True)).compile()
     memory = compiled.memory_analysis()
     estimate = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                 + memory.temp_size_in_bytes)
-    result = dict(step=step_name, head=head, model=model_name, tokens=int(tokens),
+    result = dict(step=step_name, head=head, model=model_name, tokens=int(tokens), finetune=finetune,
+                  attention=attention,
                   xla_estimate_gb=estimate / GB, temp_gb=memory.temp_size_in_bytes / GB,
                   arguments_gb=memory.argument_size_in_bytes / GB, executed=False)
     if estimate / GB <= execute_limit_gb:
+        result["baseline_kb"] = reset_peak_rss()
         state, batch, extras = make_args(abstract=False)
         for _ in range(2):  # the executable compiled above: no second compilation
             state, loss = compiled(state, batch, extras)
-        result.update(executed=True, loss=float(jax.block_until_ready(loss)))
+        result.update(executed=True, loss=float(jax.block_until_ready(loss)),
+                      step_peak_kb=_proc_status_kb("VmHWM"))
     return result
 
 
@@ -176,26 +239,42 @@ def accelerator_cases(dry_run: bool = False) -> list[dict]:
 
 
 def run_in_child(case, execute_limit_gb) -> dict:
-    """One case in a fresh interpreter; its peak RSS is the kernel's `ru_maxrss` of that
-    process (`RUSAGE_SELF`, read by the child at its end: this process's own, no other's)."""
-    command = [sys.executable, __file__, "--case", *map(str, case), "--execute-limit-gb", str(execute_limit_gb)]
+    """One case in a fresh interpreter (at the lowest CPU priority, `nice 19`); its memory
+    measures are that process's own (see the module docstring), converted to GB here."""
+    command = ["nice", "-n", "19", sys.executable, __file__, "--case", *map(str, case),
+               "--execute-limit-gb", str(execute_limit_gb)]
     process = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent)
     if process.returncode:
         raise RuntimeError(f"case {case} failed:\n{process.stderr[-3000:]}")
-    result = json.loads(process.stdout.strip().splitlines()[-1])
-    result["peak_rss_gb"] = result.pop("self_peak_rss_kb") * 1024 / GB
+    return with_gb(json.loads(process.stdout.strip().splitlines()[-1]))
+
+
+def with_gb(result: dict) -> dict:
+    """The child's kB counters as GB: `process_peak_gb` (ru_maxrss), and for run cases
+    `step_peak_gb` (VmHWM after the reset) and `baseline_gb` (resident set at the reset)."""
+    for key in ("process_peak", "step_peak", "baseline"):
+        if f"{key}_kb" in result:
+            result[f"{key}_gb"] = result.pop(f"{key}_kb") * 1024 / GB
+    if "self_peak_rss_kb" in result:  # logs of runs before the step peak was recorded
+        result["process_peak_gb"] = result.pop("self_peak_rss_kb") * 1024 / GB
+    result.setdefault("finetune", "full")
+    result.setdefault("attention", "plain")  # runs before the attention choice had plain attention only
     return result
 
 
 def table(results) -> str:
     rows = []
     for r in results:
-        rss = f"{r['peak_rss_gb']:.2f}" if r["executed"] else f"compile only ({r['peak_rss_gb']:.2f} to compile)"
-        rows.append([r["model"], r["step"], r["tokens"], r["head"], f"{r['xla_estimate_gb']:.2f}",
-                     f"{r['temp_gb']:.2f}", rss, "not measured (no LoRA API)"])
+        if r["executed"] and "step_peak_gb" in r:
+            step, baseline = f"{r['step_peak_gb']:.2f}", f"{r['baseline_gb']:.2f}"
+        else:
+            step = baseline = "compile only" if not r["executed"] else "not recorded"
+        rows.append([r["model"], r["step"], r["tokens"], r["head"], r["finetune"], r["attention"],
+                     f"{r['xla_estimate_gb']:.2f}",
+                     f"{r['temp_gb']:.2f}", step, baseline, f"{r['process_peak_gb']:.2f}"])
     return common.markdown_table(
-        ["model", "step", "tokens / step", "head", "XLA estimate GB", "of which temp GB", "peak RSS GB",
-         "LoRA"], rows)
+        ["model", "step", "tokens / step", "head", "fine-tuning", "attention", "XLA estimate GB", "of which temp GB",
+         "step peak RSS GB", "RSS before step GB", "process peak RSS GB"], rows)
 
 
 def growth_lines(results) -> list[str]:
@@ -204,24 +283,32 @@ def growth_lines(results) -> list[str]:
     for model_name in ("probe", "probe-tied"):
         for step_name in STEPS:
             for head in HEADS:
-                picked = {r["tokens"]: r for r in results
-                          if (r["model"], r["step"], r["head"]) == (model_name, step_name, head)}
-                if 1024 not in picked or 4096 not in picked:
-                    continue
-                for key, label in (("xla_estimate_gb", "XLA estimate"), ("peak_rss_gb", "peak RSS")):
-                    if key == "peak_rss_gb" and not (picked[1024]["executed"] and picked[4096]["executed"]):
+                for finetune, attention in itertools.product(FINETUNES, ATTENTIONS):
+                    picked = {r["tokens"]: r for r in results
+                              if (r["model"], r["step"], r["head"], r["finetune"], r["attention"]) ==
+                              (model_name, step_name, head, finetune, attention)}
+                    if 1024 not in picked or 4096 not in picked:
                         continue
-                    low, high = picked[1024][key], picked[4096][key]
-                    lines.append(f"- {model_name} {step_name}, {head} head, {label}: {low:.2f} GB at 1,024 tokens "
-                                 f"-> {high:.2f} GB at 4,096 (+{100 * (high / low - 1):.0f}%)")
+                    for key, label in (("xla_estimate_gb", "XLA estimate"), ("step_peak_gb", "step peak RSS")):
+                        if not all(key in picked[t] for t in (1024, 4096)):
+                            continue
+                        low, high = picked[1024][key], picked[4096][key]
+                        lines.append(f"- {model_name} {step_name}, {head} head, {finetune} fine-tuning, "
+                                     f"{attention} attention, {label}: "
+                                     f"{low:.2f} GB at 1,024 tokens -> {high:.2f} GB at 4,096 "
+                                     f"({100 * (high / low - 1):+.0f}%)")
     return lines
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", nargs=4, metavar=("STEP", "HEAD", "MODEL", "TOKENS"))
+    parser.add_argument("--case", nargs="+", metavar="STEP HEAD MODEL TOKENS [FINETUNE [ATTENTION]]",
+                        help="run one case in this process and print its JSON")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
+    parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
+    parser.add_argument("--finetunes", nargs="+", default=["full"], choices=list(FINETUNES))
+    parser.add_argument("--attentions", nargs="+", default=["auto"], choices=list(ATTENTIONS))
     parser.add_argument("--tokens", nargs="+", type=int, help="only these tokens per step (default: per model)")
     parser.add_argument("--execute-limit-gb", type=float, default=2.5)
     parser.add_argument("--no-write", action="store_true")
@@ -231,8 +318,10 @@ def main(argv=None):
     if args.case:
         import resource
 
-        result = run_case(*args.case, args.execute_limit_gb)
-        result["self_peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if len(args.case) not in (4, 5, 6):
+            parser.error("--case takes STEP HEAD MODEL TOKENS [FINETUNE [ATTENTION]]")
+        result = run_case(*args.case[:4], args.execute_limit_gb, *args.case[4:])
+        result["process_peak_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps(result))
         return
     results = []
@@ -241,25 +330,31 @@ def main(argv=None):
         for log in args.collect:
             for line in Path(log).read_text().splitlines():
                 if line.startswith("{"):
-                    result = json.loads(line)
-                    latest[(result["model"], result["step"], result["head"], result["tokens"])] = result
+                    result = with_gb(json.loads(line))
+                    latest[(result["model"], result["step"], result["head"], result["tokens"],
+                            result["finetune"], result["attention"])] = result
         order = {name: i for i, name in enumerate(MODELS)}
-        results = sorted(latest.values(), key=lambda r: (order[r["model"]], r["tokens"], STEPS.index(r["step"]),
-                                                         HEADS.index(r["head"])))
+        results = sorted(latest.values(), key=lambda r: (
+            order[r["model"]], r["tokens"], STEPS.index(r["step"]), FINETUNES.index(r["finetune"]),
+            ATTENTIONS.index(r["attention"]), HEADS.index(r["head"])))
         args.models = list(dict.fromkeys(r["model"] for r in results))
     for model_name in [] if args.collect else args.models:
         for tokens in [t for t in TOKENS[model_name] if not args.tokens or t in args.tokens]:
             for step_name in [s for s in args.steps if s in MODEL_STEPS.get(model_name, STEPS)]:
-                for head in HEADS:
-                    result = run_in_child((step_name, head, model_name, tokens), args.execute_limit_gb)
+                for finetune, attention, head in itertools.product(args.finetunes, args.attentions, args.heads):
+                    case = (step_name, head, model_name, tokens, finetune, attention)
+                    result = run_in_child(case, args.execute_limit_gb)
                     print(json.dumps(result), flush=True)
                     results.append(result)
     body = "\n".join([
         "## Memory", "",
         f"Run {common.utc_stamp()}: `python benchmarks/memory.py` ({' '.join(args.models)}; "
         f"cases under {args.execute_limit_gb} GB XLA estimate executed). See the script's docstring for the "
-        "models, steps and the two measures; \"XLA estimate\" is compiled-program bytes (no execution), "
-        "\"peak RSS\" the measured maximum resident set of the case's own process.", "",
+        "models, steps and measures: \"XLA estimate\" is compiled-program bytes (no execution); \"step peak "
+        "RSS\" the resident high-water mark of the case's process from after compilation through building the "
+        "arguments and two steps; \"RSS before step\" its resident set when that count starts (Python, JAX, "
+        "the loaded executable); \"process peak RSS\" the process's lifetime maximum (`ru_maxrss`, "
+        "compilation included).", "",
         *[f"    {line}" for line in common.machine_info()], "",
         table(results), "",
         *growth_lines(results), "",

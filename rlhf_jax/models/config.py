@@ -41,6 +41,7 @@ LAYER_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "plain", "blockwise")
 
 _PLAIN = dict(qk_norm=False, norm_scale_offset=0.0, scale_embeddings=False, sandwich_norms=False)
 _GEMMA = dict(qk_norm=False, norm_scale_offset=1.0, scale_embeddings=True, sandwich_norms=True)
@@ -122,6 +123,12 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators); logits stay float32
     param_dtype: str = "float32"  # storage dtype of the parameters
     remat: bool = False  # rematerialise each block in the backward pass (nn.remat)
+    # Attention implementation (models/layers.py, `Attention`): "plain" materialises the
+    # [B, H, T, S] scores; "blockwise" runs ops.blockwise_attention (blocks of
+    # attention_block_size queries x keys, memory linear in T); "auto" uses blockwise when
+    # T > 1 and T * S > attention_block_size**2 (so decode steps and short sequences stay plain).
+    attention_impl: str = "auto"
+    attention_block_size: int = 512
 
     def __post_init__(self):
         check_in(self.model_type, MODEL_TYPES, "model_type")
@@ -130,6 +137,9 @@ class ModelConfig:
         check_in(self.position_embedding, ("rope", "learned"), "position_embedding")
         check_in(self.dtype, DTYPES, "dtype")
         check_in(self.param_dtype, DTYPES, "param_dtype")
+        check_in(self.attention_impl, ATTENTION_IMPLS, "attention_impl")
+        if not isinstance(self.attention_block_size, int) or self.attention_block_size <= 0:
+            raise ValueError(f"`attention_block_size` must be a positive int, got {self.attention_block_size!r}")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(
                 f"rope scaling type {self.rope_type!r} is not supported; supported types are "
@@ -192,6 +202,12 @@ class ModelConfig:
     @property
     def dims_per_head(self) -> int:
         return self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
+
+    def uses_blockwise_attention(self, queries: int, keys: int) -> bool:
+        """Whether attention over `queries` x `keys` runs blockwise (see `attention_impl`)."""
+        if self.attention_impl == "auto":
+            return queries > 1 and queries * keys > self.attention_block_size ** 2
+        return self.attention_impl == "blockwise"
 
     def layer_type(self, layer: int) -> str:
         """"full_attention" or "sliding_attention" for layer number `layer`."""

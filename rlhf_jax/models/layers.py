@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models.config import FULL_ATTENTION, ModelConfig
+from rlhf_jax.ops.blockwise_attention import blockwise_attention
 from rlhf_jax.ops.chunked_head import soft_cap
 
 INIT_STD = 0.02  # weight init of fresh (untrained) models, as in GPT-2 and Llama
@@ -172,6 +173,13 @@ class Attention(nn.Module):
     RMS-normalised before RoPE (Qwen3, Gemma 3). `layer_type` picks the layer's RoPE; its
     span (full or sliding window) is already in the mask it is given. Masked scores get the
     most negative finite float, so rows that see no key (left-padding queries) stay finite.
+
+    Two implementations with the same values and gradients (`config.attention_impl`): the
+    plain path materialises the float32 `[B, K, G, T, S]` scores (and the backward pass keeps
+    several such arrays per layer); the blockwise path (`ops.blockwise_attention`: online
+    softmax over `attention_block_size` blocks, recomputed in the backward pass) never does,
+    so attention memory grows linearly in T. "auto" picks blockwise for T > 1 queries when
+    T * S exceeds one block, and the plain path for short sequences and KV-cache decode steps.
     """
 
     config: ModelConfig
@@ -252,13 +260,19 @@ class Attention(nn.Module):
         # one contracted axis, both products and their gradients are plain batched matmuls.
         q = q.reshape(batch, queries, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
         q = q.reshape(batch, kv_heads, groups * queries, head_dim)
-        scores = jnp.einsum(
-            "bkqd,bkds->bkqs", q, k.astype(q.dtype), preferred_element_type=jnp.float32
-        ).reshape(batch, kv_heads, groups, queries, -1)  # [B, K, G, Tq, S]
-        scores = soft_cap(scores, c.attn_logit_softcap)
-        scores = jnp.where(attend_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(batch, kv_heads, groups * queries, -1)
-        out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(batch, kv_heads, groups, queries, head_dim)
+        if c.uses_blockwise_attention(queries, k.shape[-1]):
+            out = blockwise_attention(
+                q.reshape(batch, kv_heads, groups, queries, head_dim), k.astype(q.dtype), v, attend_mask,
+                softcap=c.attn_logit_softcap, block_q=c.attention_block_size, block_k=c.attention_block_size,
+            )  # [B, K, G, T, Dh], no [.., T, S] scores in the forward or backward pass
+        else:
+            scores = jnp.einsum(
+                "bkqd,bkds->bkqs", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+            ).reshape(batch, kv_heads, groups, queries, -1)  # [B, K, G, T, S]
+            scores = soft_cap(scores, c.attn_logit_softcap)
+            scores = jnp.where(attend_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(batch, kv_heads, groups * queries, -1)
+            out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(batch, kv_heads, groups, queries, head_dim)
         out = out.transpose(0, 3, 1, 2, 4).reshape(batch, queries, heads * head_dim)
         out = out.astype(jnp.dtype(c.dtype))
         return self.o_proj(out), new_cache

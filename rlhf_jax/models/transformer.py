@@ -18,6 +18,7 @@ Forward API (the training code calls these; params come from `load_pretrained` o
     model = CausalLM(config)
     logits = model.apply({"params": params}, input_ids, attention_mask)
         # input_ids [B, T] int, attention_mask [B, T] (1 = real token, 0 = pad; None = all 1)
+        # ids where the mask is 0 are ignored (any value, e.g. -100); real ids must be in [0, V)
         # -> logits [B, T, V] float32
         # `__call__` returns logits only, whatever its arguments
     logits, new_cache = model.apply({"params": params}, input_ids, attention_mask, cache=cache,
@@ -64,7 +65,7 @@ from rlhf_jax.models.kv_cache import (
     write_cache_positions,
 )
 from rlhf_jax.models.layers import INIT_STD, MLP, Attention, fold_matmul, make_norm, soft_cap, take_rows
-from rlhf_jax.ops.checks import check_rank, check_same_shape
+from rlhf_jax.ops.checks import check_rank, check_same_shape, check_token_ids
 from rlhf_jax.ops.chunked_head import OutputHead
 
 
@@ -152,7 +153,11 @@ class Decoder(nn.Module):
                 attend_mask, positions, key_positions, c.sliding_window
             )
 
-        x = self.embed(input_ids)  # [B, T, D]
+        # Ids at padded positions are never looked up: any value may stand there (e.g. an
+        # ignore index of -100), where an out-of-range id would embed as NaN and reach the
+        # real tokens through attention (0 weight x NaN value).
+        check_token_ids(input_ids, attention_mask, "input_ids", c.vocab_size)
+        x = self.embed(jnp.where(attention_mask != 0, input_ids, 0))  # [B, T, D]
         if c.scale_embeddings:  # in the compute dtype, as Gemma's checkpoints expect
             x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)
         if c.position_embedding == "learned":

@@ -2,13 +2,16 @@
 
 Each check runs on static shape/dtype information only, so it is free under `jax.jit`, and
 raises `ValueError` naming the offending argument instead of letting a broadcast fail deep in
-XLA.
+XLA. The one exception, `check_token_ids`, reads values, and only of concrete (not traced)
+arrays.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_rank(x, rank: int | Sequence[int], name: str) -> None:
@@ -51,3 +54,23 @@ def check_in(value, allowed: Sequence[str], name: str) -> None:
     """Raise unless a static option is one of `allowed`."""
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {sorted(allowed)}, got {value!r}")
+
+
+def check_token_ids(ids, mask, name: str, vocab_size: int | None = None) -> None:
+    """Raise unless every real token of `ids` (where `mask` != 0) is in `[0, vocab_size)`
+    (`>= 0` without `vocab_size`), naming the first bad position. Ids where `mask` is 0 are
+    not checked (callers ignore them, e.g. an ignore index of -100). Skipped for traced
+    values (under `jax.jit` an out-of-range id cannot raise, and its embedding or log-prob
+    comes out NaN) and for arrays spread over several processes."""
+    for x in (ids, mask):
+        if isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return
+    ids, real = np.asarray(ids), np.asarray(mask) != 0
+    bad = real & ((ids < 0) | (ids >= vocab_size if vocab_size is not None else False))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+        raise ValueError(
+            f"`{name}` holds token id {int(ids[where])} at index {list(where)}, a real position "
+            f"(mask 1); ids there must be {bound}. Mark ignored tokens (e.g. -100) with mask 0: "
+            f"ids at masked positions are never read")

@@ -21,7 +21,9 @@ custom VJP that recomputes each block's logits from the saved `h`, `W` and the p
     dh = da W^T,   dW += h^T da                 (dW accumulated in float32 over the blocks)
 
 so the backward pass holds a few `[chunk_size, V]` blocks and one float32 `[D, V]` gradient,
-whatever the number of positions. This is the memory behaviour of fused/"cut" cross-entropy
+whatever the number of positions. Each block's `h^T da` is added in `KERNEL_GRAD_PIECES`
+vocabulary slices, so no second `[D, V]` product sits next to the gradient (on the probe of
+benchmarks/RESULTS.md, V = 151,936, D = 256, that cut an SFT step's XLA estimate by 90 MB). This is the memory behaviour of fused/"cut" cross-entropy
 heads (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models",
 arXiv:2411.09009): peak memory independent of the number of tokens. The cost is one extra
 `[tokens, D] x [D, V]` matmul (the recomputation in the backward pass).
@@ -46,6 +48,8 @@ from rlhf_jax.ops.checks import check_positive
 
 # A block holds about this many logits (64 MiB in float32): chunk_size = budget / V positions.
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
+# The backward pass adds each block's kernel gradient in this many vocabulary slices.
+KERNEL_GRAD_PIECES = 8
 
 
 class OutputHead(NamedTuple):
@@ -176,16 +180,36 @@ def _flat_bwd(vocab_major, softcap, chunk_size, residuals, cotangents):
         h = hidden_block.astype(kernel.dtype)
         hidden_grad = jax.lax.dot_general(da, kernel, (((1,), (0 if vocab_major else 1,)), ((), ())),
                                           preferred_element_type=jnp.float32)
-        if vocab_major:  # dW [V, D] = da^T h
-            step = jax.lax.dot_general(da, h, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        else:  # dW [D, V] = h^T da
-            step = jax.lax.dot_general(h, da, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return kernel_grad + step, hidden_grad.astype(hidden.dtype)
+        return _add_kernel_grad(kernel_grad, h, da, vocab_major), hidden_grad.astype(hidden.dtype)
 
     blocks = (_blocks(hidden, chunk_size),) + tuple(_blocks(x, chunk_size) for x in per_position)
     kernel_grad, hidden_grad = jax.lax.scan(body, jnp.zeros(kernel.shape, jnp.float32), blocks)
     return (_unblock(hidden_grad, count), kernel_grad.astype(kernel.dtype), None,
             jnp.zeros_like(temperature))
+
+
+def _add_kernel_grad(kernel_grad, h, da, vocab_major):
+    """`kernel_grad + h^T da` ([D, V]; `da^T h` [V, D] when vocab-major), added slice by slice
+    over `KERNEL_GRAD_PIECES` pieces of the vocabulary, so that besides the float32 gradient
+    only one `[D, V / pieces]` product is alive (one whole `[D, V]` product would double the
+    head's largest buffer). The last piece is aligned to the vocabulary's end; its columns that
+    an earlier piece covered are zeroed in `da` first."""
+    vocab, axis = da.shape[1], 0 if vocab_major else 1
+    width = math.ceil(vocab / min(KERNEL_GRAD_PIECES, vocab))
+    pieces = math.ceil(vocab / width)
+
+    def add_piece(i, kernel_grad):
+        start = jnp.minimum(i * width, vocab - width)
+        piece = jax.lax.dynamic_slice_in_dim(da, start, width, 1)
+        piece = jnp.where(start + jnp.arange(width) >= i * width, piece, 0).astype(da.dtype)
+        if vocab_major:  # [width, D] = piece^T h
+            step = jax.lax.dot_general(piece, h, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        else:  # [D, width] = h^T piece
+            step = jax.lax.dot_general(h, piece, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        current = jax.lax.dynamic_slice_in_dim(kernel_grad, start, width, axis)
+        return jax.lax.dynamic_update_slice_in_dim(kernel_grad, current + step, start, axis)
+
+    return jax.lax.fori_loop(0, pieces, add_piece, kernel_grad)
 
 
 _flat_head_stats.defvjp(_flat_fwd, _flat_bwd)

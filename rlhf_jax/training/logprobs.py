@@ -7,7 +7,8 @@ Layout (`LMBatch`):
 
 N is 1 for SFT, KTO and PPO, 2 for preference pairs (chosen, rejected) and G for GRPO / RLOO
 groups. `response_mask` is 1 on the response tokens that exist and count (up to and
-including the EOS of a sampled response); prompt tokens are never scored. Every prompt holds
+including the EOS of a sampled response); prompt tokens are never scored. Ids at padded
+positions (mask 0) are never read, so they may hold anything, e.g. an ignore index of -100. Every prompt holds
 at least one real token, its last column: a row with no prompt text puts its first token
 (e.g. BOS) there, since nothing predicts a sequence's first token.
 
@@ -30,10 +31,11 @@ backward passes never hold `[B, N, R, V]` logits: a block holds about 2^24 logit
 (`default_chunk_size(V)` positions; at most 110 positions for a 151,936-token vocabulary),
 so the head's memory no longer grows with the tokens of a step. With a small vocabulary the
 whole batch is one block. `"auto"` keeps full logits while the positions `B * N * R` are at
-most the hidden size D: the blocked backward pass holds two float32 `[D, V]` buffers (the
-kernel gradient and one block's contribution), which outweigh `[positions, V]` logits there
-(measured in benchmarks/RESULTS.md, "Memory": a Qwen3-0.6B-shaped step at 512 scored
-positions, D = 1,024, needs 13.06 GB blocked vs 12.69 GB full). On CPU the blocked head was not
+most the hidden size D. That rule dates from a blocked backward pass that held two float32
+`[D, V]` buffers (the kernel gradient and one block's contribution: a Qwen3-0.6B-shaped
+step at 512 scored positions, D = 1,024, needed 13.06 GB blocked vs 12.69 GB full); the
+block's contribution is now added in vocabulary slices, and the same step needs 12.52 GB
+blocked (benchmarks/RESULTS.md, "Memory"). On CPU the blocked head was not
 slower (steps at V = 512 / 8,192 / 32,000: 0.85x / 0.98x / 0.80x the full head's time). An int sets the positions per block; `None` projects every
 position with `lm_logits` (full float32 logits, their gradient and softmax temporaries: about
 12 bytes x tokens x V). Both agree to 1e-5 in values and gradients (tested).
@@ -51,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from rlhf_jax.ops.checks import check_positive, check_rank, check_same_shape
+from rlhf_jax.ops.checks import check_positive, check_rank, check_same_shape, check_token_ids
 from rlhf_jax.ops.chunked_head import chunked_head_stats
 from rlhf_jax.ops.logprobs import entropy_from_logits, token_logprobs
 
@@ -86,6 +88,9 @@ class LMBatch:
         if jnp.shape(self.response_ids)[0] != self.batch_size:
             raise ValueError(f"`response_ids` must have {self.batch_size} rows like `prompt_ids`, "
                              f"got shape {jnp.shape(self.response_ids)}")
+        # Concrete arrays only: real ids must be >= 0; padded ones are never read (may be -100).
+        check_token_ids(self.prompt_ids, self.prompt_mask, "prompt_ids")
+        check_token_ids(self.response_ids, self.response_mask, "response_ids")
 
     def joined(self):
         """`(input_ids, attention_mask)` `[B * N, P + R]`: each response after its own copy of

@@ -182,3 +182,45 @@ def test_shared_prefix_hidden_states_respect_the_window(loaded):
         np.testing.assert_allclose(last, expected[:, 6], atol=1e-4)
         keep = response_mask[:, n].astype(bool)
         np.testing.assert_allclose(np.asarray(hidden[:, n])[keep], expected[:, 7:][keep], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_blockwise_attention_logits_match_transformers(family, hf_lm, loaded):
+    """The blockwise attention path (blocks of 5 queries x 5 keys, sequences of 12 with
+    windows of 4 and left padding): transformers' logits, as the plain path gives them."""
+    _, torch_model = hf_lm[family]
+    module, params, _ = loaded[family]
+    blockwise = type(module)(module.config.replace(attention_impl="blockwise", attention_block_size=5))
+    ids, mask = padded_batch(seed=19, time=TIME, side="left")
+    ours = jax.jit(blockwise.apply)({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+    assert max_diff_on_tokens(ours, torch_logits(torch_model, ids, mask), mask) <= TOL
+
+
+def test_blockwise_attention_in_the_shared_prefix_path(loaded):
+    """Prompt once through the cache, then the continuations, all through blockwise attention
+    (soft-capped GQA with windows, Gemma 2): the plain path's hidden states and gradients."""
+    module, params, _ = loaded["gemma2"]
+    prompt_ids, prompt_mask = padded_batch(seed=20, batch=2, time=9, side="left")
+    response_ids = np.random.default_rng(21).integers(3, 128, size=(2, 2, 7))
+    response_mask = np.ones_like(response_ids)
+    response_mask[:, 1, 5:] = 0
+    args = tuple(map(jnp.asarray, (prompt_ids, prompt_mask, response_ids, response_mask)))
+    weights = jnp.asarray(np.random.default_rng(22).normal(size=(2, 2, 7, 32)).astype(np.float32))
+
+    def run(config):
+        model = type(module)(config)
+
+        def loss(p):
+            last, hidden = model.apply({"params": p}, *args, method="shared_prefix_hidden_states")
+            return jnp.sum(hidden * weights * args[3][..., None]) + jnp.sum(last), (last, hidden)
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (_, (last, hidden)), grads = run(module.config.replace(attention_impl="plain"))
+    (_, (last_b, hidden_b)), grads_b = run(module.config.replace(attention_impl="blockwise", attention_block_size=4))
+    np.testing.assert_allclose(last_b, last, atol=1e-5)
+    keep = response_mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(hidden_b)[keep], np.asarray(hidden)[keep], atol=1e-5)
+    # Gradients to float32 rounding relative to each leaf's scale (they reach ~1e2 here).
+    relative = lambda a, b: float(np.abs(a - b).max() / np.abs(b).max())
+    assert max(jax.tree.leaves(jax.tree.map(relative, grads_b, grads))) <= 1e-5

@@ -220,3 +220,16 @@ def test_invalid_attention_spans_raise():
     # a window alone slides every layer (Mistral); no sliding layer leaves layer_types None
     assert ModelConfig.llama(num_layers=2, sliding_window=4).layer_types == ("sliding_attention",) * 2
     assert ModelConfig.llama(num_layers=2, layer_types=["full_attention"] * 2).layer_types is None
+
+
+def test_attention_impl_choice_and_validation():
+    auto = ModelConfig(attention_block_size=512)
+    assert not auto.uses_blockwise_attention(1, 100_000)  # a decode step stays plain
+    assert not auto.uses_blockwise_attention(512, 512)  # one block of scores: plain
+    assert auto.uses_blockwise_attention(513, 513) and auto.uses_blockwise_attention(256, 2048)
+    assert ModelConfig(attention_impl="blockwise").uses_blockwise_attention(1, 4)
+    assert not ModelConfig(attention_impl="plain").uses_blockwise_attention(10_000, 10_000)
+    with pytest.raises(ValueError, match="attention_impl"):
+        ModelConfig(attention_impl="flash")
+    with pytest.raises(ValueError, match="attention_block_size"):
+        ModelConfig(attention_block_size=0)

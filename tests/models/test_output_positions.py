@@ -16,6 +16,8 @@ CONFIGS = {
     "gpt2": ModelConfig.gpt2(max_position_embeddings=16, **SMALL),  # fused qkv, learned positions
     "gemma2": ModelConfig.gemma2(num_kv_heads=2, head_dim=8, sliding_window=3, **SMALL),  # window, caps
     "qwen3-remat": ModelConfig.qwen3(num_kv_heads=2, head_dim=8, remat=True, **SMALL),  # q/k norm
+    "llama-blockwise": ModelConfig.llama(num_kv_heads=2, attention_impl="blockwise", attention_block_size=2,
+                                         **SMALL),
 }
 
 

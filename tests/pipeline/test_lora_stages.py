@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
 from stage_helpers import LENGTHS, QUIET, sft_overrides, tiny_task
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -128,6 +129,36 @@ def test_training_continues_from_a_peft_adapter_folder(setting, lora_dpo, tmp_pa
     for x, y in zip(before, after):
         np.testing.assert_allclose(x, y, atol=1e-6)
     assert result["adapter_dir"] == str(tmp_path / "adapter")
+
+
+def test_cli_continues_from_a_folder_written_by_peft(setting, tmp_path):
+    """`rlhf-jax dpo lora.path=<PEFT folder>` on an adapter that `peft` itself saved (other
+    rank, alpha and layers than the command line's): the run adopts them, exports the adapter
+    to <output_dir>/adapter and the merged model to <output_dir>/model, and (at a negligible
+    rate) both give the logits of `peft`'s model."""
+    base = AutoModelForCausalLM.from_pretrained(setting["sft"], dtype=torch.float32)
+    peft_config = PeftLoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"],
+                                 init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(base, peft_config).save_pretrained(tmp_path / "peft")
+    out = tmp_path / "run"
+    overrides = dpo_overrides(setting, out, steps=1) + [f"lora.path={tmp_path / 'peft'}", "optim.learning_rate=1e-12",
+                                                        "checkpoint.interval=0"]
+    assert cli.main(["dpo", *overrides]) == 0
+    settings = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (settings["r"], settings["lora_alpha"]) == (3, 6)
+    assert sorted(settings["target_modules"]) == ["mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    base = AutoModelForCausalLM.from_pretrained(setting["sft"], dtype=torch.float32)
+    original = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(setting["sft"], dtype=torch.float32)
+    exported = PeftModel.from_pretrained(base, out / "adapter").eval()
+    ids = torch.tensor(np.random.default_rng(2).integers(3, merged.config.vocab_size, (2, 9)))
+    with torch.no_grad():
+        want = original(input_ids=ids).logits.numpy()
+        np.testing.assert_allclose(merged(input_ids=ids).logits.numpy(), want, atol=1e-4)
+        np.testing.assert_allclose(exported(input_ids=ids).logits.numpy(), want, atol=1e-4)
+        with original.disable_adapter():
+            assert np.abs(original(input_ids=ids).logits.numpy() - want).max() > 1e-3  # not a no-op
 
 
 @pytest.mark.slow

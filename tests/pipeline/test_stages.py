@@ -34,13 +34,15 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("name, cls", [("sft", SFTConfig), ("reward", RewardConfig), ("dpo", DPOConfig),
-                                       ("ipo", DPOConfig), ("ppo", PPOStageConfig), ("grpo", GRPOStageConfig)])
+                                       ("ipo", DPOConfig), ("dpo_lora", DPOConfig), ("ppo", PPOStageConfig),
+                                       ("grpo", GRPOStageConfig)])
 def test_every_recipe_config_loads(name, cls):
     config = load_stage_config(cls, CONFIGS / f"{name}.yaml", [])
     assert load_stage_config(EvalConfig, CONFIGS / "eval.yaml", []).num_samples == 64
     assert config.output_dir == f"runs/{name}"
     if name == "ipo":
         assert config.dpo.loss_type == "ipo"
+    assert (config.lora is not None) == (name == "dpo_lora")
 
 
 def test_removed_grad_accum_steps_is_an_unknown_key(tmp_path):

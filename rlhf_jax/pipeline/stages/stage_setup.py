@@ -206,8 +206,10 @@ def summary(stage: str, output_dir, result, extra: dict | None = None) -> dict:
     }
     if jax.process_index() == 0:
         state = "done" if result.finished else "stopped early (resume with --resume)"
+        trained = (f"; {info['trainable_parameters']:,} trained parameters, optimizer state "
+                   f"{info['optimizer_state_bytes'] / 2**20:.2f} MiB" if "optimizer_state_bytes" in info else "")
         print(f"[{stage}] {state}: {result.step} steps in {result.seconds:.1f}s "
-              f"({result.steps_per_second:.1f} steps/s after compilation) -> {output_dir}", flush=True)
+              f"({result.steps_per_second:.1f} steps/s after compilation){trained} -> {output_dir}", flush=True)
     return info
 
 
@@ -223,11 +225,20 @@ def export_adapter(output_dir, module, state, base_path: str | None = None) -> P
     return folder
 
 
+def tree_bytes(tree) -> int:
+    """Bytes of every array leaf of `tree` (global sizes of sharded arrays)."""
+    return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
 def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra: dict | None = None, *,
                  base_path: str | None = None) -> dict:
     """Export the trained model of `state` when the run finished (`model_dir` in the summary;
-    with LoRA the merged model, and the PEFT adapter as `adapter_dir`); the summary."""
+    with LoRA the merged model, and the PEFT adapter as `adapter_dir`); the summary, with the
+    trained parameters' count (`trainable_parameters`: the adapters with LoRA) and the bytes of
+    their optimizer state (`optimizer_state_bytes`)."""
     extra = dict(extra or {})
+    extra["trainable_parameters"] = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
+    extra["optimizer_state_bytes"] = tree_bytes(state.opt_state)
     if result.finished:
         extra["model_dir"] = str(export_model(output_dir, module, merged_params(state), tokenizer))
         if is_lora_state(state):
@@ -238,5 +249,5 @@ def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra
 __all__ = [
     "MODEL_DIR", "prepare_output_dir", "require", "stage_tokenizer", "fresh_model_config",
     "build_model", "load_folder", "stage_mesh", "make_state", "place", "rng_key", "stage_rng",
-    "export_model", "export_adapter", "ADAPTER_DIR", "summary", "finish_stage",
+    "export_model", "export_adapter", "ADAPTER_DIR", "summary", "tree_bytes", "finish_stage",
 ]
