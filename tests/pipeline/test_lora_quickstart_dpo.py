@@ -34,13 +34,21 @@ def test_lora_dpo_on_the_quickstart_sft_model_raises_held_out_accuracy(tmp_path)
     assert lora["finished"] and (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").is_file()
 
     # Held-out pairs: the policy starts as its reference (implicit rewards 0, accuracy 0); the
-    # accuracy and the margin of the implicit rewards rise from the first evaluation to the last.
+    # accuracy of the implicit rewards rises to >= 0.9 and their margin grows from the first
+    # evaluation to the last.
     rows = [row for row in read_metrics(tmp_path / "lora") if "eval/dpo/accuracy" in row]
     accuracy = [row["eval/dpo/accuracy"] for row in rows]
     margin = [row["eval/dpo/margin"] for row in rows]
     assert [row["step"] for row in rows] == [25, 50, 75, 100]
-    assert accuracy[-1] > accuracy[0] and accuracy[-1] >= 0.9, accuracy
-    assert margin[-1] > 5 * margin[0] > 0, margin
+    policy = [row["eval/dpo/policy_accuracy"] for row in rows]
+    reference = rows[0]["eval/dpo/reference_accuracy"]
+    assert accuracy[-1] >= 0.9, accuracy
+    # Training, not drift: at the full-fine-tuning rate the adapters barely move and the margin
+    # stays near 0.002 (benchmarks/RESULTS.md, "LoRA DPO").
+    assert margin[-1] > 5 * margin[0] > 0 and margin[-1] > 0.03, margin
+    # The SFT model already ranks these held-out pairs by log-probability (reference accuracy);
+    # DPO must not lose that ranking.
+    assert min(policy) >= reference - 0.02, (policy, reference)
 
     # Optimizer state of the run vs that of a full fine-tuning state (configs/dpo.yaml's
     # optimizer) of the same model.

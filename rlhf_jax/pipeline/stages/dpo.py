@@ -8,7 +8,11 @@ The reference policy (`reference`, default `model.path`) is frozen, so its log-p
 training and held-out pair are computed once, before training, in fixed-shape batches; each
 training batch then carries them (`PreferenceBatch.ref_logps`) and the step runs one
 forward/backward pass of the policy only. Held-out pairs give `eval/dpo/accuracy` (share of
-pairs with implicit reward `beta*c > beta*r`) and `eval/dpo/margin`. With `lora`, the reference
+pairs with implicit reward `beta*c > beta*r`; 0 while the policy equals its reference, as every
+implicit reward is then 0), `eval/dpo/margin`, and `eval/dpo/policy_accuracy` (share of pairs
+whose chosen answer the policy itself gives the higher log-probability), next to
+`eval/dpo/reference_accuracy`, the same share for the reference (the start's value, for
+comparison). With `lora`, the reference
 is the loaded model itself (the base with its adapters disabled), so no second copy is read.
 """
 from __future__ import annotations
@@ -88,10 +92,12 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
         def evaluate(params):
             chosen, rejected = dataset_logps(eval_logps, params, eval_data,
                                              config.eval.batch_size, mesh, config.eval.max_batches)
+            metrics = {"eval/dpo/policy_accuracy": float(np.mean(chosen > rejected))}
             if eval_ref is not None:
+                metrics["eval/dpo/reference_accuracy"] = float(np.mean(eval_ref[0] > eval_ref[1]))
                 chosen, rejected = chosen - eval_ref[0], rejected - eval_ref[1]
             return {"eval/dpo/accuracy": float(np.mean(beta * chosen > beta * rejected)),
-                    "eval/dpo/margin": float(np.mean(beta * (chosen - rejected)))}
+                    "eval/dpo/margin": float(np.mean(beta * (chosen - rejected))), **metrics}
 
     kind = config.dpo.kind
     return skeletons.run_supervised_stage(
