@@ -38,15 +38,20 @@ POLICY_LOGPS = oracle_logps(POLICY_PARAMS, BATCH)
 REFERENCE_LOGPS = oracle_logps(REFERENCE_PARAMS, BATCH)
 
 
+def train_losses(batch, config, steps: int, loss_key: str):
+    """`steps` preference steps from the policy's initial parameters: (losses, last metrics)."""
+    state, losses = fresh_state(POLICY, POLICY_PARAMS), []
+    for _ in range(steps):
+        state, metrics = STEP(state, batch, config=config, ref_params=REFERENCE_PARAMS)
+        losses.append(float(metrics[loss_key]))
+    return losses, metrics
+
+
 def test_sigmoid_step_zero_matches_numpy_and_training_lowers_it():
     chosen, rejected, _, _ = POLICY_LOGPS
     ref_chosen, ref_rejected, _, _ = REFERENCE_LOGPS
     expected = -log_sigmoid(0.5 * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
-    state = fresh_state(POLICY, POLICY_PARAMS)
-    losses = []
-    for _ in range(20):
-        state, metrics = STEP(state, BATCH, config=SIGMOID, ref_params=REFERENCE_PARAMS)
-        losses.append(float(metrics["dpo/loss"]))
+    losses, metrics = train_losses(BATCH, SIGMOID, 20, "dpo/loss")
     np.testing.assert_allclose(losses[0], expected, rtol=1e-5)
     assert losses[-1] < 0.2 * losses[0]
     assert float(metrics["dpo/accuracy"]) == 1.0 and float(metrics["dpo/margin"]) > 0
@@ -131,11 +136,7 @@ def test_kto_step_with_mismatched_pairs_matches_numpy_and_lowers_its_loss():
     desirable = 1.0 * (1 - sigmoid(0.5 * (logps - ref - z0)))
     undesirable = 1.5 * (1 - sigmoid(0.5 * (z0 - (logps - ref))))
     expected = np.where(batch.is_desirable, desirable, undesirable).mean()
-    state = fresh_state(POLICY, POLICY_PARAMS)
-    losses = []
-    for _ in range(15):
-        state, metrics = STEP(state, batch, config=config, ref_params=REFERENCE_PARAMS)
-        losses.append(float(metrics["kto/loss"]))
+    losses, _ = train_losses(batch, config, 15, "kto/loss")
     np.testing.assert_allclose(losses[0], expected, rtol=1e-5)
     assert losses[-1] < 0.5 * losses[0]
 
