@@ -19,6 +19,7 @@ import numpy as np
 from rlhf_jax.models.config import FULL_ATTENTION, ModelConfig
 from rlhf_jax.ops.blockwise_attention import blockwise_attention
 from rlhf_jax.ops.chunked_head import soft_cap
+from rlhf_jax.ops.prefix_attention import prefix_attention
 
 INIT_STD = 0.02  # weight init of fresh (untrained) models, as in GPT-2 and Llama
 
@@ -204,8 +205,9 @@ class Attention(nn.Module):
 
         With `layer_cache = {"key": [B, K, Dh, S], "value": [B, K, S, Dh]}` the new keys/values are
         written at slots [cache_index, cache_index + T) and attention reads all S slots; with
-        `cache_index=None` they are appended after the S cached slots (S + T slots, no copy
-        into a preallocated buffer: a prefix computed once, continued by a training pass).
+        `cache_index=None` the T tokens continue the S cached ones without being written (a
+        prefix computed once, continued by a training pass; the cache may hold B / N rows,
+        each continued by N consecutive rows of `x`, see `ops.prefix_attention`).
         With `query_rows` [B, M] int, keys and values come from all T tokens but only the M
         tokens `query_rows` query (output [B, M, D]): the last layer of a model whose caller
         reads a few positions.
@@ -234,28 +236,43 @@ class Attention(nn.Module):
             inv_freq = rope_inverse_frequencies(c, self.layer_type)
             q = apply_rope(q, query_positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
+        groups = heads // kv_heads
+        q = q * jnp.asarray(1.0 / math.sqrt(c.query_pre_attn_scalar or head_dim), q.dtype)
+        new_cache, prefix = None, None
+        if layer_cache is not None and cache_index is None:  # continuations of a shared prefix
+            prefix = layer_cache["key"], layer_cache["value"]
+            if batch % prefix[0].shape[0]:
+                raise ValueError(f"{batch} rows cannot continue a cache of {prefix[0].shape[0]} rows: "
+                                 "each cached row is continued by the same number of consecutive rows")
+            num = batch // prefix[0].shape[0]
+            k, v = k.astype(prefix[0].dtype), v.astype(prefix[1].dtype)
+            if not c.uses_blockwise_attention(queries, prefix[0].shape[-1] + time):
+                rows = batch // num
+                out = prefix_attention(
+                    q.reshape(rows, num, queries, kv_heads, groups, head_dim).transpose(0, 3, 1, 4, 2, 5),
+                    k.reshape(rows, num, time, kv_heads, head_dim).transpose(0, 3, 1, 4, 2),
+                    v.reshape(rows, num, time, kv_heads, head_dim).transpose(0, 3, 1, 2, 4),
+                    *prefix, attend_mask.reshape(rows, num, queries, -1), softcap=c.attn_logit_softcap,
+                )  # [B / N, K, N, G, Tq, Dh]
+                out = out.transpose(0, 2, 4, 1, 3, 5).reshape(batch, queries, heads * head_dim)
+                return self.o_proj(out.astype(jnp.dtype(c.dtype))), None
         # Heads-major layouts in which both attention matmuls are plain batched products
         # (no transposed operand, no copy of the cache): keys [B, K, Dh, S], values [B, K, S, Dh].
         k = k.transpose(0, 2, 3, 1)  # [B, K, Dh, T]
         v = v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
-
-        new_cache = None
-        if layer_cache is not None:
+        if prefix is not None:  # blockwise: the prefix copied for its continuations
+            k = jnp.concatenate([jnp.repeat(prefix[0], num, axis=0), k], axis=3)  # [B, K, Dh, S + T]
+            v = jnp.concatenate([jnp.repeat(prefix[1], num, axis=0), v], axis=2)  # [B, K, S + T, Dh]
+        elif layer_cache is not None:
             cache_dtype = layer_cache["key"].dtype
-            if cache_index is None:  # append
-                k = jnp.concatenate([layer_cache["key"], k.astype(cache_dtype)], axis=3)  # [B, K, Dh, S + T]
-                v = jnp.concatenate([layer_cache["value"], v.astype(cache_dtype)], axis=2)  # [B, K, S + T, Dh]
-            else:
-                k = jax.lax.dynamic_update_slice(
-                    layer_cache["key"], k.astype(cache_dtype), (0, 0, 0, cache_index)
-                )  # [B, K, Dh, S]
-                v = jax.lax.dynamic_update_slice(
-                    layer_cache["value"], v.astype(cache_dtype), (0, 0, cache_index, 0)
-                )  # [B, K, S, Dh]
+            k = jax.lax.dynamic_update_slice(
+                layer_cache["key"], k.astype(cache_dtype), (0, 0, 0, cache_index)
+            )  # [B, K, Dh, S]
+            v = jax.lax.dynamic_update_slice(
+                layer_cache["value"], v.astype(cache_dtype), (0, 0, cache_index, 0)
+            )  # [B, K, S, Dh]
             new_cache = {"key": k, "value": v}
 
-        groups = heads // kv_heads
-        q = q * jnp.asarray(1.0 / math.sqrt(c.query_pre_attn_scalar or head_dim), q.dtype)
         # Query rows of a key/value head's group, [B, K, G*T, Dh]: with one batch axis pair and
         # one contracted axis, both products and their gradients are plain batched matmuls.
         q = q.reshape(batch, queries, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)

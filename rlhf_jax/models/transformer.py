@@ -122,8 +122,11 @@ class Decoder(nn.Module):
         """Final hidden states [B, T, D] and the updated cache (None without a cache).
 
         `append=True` (with a full cache, `index` = its S slots): the T tokens continue the
-        cached ones in T new slots appended to it (the returned cache has S + T slots), where
-        the default writes them into the cache's free slots.
+        cached ones as a training pass does (nothing is written: the returned cache is None),
+        where the default writes them into the cache's free slots. The cache's `mask` and
+        `positions` have the B input rows; its layers may hold B / N rows, each continued by
+        N consecutive input rows (a prompt shared by N responses, `shared_prefix_forward`),
+        whose keys and values attention reads without copying them (`ops.prefix_attention`).
 
         `output_positions` [B, M] int: return the final hidden states of those positions only,
         [B, M, D]. The last layer then computes keys and values for every token (the cache
@@ -173,7 +176,7 @@ class Decoder(nn.Module):
             x, new_layer_cache = layer(x, positions, masks[c.layer_type(i)], layer_cache, index, rows)
             new_layers.append(new_layer_cache)
         hidden = self.final_norm(x)
-        if cache is None:
+        if cache is None or append:
             return hidden, None
         new_cache = {
             "index": cache["index"] + input_ids.shape[1],
@@ -218,10 +221,11 @@ def shared_prefix_forward(decoder: Decoder, config: ModelConfig, prompt_ids, pro
     Returns `(prompt_last [B, D], responses [B, N, R or M, D])`: the final hidden states at
     each prompt's last token and at every (or each requested) continuation token, the same
     as a forward pass over each prompt + continuation. The prompt's keys and values are
-    computed once, in a cache of P slots, copied for the N continuations, which append their
-    own (gradients flow back through the copies), so the prompt
-    costs one forward pass instead of N; the prompt pass computes its last layer past the
-    keys and values only at the prompt's last token.
+    computed once, in a cache of P slots, and the N continuations attend to them without a
+    copy (`ops.prefix_attention`: one product per head for all N continuations' queries, the
+    prompt's key and value gradients summed inside it), so the prompt costs one forward pass
+    instead of N; the prompt pass computes its last layer past the keys and values only at
+    the prompt's last token.
     """
     check_rank(prompt_ids, 2, "prompt_ids")
     check_rank(response_ids, 3, "response_ids")
@@ -234,7 +238,10 @@ def shared_prefix_forward(decoder: Decoder, config: ModelConfig, prompt_ids, pro
     cache = init_cache(config, batch, prompt_len)
     prompt_last = jnp.full((batch, 1), prompt_len - 1, jnp.int32)
     prompt_hidden, cache = decoder(prompt_ids, prompt_mask, None, cache, prompt_last)  # [B, 1, D]
-    cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, num, axis=0), cache)
+    # The N continuations of a row share its cached keys and values; only the bookkeeping
+    # (which slots are real, their positions) is per continuation row.
+    cache = {**cache, "mask": jnp.repeat(cache["mask"], num, axis=0),
+             "positions": jnp.repeat(cache["positions"], num, axis=0)}
     flat = lambda x: x.reshape(batch * num, x.shape[-1])
     rows = None if response_positions is None else flat(jnp.asarray(response_positions, jnp.int32))
     hidden, _ = decoder(flat(response_ids), flat(response_mask), None, cache, rows, append=True)
