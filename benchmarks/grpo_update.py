@@ -13,12 +13,12 @@ responses of up to 64 (right-padded, lengths 32..64), on the vs_trl model (`benc
 
 The run asserts that both give the same loss (to 1e-5) and the same gradients (to 1e-5),
 reports the median seconds of `--repeats` timed calls of each (interleaved, after two
-warm-up calls), the speed-up, and the model FLOPs of the update (forward + backward = 3 x the
+warm-up calls), the speed-up (ratio of the medians, and the spread of the per-round ratios), and the model FLOPs of the update (forward + backward = 3 x the
 forward; matmuls, attention and the LM head at the response positions) each setting runs
 and the share the shared prompt avoids. Compare ratios within a run: the machine may be
 shared.
 
-    python benchmarks/grpo_update.py [--prompts 2] [--repeats 5] [--write]
+    python benchmarks/grpo_update.py [--prompts 2] [--repeats 9] [--write]
 """
 from __future__ import annotations
 
@@ -119,10 +119,12 @@ def run(num_prompts: int, repeats: int) -> dict:
             wall, _ = common.time_calls(lambda: update(states[name], data, key), jax.block_until_ready, 1)
             times[name].extend(wall)
     seconds = {name: common.median(values) for name, values in times.items()}
+    rounds = [slow / fast for slow, fast in zip(times["per_response"], times["shared"])]  # per round
     mean_response = float(np.asarray(data.response_mask).sum(-1).mean())
     flops = {name: update_flops(config, num_prompts, mean_response, name == "shared") for name in updates}
     return dict(num_prompts=num_prompts, repeats=repeats, loss=loss, max_param_difference=max(differences),
                 seconds=seconds, flops=flops, speedup=seconds["per_response"] / seconds["shared"],
+                round_speedups=(min(rounds), common.median(rounds), max(rounds)),
                 flops_avoided=1 - flops["shared"] / flops["per_response"], mean_response=mean_response)
 
 
@@ -142,7 +144,8 @@ def report(result: dict, command: str) -> str:
         f"{result['repeats']} interleaved calls. The machine is shared with other jobs: absolute "
         "times are noisy, the ratio is measured in the same run.", "",
         common.markdown_table(["update", "seconds", "GFLOP", "GFLOP/s", "loss"], rows, align="lrrrr"), "",
-        f"Speed-up: **{result['speedup']:.2f}x**; FLOPs avoided by running each prompt once: "
+        f"Speed-up: **{result['speedup']:.2f}x** (ratio of the medians; per round, min / median / max: "
+        f"{' / '.join(f'{r:.2f}x' for r in result['round_speedups'])}); FLOPs avoided by running each prompt once: "
         f"{result['flops_avoided']:.0%} ({(flops['per_response'] - flops['shared']) / 1e9:.1f} GFLOP per "
         f"update). Losses equal to {abs(result['loss']['shared'] - result['loss']['per_response']):.1e} "
         f"(asserted <= 1e-5), gradients to {result['max_param_difference']:.1e} (asserted < 1e-5).", "",
@@ -154,7 +157,7 @@ def report(result: dict, command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=2, help="prompt groups in the rollout")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--write", action="store_true", help=f"write the {SECTION!r} section of RESULTS.md")
     args = parser.parse_args()
     result = run(args.prompts, args.repeats)

@@ -42,8 +42,8 @@ def test_output_positions_read_the_full_forward_pass(name):
     np.testing.assert_allclose(picked, np.take_along_axis(np.asarray(full), np.asarray(rows)[..., None], 1),
                                atol=1e-5, rtol=1e-5)
     weights = jax.random.normal(jax.random.key(2), picked.shape)
-    grad_full = jax.grad(lambda p: jnp.sum(weights * jnp.take_along_axis(hidden(p), rows[..., None], 1)))(params)
-    grad_picked = jax.grad(lambda p: jnp.sum(weights * hidden(p, output_positions=rows)))(params)
+    grad_full = jax.jit(jax.grad(lambda p: jnp.sum(weights * jnp.take_along_axis(hidden(p), rows[..., None], 1))))(params)
+    grad_picked = jax.jit(jax.grad(lambda p: jnp.sum(weights * hidden(p, output_positions=rows))))(params)
     for a, b in zip(jax.tree.leaves(grad_full), jax.tree.leaves(grad_picked)):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
 

@@ -65,7 +65,7 @@ def test_chunked_head_matches_full_logits(family, softcap, temperature, chunk):
         out = run(p, head_chunk_size)
         return sum(jnp.sum(w * x) for w, x in zip(weights, (out.logprobs, out.entropy, out.mean_logprob)))
 
-    full, blocks = run(params, None), run(params, chunk)
+    full, blocks = (jax.jit(run, static_argnums=1)(params, size) for size in (None, chunk))
     for name in ("logprobs", "entropy", "mean_logprob", "is_argmax", "mask"):
         np.testing.assert_allclose(getattr(blocks, name), getattr(full, name), atol=1e-5, rtol=1e-5, err_msg=name)
     padding = np.asarray(batch.response_mask) == 0

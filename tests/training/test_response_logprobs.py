@@ -125,8 +125,8 @@ def test_prompt_once_gradients_equal_per_response_prompts():
     def objective(p, prompt_once):
         return jnp.sum(weights * response_logprobs(model.apply, p, batch, prompt_once=prompt_once).logprobs)
 
-    shared = jax.grad(objective)(params, True)
-    separate = jax.grad(objective)(params, False)
+    grad = jax.jit(jax.grad(objective), static_argnums=1)
+    shared, separate = grad(params, True), grad(params, False)
     for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(separate)):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
 
@@ -174,7 +174,7 @@ def test_response_states_at_read_the_response_hidden_states(num):
     for prompt_once in (True, False):
         got = response_states_at(module.apply, params, batch, index, prompt_once=prompt_once)
         np.testing.assert_allclose(got, expected(params, prompt_once), atol=1e-5, rtol=1e-5)
-        grads = [jax.grad(lambda p: jnp.sum(weights * fn(p)))(params) for fn in (
+        grads = [jax.jit(jax.grad(lambda p: jnp.sum(weights * fn(p))))(params) for fn in (
             lambda p: response_states_at(module.apply, p, batch, index, prompt_once=prompt_once),
             lambda p: expected(p, prompt_once))]
         for a, b in zip(*map(jax.tree.leaves, grads)):
