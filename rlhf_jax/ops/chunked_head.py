@@ -11,6 +11,19 @@ an optional final-logit soft-cap `c` (Gemma 2) and a temperature `T`:
     entropy     = logsumexp - sum_v p_v z_v,  p = softmax(z)
     is_argmax   = 1 if y = argmax_v z_v else 0   (piecewise constant: zero gradient)
 
+Kept-set replay of top-k / top-p sampling (`kept_threshold`, `rlhf_jax.ops.kept_set`): with a
+per-position threshold t (units of z; -inf = nothing excluded) the statistics are those of
+the kept distribution the token was drawn from,
+
+    kept_v      = [z_v >= min(t, z_y)]           (the drawn token is always kept)
+    logsumexp   = log sum_{v kept} exp(z_v)
+    logprob     = z_y - logsumexp
+    entropy     = logsumexp - sum_v p_v z_v,  p_v = exp(z_v - logsumexp) if kept_v else 0
+
+while mean_logit stays the mean of z over the whole vocabulary (so `mean_logprob` is
+mean_v z_v minus the kept set's logsumexp) and is_argmax is unchanged (the argmax is always
+kept). Without thresholds the blocks trace no mask: the program is the plain one.
+
 The positions are flattened and processed in blocks of `chunk_size` rows with `lax.scan`;
 a block's `[chunk_size, V]` logits live only inside one loop iteration. The gradient is a
 custom VJP that recomputes each block's logits from the saved `h`, `W` and the per-position
@@ -20,7 +33,11 @@ custom VJP that recomputes each block's logits from the saved `h`, `W` and the p
     da = dz / T * (1 - (s(a) / c)^2)            (no factor without a soft-cap)
     dh = da W^T,   dW += h^T da                 (dW accumulated in float32 over the blocks)
 
-so the backward pass holds a few `[chunk_size, V]` blocks and one float32 `[D, V]` gradient,
+With thresholds, p is the kept distribution above (0 outside the kept set); the mask is
+piecewise constant in z and gets no gradient, as autodiff of `kept_set_logits` gives. The
+threshold itself gets none either.
+
+The backward pass holds a few `[chunk_size, V]` blocks and one float32 `[D, V]` gradient,
 whatever the number of positions. Each block's `h^T da` is added in `KERNEL_GRAD_PIECES`
 vocabulary slices, so no second `[D, V]` product sits next to the gradient (on the probe of
 benchmarks/RESULTS.md, V = 151,936, D = 256, that cut an SFT step's XLA estimate by 90 MB). This is the memory behaviour of fused/"cut" cross-entropy

@@ -38,7 +38,9 @@ block's contribution is now added in vocabulary slices, and the same step needs 
 blocked (benchmarks/RESULTS.md, "Memory"). On CPU the blocked head was not
 slower (steps at V = 512 / 8,192 / 32,000: 0.85x / 0.98x / 0.80x the full head's time). An int sets the positions per block; `None` projects every
 position with `lm_logits` (full float32 logits, their gradient and softmax temporaries: about
-12 bytes x tokens x V). Both agree to 1e-5 in values and gradients (tested).
+12 bytes x tokens x V). Both agree to 1e-5 in values and gradients (tested). With
+`kept_threshold` (top-k / top-p rollouts, `rlhf_jax.ops.kept_set`) both heads score the kept
+set renormalised: the blocks mask each block's logits, the full head uses `kept_set_logits`.
 Value and reward models read the same hidden states (`response_hidden_states`); a reward
 model's score of a response is read at its last real token (`response_states_at`, which runs
 the last layer's queries and MLP at that token only, or `response_end_states` on states

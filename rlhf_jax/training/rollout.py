@@ -34,7 +34,8 @@ top-p is active): a top-k / top-p sampler draws from the kept set renormalised, 
 rollout stores each token's kept-set threshold (`kept_threshold [B, N, R]`, midway between
 the smallest kept and the largest excluded `logit / T`) and every policy log-prob of the rollout and of the update is
 `z_y - logsumexp_{z_v >= t} z_v` (`rlhf_jax.ops.kept_set`): the ratios compare the
-distribution the tokens came from. Reference log-probs stay those of the full
+distribution the tokens came from. It runs on the same blocked LM head as the plain log-probs
+(`response_logprobs(kept_threshold=)`), never holding `[B, N, R, V]` logits. Reference log-probs stay those of the full
 `softmax(logits / T)` of the reference model. Off (or without filters), log-probs are those of
 `softmax(logits / T)`.
 
