@@ -11,6 +11,19 @@ an optional final-logit soft-cap `c` (Gemma 2) and a temperature `T`:
     entropy     = logsumexp - sum_v p_v z_v,  p = softmax(z)
     is_argmax   = 1 if y = argmax_v z_v else 0   (piecewise constant: zero gradient)
 
+Kept-set replay of top-k / top-p sampling (`kept_threshold`, `rlhf_jax.ops.kept_set`): with a
+per-position threshold t (units of z; -inf = nothing excluded) the statistics are those of
+the kept distribution the token was drawn from,
+
+    kept_v      = [z_v >= min(t, z_y)]           (the drawn token is always kept)
+    logsumexp   = log sum_{v kept} exp(z_v)
+    logprob     = z_y - logsumexp
+    entropy     = logsumexp - sum_v p_v z_v,  p_v = exp(z_v - logsumexp) if kept_v else 0
+
+while mean_logit stays the mean of z over the whole vocabulary (so `mean_logprob` is
+mean_v z_v minus the kept set's logsumexp) and is_argmax is unchanged (the argmax is always
+kept). Without thresholds the blocks trace no mask: the program is the plain one.
+
 The positions are flattened and processed in blocks of `chunk_size` rows with `lax.scan`;
 a block's `[chunk_size, V]` logits live only inside one loop iteration. The gradient is a
 custom VJP that recomputes each block's logits from the saved `h`, `W` and the per-position
@@ -20,7 +33,11 @@ custom VJP that recomputes each block's logits from the saved `h`, `W` and the p
     da = dz / T * (1 - (s(a) / c)^2)            (no factor without a soft-cap)
     dh = da W^T,   dW += h^T da                 (dW accumulated in float32 over the blocks)
 
-so the backward pass holds a few `[chunk_size, V]` blocks and one float32 `[D, V]` gradient,
+With thresholds, p is the kept distribution above (0 outside the kept set); the mask is
+piecewise constant in z and gets no gradient, as autodiff of `kept_set_logits` gives. The
+threshold itself gets none either.
+
+The backward pass holds a few `[chunk_size, V]` blocks and one float32 `[D, V]` gradient,
 whatever the number of positions. Each block's `h^T da` is added in `KERNEL_GRAD_PIECES`
 vocabulary slices, so no second `[D, V]` product sits next to the gradient (on the probe of
 benchmarks/RESULTS.md, V = 151,936, D = 256, that cut an SFT step's XLA estimate by 90 MB). This is the memory behaviour of fused/"cut" cross-entropy
@@ -113,14 +130,22 @@ def _block_logits(hidden_block, kernel, vocab_major, softcap, temperature):
     return capped / temperature, capped
 
 
-def _block_stats(z, tokens):
-    """Forward statistics of one block of scaled logits z [C, V] and tokens [C]."""
-    top = jnp.max(z, axis=-1, keepdims=True)
+def _kept(z, picked, threshold):
+    """The kept-set mask [C, V] of one block: z_v >= min(t, z_y) (module docstring)."""
+    return z >= jnp.minimum(threshold, picked)[:, None]
+
+
+def _block_stats(z, tokens, threshold=None):
+    """Forward statistics of one block of scaled logits z [C, V] and tokens [C] (of the kept
+    distribution when `threshold` [C] is given)."""
+    top = jnp.max(z, axis=-1, keepdims=True)  # always kept: z_max >= z_y >= min(t, z_y)
     exp = jnp.exp(z - top)
+    picked = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
+    if threshold is not None:
+        exp = jnp.where(_kept(z, picked, threshold), exp, 0.0)
     total = jnp.sum(exp, axis=-1)
     lse = top[:, 0] + jnp.log(total)
     expected = jnp.sum(exp * z, axis=-1) / total  # E_p[z]
-    picked = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
     is_argmax = (jnp.argmax(z, axis=-1) == tokens).astype(jnp.float32)
     return picked - lse, lse, jnp.mean(z, axis=-1), lse - expected, is_argmax, expected
 
@@ -137,40 +162,50 @@ def _unblock(x, count):
     return x.reshape(-1, *x.shape[2:])[:count]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flat_head_stats(hidden, kernel, tokens, temperature, vocab_major, softcap, chunk_size):
-    return _flat_forward(hidden, kernel, tokens, temperature, vocab_major, softcap, chunk_size)[0]
+def _maybe_blocks(x, chunk_size):
+    """`_blocks`, passing None (no kept-set thresholds) through: the scans then carry no
+    threshold and trace the plain statistics, so that path's program is unchanged."""
+    return None if x is None else _blocks(x, chunk_size)
 
 
-def _flat_forward(hidden, kernel, tokens, temperature, vocab_major, softcap, chunk_size):
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flat_head_stats(hidden, kernel, tokens, temperature, threshold, vocab_major, softcap, chunk_size):
+    return _flat_forward(hidden, kernel, tokens, temperature, threshold, vocab_major, softcap, chunk_size)[0]
+
+
+def _flat_forward(hidden, kernel, tokens, temperature, threshold, vocab_major, softcap, chunk_size):
     count = hidden.shape[0]
 
     def body(_, block):
-        hidden_block, token_block = block
+        hidden_block, token_block, threshold_block = block
         z, _ = _block_logits(hidden_block, kernel, vocab_major, softcap, temperature)
-        return None, _block_stats(z, token_block)
+        return None, _block_stats(z, token_block, threshold_block)
 
-    _, stats = jax.lax.scan(body, None, (_blocks(hidden, chunk_size), _blocks(tokens, chunk_size)))
+    blocks = (_blocks(hidden, chunk_size), _blocks(tokens, chunk_size), _maybe_blocks(threshold, chunk_size))
+    _, stats = jax.lax.scan(body, None, blocks)
     stats = tuple(_unblock(s, count) for s in stats)
     return stats[:5], stats[1::4]  # outputs; (logsumexp, E_p[z]) for the backward pass
 
 
-def _flat_fwd(hidden, kernel, tokens, temperature, vocab_major, softcap, chunk_size):
-    outputs, (lse, expected) = _flat_forward(hidden, kernel, tokens, temperature, vocab_major, softcap,
-                                             chunk_size)
-    return outputs, (hidden, kernel, tokens, temperature, lse, expected)
+def _flat_fwd(hidden, kernel, tokens, temperature, threshold, vocab_major, softcap, chunk_size):
+    outputs, (lse, expected) = _flat_forward(hidden, kernel, tokens, temperature, threshold, vocab_major,
+                                             softcap, chunk_size)
+    return outputs, (hidden, kernel, tokens, temperature, threshold, lse, expected)
 
 
 def _flat_bwd(vocab_major, softcap, chunk_size, residuals, cotangents):
-    hidden, kernel, tokens, temperature, lse, expected = residuals
+    hidden, kernel, tokens, temperature, threshold, lse, expected = residuals
     g_logprob, g_lse, g_mean, g_entropy, _ = (jnp.asarray(g, jnp.float32) for g in cotangents)
     count, vocab = hidden.shape[0], kernel.shape[0 if vocab_major else 1]
     per_position = (tokens, lse, expected, g_logprob, g_lse, g_mean, g_entropy)
 
     def body(kernel_grad, block):
-        hidden_block, token_block, lse_b, expected_b, g_lp, g_ls, g_mn, g_en = block
+        hidden_block, threshold_block, token_block, lse_b, expected_b, g_lp, g_ls, g_mn, g_en = block
         z, capped = _block_logits(hidden_block, kernel, vocab_major, softcap, temperature)
         probs = jnp.exp(z - lse_b[:, None])
+        if threshold_block is not None:  # p_v = 0 outside the kept set; no gradient through the mask
+            picked = jnp.take_along_axis(z, token_block[:, None], axis=-1)[:, 0]
+            probs = jnp.where(_kept(z, picked, threshold_block), probs, 0.0)
         dz = probs * ((g_ls - g_lp)[:, None] - g_en[:, None] * (z - expected_b[:, None])) + (g_mn / vocab)[:, None]
         dz = dz.at[jnp.arange(dz.shape[0]), token_block].add(g_lp)
         da = dz / temperature
@@ -182,10 +217,11 @@ def _flat_bwd(vocab_major, softcap, chunk_size, residuals, cotangents):
                                           preferred_element_type=jnp.float32)
         return _add_kernel_grad(kernel_grad, h, da, vocab_major), hidden_grad.astype(hidden.dtype)
 
-    blocks = (_blocks(hidden, chunk_size),) + tuple(_blocks(x, chunk_size) for x in per_position)
+    blocks = ((_blocks(hidden, chunk_size), _maybe_blocks(threshold, chunk_size))
+              + tuple(_blocks(x, chunk_size) for x in per_position))
     kernel_grad, hidden_grad = jax.lax.scan(body, jnp.zeros(kernel.shape, jnp.float32), blocks)
     return (_unblock(hidden_grad, count), kernel_grad.astype(kernel.dtype), None,
-            jnp.zeros_like(temperature))
+            jnp.zeros_like(temperature), None if threshold is None else jnp.zeros_like(threshold))
 
 
 def _add_kernel_grad(kernel_grad, h, da, vocab_major):
@@ -215,8 +251,10 @@ def _add_kernel_grad(kernel_grad, h, da, vocab_major):
 _flat_head_stats.defvjp(_flat_fwd, _flat_bwd)
 
 
-def chunked_head_stats(hidden, head: OutputHead, tokens, *, temperature=1.0, chunk_size: int | None = None):
-    """`HeadStats` of `softmax(s(hidden @ W) / T)` at every position, block by block.
+def chunked_head_stats(hidden, head: OutputHead, tokens, *, temperature=1.0, chunk_size: int | None = None,
+                       kept_threshold=None):
+    """`HeadStats` of `softmax(s(hidden @ W) / T)` at every position, block by block (of the
+    kept distribution of top-k / top-p sampling with `kept_threshold`, module docstring).
 
     Args:
       hidden: `[..., D]` final hidden states (any float dtype; cast to the kernel's dtype for
@@ -225,6 +263,9 @@ def chunked_head_stats(hidden, head: OutputHead, tokens, *, temperature=1.0, chu
       tokens: `[...]` integer token ids in `[0, V)` to score, the leading shape of `hidden`.
       temperature: `T > 0`, a Python float or a traced scalar (no gradient flows to it).
       chunk_size: positions per block; None = `default_chunk_size(V)`.
+      kept_threshold: optional `[...]` float32 kept-set thresholds `t` in units of `z`, shaped
+        like `tokens` (`-inf` = nothing excluded; `rlhf_jax.ops.kept_set`). None = the full
+        softmax (the program is then the same as without the argument). No gradient flows to it.
 
     Returns:
       `HeadStats` of `[...]` float32 arrays. Gradients flow to `hidden` and `head.kernel`.
@@ -242,6 +283,11 @@ def chunked_head_stats(hidden, head: OutputHead, tokens, *, temperature=1.0, chu
         raise ValueError(f"`tokens` must hold integer ids, got dtype {jnp.result_type(tokens)}")
     if head.softcap is not None and not head.softcap > 0:
         raise ValueError(f"the final-logit soft-cap must be > 0 or None, got {head.softcap}")
+    if kept_threshold is not None:
+        if jnp.shape(kept_threshold) != hidden.shape[:-1]:
+            raise ValueError(f"`kept_threshold` must have shape {hidden.shape[:-1]} (hidden's leading axes), "
+                             f"got {jnp.shape(kept_threshold)}")
+        kept_threshold = jax.lax.stop_gradient(jnp.asarray(kept_threshold, jnp.float32).reshape(-1))
     chunk = default_chunk_size(head.vocab_size) if chunk_size is None else int(chunk_size)
     if chunk <= 0:
         raise ValueError(f"`chunk_size` must be > 0, got {chunk_size}")
@@ -251,7 +297,7 @@ def chunked_head_stats(hidden, head: OutputHead, tokens, *, temperature=1.0, chu
     blocks = max(1, math.ceil(count / chunk))
     chunk = max(1, math.ceil(count / blocks))  # the same number of blocks, least padding
     stats = _flat_head_stats(flat_hidden, head.kernel, jnp.asarray(tokens, jnp.int32).reshape(-1),
-                             jnp.asarray(temperature, jnp.float32), bool(head.vocab_major),
+                             jnp.asarray(temperature, jnp.float32), kept_threshold, bool(head.vocab_major),
                              None if head.softcap is None else float(head.softcap), chunk)
     return HeadStats(*(s.reshape(leading) for s in stats))
 

@@ -14,6 +14,10 @@ KV-cache decode step); the midpoint leaves half the gap between the kept set and
 margin on each side, so the replayed set is the sampled one unless that gap is below the
 rounding mismatch (a near-tie, where either choice is a near-equal distribution). `z_y` in
 `t'` always keeps the drawn token.
+
+`kept_set_logits` masks full `[..., V]` logits; `rlhf_jax.ops.chunked_head.chunked_head_stats`
+with `kept_threshold` computes the same log-probs and entropy block by block without them
+(what rollout scoring and the PPO / GRPO updates use).
 """
 from __future__ import annotations
 

@@ -38,7 +38,9 @@ block's contribution is now added in vocabulary slices, and the same step needs 
 blocked (benchmarks/RESULTS.md, "Memory"). On CPU the blocked head was not
 slower (steps at V = 512 / 8,192 / 32,000: 0.85x / 0.98x / 0.80x the full head's time). An int sets the positions per block; `None` projects every
 position with `lm_logits` (full float32 logits, their gradient and softmax temporaries: about
-12 bytes x tokens x V). Both agree to 1e-5 in values and gradients (tested).
+12 bytes x tokens x V). Both agree to 1e-5 in values and gradients (tested). With
+`kept_threshold` (top-k / top-p rollouts, `rlhf_jax.ops.kept_set`) both heads score the kept
+set renormalised: the blocks mask each block's logits, the full head uses `kept_set_logits`.
 Value and reward models read the same hidden states (`response_hidden_states`); a reward
 model's score of a response is read at its last real token (`response_states_at`, which runs
 the last layer's queries and MLP at that token only, or `response_end_states` on states
@@ -55,6 +57,7 @@ from flax import struct
 
 from rlhf_jax.ops.checks import check_positive, check_rank, check_same_shape, check_token_ids
 from rlhf_jax.ops.chunked_head import chunked_head_stats
+from rlhf_jax.ops.kept_set import kept_set_logits
 from rlhf_jax.ops.logprobs import entropy_from_logits, token_logprobs
 
 
@@ -158,7 +161,7 @@ def response_hidden_states(apply_fn, params, batch: LMBatch, *, prompt_once: boo
 
 def response_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, with_entropy: bool = False,
                       prompt_once: bool = True, head_chunk_size: int | str | None = "auto",
-                      with_vocab_stats: bool = False) -> ResponseLogprobs:
+                      with_vocab_stats: bool = False, kept_threshold=None) -> ResponseLogprobs:
     """Log-probs `[B, N, R]` of every response token (see the module docstring).
 
     Args:
@@ -172,6 +175,12 @@ def response_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, with
       head_chunk_size: `"auto"` (default: blocks of `default_chunk_size(V)` positions), an int
         (positions per block) or None (full `[B, N, R, V]` logits); see the module docstring.
       with_vocab_stats: also return `mean_logprob` and `is_argmax` (label smoothing, accuracy).
+      kept_threshold: optional `[B, N, R]` kept-set thresholds of top-k / top-p sampling (units of
+        `logits / T`; `rlhf_jax.ops.kept_set`): log-probs and entropy are then those of the kept
+        set renormalised, `z_y - logsumexp_{z_v >= min(t, z_y)} z_v`, on either head (blocks:
+        `chunked_head_stats(kept_threshold=)`; full logits: `kept_set_logits`). `mean_logprob`
+        is then `mean_v z_v` minus the kept set's logsumexp; `is_argmax` is unchanged (the
+        argmax is always kept). Ignored on padding.
     """
     check_positive(temperature, "temperature")
     if head_chunk_size is not None and head_chunk_size != "auto" and (
@@ -182,22 +191,29 @@ def response_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, with
     counted = mask != 0
     tokens = jnp.where(counted, batch.response_ids, 0)
     keep = lambda x: jnp.where(counted, x, 0.0)
+    if kept_threshold is not None:
+        check_same_shape(response_ids=batch.response_ids, kept_threshold=kept_threshold)
+        kept_threshold = jnp.where(counted, jnp.asarray(kept_threshold, jnp.float32), -jnp.inf)
     if head_chunk_size is None:
         logits = apply_fn({"params": params}, hidden.predicting, method="lm_logits")  # [B, N, R, V]
-        logprobs = keep(token_logprobs(logits, tokens, temperature=temperature))
-        entropy = keep(entropy_from_logits(logits, temperature=temperature)) if with_entropy else None
+        scored = logits if kept_threshold is None else kept_set_logits(logits, tokens, kept_threshold,
+                                                                        temperature=temperature)
+        logprobs = keep(token_logprobs(scored, tokens, temperature=temperature))
+        entropy = keep(entropy_from_logits(scored, temperature=temperature)) if with_entropy else None
         mean_logprob = is_argmax = None
         if with_vocab_stats:
-            scaled = logits / jnp.asarray(temperature, jnp.float32)
-            mean_logprob = keep(jnp.mean(scaled, -1) - jax.nn.logsumexp(scaled, -1))
+            scale = lambda x: x / jnp.asarray(temperature, jnp.float32)
+            mean_logprob = keep(jnp.mean(scale(logits), -1) - jax.nn.logsumexp(scale(scored), -1))
             is_argmax = keep((jnp.argmax(logits, -1) == tokens).astype(jnp.float32))
         return ResponseLogprobs(logprobs, mask, entropy, mean_logprob, is_argmax)
     head = apply_fn({"params": params}, method="output_head")
     if head_chunk_size == "auto" and tokens.size <= head.hidden_size:
         return response_logprobs(apply_fn, params, batch, temperature=temperature, with_entropy=with_entropy,
-                                 prompt_once=prompt_once, head_chunk_size=None, with_vocab_stats=with_vocab_stats)
+                                 prompt_once=prompt_once, head_chunk_size=None, with_vocab_stats=with_vocab_stats,
+                                 kept_threshold=kept_threshold)
     chunk = None if head_chunk_size == "auto" else head_chunk_size
-    stats = chunked_head_stats(hidden.predicting, head, tokens, temperature=temperature, chunk_size=chunk)
+    stats = chunked_head_stats(hidden.predicting, head, tokens, temperature=temperature, chunk_size=chunk,
+                               kept_threshold=kept_threshold)
     return ResponseLogprobs(
         keep(stats.logprobs), mask,
         keep(stats.entropy) if with_entropy else None,

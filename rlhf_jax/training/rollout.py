@@ -34,7 +34,8 @@ top-p is active): a top-k / top-p sampler draws from the kept set renormalised, 
 rollout stores each token's kept-set threshold (`kept_threshold [B, N, R]`, midway between
 the smallest kept and the largest excluded `logit / T`) and every policy log-prob of the rollout and of the update is
 `z_y - logsumexp_{z_v >= t} z_v` (`rlhf_jax.ops.kept_set`): the ratios compare the
-distribution the tokens came from. Reference log-probs stay those of the full
+distribution the tokens came from. It runs on the same blocked LM head as the plain log-probs
+(`response_logprobs(kept_threshold=)`), never holding `[B, N, R, V]` logits. Reference log-probs stay those of the full
 `softmax(logits / T)` of the reference model. Off (or without filters), log-probs are those of
 `softmax(logits / T)`.
 
@@ -71,8 +72,6 @@ from rlhf_jax.models.generation import generate
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.ops.advantages import gae
 from rlhf_jax.ops.checks import check_in, check_positive, check_rank, check_same_shape
-from rlhf_jax.ops.kept_set import kept_set_logits
-from rlhf_jax.ops.logprobs import entropy_from_logits, token_logprobs
 from rlhf_jax.ops.masking import masked_sum, masked_whiten
 from rlhf_jax.ops.rewards import shape_rewards
 from rlhf_jax.training.logprobs import (LMBatch, ResponseLogprobs, response_hidden_states,
@@ -190,22 +189,13 @@ def policy_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, kept_t
     """Policy log-probs `[B, N, R]` as rollouts and updates score them, each prompt run once
     (`prompt_once`, see `response_logprobs`).
 
-    Without `kept_threshold`: `response_logprobs` (`softmax(logits / T)`). With it
-    (`[B, N, R]`, module docstring): the same hidden states, then the log-prob and entropy of
-    the kept set renormalised (`rlhf_jax.ops.kept_set.kept_set_logits`).
+    Without `kept_threshold`: those of `softmax(logits / T)`. With it (`[B, N, R]`, module
+    docstring): the log-prob and entropy of the kept set renormalised, on the same LM head as
+    the plain path (`response_logprobs(kept_threshold=)`: blocks of positions, no
+    `[B, N, R, V]` logits beyond the small "auto" case).
     """
-    if kept_threshold is None:
-        return response_logprobs(apply_fn, params, batch, temperature=temperature,
-                                 with_entropy=with_entropy, prompt_once=prompt_once)
-    hidden = response_hidden_states(apply_fn, params, batch, prompt_once=prompt_once)
-    logits = apply_fn({"params": params}, hidden.predicting, method="lm_logits")  # [B, N, R, V]
-    logits = kept_set_logits(logits, batch.response_ids, kept_threshold, temperature=temperature)
-    mask = jnp.asarray(batch.response_mask, jnp.float32)
-    logprobs = jnp.where(mask != 0, token_logprobs(logits, batch.response_ids, temperature=temperature), 0.0)
-    entropy = None
-    if with_entropy:
-        entropy = jnp.where(mask != 0, entropy_from_logits(logits, temperature=temperature), 0.0)
-    return ResponseLogprobs(logprobs, mask, entropy)
+    return response_logprobs(apply_fn, params, batch, temperature=temperature, with_entropy=with_entropy,
+                             prompt_once=prompt_once, kept_threshold=kept_threshold)
 
 
 def response_values(apply_fn, params, batch: LMBatch):

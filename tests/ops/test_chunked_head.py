@@ -1,6 +1,8 @@
 """`chunked_head_stats` against a NumPy float64 head (values) and autodiff of a full-logits JAX
 head written from the formulas (gradients to hidden and kernel); and a check on the compiled
-program that no `[tokens, V]` array exists in the forward or backward pass."""
+program that no `[tokens, V]` array exists in the forward or backward pass. The same for the
+kept-set statistics of top-k / top-p sampling (`kept_threshold`), with the full-logits replay
+`kept_set_logits` as the gradient reference."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax.ops.chunked_head import HeadStats, OutputHead, chunked_head_stats, default_chunk_size, head_logits
+from rlhf_jax.ops.kept_set import kept_set_logits
+from rlhf_jax.ops.logprobs import entropy_from_logits, token_logprobs
 
 VOCAB, DIM = 37, 8
 
@@ -48,9 +52,10 @@ def reference_stats(hidden, kernel, tokens, vocab_major, softcap, temperature):
     return picked, lse, z.mean(-1), -(jnp.exp(logp) * logp).sum(-1)
 
 
-def chunked(hidden, kernel, tokens, vocab_major, softcap, temperature, chunk_size):
+def chunked(hidden, kernel, tokens, vocab_major, softcap, temperature, chunk_size, kept_threshold=None):
     head = OutputHead(kernel, vocab_major=vocab_major, softcap=softcap)
-    return chunked_head_stats(hidden, head, tokens, temperature=temperature, chunk_size=chunk_size)
+    return chunked_head_stats(hidden, head, tokens, temperature=temperature, chunk_size=chunk_size,
+                              kept_threshold=kept_threshold)
 
 
 CASES = [  # (vocab_major, softcap, temperature, chunk_size)
@@ -197,3 +202,133 @@ def test_no_tokens_by_vocab_array_forward_or_backward(vocab_major):
     logits_bytes = tokens_count * vocab * 4
     assert temp_bytes(chunked_loss) < logits_bytes / 2
     assert temp_bytes(full_loss) >= logits_bytes
+
+
+# Kept-set replay (top-k / top-p): every statistic of the kept distribution, kept_v = z_v >= min(t, z_y).
+
+def kept_thresholds(z, tokens, seed):
+    """Per-position thresholds in units of z (float64 z [..., V]) and drawn tokens that cover
+    the cases: -inf (nothing excluded), the top 1 or 3 kept (most of the vocabulary cut), the
+    top half kept, and the top 2 kept with the drawn token below the threshold (so the kept set
+    is everything from z_y up: min(t, z_y) = z_y)."""
+    rng = np.random.default_rng(seed)
+    flat_z, flat_tokens = z.reshape(-1, z.shape[-1]), np.asarray(tokens).reshape(-1).copy()
+    order = np.sort(flat_z, axis=-1)[:, ::-1]
+    thresholds = np.empty(len(flat_z))
+    for i, kind in enumerate(rng.permutation(np.arange(len(flat_z)) % 5)):
+        if kind == 0:
+            thresholds[i] = -np.inf
+            continue
+        kept = {1: 1, 2: 3, 3: z.shape[-1] // 2, 4: 2}[kind]
+        thresholds[i] = (order[i, kept - 1] + order[i, kept]) / 2  # midway, as the sampler records
+        ranked = np.argsort(flat_z[i])[::-1]
+        # a token from the kept set, as the sampler draws; for kind 4 one below the threshold
+        flat_tokens[i] = ranked[kept + rng.integers(0, z.shape[-1] - kept)] if kind == 4 else ranked[
+            rng.integers(0, kept)]
+    return (jnp.asarray(thresholds.reshape(z.shape[:-1]), jnp.float32),
+            jnp.asarray(flat_tokens.reshape(z.shape[:-1]), jnp.int32))
+
+
+def numpy_scaled_logits(hidden, kernel, vocab_major, softcap, temperature):
+    a = np.asarray(hidden, np.float64) @ np.asarray(kernel.T if vocab_major else kernel, np.float64)
+    return (a if softcap is None else softcap * np.tanh(a / softcap)) / temperature
+
+
+def numpy_kept_stats(z, tokens, thresholds):
+    """The kept-set statistics in float64 NumPy from the definitions: kept_v = z_v >= min(t, z_y),
+    lse = log sum_{kept} exp z_v, log p_y = z_y - lse, p_v = exp(z_v - lse) on the kept set (0
+    elsewhere), entropy = lse - sum_v p_v z_v; mean_logit and is_argmax over the whole vocabulary."""
+    tokens, t = np.asarray(tokens), np.asarray(thresholds, np.float64)
+    z_y = np.take_along_axis(z, tokens[..., None], -1)[..., 0]
+    kept = z >= np.minimum(t, z_y)[..., None]
+    top = z.max(-1)
+    lse = top + np.log(np.where(kept, np.exp(z - top[..., None]), 0.0).sum(-1))
+    p = np.where(kept, np.exp(z - lse[..., None]), 0.0)
+    return dict(logprobs=z_y - lse, logsumexp=lse, mean_logit=z.mean(-1), entropy=lse - (p * z).sum(-1),
+                is_argmax=(z.argmax(-1) == tokens).astype(np.float64)), kept
+
+
+def kept_reference_stats(hidden, kernel, tokens, thresholds, vocab_major, softcap, temperature):
+    """Full logits through `kept_set_logits` + `token_logprobs` + `entropy_from_logits` (the
+    kept-set replay the trainer used before the blocks), for autodiff reference gradients."""
+    logits = head_logits(hidden, OutputHead(kernel, vocab_major=vocab_major, softcap=softcap))
+    scored = kept_set_logits(logits, tokens, thresholds, temperature=temperature)
+    return (token_logprobs(scored, tokens, temperature=temperature), jax.nn.logsumexp(scored / temperature, -1),
+            jnp.mean(logits / temperature, -1), entropy_from_logits(scored, temperature=temperature))
+
+
+def kept_inputs(seed, vocab_major, softcap, temperature, shape=(3, 5)):
+    hidden, kernel, tokens = make_inputs(seed, shape=shape, vocab_major=vocab_major, scale=2.0)
+    z = numpy_scaled_logits(hidden, kernel, vocab_major, softcap, temperature)
+    thresholds, tokens = kept_thresholds(z, tokens, seed + 100)
+    return hidden, kernel, tokens, thresholds, z
+
+
+@pytest.mark.parametrize("vocab_major,softcap,temperature,chunk_size", CASES)
+def test_kept_set_values_match_numpy(vocab_major, softcap, temperature, chunk_size):
+    hidden, kernel, tokens, thresholds, z = kept_inputs(10, vocab_major, softcap, temperature)
+    stats = jax.jit(chunked, static_argnums=(3, 4, 6))(hidden, kernel, tokens, vocab_major, softcap,
+                                                       temperature, chunk_size, thresholds)
+    expected, kept = numpy_kept_stats(z, tokens, thresholds)
+    for name, value in expected.items():
+        np.testing.assert_allclose(np.asarray(getattr(stats, name)), value, atol=1e-5, rtol=1e-5, err_msg=name)
+    # the cases are there: nothing excluded, most of the vocabulary cut, drawn token below t
+    t, z_y = np.asarray(thresholds), np.take_along_axis(z, np.asarray(tokens)[..., None], -1)[..., 0]
+    assert np.isneginf(t).any() and (kept.sum(-1) <= 3).any() and (z_y < t).any()
+    full = numpy_stats(hidden, kernel, tokens, vocab_major, softcap, temperature)
+    cut = kept.sum(-1) < z.shape[-1]
+    gain = np.asarray(stats.logprobs)[cut] - full["logprobs"][cut]  # renormalised: log(1 / kept mass) >= 0
+    assert gain.min() > -1e-5 and gain.max() > 1e-2
+    np.testing.assert_allclose(np.asarray(stats.logprobs)[~cut], full["logprobs"][~cut], atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab_major,softcap,temperature,chunk_size", CASES)
+def test_kept_set_gradients_match_full_logits(vocab_major, softcap, temperature, chunk_size):
+    hidden, kernel, tokens, thresholds, _ = kept_inputs(11, vocab_major, softcap, temperature)
+    rng = np.random.default_rng(12)
+    weights = [jnp.asarray(rng.normal(size=tokens.shape), jnp.float32) for _ in range(4)]
+
+    def objective(stats_fn):
+        def total(h, w):
+            return sum(jnp.sum(c * s) for c, s in zip(weights, stats_fn(h, w)))
+        return jax.jit(jax.value_and_grad(total, argnums=(0, 1)))
+
+    full = objective(lambda h, w: kept_reference_stats(h, w, tokens, thresholds, vocab_major, softcap, temperature))
+    blocks = objective(lambda h, w: chunked(h, w, tokens, vocab_major, softcap, temperature, chunk_size,
+                                            thresholds)[:4])
+    (value_full, grads_full), (value_blocks, grads_blocks) = full(hidden, kernel), blocks(hidden, kernel)
+    np.testing.assert_allclose(value_blocks, value_full, rtol=1e-5, atol=1e-5)
+    for got, want, name in zip(grads_blocks, grads_full, ("hidden", "kernel")):
+        # 1e-5 of the largest entry: both sides are float32 sums of terms up to |z| ~ 10 here
+        np.testing.assert_allclose(got, want, atol=1e-5 * float(np.abs(want).max()), rtol=1e-5, err_msg=name)
+
+
+def test_kept_set_threshold_gets_no_gradient_and_is_checked():
+    hidden, kernel, tokens, thresholds, _ = kept_inputs(13, False, None, 1.0)
+    grad = jax.grad(lambda t: jnp.sum(chunked(hidden, kernel, tokens, False, None, 1.0, 4, t).logprobs))(thresholds)
+    assert np.all(np.asarray(grad) == 0)
+    with pytest.raises(ValueError, match="kept_threshold"):
+        chunked(hidden, kernel, tokens, False, None, 1.0, 4, thresholds[:, :2])
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_kept_set_program_holds_no_tokens_by_vocab_array(vocab_major):
+    """Value-and-gradient of the kept-set log-probs: no [tokens, V] array in the jaxpr, and
+    XLA's temporaries stay below half of one [tokens, V] float32 array; the full-logits replay
+    (`kept_set_logits`) holds at least one."""
+    tokens_count, vocab, dim, chunk = 512, 4096, 16, 32
+    hidden, kernel, tokens = make_inputs(14, shape=(tokens_count,), vocab=vocab, dim=dim, vocab_major=vocab_major)
+    thresholds = jnp.asarray(np.random.default_rng(15).normal(size=tokens_count), jnp.float32)
+    blocks = jax.value_and_grad(lambda h, w: jnp.sum(
+        chunked(h, w, tokens, vocab_major, 2.0, 0.9, chunk, thresholds).logprobs), (0, 1))
+    full = jax.value_and_grad(lambda h, w: jnp.sum(
+        kept_reference_stats(h, w, tokens, thresholds, vocab_major, 2.0, 0.9)[0]), (0, 1))
+    shapes = _array_shapes(jax.make_jaxpr(blocks)(hidden, kernel).jaxpr)
+    assert not [s for s in shapes if np.prod(s, dtype=np.int64) >= tokens_count * vocab // 2]
+    assert (chunk, vocab) in shapes
+
+    def temp_bytes(fn):
+        return jax.jit(fn).lower(hidden, kernel).compile().memory_analysis().temp_size_in_bytes
+
+    logits_bytes = tokens_count * vocab * 4
+    assert temp_bytes(blocks) < logits_bytes / 2 < logits_bytes <= temp_bytes(full)

@@ -5,7 +5,9 @@ importance ratio 1 for every sampling setting.
 "Ratio 1" is to float32 rounding (within 2 ulp of 1): the rollout's forward pass and the
 update's (inside `lax.scan`, under `value_and_grad`) are different XLA programs, which may
 round a log-softmax differently in the last bit. Without the kept-set replay the rollout's
-log-probs would be those of the full softmax, off by the filtered mass (> 1e-2 nats here)."""
+log-probs would be those of the full softmax, off by the filtered mass (> 1e-2 nats here).
+The PPO and GRPO batches score more positions than the model's hidden size, so the rollout and
+the update both take the blocked LM head (`chunked_head_stats(kept_threshold=)`)."""
 import dataclasses
 
 import jax
@@ -19,7 +21,7 @@ from rlhf_jax.training.ppo import (PPO_STATIC_ARGNAMES, PPO_TRAIN_STATIC_ARGNAME
                                    ppo_generate, ppo_train, value_params_from_reward_model)
 from rlhf_jax.training.rollout import SamplingConfig, policy_logprobs
 from rlhf_jax.training.state import create_train_state
-from rl_problems import (EOS, PAD, REF_PARAMS, REWARD, VALUE, fresh_policy_state, init_params,
+from rl_problems import (CONFIG, EOS, PAD, REF_PARAMS, REWARD, VALUE, fresh_policy_state, init_params,
                          left_padded_prompts, target_fraction)
 
 SETTINGS = {  # name: (top_k, top_p, temperature)
@@ -84,6 +86,7 @@ def test_grpo_first_minibatch_ratio_is_exactly_one(name):
     config = GRPOConfig(sampling=sampling(name), group_size=4, kl_coef=0.02, num_minibatches=1)
     state = fresh_policy_state(optax.adam(1e-2))
     data = GENERATE_GRPO(state, REF_PARAMS, *left_padded_prompts(2, 6, 4), jax.random.key(4), config=config)
+    assert data.response_ids.size > CONFIG.hidden_size  # "auto": the LM head runs in blocks
     _, metrics = TRAIN_GRPO(state, data, host_scores(data), jax.random.key(5), config=config)
     assert abs(float(metrics["grpo/ratio_mean"]) - 1.0) <= ULP2
     assert float(metrics["grpo/clipfrac"]) == 0.0
@@ -96,6 +99,7 @@ def test_ppo_first_minibatch_ratio_is_exactly_one(name):
     value = create_train_state(VALUE, value_params_from_reward_model(init_params(REWARD, 1)), optax.adam(1e-2))
     data = GENERATE_PPO(policy, value, REF_PARAMS, *left_padded_prompts(3, 8, 4), jax.random.key(6), config=config)
     assert data.response_ids.shape == (8, 1, RESPONSE)
+    assert data.response_ids.size > CONFIG.hidden_size  # "auto": the LM head runs in blocks
     _, _, _, metrics = TRAIN_PPO(policy, value, kl_controller(config).init(), data, host_scores(data),
                                  jax.random.key(7), config=config)
     assert float(metrics["ppo/approx_kl"]) <= 0.5 * ULP2 ** 2  # every token's |log-ratio| <= 2 ulp
