@@ -241,13 +241,13 @@ class Attention(nn.Module):
         new_cache, prefix = None, None
         if layer_cache is not None and cache_index is None:  # continuations of a shared prefix
             prefix = layer_cache["key"], layer_cache["value"]
-            if batch % prefix[0].shape[0]:
-                raise ValueError(f"{batch} rows cannot continue a cache of {prefix[0].shape[0]} rows: "
+            rows = prefix[0].shape[0]
+            if batch % rows:
+                raise ValueError(f"{batch} rows cannot continue a cache of {rows} rows: "
                                  "each cached row is continued by the same number of consecutive rows")
-            num = batch // prefix[0].shape[0]
+            num = batch // rows
             k, v = k.astype(prefix[0].dtype), v.astype(prefix[1].dtype)
             if not c.uses_blockwise_attention(queries, prefix[0].shape[-1] + time):
-                rows = batch // num
                 out = prefix_attention(
                     q.reshape(rows, num, queries, kv_heads, groups, head_dim).transpose(0, 3, 1, 4, 2, 5),
                     k.reshape(rows, num, time, kv_heads, head_dim).transpose(0, 3, 1, 4, 2),

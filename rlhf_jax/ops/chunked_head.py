@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.ops.checks import check_positive
+from rlhf_jax.ops.kept_set import kept_mask
 
 # A block holds about this many logits (64 MiB in float32): chunk_size = budget / V positions.
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
@@ -130,11 +131,6 @@ def _block_logits(hidden_block, kernel, vocab_major, softcap, temperature):
     return capped / temperature, capped
 
 
-def _kept(z, picked, threshold):
-    """The kept-set mask [C, V] of one block: z_v >= min(t, z_y) (module docstring)."""
-    return z >= jnp.minimum(threshold, picked)[:, None]
-
-
 def _block_stats(z, tokens, threshold=None):
     """Forward statistics of one block of scaled logits z [C, V] and tokens [C] (of the kept
     distribution when `threshold` [C] is given)."""
@@ -142,7 +138,7 @@ def _block_stats(z, tokens, threshold=None):
     exp = jnp.exp(z - top)
     picked = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
     if threshold is not None:
-        exp = jnp.where(_kept(z, picked, threshold), exp, 0.0)
+        exp = jnp.where(kept_mask(z, picked, threshold), exp, 0.0)
     total = jnp.sum(exp, axis=-1)
     lse = top[:, 0] + jnp.log(total)
     expected = jnp.sum(exp * z, axis=-1) / total  # E_p[z]
@@ -205,7 +201,7 @@ def _flat_bwd(vocab_major, softcap, chunk_size, residuals, cotangents):
         probs = jnp.exp(z - lse_b[:, None])
         if threshold_block is not None:  # p_v = 0 outside the kept set; no gradient through the mask
             picked = jnp.take_along_axis(z, token_block[:, None], axis=-1)[:, 0]
-            probs = jnp.where(_kept(z, picked, threshold_block), probs, 0.0)
+            probs = jnp.where(kept_mask(z, picked, threshold_block), probs, 0.0)
         dz = probs * ((g_ls - g_lp)[:, None] - g_en[:, None] * (z - expected_b[:, None])) + (g_mn / vocab)[:, None]
         dz = dz.at[jnp.arange(dz.shape[0]), token_block].add(g_lp)
         da = dz / temperature

@@ -46,9 +46,14 @@ def kept_set_logits(logits, tokens, threshold, *, temperature=1.0):
                          f"leading axes of `logits`), got {jnp.shape(tokens)} and {jnp.shape(threshold)}")
     logits = jnp.asarray(logits, jnp.float32)
     scaled = logits / jnp.asarray(temperature, jnp.float32)
-    drawn = jnp.take_along_axis(scaled, tokens[..., None].astype(jnp.int32), axis=-1)
-    cutoff = jnp.minimum(jnp.asarray(threshold, jnp.float32)[..., None], drawn)
-    return jnp.where(scaled >= cutoff, logits, -jnp.inf)
+    drawn = jnp.take_along_axis(scaled, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.where(kept_mask(scaled, drawn, jnp.asarray(threshold, jnp.float32)), logits, -jnp.inf)
 
 
-__all__ = ["kept_set_logits"]
+def kept_mask(scaled, drawn, threshold):
+    """The kept set `[..., V]` bool: `scaled_v >= min(t, scaled_y)` for scaled logits
+    `[..., V]`, the drawn token's scaled logit `[...]` and the threshold `t` `[...]`."""
+    return scaled >= jnp.minimum(threshold, drawn)[..., None]
+
+
+__all__ = ["kept_mask", "kept_set_logits"]
