@@ -139,6 +139,17 @@ def test_missing_model_folder_names_it_and_the_key(task, tmp_path, capsys):
     assert_one_error_line(*result, "sft", "model", f"{tmp_path / 'absent'}: no such model folder (`model.path`)")
 
 
+@pytest.mark.parametrize("stage, key", [("sft", "model.path"), ("grpo", "policy.path"), ("eval", "policies.a")])
+def test_missing_model_folder_that_also_holds_the_tokenizer(task, tmp_path, capsys, stage, key):
+    """Without a `tokenizer` key the tokenizer is read from the model folder: a missing folder
+    is reported as the model folder it is, not as a missing tokenizer."""
+    absent = tmp_path / "absent"
+    args = {"sft": [f"data.train_files=[{task.sft}]"], "grpo": [f"data.train_files=[{task.prompts}]"],
+            "eval": [f"prompts_file={task.eval_prompts}"]}[stage]
+    result = run_cli(capsys, stage, f"output_dir={tmp_path / 'out'}", f"{key}={absent}", *args)
+    assert_one_error_line(*result, stage, "model", f"{absent}: no such model folder (`{key}`)")
+
+
 @pytest.mark.parametrize("breakage", ["missing", "corrupt tokenizer.json"])
 def test_broken_tokenizer_folder(task, tmp_path, capsys, breakage):
     folder = tmp_path / "tokenizer"

@@ -25,6 +25,7 @@ from rlhf_jax.pipeline.stage_configs import with_schedule_length
 from rlhf_jax.pipeline.stages.stage_setup import (
     finish_stage, load_folder, place, prepare_output_dir, require, stage_mesh, stage_rng, stage_tokenizer,
 )
+from rlhf_jax.pipeline.tokenizer import pad_id
 from rlhf_jax.pipeline.stages.lora import check_lora_reference, reference_of, stage_state
 from rlhf_jax.training.batches import PreferenceBatch
 from rlhf_jax.training.lora_state import inference_model
@@ -142,12 +143,9 @@ def run_supervised_stage(stage: str, config, setup: SupervisedSetup, module, sta
 
 
 def sampling_with_tokenizer(sampling, tokenizer):
-    """The sampling config with the tokenizer's EOS and pad ids."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad == tokenizer.eos_token_id:
-        raise ConfigError("the tokenizer's pad token equals its EOS token; RL needs them distinct "
-                          "(a rollout tells 'stopped' from 'padding' by the id)")
-    return dataclasses.replace(sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    """The sampling config with the tokenizer's EOS and pad ids (EOS pads when the tokenizer
+    has no pad token, as in TRL; the response masks, not the ids, say where a response ends)."""
+    return dataclasses.replace(sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer))
 
 
 def prompt_batches(config, tokenizer, *, seed: int) -> BatchIterator:
@@ -174,7 +172,7 @@ def open_rollout_stage(config, section: str, *, rows: int, rows_key: str) -> Rol
     mesh of an RL stage, whose `rows` responses per rollout (`rows_key` in errors) must split
     into the algorithm's `num_minibatches`."""
     output_dir = prepare_output_dir(config)
-    tokenizer = stage_tokenizer(config.tokenizer, config.policy.path)
+    tokenizer = stage_tokenizer(config.tokenizer, config.policy.path, model_key="policy.path")
     algorithm = getattr(config, section)
     algorithm = dataclasses.replace(algorithm, sampling=sampling_with_tokenizer(algorithm.sampling, tokenizer))
     if rows % algorithm.num_minibatches:

@@ -100,11 +100,15 @@ def require(value, key: str, why: str):
     return value
 
 
-def stage_tokenizer(tokenizer_path: str | None, model_path: str | None, key: str = "tokenizer"):
+def stage_tokenizer(tokenizer_path: str | None, model_path: str | None, key: str = "tokenizer", *,
+                    model_key: str = "model.path"):
     """The tokenizer of `tokenizer_path`, else of the model folder (a folder that is missing
-    or holds no readable tokenizer is a ModelError naming it)."""
+    or holds no readable tokenizer is a ModelError naming it; a missing model folder is
+    named as such, with `model_key`, not as a missing tokenizer)."""
     folder = tokenizer_path or model_path
     require(folder, key, "a tokenizer folder (or a model folder that holds one) is needed")
+    if not tokenizer_path and not Path(folder).is_dir():
+        raise ModelError(folder, f"no such model folder (`{model_key}`)")
     return load_tokenizer(folder)
 
 
