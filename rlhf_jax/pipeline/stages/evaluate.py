@@ -47,6 +47,7 @@ from rlhf_jax.pipeline.stages import stage_setup
 from rlhf_jax.pipeline.stages.scoring import NOT_PASSED, gold_scores, reward_functions
 from rlhf_jax.pipeline.tokenizer import pad_id
 from rlhf_jax.rewards import RewardScorer
+from rlhf_jax.rewards.loading import check_columns
 from rlhf_jax.training.logprobs import response_logprobs
 from rlhf_jax.training.rollout import sampled_batch
 
@@ -148,6 +149,7 @@ def evaluate_policies(config: EvalConfig) -> dict:
     prompt_ids = np.repeat(prompts.arrays["prompt_ids"][:count], config.num_samples, axis=0)
     prompt_mask = np.repeat(prompts.arrays["prompt_mask"][:count], config.num_samples, axis=0)
     functions = reward_functions(config.reward.functions)
+    check_columns(functions, [name for name in prompts.columns if name not in NOT_PASSED], config.prompts_file)
     function_scorer = RewardScorer(functions, tokenizer) if functions else None
     prompt_column = prompts.columns.get("prompt") or prompts.columns["prompt_text"]
     function_inputs = dict(
