@@ -91,10 +91,11 @@ class SupervisedSetup:
     mesh: Any
 
 
-def open_supervised_stage(config, *, kind: str, why: str) -> SupervisedSetup:
-    """The output folder, tokenizer, `kind` data ("sft" or "preference") and mesh of a stage;
-    `why` says what the stage needs `data.train_files` for."""
-    output_dir = prepare_output_dir(config)
+def open_supervised_stage(config, *, kind: str, why: str, stage: str, resume: bool = False) -> SupervisedSetup:
+    """The output folder, tokenizer, `kind` data ("sft" or "preference") and mesh of `stage`;
+    `why` says what the stage needs `data.train_files` for; with `resume`, the output folder's
+    checkpoints must be ones `stage` can continue."""
+    output_dir = prepare_output_dir(config, resume_stage=stage if resume else None)
     tokenizer = stage_tokenizer(config.tokenizer, config.model.path)
     require(config.data.train_files, "data.train_files", why)
     data = load_data(config.data.train_files, tokenizer, config.data, kind=kind)
@@ -167,11 +168,12 @@ class RolloutSetup:
     mesh: Any
 
 
-def open_rollout_stage(config, section: str, *, rows: int, rows_key: str) -> RolloutSetup:
+def open_rollout_stage(config, section: str, *, rows: int, rows_key: str, resume: bool = False) -> RolloutSetup:
     """The output folder, tokenizer, algorithm config (`config.<section>`), prompt batches and
-    mesh of an RL stage, whose `rows` responses per rollout (`rows_key` in errors) must split
-    into the algorithm's `num_minibatches`."""
-    output_dir = prepare_output_dir(config)
+    mesh of an RL stage (named `section`), whose `rows` responses per rollout (`rows_key` in
+    errors) must split into the algorithm's `num_minibatches`; with `resume`, the output
+    folder's checkpoints must be ones this stage can continue."""
+    output_dir = prepare_output_dir(config, resume_stage=section if resume else None)
     tokenizer = stage_tokenizer(config.tokenizer, config.policy.path, model_key="policy.path")
     algorithm = getattr(config, section)
     algorithm = dataclasses.replace(algorithm, sampling=sampling_with_tokenizer(algorithm.sampling, tokenizer))

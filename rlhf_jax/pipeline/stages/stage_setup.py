@@ -33,6 +33,7 @@ from rlhf_jax.models.peft_io import save_peft_adapter
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.typed_config import ConfigError, to_dict
 from rlhf_jax.pipeline.errors import NonFiniteError, OutputError
+from rlhf_jax.pipeline.resume_check import check_resume
 from rlhf_jax.pipeline.stage_configs import ModelSection
 from rlhf_jax.pipeline.tokenizer import load_tokenizer
 from rlhf_jax.training import multihost
@@ -67,16 +68,22 @@ def _unwritable(path, err: OSError) -> OutputError:
     return OutputError(f"`output_dir`: cannot write {path}: {err.strerror or err}")
 
 
-def prepare_output_dir(config) -> Path:
+def prepare_output_dir(config, *, resume_stage: str | None = None) -> Path:
     """Create `config.output_dir` and write the resolved config to `config.yaml` in it.
 
     This is a stage's first write, so an output directory that cannot be written (a file in
     the way, no permission, a full disk) is an OutputError naming the path before any work
     is done; so is a file where the stage will put a folder (checkpoints/, model/, ...).
+    `resume_stage`: the stage that will `--resume` here; checkpoints it cannot continue (of
+    another stage, or of other LoRA / architecture settings) are a CheckpointError before
+    config.yaml is replaced (`rlhf_jax.pipeline.resume_check`).
     """
     output_dir = Path(config.output_dir)
     if jax.process_index() == 0:
-        text = yaml.safe_dump(_plain(to_dict(config)), sort_keys=False)
+        resolved = _plain(to_dict(config))
+        if resume_stage is not None:
+            check_resume(output_dir, resolved, resume_stage)
+        text = yaml.safe_dump(resolved, sort_keys=False)
         config_file = output_dir / "config.yaml"
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
