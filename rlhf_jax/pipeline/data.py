@@ -216,7 +216,9 @@ def _tokenize_file(path, rows, unreadable, tokenizer, config: DataConfig, kind: 
 
     def render(messages, add_generation_prompt):
         if getattr(tokenizer, "chat_template", None) is None:
-            raise RowError("conversational rows need a tokenizer with a chat template; this one has none")
+            raise RowError(f"conversational rows need a tokenizer with a chat template; the tokenizer of "
+                           f"{tokenizer.name_or_path or 'this run'} has none (add `chat_template` to its "
+                           f"tokenizer_config.json, or point `tokenizer` at a folder that has one)")
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )

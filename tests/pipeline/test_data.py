@@ -280,8 +280,9 @@ def test_conversational_rows_need_a_chat_template(tokenizer, tmp_path):
     template, tokenizer.chat_template = tokenizer.chat_template, None
     try:
         path = write(tmp_path / "chat.jsonl", [GOOD_CHAT])
-        with pytest.raises(DataError, match="row 1: .*chat template"):
+        with pytest.raises(DataError, match="row 1: .*chat template") as error:
             load_data(path, tokenizer, CONFIG, cache_dir=str(tmp_path / "cache"))
+        assert f"the tokenizer of {tokenizer.name_or_path} has none" in str(error.value)  # names the folder
     finally:
         tokenizer.chat_template = template
 
