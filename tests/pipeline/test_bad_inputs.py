@@ -163,6 +163,22 @@ def test_a_column_the_reward_function_needs_is_missing(task, good_model, tmp_pat
                           f"which {prompts} does not have (its columns besides 'prompt': id)")
 
 
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_fewer_rows_than_one_batch_names_the_batch_size(task, good_model, tmp_path, capsys, stage):
+    rows = tmp_path / "rows.jsonl"
+    if stage == "sft":
+        rows.write_text('{"prompt": "1+2=", "completion": "3"}\n' * 5)
+        args = sft_args(task, tmp_path / "out", f"data.train_files=[{rows}]", "train.batch_size=64")
+        culprits = ["`train.batch_size` (64) is more than the 5 rows of", "`data.drop_last: false`"]
+    else:
+        rows.write_text('{"prompt": "1+2="}\n' * 5)
+        args = ["grpo", f"output_dir={tmp_path / 'out'}", f"policy.path={good_model}", f"data.train_files=[{rows}]",
+                *LENGTHS, "train.batch_size=64", 'reward.functions=[{function: "rlhf_jax.rewards:think_format"}]']
+        culprits = ["`train.batch_size` (64) is more than the 5 prompts of"]
+    result = run_cli(capsys, *args)
+    assert_one_error_line(*result, stage, "config", *culprits, f"{rows}; set it to at most 5")
+
+
 @pytest.mark.parametrize("breakage", ["missing", "corrupt tokenizer.json"])
 def test_broken_tokenizer_folder(task, tmp_path, capsys, breakage):
     folder = tmp_path / "tokenizer"

@@ -41,9 +41,20 @@ def process_share() -> dict:
     return {"process_index": jax.process_index(), "process_count": jax.process_count()}
 
 
+def check_one_batch(data, batch_size: int, *, drop_last: bool = True, unit: str = "rows") -> None:
+    """A ConfigError naming `train.batch_size` when `data` (a `TokenizedData`) holds fewer
+    rows than one full batch and incomplete batches are dropped."""
+    if drop_last and len(data) < batch_size:
+        files = ", ".join(dict.fromkeys(str(file) for file, _ in data.sources))
+        hint = "" if unit == "prompts" else ", or set `data.drop_last: false` to pad the last batch"
+        raise ConfigError(f"`train.batch_size` ({batch_size}) is more than the {len(data)} {unit} of {files}; "
+                          f"set it to at most {len(data)}{hint}")
+
+
 def train_batches(data, config) -> BatchIterator:
     """`train.batch_size`-row training batches of `data` in the order of `seed`, with the
     stage's `data.shuffle`, `data.drop_last` and `data.bucket_multiple`."""
+    check_one_batch(data, config.train.batch_size, drop_last=config.data.drop_last)
     return BatchIterator.from_config(data, config.data, config.train.batch_size, seed=config.seed,
                                      **process_share())
 
@@ -153,6 +164,7 @@ def prompt_batches(config, tokenizer, *, seed: int) -> BatchIterator:
     """`train.batch_size`-prompt batches of the `data.train_files` prompts (full batches only)."""
     require(config.data.train_files, "data.train_files", "RL needs prompt data")
     data = load_data(config.data.train_files, tokenizer, config.data, kind="prompt")
+    check_one_batch(data, config.train.batch_size, unit="prompts")
     return BatchIterator(data, config.train.batch_size, seed=seed, shuffle=config.data.shuffle,
                          drop_last=True, **process_share())
 
