@@ -4,13 +4,14 @@ overwritten.
 A stage writes its resolved config to `<output_dir>/config.yaml`. Resuming reads that file
 first: checkpoints of another stage (an `sft --resume` pointed at a DPO run's folder), or of
 a run whose trained parameters have another structure (LoRA on or off, other adapter
-settings, another fresh-model architecture), are a `CheckpointError` naming the folder and
-the keys that differ, instead of a restore that fails with orbax's tree listing or, worse,
+settings, another fresh-model architecture, a model folder of another architecture), are a
+`CheckpointError` naming the folder and the keys that differ, instead of a restore that fails with orbax's tree listing or, worse,
 succeeds and silently continues the other run. Settings that keep the structure (learning
 rate, steps, data, ...) may change between a run and its resumption.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -22,6 +23,21 @@ from rlhf_jax.pipeline.errors import CheckpointError
 _STAGE_SECTIONS = ("ppo", "grpo", "dpo", "sft")
 # Keys that decide the structure of the checkpointed train state.
 _STRUCTURE_KEYS = ("lora", "model.init", "policy.init")
+# Model folders whose config.json is compared (a moved folder of the same model may resume).
+_FOLDER_KEYS = ("model.path", "policy.path")
+# config.json fields that decide the shapes of a model's parameters.
+_ARCHITECTURE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                        "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",
+                        "n_embd", "n_layer", "n_head", "n_inner")
+
+
+def _architecture(folder) -> dict | None:
+    """The shape-deciding fields of a model folder's config.json (None: none readable)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return None
+    return {name: config.get(name) for name in _ARCHITECTURE_FIELDS} if isinstance(config, dict) else None
 
 
 def stage_of(config: dict) -> str | None:
@@ -78,6 +94,14 @@ def check_resume(output_dir: str | Path, config: dict, stage: str) -> None:
         for name in sorted(set(old) | set(new)):
             if old.get(name) != new.get(name):
                 differences.append(f"{name}: {old.get(name)!r} in the checkpointed run, {new.get(name)!r} now")
+    for key in _FOLDER_KEYS:
+        old_folder, new_folder = _lookup(saved, key), _lookup(config, key)
+        if old_folder and new_folder and old_folder != new_folder:
+            old, new = _architecture(old_folder), _architecture(new_folder)
+            if old is not None and new is not None and old != new:
+                fields = ", ".join(f"{name} {old[name]!r} -> {new[name]!r}" for name in old if old[name] != new[name])
+                differences.append(f"{key}: {old_folder} in the checkpointed run, {new_folder} now, "
+                                   f"another architecture ({fields})")
     if differences:
         raise CheckpointError(
             f"`--resume`: the checkpoints in {output_dir} were written with other settings that shape the "

@@ -1,6 +1,8 @@
 """`--resume` into an output folder whose checkpoints another stage, or other LoRA / model
 settings, wrote: one `checkpoint error` line naming the folder (and the keys), before the
 folder's config.yaml is replaced."""
+import json
+
 import pytest
 import yaml
 
@@ -48,6 +50,21 @@ def test_settings_that_shape_the_parameters_are_refused(tmp_path, before, after,
     with pytest.raises(CheckpointError) as error:
         check_resume(run, resolved("sft", *after), "sft")
     assert message in str(error.value)
+
+
+def model_folder(folder, **fields):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen3", "hidden_size": 64, **fields}))
+    return folder
+
+
+def test_a_model_folder_of_another_architecture_is_refused(tmp_path):
+    old, moved, other = (model_folder(tmp_path / "old"), model_folder(tmp_path / "moved", dtype="bfloat16"),
+                         model_folder(tmp_path / "other", model_type="gemma3_text"))
+    run = checkpointed_run(tmp_path / "run", "sft", f"model.path={old}")
+    check_resume(run, resolved("sft", f"model.path={moved}"), "sft")  # the same model elsewhere
+    with pytest.raises(CheckpointError, match="another architecture \\(model_type 'qwen3' -> 'gemma3_text'\\)"):
+        check_resume(run, resolved("sft", f"model.path={other}"), "sft")
 
 
 def test_other_settings_and_folders_without_checkpoints_pass(tmp_path):
