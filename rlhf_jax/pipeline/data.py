@@ -58,6 +58,7 @@ from rlhf_jax.pipeline.data_formats import (
     DataError,
     RenderedRow,
     RowError,
+    check_kind,
     detect_format,
     read_rows,
     render_row,
@@ -168,11 +169,14 @@ def load_data(
         rows, unreadable = read_rows(path, cache_dir=cache_dir)
         if not rows and not unreadable:
             raise DataError(f"{path}: the file holds no rows")
-        if kind is None:
-            try:
+        try:
+            if kind is None:
                 kind = detect_format([name for name in rows[0] if name != "__row__"] if rows else [])
-            except RowError as error:
-                raise DataError(f"{path}: {error}") from None
+            elif rows:  # the fields any row has
+                present = {name for row in rows for name, value in row.items() if value is not None}
+                check_kind(present - {"__row__"}, kind)
+        except RowError as error:
+            raise DataError(f"{path}: {error}") from None
         part = _tokenize_file(str(path), rows, unreadable, tokenizer, config, kind)
         stats.add(part.stats)
         parts.append(part)
