@@ -60,7 +60,7 @@ def test_a_row_no_function_scores_gets_zero():
 
 
 @pytest.mark.parametrize("body, message", [
-    (lambda prompts, completions, **kw: 1 / 0, r"^reward function 'bad' raised ZeroDivisionError: division by zero$"),
+    (lambda prompts, completions, **kw: 1 / 0, r"^reward function 'bad' raised ZeroDivisionError: division by zero \(at .*test_reward_functions.py line \d+\)$"),
     (lambda prompts, completions, **kw: [1.0], r"^reward function 'bad' returned 1 values for 3 completions"),
     (lambda prompts, completions, **kw: [1.0, "yes", 2.0], r"^reward function 'bad' returned a str .* for row 1 \(f.jsonl row 8\)"),
     (lambda prompts, completions, **kw: [1.0, 2.0, float("nan")], r"^reward function 'bad' returned nan for row 2 \(f.jsonl row 9\)"),
