@@ -246,11 +246,19 @@ def test_rl_stages_train_adapters(setting, tmp_path):
                                                   "grpo.sampling.max_new_tokens=5"])
     assert result["finished"] and (tmp_path / "grpo" / "adapter" / "adapter_config.json").is_file()
     assert np.isfinite(read_metrics(tmp_path / "grpo")[-1]["grpo/kl"])
-    result = ppo.run(None, overrides("ppo") + [f"value={setting['sft']}", "train.batch_size=8",
-                                                "ppo.sampling.max_new_tokens=5", "ppo.num_minibatches=2",
-                                                "ppo.epochs=1"])
+    assert_holds_no_base(tmp_path / "grpo", ["policy"], setting["sft"])
+    ppo_overrides = overrides("ppo") + [f"value={setting['sft']}", "train.batch_size=8",
+                                        "ppo.sampling.max_new_tokens=5", "ppo.num_minibatches=2", "ppo.epochs=1"]
+    result = ppo.run(None, ppo_overrides)
     assert result["finished"] and "value/loss" in read_metrics(tmp_path / "ppo")[0]
     assert load_pretrained(tmp_path / "ppo" / "model")[0].config.num_layers == 1
+    named, meta = assert_holds_no_base(tmp_path / "ppo", ["policy", "value"], setting["sft"])
+    assert any("'value'" in name and "'score'" in name for name in named)  # the value head, trained in full
+    assert meta["frozen_bases"]["value.apply_fn"]["key"] == "value"
+    # Resuming the last checkpoint (no iterations left) re-reads both bases: the same model.
+    exported = (tmp_path / "ppo" / "model" / "model.safetensors").read_bytes()
+    assert ppo.run(None, ppo_overrides, resume=True)["resumed_from"] == 2
+    assert (tmp_path / "ppo" / "model" / "model.safetensors").read_bytes() == exported
 
 
 @pytest.mark.slow
@@ -260,6 +268,8 @@ def test_lora_reward_model_trains_its_head_in_full_and_loads_in_peft(setting, tm
                  *LENGTHS, *QUIET, "train.steps=2", "train.batch_size=8", "optim.learning_rate=0.01",
                  "checkpoint.interval=0", *LORA]
     assert reward.run(None, overrides)["finished"]
+    named, _ = assert_holds_no_base(tmp_path, ["state"], setting["sft"])
+    assert any("'modules'" in name and "'score'" in name for name in named)  # the head, trained in full
     settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert settings["task_type"] == "SEQ_CLS" and settings["modules_to_save"] == ["score"]
     base = AutoModelForSequenceClassification.from_pretrained(setting["sft"], num_labels=1, dtype=torch.float32)

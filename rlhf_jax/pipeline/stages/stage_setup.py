@@ -8,7 +8,8 @@ Every stage writes into its `output_dir`:
     config.yaml        the resolved config (file + overrides + defaults)
     metrics.jsonl      one row per logged step (see `rlhf_jax.pipeline.metrics_log`)
     tensorboard/       TensorBoard event files
-    checkpoints/<step> orbax checkpoints (train state, RNG, data position)
+    checkpoints/<step> orbax checkpoints (train state, RNG, data position; with `lora` the
+                       frozen base is left out and re-read on resume)
     model/             the final model as a Hugging Face folder, its tokenizer saved alongside,
                        so the next stage (or `transformers`) loads it with one path (with
                        `lora`: the adapters merged into the base)
