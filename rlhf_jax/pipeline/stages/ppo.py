@@ -41,8 +41,9 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
     value_key, value_path = next(((key, path) for key, path in (
         ("value", config.value), ("reward.path", config.reward.path if config.reward.uses_model else None),
         ("policy.path", config.policy.path)) if path), ("value", None))
-    value_module, value_params = stage_setup.load_folder(value_path, head="value", key="value")
-    in_jit = model_scorer(config.reward)
+    value_module, value_params = stage_setup.load_folder(value_path, head="value", key="value",
+                                                         attention_impl=config.policy.attention_impl)
+    in_jit = model_scorer(config.reward, attention_impl=config.policy.attention_impl)
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
         HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data)
     skeletons.print_rollout_start("ppo", setup, host.describe() if host else ["reward model"])
