@@ -150,6 +150,28 @@ def test_missing_model_folder_that_also_holds_the_tokenizer(task, tmp_path, caps
     assert_one_error_line(*result, stage, "model", f"{absent}: no such model folder (`{key}`)")
 
 
+@pytest.mark.parametrize("given", ["run folder", "adapter folder"])
+@pytest.mark.parametrize("key", ["model.path", "reference"])
+def test_a_run_or_adapter_folder_given_as_a_model_names_the_model_inside(task, good_model, tmp_path, capsys,
+                                                                         given, key):
+    """A stage's output folder (its model is in model/) or its PEFT adapter/ folder given where a
+    model folder belongs: the line names the key and the folder to give instead."""
+    run = tmp_path / "run"
+    shutil.copytree(good_model, run / "model")
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    folder = run if given == "run folder" else run / "adapter"
+    paths = {"model.path": good_model, "reference": good_model, key: folder}
+    result = run_cli(capsys, "dpo", f"output_dir={tmp_path / 'out'}", f"model.path={paths['model.path']}",
+                     f"reference={paths['reference']}", f"data.train_files=[{task.preferences}]", *LENGTHS,
+                     "train.batch_size=8")
+    what = (f"a run's output folder, not a model folder: give `{key}` its exported model, {run / 'model'}"
+            if given == "run folder" else
+            f"a PEFT adapter folder, not a model folder: give `{key}` a model folder (a LoRA run exports the "
+            f"merged model next to it, in {run / 'model'})")
+    assert_one_error_line(*result, "dpo", "model", f"{folder}: {what}")
+
+
 @pytest.mark.parametrize("stage", ["grpo", "eval"])
 def test_a_column_the_reward_function_needs_is_missing(task, good_model, tmp_path, capsys, stage):
     """Found before any sampling, naming the function, the column and the file."""

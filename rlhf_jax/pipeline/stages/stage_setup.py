@@ -108,6 +108,21 @@ def require(value, key: str, why: str):
     return value
 
 
+def check_not_run_folder(folder, key: str) -> None:
+    """A ModelError naming `key` when `folder` is not a model folder but a stage's output
+    folder (its model is in `model/`) or a PEFT adapter folder (`adapter/`)."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return
+    if (folder / MODEL_DIR / "config.json").is_file():
+        raise ModelError(folder, f"a run's output folder, not a model folder: give `{key}` its exported "
+                                 f"model, {folder / MODEL_DIR}")
+    if (folder / "adapter_config.json").is_file():
+        raise ModelError(folder, f"a PEFT adapter folder, not a model folder: give `{key}` a model folder "
+                                 f"(a LoRA run exports the merged model next to it, in {folder.parent / MODEL_DIR}), "
+                                 f"or continue training the adapter with `lora.path`")
+
+
 def stage_tokenizer(tokenizer_path: str | None, model_path: str | None, key: str = "tokenizer", *,
                     model_key: str = "model.path"):
     """The tokenizer of `tokenizer_path`, else of the model folder (a folder that is missing
@@ -117,6 +132,8 @@ def stage_tokenizer(tokenizer_path: str | None, model_path: str | None, key: str
     require(folder, key, "a tokenizer folder (or a model folder that holds one) is needed")
     if not tokenizer_path and not Path(folder).is_dir():
         raise ModelError(folder, f"no such model folder (`{model_key}`)")
+    if Path(folder).is_dir():
+        check_not_run_folder(folder, key if tokenizer_path else model_key)
     return load_tokenizer(folder)
 
 
@@ -138,6 +155,7 @@ def build_model(section: ModelSection, tokenizer, rng, *, head: str = "lm", key:
     if section.path:
         if not Path(section.path).is_dir():
             raise ModelError(section.path, f"no such model folder (`{key}.path`)")
+        check_not_run_folder(section.path, f"{key}.path")
         return load_pretrained(section.path, head=head, dtype=section.dtype, remat=section.remat, rng=rng,
                                attention_impl=section.attention_impl)
     module = _MODULES[head](fresh_model_config(section, tokenizer))
@@ -152,6 +170,7 @@ def load_folder(path: str | None, *, head: str, key: str, rng=None, attention_im
     require(path, key, "a model folder is needed")
     if not Path(path).is_dir():
         raise ModelError(path, f"no such model folder (`{key}`)")
+    check_not_run_folder(path, key)
     return load_pretrained(path, head=head, rng=rng, attention_impl=attention_impl)
 
 
@@ -263,7 +282,7 @@ def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra
 
 
 __all__ = [
-    "MODEL_DIR", "prepare_output_dir", "require", "stage_tokenizer", "fresh_model_config",
+    "MODEL_DIR", "prepare_output_dir", "require", "check_not_run_folder", "stage_tokenizer", "fresh_model_config",
     "build_model", "load_folder", "stage_mesh", "make_state", "place", "rng_key", "stage_rng",
     "export_model", "export_adapter", "ADAPTER_DIR", "summary", "tree_bytes", "finish_stage",
 ]
