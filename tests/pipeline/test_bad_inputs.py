@@ -25,7 +25,7 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.pipeline import cli
 from rlhf_jax.pipeline.metrics_log import read_metrics
-from rlhf_jax.pipeline.tokenizer import load_tokenizer
+from rlhf_jax.pipeline.tokenizer import build_tokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 K_PROJ = "model.layers.0.self_attn.k_proj.weight"
@@ -148,6 +148,21 @@ def test_missing_model_folder_that_also_holds_the_tokenizer(task, tmp_path, caps
             "eval": [f"prompts_file={task.eval_prompts}"]}[stage]
     result = run_cli(capsys, stage, f"output_dir={tmp_path / 'out'}", f"{key}={absent}", *args)
     assert_one_error_line(*result, stage, "model", f"{absent}: no such model folder (`{key}`)")
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_a_tokenizer_that_is_not_the_model_folders_own_is_refused(task, good_model, tmp_path, capsys, stage):
+    """configs/sft.yaml names the quick start's tokenizer: kept next to a `model.path` of another
+    vocabulary it would feed the model ids of other tokens."""
+    other = tmp_path / "other_tokenizer"
+    build_tokenizer(other, "abc")
+    key = "model.path" if stage == "sft" else "policy.path"
+    args = [f"data.train_files=[{task.sft if stage == 'sft' else task.prompts}]"]
+    result = run_cli(capsys, stage, f"output_dir={tmp_path / 'out'}", f"{key}={good_model}", f"tokenizer={other}",
+                     *args, *LENGTHS)
+    assert_one_error_line(*result, stage, "config", f"`tokenizer` ({other}, 10 tokens) is not the tokenizer of "
+                          f"`{key}` ({good_model}, ", "set `tokenizer: null`")
+    # (a `tokenizer` folder of the same vocabulary, as in sft_args, is accepted: the other tests)
 
 
 @pytest.mark.parametrize("given", ["run folder", "adapter folder"])

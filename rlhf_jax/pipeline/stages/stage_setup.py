@@ -19,6 +19,7 @@ Every stage writes into its `output_dir`:
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,34 @@ def stage_tokenizer(tokenizer_path: str | None, model_path: str | None, key: str
         raise ModelError(folder, f"no such model folder (`{model_key}`)")
     if Path(folder).is_dir():
         check_not_run_folder(folder, key if tokenizer_path else model_key)
-    return load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
+    if tokenizer_path and model_path:
+        check_same_vocabulary(tokenizer, tokenizer_path, model_path, key, model_key)
+    return tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_same_vocabulary(tokenizer, tokenizer_path, model_path, key: str, model_key: str) -> None:
+    """A ConfigError when the model folder holds a tokenizer of its own whose vocabulary
+    differs from `tokenizer`'s (loaded from `tokenizer_path`): the model would read ids
+    that mean other tokens (e.g. a recipe's `tokenizer` kept next to a `model.path` override)."""
+    model_folder = Path(model_path)
+    if (not model_folder.is_dir() or Path(tokenizer_path).resolve() == model_folder.resolve()
+            or not any((model_folder / name).is_file() for name in _TOKENIZER_FILES)):
+        return
+    try:
+        with warnings.catch_warnings():  # transformers' notes on the folder's config.json
+            warnings.simplefilter("ignore")
+            own = load_tokenizer(model_folder)
+    except ModelError:
+        return  # an unreadable tokenizer of the model's is not the one in use
+    if own.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            f"`{key}` ({tokenizer_path}, {len(tokenizer)} tokens) is not the tokenizer of `{model_key}` "
+            f"({model_path}, {len(own)} tokens): the model would read ids that mean other tokens; set "
+            f"`{key}: null` to use the model folder's own tokenizer")
 
 
 def fresh_model_config(section: ModelSection, tokenizer):
@@ -282,7 +310,7 @@ def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra
 
 
 __all__ = [
-    "MODEL_DIR", "prepare_output_dir", "require", "check_not_run_folder", "stage_tokenizer", "fresh_model_config",
+    "MODEL_DIR", "prepare_output_dir", "require", "check_not_run_folder", "check_same_vocabulary", "stage_tokenizer", "fresh_model_config",
     "build_model", "load_folder", "stage_mesh", "make_state", "place", "rng_key", "stage_rng",
     "export_model", "export_adapter", "ADAPTER_DIR", "summary", "tree_bytes", "finish_stage",
 ]
