@@ -16,12 +16,18 @@ q/k norms, MLP 3,072, vocabulary 151,936, tied embeddings) with 4 layers, float3
 prompt of 2,048 tokens, 16 responses of 256 tokens.
 
 `--repeat R` also builds the arguments (random weights) and times R calls of the compiled step
-after one warm-up call (median seconds): use it at a small shape only, e.g.
+after one warm-up call (median seconds): use it at a small shape only. `--time-attention R`
+instead times the attention alone in one process, R interleaved calls of each layout:
+`value_and_grad` of `sum(out ** 2)` for `ops.blockwise_prefix_attention` and for the layout
+it replaced (the prefix repeated N times, concatenated, `ops.blockwise_attention`), at 1
+prompt, 2 key-value heads x 2 groups, N = 4 continuations of 128 tokens, a prefix of 512, head
+size 64, blocks of 128. E.g.
 
     python benchmarks/shared_prefix_memory.py                                   # compile only
     python benchmarks/shared_prefix_memory.py --library /path/to/older/checkout  # the same, before
     python benchmarks/shared_prefix_memory.py --hidden 128 --heads 4 --kv-heads 2 --head-dim 32 \\
         --mlp 256 --vocab 512 --layers 2 --prompt 256 --responses 4 --length 64 --block 64 --repeat 5
+    python benchmarks/shared_prefix_memory.py --time-attention 20
 """
 from __future__ import annotations
 
@@ -48,6 +54,8 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=256, help="response length")
     parser.add_argument("--block", type=int, default=512, help="attention_block_size")
     parser.add_argument("--repeat", type=int, default=0, help="timed calls (0: compile only)")
+    parser.add_argument("--time-attention", type=int, default=0,
+                        help="time the attention layouts alone, this many interleaved calls each")
     parser.add_argument("--library", default=str(Path(__file__).resolve().parent.parent),
                         help="the checkout whose rlhf_jax to import (default: this script's)")
     args = parser.parse_args(argv)
@@ -56,6 +64,10 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
+
+    if args.time_attention > 0:
+        print(json.dumps(time_attention(args.time_attention), indent=1))
+        return
 
     import rlhf_jax
     from rlhf_jax.losses import grpo_loss
@@ -104,6 +116,46 @@ def main(argv=None):
             seconds.append(time.perf_counter() - start)
         results.update(median_seconds=statistics.median(seconds), seconds=[round(s, 4) for s in seconds])
     print(json.dumps(results, indent=1))
+
+
+def time_attention(calls: int) -> dict:
+    """Median milliseconds of `calls` interleaved calls of each attention layout (module doc)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rlhf_jax.ops.blockwise_attention import blockwise_attention
+    from rlhf_jax.ops.blockwise_prefix_attention import blockwise_prefix_attention
+
+    rows, kv_heads, num, groups, time_, slots, head_dim, block = 1, 2, 4, 2, 128, 512, 64, 128
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    args = (normal(rows, kv_heads, num, groups, time_, head_dim), normal(rows, kv_heads, num, head_dim, time_),
+            normal(rows, kv_heads, num, time_, head_dim), normal(rows, kv_heads, head_dim, slots),
+            normal(rows, kv_heads, slots, head_dim))
+    causal = np.tril(np.ones((time_, slots + time_), bool), slots)
+    mask = jnp.asarray(np.broadcast_to(causal, (rows, num, time_, slots + time_)))
+
+    def copying(q, k, v, prefix_k, prefix_v):
+        flat = lambda x: jnp.swapaxes(x, 1, 2).reshape(rows * num, kv_heads, *x.shape[3:])
+        keys = jnp.concatenate([jnp.repeat(prefix_k, num, 0), flat(k)], axis=-1)
+        values = jnp.concatenate([jnp.repeat(prefix_v, num, 0), flat(v)], axis=-2)
+        return blockwise_attention(flat(q), keys, values, mask.reshape(rows * num, time_, -1),
+                                   block_q=block, block_k=block)
+
+    copy_free = lambda *a: blockwise_prefix_attention(*a, mask, block_q=block, block_k=block)
+    layouts = {"copying": copying, "copy_free": copy_free}
+    compiled = {name: jax.jit(jax.value_and_grad(lambda *a, f=f: jnp.sum(f(*a) ** 2), argnums=range(5)))
+                for name, f in layouts.items()}
+    for fn in compiled.values():
+        jax.block_until_ready(fn(*args))
+    seconds = {name: [] for name in compiled}
+    for _ in range(calls):
+        for name, fn in compiled.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            seconds[name].append(time.perf_counter() - start)
+    return {f"{name}_median_ms": 1e3 * statistics.median(s) for name, s in seconds.items()}
 
 
 if __name__ == "__main__":
