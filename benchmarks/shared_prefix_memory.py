@@ -118,8 +118,10 @@ def main(argv=None):
     print(json.dumps(results, indent=1))
 
 
-def time_attention(calls: int) -> dict:
-    """Median milliseconds of `calls` interleaved calls of each attention layout (module doc)."""
+def time_attention(calls: int, num: int = 4, time_: int = 128, slots: int = 512, head_dim: int = 64,
+                   block: int = 128) -> dict:
+    """Median milliseconds of `calls` interleaved calls of each attention layout (module doc):
+    `num` continuations of `time_` tokens after a prefix of `slots`, blocks of `block`."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -127,7 +129,7 @@ def time_attention(calls: int) -> dict:
     from rlhf_jax.ops.blockwise_attention import blockwise_attention
     from rlhf_jax.ops.blockwise_prefix_attention import blockwise_prefix_attention
 
-    rows, kv_heads, num, groups, time_, slots, head_dim, block = 1, 2, 4, 2, 128, 512, 64, 128
+    rows, kv_heads, groups = 1, 2, 2
     rng = np.random.default_rng(0)
     normal = lambda *shape: jnp.asarray(rng.normal(size=shape).astype(np.float32))
     args = (normal(rows, kv_heads, num, groups, time_, head_dim), normal(rows, kv_heads, num, head_dim, time_),

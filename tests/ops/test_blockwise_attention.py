@@ -138,7 +138,7 @@ def numpy_logsumexp(q, k, mask, softcap):
     return (top + np.log(np.exp(scores - top).sum(-1, keepdims=True)))[..., 0]
 
 
-@pytest.mark.parametrize("case", CASES[:3])
+@pytest.mark.parametrize("case", CASES[:2])
 def test_log_sum_exp_values_and_gradients(case):
     """`blockwise_attention_with_lse`: the output of `blockwise_attention` and each row's
     log-sum-exp (float64 NumPy oracle; MIN + log S, i.e. MIN, for rows that see no key), and the
@@ -176,7 +176,7 @@ def test_log_sum_exp_values_and_gradients(case):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0, err_msg=f"d{name}")
     # The lse term alone: its gradient is nonzero and reaches q and k only.
     lse_only = lambda q, k: jnp.sum(lse_upstream * blockwise_attention_with_lse(q, k, v, mask, **blocks)[1])
-    got = jax.grad(lse_only, argnums=(0, 1))(q, k)
+    got = jax.jit(jax.grad(lse_only, argnums=(0, 1)))(q, k)
     expected = jax.grad(lambda q, k: jnp.sum(lse_upstream * plain_logsumexp(q, k)), argnums=(0, 1))(q, k)
     for name, a, b in zip("qk", got, expected):
         assert float(jnp.abs(b).max()) > 0.1, name
