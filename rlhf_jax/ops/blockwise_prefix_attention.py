@@ -15,7 +15,9 @@ lengths) merged exactly through their rows' log-sum-exps:
        w_p = exp(lse_p - M),   out = (w1 o1 + w2 o2) / (w1 + w2),
 
    which is softmax over the S + U keys of the concatenation, since
-   o_p = sum_{j in p} exp(s_ij - lse_p) v_j and sum_{all j} exp(s_ij) = exp(lse1) + exp(lse2).
+   o_p = sum_{j in p} exp(s_ij - lse_p) v_j and sum_{all j} exp(s_ij) = exp(lse1) + exp(lse2)
+   (the merge of partial softmax normalisers of Milakov & Gimelshein 2018, "Online normalizer
+   calculation for softmax", arXiv:1805.02867, that the online softmax applies block by block).
 
 Gradients flow through o_p and lse_p (`blockwise_attention_with_lse`: a cotangent g on lse
 enters FlashAttention-2's backward pass as D_i - g_i). The prefix's key and value gradients add
