@@ -266,7 +266,9 @@ class PPOStageConfig(RLStageConfig):
     """KL-regularised PPO: policy, value model (from the reward model), frozen reference.
 
     `ppo` is `rlhf_jax.training.ppo.PPOConfig` (its `sampling` section sets the response
-    length and temperature; the EOS and pad ids always come from the tokenizer).
+    length and temperature; `sampling.eos_token_id` / `pad_token_id` unset (null, the
+    default) are the tokenizer's, a set id must be one of its vocabulary and overrides it;
+    the output folder's config.yaml records the ids used).
     """
 
     output_dir: str = "runs/ppo"
@@ -279,8 +281,8 @@ class PPOStageConfig(RLStageConfig):
 class GRPOStageConfig(RLStageConfig):
     """GRPO / RLOO: `grpo.group_size` samples per prompt, group baselines, no value model.
 
-    `grpo` is `rlhf_jax.training.grpo.GRPOConfig` (`grpo.sampling` as in PPO; EOS and pad ids
-    come from the tokenizer). `train.batch_size` counts prompts: a rollout has
+    `grpo` is `rlhf_jax.training.grpo.GRPOConfig` (`grpo.sampling` as in PPO, EOS and pad ids
+    included). `train.batch_size` counts prompts: a rollout has
     `batch_size * group_size` responses, and `grpo.num_minibatches` must divide
     `train.batch_size` (minibatches hold whole prompt groups).
     """

@@ -90,8 +90,10 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     greedy: bool = False
-    eos_token_id: int = 1
-    pad_token_id: int = 0  # fills the slots after EOS; may equal eos_token_id (masks say what is real)
+    # The tokenizer's EOS and pad ids. None: not given; `generate_rollout` needs both (the
+    # pipeline fills them from the tokenizer, see `rlhf_jax.pipeline.stages.skeletons`).
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None  # fills the slots after EOS; may equal eos_token_id (masks say what is real)
     logprobs_source: Literal["forward", "generate"] = "forward"  # see the module docstring
     # Score tokens under the kept set they were drawn from (module docstring); None = on
     # exactly when top-k or top-p filtering is active (and not greedy).
@@ -103,6 +105,10 @@ class SamplingConfig:
         check_in(self.logprobs_source, LOGPROB_SOURCES, "logprobs_source")
         if self.kept_set_logprobs not in (None, True, False):
             raise ValueError(f"`kept_set_logprobs` must be None, True or False, got {self.kept_set_logprobs!r}")
+        for name in ("eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"`{name}` must be a token id (an int >= 0) or None, got {value!r}")
 
     @property
     def replays_kept_set(self) -> bool:
@@ -249,6 +255,9 @@ def generate_rollout(policy_state, prompt_ids, prompt_mask, rng, *, sampling: Sa
     """
     check_rank(prompt_ids, 2, "prompt_ids")
     check_same_shape(prompt_ids=prompt_ids, prompt_mask=prompt_mask)
+    for name in ("eos_token_id", "pad_token_id"):
+        if getattr(sampling, name) is None:
+            raise ValueError(f"`SamplingConfig.{name}` must be set to the tokenizer's id to sample responses")
     kept = sampling.replays_kept_set
     out = generate(
         *sampling_model(policy_state), prompt_ids, prompt_mask, rng,

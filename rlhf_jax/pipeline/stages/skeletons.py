@@ -156,10 +156,24 @@ def run_supervised_stage(stage: str, config, setup: SupervisedSetup, module, sta
 # ----------------------------------------------------------------------------- RL stages
 
 
-def sampling_with_tokenizer(sampling, tokenizer):
-    """The sampling config with the tokenizer's EOS and pad ids (EOS pads when the tokenizer
-    has no pad token, as in TRL; the response masks, not the ids, say where a response ends)."""
-    return dataclasses.replace(sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer))
+def sampling_with_tokenizer(sampling, tokenizer, key: str = "sampling"):
+    """The sampling config with its EOS and pad ids resolved against the tokenizer.
+
+    An id left unset (None, the default) is the tokenizer's: its EOS id, and its pad id, or
+    EOS when it has no pad token (as in TRL; the response masks, not the ids, say where a
+    response ends). An id set in the config (`<key>.eos_token_id`, `<key>.pad_token_id`)
+    overrides the tokenizer's, as a generation config's ids do in transformers, and must be
+    an id of the tokenizer's vocabulary (a ConfigError naming the key otherwise)."""
+    vocab = len(tokenizer)
+    defaults = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": pad_id(tokenizer)}
+    resolved = {}
+    for name, default in defaults.items():
+        value = getattr(sampling, name)
+        if value is not None and not 0 <= value < vocab:
+            raise ConfigError(f"`{key}.{name}` ({value}) is not an id of the tokenizer's vocabulary "
+                              f"(0..{vocab - 1}); leave it unset (null) to use the tokenizer's ({default})")
+        resolved[name] = default if value is None else value
+    return dataclasses.replace(sampling, **resolved)
 
 
 def prompt_batches(config, tokenizer, *, seed: int) -> BatchIterator:
@@ -187,10 +201,13 @@ def open_rollout_stage(config, section: str, *, rows: int, rows_key: str, resume
     mesh of an RL stage (named `section`), whose `rows` responses per rollout (`rows_key` in
     errors) must split into the algorithm's `num_minibatches`; with `resume`, the output
     folder's checkpoints must be ones this stage can continue."""
-    output_dir = prepare_output_dir(config, resume_stage=section if resume else None)
     tokenizer = stage_tokenizer(config.tokenizer, config.policy.path, model_key="policy.path")
     algorithm = getattr(config, section)
-    algorithm = dataclasses.replace(algorithm, sampling=sampling_with_tokenizer(algorithm.sampling, tokenizer))
+    algorithm = dataclasses.replace(algorithm, sampling=sampling_with_tokenizer(algorithm.sampling, tokenizer,
+                                                                               f"{section}.sampling"))
+    # config.yaml records the EOS / pad ids the stage samples with
+    config = dataclasses.replace(config, **{section: algorithm})
+    output_dir = prepare_output_dir(config, resume_stage=section if resume else None)
     if rows % algorithm.num_minibatches:
         raise ConfigError(f"`{rows_key}` ({rows}) must be a multiple of "
                           f"`{section}.num_minibatches` ({algorithm.num_minibatches})")
