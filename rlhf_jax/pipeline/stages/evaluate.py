@@ -26,7 +26,10 @@ per policy (`results.json`):
                           sample passes (pass@k, gold_reward) when its reward exceeds
                           `reward.pass_threshold`, and the win rate compares rewards
 
-and the reward model's accuracy on held-out pairs (`preferences_file`). With `report: true` a
+and the reward model's accuracy on held-out pairs (`preferences_file`). Without
+`reward.functions` every prompt row needs its `answer` (a RewardError naming the file
+otherwise, rather than the task's scorer grading prompts of another kind); the start-up lines
+say which scorer is used. With `report: true` a
 markdown report with tables and plots is written (`stages/eval_report.py`).
 """
 from __future__ import annotations
@@ -46,7 +49,8 @@ from rlhf_jax.pipeline.stage_configs import EvalConfig, load_stage_config
 from rlhf_jax.pipeline.stages import stage_setup
 from rlhf_jax.pipeline.stages.scoring import NOT_PASSED, gold_scores, reward_functions
 from rlhf_jax.pipeline.tokenizer import pad_id
-from rlhf_jax.rewards import RewardScorer
+from rlhf_jax.pipeline.tasks import load_task
+from rlhf_jax.rewards import RewardError, RewardScorer
 from rlhf_jax.rewards.loading import check_columns
 from rlhf_jax.training.logprobs import response_logprobs
 from rlhf_jax.training.rollout import sampled_batch
@@ -135,6 +139,34 @@ def policy_metrics(samples, gold, graded, num_prompts: int, num_samples: int, to
     }
 
 
+def check_gold_answers(answers, config: EvalConfig) -> None:
+    """Without `reward.functions` the task's gold scorer compares the responses with the rows'
+    `answer` column: prompts without it are a RewardError naming the file (and the fix),
+    instead of the scorer silently grading other prompts by its own task."""
+    missing = None if answers is None else next((n for n, a in enumerate(answers, 1) if a is None), None)
+    if answers is not None and missing is None:
+        return
+    where = "has no `answer` column" if answers is None else f"row {missing} has no `answer`"
+    raise RewardError(
+        f"`prompts_file`: {config.prompts_file} {where}, which the gold scorer of the "
+        f"{load_task(config.task).name} task (`task`) compares the responses with when `reward.functions` is "
+        f"not set; give every row its `answer`, or set `reward.functions` to score these prompts with "
+        f"your own reward functions")
+
+
+def print_eval_start(config: EvalConfig, functions, count: int, rows: int) -> None:
+    """The block a user sees when evaluation starts: the prompts used and what scores the samples."""
+    if jax.process_index() != 0:
+        return
+    if functions:
+        scoring = "; ".join(f"{f.name} (weight {f.weight:g})" for f in functions)
+        scoring += f" (a sample passes when its weighted reward exceeds {config.reward.pass_threshold:g})"
+    else:
+        scoring = f"gold scorer of the {load_task(config.task).name} task against the `answer` column"
+    print(f"[eval] prompts: {count} of the {rows} rows of {config.prompts_file}, "
+          f"{config.num_samples} samples each\n[eval] scored by: {scoring}", flush=True)
+
+
 def evaluate_policies(config: EvalConfig) -> dict:
     """Sample, score and compare every policy of `config`; returns the results dict."""
     stage_setup.require(config.policies, "policies", "name at least one policy folder (name: path)")
@@ -158,6 +190,9 @@ def evaluate_policies(config: EvalConfig) -> dict:
         repeat=config.num_samples,
         row_names=[f"{file} row {number}" for file, number in prompts.sources[:count]])
     answers = prompts.columns.get("answer")
+    if function_scorer is None:
+        check_gold_answers(answers, config)
+    print_eval_start(config, functions, count, len(prompts))
     gold_inputs = {"task": config.task,
                    "answers": None if answers is None else np.repeat(np.asarray(answers[:count], object),
                                                                      config.num_samples)}
