@@ -12,7 +12,8 @@ Every stage writes into its `output_dir`:
                        frozen base is left out and re-read on resume)
     model/             the final model as a Hugging Face folder, its tokenizer saved alongside,
                        so the next stage (or `transformers`) loads it with one path (with
-                       `lora`: the adapters merged into the base)
+                       `lora`: the adapters merged into the base); a policy also with
+                       generation_config.json (`rlhf_jax.pipeline.generation_config`)
     adapter/           with `lora`: the adapter as a PEFT folder (adapter_config.json +
                        adapter_model.safetensors) that `peft` loads onto the base model
 """
@@ -35,6 +36,7 @@ from rlhf_jax.models.peft_io import save_peft_adapter
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.typed_config import ConfigError, to_dict
 from rlhf_jax.pipeline.errors import NonFiniteError, OutputError
+from rlhf_jax.pipeline.generation_config import write_generation_config
 from rlhf_jax.pipeline.resume_check import check_resume
 from rlhf_jax.pipeline.stage_configs import ModelSection
 from rlhf_jax.pipeline.tokenizer import load_tokenizer
@@ -243,8 +245,10 @@ def stage_rng(seed: int, mesh):
     return jax.device_put(rng_key(seed, 1), replicated(mesh))
 
 
-def export_model(output_dir, module, params, tokenizer) -> Path:
-    """Save the final model as a Hugging Face folder `<output_dir>/model` with the tokenizer.
+def export_model(output_dir, module, params, tokenizer, source: str | None = None) -> Path:
+    """Save the final model as a Hugging Face folder `<output_dir>/model` with the tokenizer
+    (a causal LM also with `generation_config.json`: the `source` model folder's, with the
+    tokenizer's ids, or a minimal one; `rlhf_jax.pipeline.generation_config`).
     Parameters holding a NaN or inf are refused (NonFiniteError) and nothing is written."""
     folder = Path(output_dir) / MODEL_DIR
     bad = nonfinite_leaves(params)
@@ -256,6 +260,8 @@ def export_model(output_dir, module, params, tokenizer) -> Path:
         save_pretrained(folder, module, host_params, pad_token_id=tokenizer.pad_token_id,
                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
         tokenizer.save_pretrained(str(folder))
+        if isinstance(module, CausalLM):
+            write_generation_config(folder, tokenizer, source)
     return folder
 
 
@@ -303,7 +309,7 @@ def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra
     extra["trainable_parameters"] = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
     extra["optimizer_state_bytes"] = tree_bytes(state.opt_state)
     if result.finished:
-        extra["model_dir"] = str(export_model(output_dir, module, merged_params(state), tokenizer))
+        extra["model_dir"] = str(export_model(output_dir, module, merged_params(state), tokenizer, base_path))
         if is_lora_state(state):
             extra["adapter_dir"] = str(export_adapter(output_dir, module, state, base_path))
     return summary(stage, output_dir, result, extra)

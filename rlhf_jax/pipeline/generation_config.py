@@ -1,0 +1,62 @@
+"""`generation_config.json` of an exported model folder (`<output_dir>/model`).
+
+transformers' `generate` reads a causal LM's default generation settings (stop and pad ids,
+sampling defaults) from this file next to `config.json`. An exported folder gets:
+
+- the source model folder's `generation_config.json` when it has one (its sampling defaults
+  kept), with `bos_token_id` / `eos_token_id` / `pad_token_id` made those of the tokenizer
+  the model was trained with (the ids `config.json` records); an EOS list that already holds
+  the tokenizer's EOS (chat models that stop at several ids) is kept as it is;
+- otherwise a minimal one with the tokenizer's BOS / EOS / pad ids, as transformers writes
+  for a model without one (`GenerationConfig.from_model_config`).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from transformers import GenerationConfig
+
+GENERATION_CONFIG = "generation_config.json"
+_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _tokenizer_ids(tokenizer) -> dict:
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    return {key: value for key, value in ids.items() if value is not None}
+
+
+def _source_settings(source) -> dict | None:
+    """The source folder's generation_config.json as a dict (None: none, or unreadable)."""
+    if source is None or not (Path(source) / GENERATION_CONFIG).is_file():
+        return None
+    path = Path(source) / GENERATION_CONFIG
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        warnings.warn(f"{path} is unreadable ({error}); the exported model gets a minimal "
+                      f"{GENERATION_CONFIG} with the tokenizer's ids instead", stacklevel=2)
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def write_generation_config(folder, tokenizer, source=None) -> Path:
+    """Write `<folder>/generation_config.json` (module docstring): from the `source` model
+    folder's when it has one, else minimal; ids from `tokenizer`. Returns the file."""
+    folder = Path(folder)
+    ids = _tokenizer_ids(tokenizer)
+    settings = _source_settings(source)
+    if settings is None:
+        GenerationConfig(**ids).save_pretrained(str(folder))
+        return folder / GENERATION_CONFIG
+    eos = settings.get("eos_token_id")
+    if isinstance(eos, list) and ids.get("eos_token_id") in eos:
+        ids["eos_token_id"] = eos
+    settings.update(ids)
+    (folder / GENERATION_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return folder / GENERATION_CONFIG
+
+
+__all__ = ["GENERATION_CONFIG", "write_generation_config"]
