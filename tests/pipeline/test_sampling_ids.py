@@ -67,3 +67,14 @@ def test_config_yaml_records_the_ids_used_and_resume_reads_it(tmp_path, cls, sec
     (tmp_path / "run" / "checkpoints" / "1").mkdir(parents=True)
     setup = open_rollout_stage(config, section, rows=2, rows_key="train.batch_size", resume=True)
     assert setup.algorithm.sampling.pad_token_id == tokenizer.pad_token_id
+
+
+def test_the_gold_scorer_stops_at_the_sampling_eos(tokenizer):
+    """With `sampling.eos_token_id` set, a response ending at that id counts as stopped."""
+    import numpy as np
+    from rlhf_jax.pipeline.stages.scoring import gold_scores
+    prompt = np.asarray([tokenizer.encode("1+2=", add_special_tokens=False)])
+    stop = tokenizer.convert_tokens_to_ids("+")
+    response = np.asarray([tokenizer.encode("3", add_special_tokens=False) + [stop]])
+    assert gold_scores(tokenizer, prompt, response, eos_token_id=stop) == [1.0]
+    assert gold_scores(tokenizer, prompt, response) == [0.0]  # no tokenizer EOS: did not stop

@@ -75,7 +75,7 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
     ref_params = skeletons.frozen_reference(config, policy_params, mesh) if algorithm.kl_coef > 0 else None
     in_jit = model_scorer(config.reward, attention_impl=config.policy.attention_impl)
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
-        HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data)
+        HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data, algorithm.sampling.eos_token_id)
     skeletons.print_rollout_start("grpo", setup, host.describe() if host else ["reward model"])
     updates = config.train.iterations * algorithm.epochs * algorithm.num_minibatches
     policy_state, policy_shardings = stage_state(policy_module, policy_params,

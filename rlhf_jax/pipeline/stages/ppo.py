@@ -46,7 +46,7 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
                                                          attention_impl=config.policy.attention_impl)
     in_jit = model_scorer(config.reward, attention_impl=config.policy.attention_impl)
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
-        HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data)
+        HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data, algorithm.sampling.eos_token_id)
     skeletons.print_rollout_start("ppo", setup, host.describe() if host else ["reward model"])
 
     updates = config.train.iterations * algorithm.epochs * algorithm.num_minibatches

@@ -36,24 +36,26 @@ def decode_rows(tokenizer, ids: np.ndarray, *, skip_special_tokens: bool) -> lis
 
 
 def gold_scores(tokenizer, prompt_ids, response_ids, *, kind: str = "exact", task: str | None = None,
-                answers=None) -> np.ndarray:
+                answers=None, eos_token_id: int | None = None) -> np.ndarray:
     """Gold rewards [B] float32 of responses [B, N] to prompts [B, P] (token ids), by the
     scorer of `task` (`rlhf_jax.pipeline.tasks`; None: the default task), with the rows'
     reference `answers` [B] when the prompt data has them.
 
-    A response without the tokenizer's EOS token did not stop (the task's scorer decides what
-    that scores). A prompt the scorer cannot read is a `RewardError` naming it.
+    A response without the EOS token (the tokenizer's, or the sampling's `eos_token_id` when
+    given) did not stop (the task's scorer decides what that scores). A prompt the scorer
+    cannot read is a `RewardError` naming it.
     """
     scorer = load_task(task)
     prompts = decode_rows(tokenizer, prompt_ids, skip_special_tokens=True)
     responses = decode_rows(tokenizer, response_ids, skip_special_tokens=False)
     answers = [None] * len(prompts) if answers is None else [None if a is None else str(a) for a in answers]
+    eos_token = tokenizer.eos_token if eos_token_id is None else tokenizer.decode([eos_token_id])
     cache: dict[tuple, float] = {}
     scores = np.empty(len(prompts), np.float32)
     for index, key in enumerate(zip(prompts, responses, answers)):
         if key not in cache:
             try:
-                cache[key] = scorer.reward(*key, kind=kind, eos_token=tokenizer.eos_token)
+                cache[key] = scorer.reward(*key, kind=kind, eos_token=eos_token)
             except ValueError as error:
                 raise RewardError(f"the {scorer.name} task's gold scorer cannot score prompt {key[0]!r}: "
                                   f"{error}") from None
@@ -92,9 +94,10 @@ class HostScorer:
     prompts: list  # the prompt data's `prompt` column (strings or message lists)
     columns: dict[str, list]  # the other columns, passed to reward functions
     row_names: list[str]  # "file row n" of each data row
+    eos_token_id: int | None = None  # the id responses stop at (None: the tokenizer's EOS)
 
     @classmethod
-    def from_config(cls, reward, tokenizer, data) -> "HostScorer":
+    def from_config(cls, reward, tokenizer, data, eos_token_id: int | None = None) -> "HostScorer":
         functions = reward_functions(reward.functions)
         columns = {name: values for name, values in data.columns.items() if name not in NOT_PASSED}
         check_columns(functions, columns, data_files(data))
@@ -108,6 +111,7 @@ class HostScorer:
             prompts=list(prompts),
             columns=columns,
             row_names=[f"{file} row {number}" for file, number in data.sources],
+            eos_token_id=eos_token_id,
         )
 
     def describe(self) -> list[str]:
@@ -131,7 +135,7 @@ class HostScorer:
             answers = self.columns.get("answer")
             answers = None if answers is None else [answers[row] for row in rows for _ in range(repeat)]
             return gold_scores(self.tokenizer, np.asarray(prompt_ids), response_ids, kind=self.gold_kind,
-                               task=self.gold_task, answers=answers), {}
+                               task=self.gold_task, answers=answers, eos_token_id=self.eos_token_id), {}
         scores, metrics = self.functions(
             response_ids, response_mask, [self.prompts[row] for row in rows],
             {name: [values[row] for row in rows] for name, values in self.columns.items()},
