@@ -6,9 +6,9 @@ scripts) inherit them through the environment.
 
 `--xla_backend_optimization_level=0` skips LLVM's optimisation passes when XLA compiles for the
 CPU: the tests' models are tiny, so compiling dominates their time and the unoptimised code
-runs fast enough (about 35% less CPU time in the compile-bound tests). The programs XLA builds
-(HLO passes, fusion, the numerics of every op) are the same; only the machine code is less
-tuned. `benchmarks/accelerator_check.py --dry-run` uses the same flag for the same reason.
+runs fast enough (about 35% less CPU time in the compile-bound tests). XLA's own passes
+(fusion, layouts, the expansion of each op) still run; only the machine code is less tuned.
+`benchmarks/accelerator_check.py --dry-run` uses the same flag for the same reason.
 """
 import os
 
