@@ -22,11 +22,12 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.config import ATTENTION_IMPLS, ModelConfig
 from rlhf_jax.models.errors import ModelError
 from rlhf_jax.models.heads import RewardModel, ScalarHead, ValueModel, reward_head_std
 from rlhf_jax.models.hf_weights import hf_to_params, params_to_hf
 from rlhf_jax.models.transformer import CausalLM
+from rlhf_jax.ops.checks import check_in
 
 HEADS = ("lm", "value", "reward")
 _MODULES = {"lm": CausalLM, "value": ValueModel, "reward": RewardModel}
@@ -145,7 +146,7 @@ def _default_head(hf_config: dict) -> str:
 
 
 def load_pretrained(path, *, head: str | None = None, dtype: str | None = None,
-                    param_dtype: str = "float32", remat: bool = False, rng=None):
+                    param_dtype: str = "float32", remat: bool = False, rng=None, attention_impl: str = "auto"):
     """Load a Hugging Face folder as `(module, params)`.
 
     head: "lm" -> CausalLM; "reward" -> RewardModel (the checkpoint's `score` head when it
@@ -153,16 +154,18 @@ def load_pretrained(path, *, head: str | None = None, dtype: str | None = None,
     head from `rng`); "value" -> ValueModel with a zero head; None -> "reward" when
     config.json names a `*ForSequenceClassification` architecture, else "lm".
     dtype: compute dtype (default float32); params are stored in `param_dtype`.
+    attention_impl: `ModelConfig.attention_impl` ("auto", "plain" or "blockwise").
     Raises `ModelError` (a ValueError) naming the folder and the file or tensor at fault when
     the folder is missing, unreadable, truncated or does not fit its config.
     """
     folder = Path(path)
     if head is not None and head not in HEADS:
         raise ValueError(f"`head` must be one of {list(HEADS)} or None, got {head!r}")
+    check_in(attention_impl, ATTENTION_IMPLS, "attention_impl")
     try:
         hf_config = read_hf_config(folder)
         head = _default_head(hf_config) if head is None else head
-        fields: dict[str, Any] = {"param_dtype": param_dtype, "remat": remat}
+        fields: dict[str, Any] = {"param_dtype": param_dtype, "remat": remat, "attention_impl": attention_impl}
         if dtype is not None:
             fields["dtype"] = dtype
         try:

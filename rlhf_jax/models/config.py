@@ -127,6 +127,7 @@ class ModelConfig:
     # [B, H, T, S] scores; "blockwise" runs ops.blockwise_attention (blocks of
     # attention_block_size queries x keys, memory linear in T); "auto" uses blockwise when
     # T > 1 and T * S > attention_block_size**2 (so decode steps and short sequences stay plain).
+    # In a pipeline stage config: `model.attention_impl` / `policy.attention_impl`.
     attention_impl: str = "auto"
     attention_block_size: int = 512
 

@@ -9,6 +9,7 @@ rotary embeddings and the attention softmax are computed in float32.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -18,6 +19,7 @@ import numpy as np
 
 from rlhf_jax.models.config import FULL_ATTENTION, ModelConfig
 from rlhf_jax.ops.blockwise_attention import blockwise_attention
+from rlhf_jax.ops.blockwise_prefix_attention import blockwise_prefix_attention
 from rlhf_jax.ops.chunked_head import soft_cap
 from rlhf_jax.ops.prefix_attention import prefix_attention
 
@@ -207,7 +209,8 @@ class Attention(nn.Module):
         written at slots [cache_index, cache_index + T) and attention reads all S slots; with
         `cache_index=None` the T tokens continue the S cached ones without being written (a
         prefix computed once, continued by a training pass; the cache may hold B / N rows,
-        each continued by N consecutive rows of `x`, see `ops.prefix_attention`).
+        each continued by N consecutive rows of `x`, see `ops.prefix_attention`, and
+        `ops.blockwise_prefix_attention` on the blockwise path: neither copies the prefix).
         With `query_rows` [B, M] int, keys and values come from all T tokens but only the M
         tokens `query_rows` query (output [B, M, D]): the last layer of a model whose caller
         reads a few positions.
@@ -238,7 +241,7 @@ class Attention(nn.Module):
             k = apply_rope(k, positions, inv_freq)
         groups = heads // kv_heads
         q = q * jnp.asarray(1.0 / math.sqrt(c.query_pre_attn_scalar or head_dim), q.dtype)
-        new_cache, prefix = None, None
+        new_cache = None
         if layer_cache is not None and cache_index is None:  # continuations of a shared prefix
             prefix = layer_cache["key"], layer_cache["value"]
             rows = prefix[0].shape[0]
@@ -247,23 +250,24 @@ class Attention(nn.Module):
                                  "each cached row is continued by the same number of consecutive rows")
             num = batch // rows
             k, v = k.astype(prefix[0].dtype), v.astype(prefix[1].dtype)
-            if not c.uses_blockwise_attention(queries, prefix[0].shape[-1] + time):
-                out = prefix_attention(
-                    q.reshape(rows, num, queries, kv_heads, groups, head_dim).transpose(0, 3, 1, 4, 2, 5),
-                    k.reshape(rows, num, time, kv_heads, head_dim).transpose(0, 3, 1, 4, 2),
-                    v.reshape(rows, num, time, kv_heads, head_dim).transpose(0, 3, 1, 2, 4),
-                    *prefix, attend_mask.reshape(rows, num, queries, -1), softcap=c.attn_logit_softcap,
-                )  # [B / N, K, N, G, Tq, Dh]
-                out = out.transpose(0, 2, 4, 1, 3, 5).reshape(batch, queries, heads * head_dim)
-                return self.o_proj(out.astype(jnp.dtype(c.dtype))), None
+            if c.uses_blockwise_attention(queries, prefix[0].shape[-1] + time):
+                block = c.attention_block_size
+                attention = functools.partial(blockwise_prefix_attention, block_q=block, block_k=block)
+            else:
+                attention = prefix_attention
+            out = attention(
+                q.reshape(rows, num, queries, kv_heads, groups, head_dim).transpose(0, 3, 1, 4, 2, 5),
+                k.reshape(rows, num, time, kv_heads, head_dim).transpose(0, 3, 1, 4, 2),
+                v.reshape(rows, num, time, kv_heads, head_dim).transpose(0, 3, 1, 2, 4),
+                *prefix, attend_mask.reshape(rows, num, queries, -1), softcap=c.attn_logit_softcap,
+            )  # [B / N, K, N, G, Tq, Dh]
+            out = out.transpose(0, 2, 4, 1, 3, 5).reshape(batch, queries, heads * head_dim)
+            return self.o_proj(out.astype(jnp.dtype(c.dtype))), None
         # Heads-major layouts in which both attention matmuls are plain batched products
         # (no transposed operand, no copy of the cache): keys [B, K, Dh, S], values [B, K, S, Dh].
         k = k.transpose(0, 2, 3, 1)  # [B, K, Dh, T]
         v = v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
-        if prefix is not None:  # blockwise: the prefix copied for its continuations
-            k = jnp.concatenate([jnp.repeat(prefix[0], num, axis=0), k], axis=3)  # [B, K, Dh, S + T]
-            v = jnp.concatenate([jnp.repeat(prefix[1], num, axis=0), v], axis=2)  # [B, K, S + T, Dh]
-        elif layer_cache is not None:
+        if layer_cache is not None:
             cache_dtype = layer_cache["key"].dtype
             k = jax.lax.dynamic_update_slice(
                 layer_cache["key"], k.astype(cache_dtype), (0, 0, 0, cache_index)

@@ -126,7 +126,8 @@ class Decoder(nn.Module):
         where the default writes them into the cache's free slots. The cache's `mask` and
         `positions` have the B input rows; its layers may hold B / N rows, each continued by
         N consecutive input rows (a prompt shared by N responses, `shared_prefix_forward`),
-        whose keys and values attention reads without copying them (`ops.prefix_attention`).
+        whose keys and values attention reads without copying them (`ops.prefix_attention`, or
+        `ops.blockwise_prefix_attention` on the blockwise path).
 
         `output_positions` [B, M] int: return the final hidden states of those positions only,
         [B, M, D]. The last layer then computes keys and values for every token (the cache
@@ -223,7 +224,9 @@ def shared_prefix_forward(decoder: Decoder, config: ModelConfig, prompt_ids, pro
     as a forward pass over each prompt + continuation. The prompt's keys and values are
     computed once, in a cache of P slots, and the N continuations attend to them without a
     copy (`ops.prefix_attention`: one product per head for all N continuations' queries, the
-    prompt's key and value gradients summed inside it), so the prompt costs one forward pass
+    prompt's key and value gradients summed inside it; on the blockwise path
+    `ops.blockwise_prefix_attention` merges the prompt and continuation parts by their
+    log-sum-exp), so the prompt costs one forward pass
     instead of N; the prompt pass computes its last layer past the keys and values only at
     the prompt's last token.
     """

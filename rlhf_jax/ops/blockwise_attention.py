@@ -22,6 +22,15 @@ The backward pass recomputes each block's probabilities from the saved (m, l):
 so neither pass holds more than one `[B, K, G, block_q, block_k]` block of scores: memory is
 linear in the sequence length (plus the boolean mask `[B, T, S]` it is given).
 
+`blockwise_attention_with_lse` also returns each row's log-sum-exp of its scores,
+
+    lse_i = log sum_j exp(s_ij) = m_i + log l_i        (float32, [B, K, G, T])
+
+differentiable like the output: since d lse_i / d s_ij = p_ij, a cotangent g_i on lse_i adds
+g_i p_ij to ds_ij, which is the backward pass above with D_i replaced by D_i - g_i. Two
+attentions of the same queries over disjoint key sets merge exactly through it (see
+`ops.blockwise_prefix_attention`).
+
 Masked scores take MIN rather than -inf, exactly as the plain softmax path does: a query
 row that sees no key at all (a left-padding position) gets the uniform average of all S
 values in both paths. Key padding added to fill the last block is -inf (it never counts).
@@ -133,11 +142,13 @@ def _forward(q, k, v, mask, softcap, block_q, block_k):
     return join(out), join(m), join(l)
 
 
-def _backward(q, k, v, mask, out, m, l, dout, softcap, block_q, block_k):
-    """(dq, dk, dv) in the dtypes of q, k, v (FlashAttention-2's backward pass, module doc)."""
+def _backward(q, k, v, mask, out, m, l, dout, dlse, softcap, block_q, block_k):
+    """(dq, dk, dv) in the dtypes of q, k, v (FlashAttention-2's backward pass, module doc),
+    for cotangents `dout` on the output and `dlse` on the rows' log-sum-exp."""
     time, slots = q.shape[3], k.shape[-1]
     blocks = _Blocks(time, slots, block_q, block_k)
-    delta = jnp.sum(dout.astype(F32) * out.astype(F32), axis=-1)  # D_i [B, K, G, T]
+    # D_i - g_i [B, K, G, T]: the lse cotangent enters as d lse_i / d s_ij = p_ij.
+    delta = jnp.sum(dout.astype(F32) * out.astype(F32), axis=-1) - dlse.astype(F32)
     qp, dop = _pad_axis(q, 3, blocks.tp), _pad_axis(dout, 3, blocks.tp)
     mp, lp = _pad_axis(m, 3, blocks.tp), _pad_axis(l, 3, blocks.tp, 1.0)
     deltap = _pad_axis(delta, 3, blocks.tp)
@@ -191,21 +202,38 @@ def _backward(q, k, v, mask, out, m, l, dout, softcap, block_q, block_k):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _attention(q, k, v, mask, softcap, block_q, block_k):
-    return _forward(q, k, v, mask, softcap, block_q, block_k)[0]
+    """(out, lse): the output and each row's float32 log-sum-exp `m + log l` (module doc)."""
+    out, m, l = _forward(q, k, v, mask, softcap, block_q, block_k)
+    return out, m + jnp.log(l)
 
 
 def _attention_fwd(q, k, v, mask, softcap, block_q, block_k):
     out, m, l = _forward(q, k, v, mask, softcap, block_q, block_k)
-    return out, (q, k, v, mask, out, m, l)
+    return (out, m + jnp.log(l)), (q, k, v, mask, out, m, l)
 
 
-def _attention_bwd(softcap, block_q, block_k, residuals, dout):
+def _attention_bwd(softcap, block_q, block_k, residuals, cotangents):
     q, k, v, mask, out, m, l = residuals
-    dq, dk, dv = _backward(q, k, v, mask, out, m, l, dout, softcap, block_q, block_k)
+    dout, dlse = cotangents
+    dq, dk, dv = _backward(q, k, v, mask, out, m, l, dout, dlse, softcap, block_q, block_k)
     return dq, dk, dv, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _checked(q, k, v, mask, softcap, block_q, block_k):
+    """The arguments of `_attention` after checking their shapes."""
+    batch, kv_heads, groups, time, head_dim = q.shape
+    slots = k.shape[-1]
+    if k.shape != (batch, kv_heads, head_dim, slots) or v.shape != (batch, kv_heads, slots, head_dim):
+        raise ValueError(f"expected k [B, K, Dh, S] and v [B, K, S, Dh] for q {q.shape}, got {k.shape}, {v.shape}")
+    if mask.shape != (batch, time, slots):
+        raise ValueError(f"expected mask [B, T, S] = {(batch, time, slots)}, got {mask.shape}")
+    if block_q <= 0 or block_k <= 0:
+        raise ValueError(f"block sizes must be > 0, got {block_q}, {block_k}")
+    softcap = None if softcap is None else float(softcap)
+    return q, k, v, jnp.asarray(mask, bool), softcap, int(block_q), int(block_k)
 
 
 def blockwise_attention(q, k, v, mask, *, softcap: float | None = None, block_q: int = 512,
@@ -217,16 +245,20 @@ def blockwise_attention(q, k, v, mask, *, softcap: float | None = None, block_q:
     processed `block_q` x `block_k` at a time (the module docstring has the algorithm).
     Same values and gradients as the plain softmax path to float32 rounding.
     """
-    batch, kv_heads, groups, time, head_dim = q.shape
-    slots = k.shape[-1]
-    if k.shape != (batch, kv_heads, head_dim, slots) or v.shape != (batch, kv_heads, slots, head_dim):
-        raise ValueError(f"expected k [B, K, Dh, S] and v [B, K, S, Dh] for q {q.shape}, got {k.shape}, {v.shape}")
-    if mask.shape != (batch, time, slots):
-        raise ValueError(f"expected mask [B, T, S] = {(batch, time, slots)}, got {mask.shape}")
-    if block_q <= 0 or block_k <= 0:
-        raise ValueError(f"block sizes must be > 0, got {block_q}, {block_k}")
-    softcap = None if softcap is None else float(softcap)
-    return _attention(q, k, v, jnp.asarray(mask, bool), softcap, int(block_q), int(block_k))
+    return _attention(*_checked(q, k, v, mask, softcap, block_q, block_k))[0]
 
 
-__all__ = ["blockwise_attention"]
+def blockwise_attention_with_lse(q, k, v, mask, *, softcap: float | None = None, block_q: int = 512,
+                                 block_k: int = 512):
+    """(out, lse): `blockwise_attention`'s output and each query row's log-sum-exp of its scores,
+
+        lse_i = log sum_j exp(s_ij) = m_i + log l_i        [B, K, G, T] float32,
+
+    masked scores counted as MIN (so a row that sees no key has `lse = MIN + log S`, which is
+    MIN in float32). Both outputs are differentiable: a cotangent g on lse enters the backward
+    pass as `D_i - g_i` (module doc). Same arguments as `blockwise_attention`.
+    """
+    return _attention(*_checked(q, k, v, mask, softcap, block_q, block_k))
+
+
+__all__ = ["blockwise_attention", "blockwise_attention_with_lse"]

@@ -37,11 +37,10 @@ MIN = float(jnp.finfo(jnp.float32).min)
 F32 = jnp.float32
 
 
-def prefix_attention(q, k, v, prefix_k, prefix_v, mask, *, softcap: float | None = None):
-    """Attention output [B, K, N, G, T, Dh] of N continuations per shared prefix (module doc)."""
+def check_prefix_shapes(q, k, v, prefix_k, prefix_v, mask):
+    """Raise ValueError naming the argument whose shape does not fit q's (layouts: module doc)."""
     batch, kv_heads, num, groups, time, head_dim = q.shape
-    slots = prefix_k.shape[-1]
-    own = k.shape[-1]
+    slots, own = prefix_k.shape[-1], k.shape[-1]
     expected = {
         "k": (batch, kv_heads, num, head_dim, own), "v": (batch, kv_heads, num, own, head_dim),
         "prefix_k": (batch, kv_heads, head_dim, slots), "prefix_v": (batch, kv_heads, slots, head_dim),
@@ -50,6 +49,13 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, mask, *, softcap: float | None
     for name, array in dict(k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, mask=mask).items():
         if array.shape != expected[name]:
             raise ValueError(f"`{name}` must have shape {expected[name]} for q {q.shape}, got {array.shape}")
+
+
+def prefix_attention(q, k, v, prefix_k, prefix_v, mask, *, softcap: float | None = None):
+    """Attention output [B, K, N, G, T, Dh] of N continuations per shared prefix (module doc)."""
+    check_prefix_shapes(q, k, v, prefix_k, prefix_v, mask)
+    batch, kv_heads, num, groups, time, head_dim = q.shape
+    slots, own = prefix_k.shape[-1], k.shape[-1]
     dtype = q.dtype
     # One array of queries [B, K, N, G * T, Dh] feeds both products (two layouts of it would
     # be two copies, each recomputing whatever XLA fuses into it).
@@ -71,4 +77,4 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, mask, *, softcap: float | None
     return out.reshape(q.shape)
 
 
-__all__ = ["prefix_attention"]
+__all__ = ["check_prefix_shapes", "prefix_attention"]

@@ -179,6 +179,12 @@ class Checkpointer:
         return self._manager.latest_step()
 
     # ----------------------------------------------------------------------------- restoring
+    def read_meta(self, step: int | None = None) -> dict:
+        """The JSON metadata of checkpoint `step` (the latest if None), without its state."""
+        self._manager.wait_until_finished()
+        step = self._resolve_step(step)
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def restore(self, step: int | None = None, *, target: Any = None,
                 shardings: Any = None) -> tuple[Any, dict]:
         """Restore checkpoint `step` (the latest if None) as `(state, meta)`.

@@ -16,7 +16,10 @@ KL-controller states for PPO.
   every `eval_every` steps and at the end) join that step's row. No wall-clock values go into
   the rows, so two runs with the same seed write identical files.
 - Checkpoints (`<output_dir>/checkpoints/<step>`): the carry, plus the data position and the
-  step in the checkpoint's metadata, every `checkpoint.interval` steps and at the end.
+  step in the checkpoint's metadata, every `checkpoint.interval` steps and at the end. The
+  frozen base of a LoRA state in the carry is left out (it never changes): the metadata
+  records its fingerprint and source instead, and a resumed run, whose carry re-read the base
+  from its source, checks the fingerprint and keeps that base (`rlhf_jax.pipeline.frozen_base`).
 - Resume: with `resume=True` the latest finished checkpoint is restored (carry, data position),
   metrics.jsonl is cut back to its step, and training continues. A latest checkpoint that
   cannot be read (a file truncated after it was finished) is skipped with one warning line
@@ -53,8 +56,10 @@ import numpy as np
 from rlhf_jax.pipeline.checkpoint import Checkpointer
 from rlhf_jax.pipeline.batching import BatchIterator, DataPosition
 from rlhf_jax.pipeline.errors import NonFiniteError
+from rlhf_jax.pipeline.frozen_base import META_KEY, BaseSource, base_record, check_base
 from rlhf_jax.pipeline.metrics_log import MetricsLogger, progress
 from rlhf_jax.pipeline.stage_configs import CheckpointSection, LoggingSection
+from rlhf_jax.training.lora_state import with_frozen_base, without_frozen_base
 from rlhf_jax.training.nonfinite import CONSECUTIVE_SKIPS, SKIPS, has_skip_counters, nonfinite_leaves, skip_counts
 from rlhf_jax.training.optim import check_finite
 
@@ -131,6 +136,7 @@ def run_loop(
     is_main_process: bool | None = None,
     max_consecutive_skips: int | None = None,
     halt_on_nonfinite: bool = False,
+    base_sources: Mapping[str, BaseSource] | None = None,
 ) -> LoopResult:
     """Train for `num_steps` steps (see the module docstring).
 
@@ -156,6 +162,8 @@ def run_loop(
       max_consecutive_skips: stop when an optimizer in the carry has skipped this many
         non-finite updates in a row (None: no skip counting; see the module docstring).
       halt_on_nonfinite: stop at the first step whose metrics hold a NaN or inf.
+      base_sources: for each top-level carry key holding a LoRA state (e.g. "policy"), where
+        its frozen base comes from (named in the error when a resume finds another base).
     """
     if num_steps < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
@@ -168,9 +176,18 @@ def run_loop(
     checkpointer = Checkpointer(ckpt_dir, save_interval_steps=checkpoint.interval,
                                 max_to_keep=checkpoint.keep, async_save=checkpoint.async_save)
     start, resumed_from = 0, None
+    bases = base_record(carry, base_sources)  # LoRA: the frozen bases' fingerprints
     if resume and checkpointer.latest_step() is not None:
         try:
-            carry, saved, skipped = checkpointer.restore_latest_readable(target=carry)
+            try:
+                latest = checkpointer.read_meta()
+            except Exception:  # a damaged latest checkpoint: restore_latest_readable reports it
+                latest = None
+            if latest is not None:  # before the restore, whose shape errors would be less clear
+                check_base(latest.get(META_KEY), bases, f"{ckpt_dir}/{checkpointer.latest_step()}")
+            stored, saved, skipped = checkpointer.restore_latest_readable(target=without_frozen_base(carry))
+            check_base(saved.get(META_KEY), bases, f"{ckpt_dir}/{saved['step']}")
+            carry = with_frozen_base(stored, carry)
         except BaseException:
             checkpointer.close()
             raise
@@ -191,16 +208,17 @@ def run_loop(
     def save(step: int, force: bool = False) -> None:
         if not checkpointer.should_save(step, force=force):
             return
-        bad = nonfinite_leaves(carry)
+        stored = without_frozen_base(carry)
+        bad = nonfinite_leaves(stored)
         if bad:
             checkpointer.wait()
             raise NonFiniteError(
                 f"{description}: refusing to write the checkpoint of step {step}: NaN or inf in "
                 f"{_listing(bad)}; the latest checkpoint stays {_latest(checkpointer)}")
         position = batches.position
-        checkpointer.save(step, carry, {
+        checkpointer.save(step, stored, {
             "step": step, "data_position": {"epoch": position.epoch, "index": position.index},
-            **dict(meta or {})}, force=force)
+            **({META_KEY: bases} if bases else {}), **dict(meta or {})}, force=force)
 
     step, last_row, sizes = start, {}, None
     stop_at = num_steps if stop_after is None else min(num_steps, start + stop_after)

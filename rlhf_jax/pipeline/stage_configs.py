@@ -60,6 +60,11 @@ class ModelSection:
     # its vocab_size and bos/eos/pad ids are taken from the tokenizer
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     remat: bool = False  # rematerialise blocks in the backward pass (saves memory)
+    attention_impl: Literal["auto", "plain", "blockwise"] = "auto"  # `ModelConfig.attention_impl`
+    # of the loaded or fresh model (replacing `init.attention_impl`): "plain" materialises the
+    # [B, H, T, S] attention scores, "blockwise" runs `ops.blockwise_attention` (memory linear
+    # in T), "auto" is blockwise when T > 1 and T * S > 512**2. In ppo / grpo `policy.attention_impl`
+    # also applies to the value and reward models (the reference runs as the policy does).
 
 
 @dataclass

@@ -11,8 +11,10 @@ respect to `state.params`, so
   base's;
 - the base is an ordinary argument of every compiled step (not a constant baked into the
   program), stored once, sharded like a full model's parameters (`lora_state_shardings`),
-  donated and returned unchanged with the state, and saved in checkpoints with the rest of
-  the state, so a resumed run needs nothing else;
+  donated and returned unchanged with the state. It is not written into checkpoints: the
+  pipeline saves `without_frozen_base(state)` (adapters, trained heads, optimizer state, step,
+  dropout key) and on resume puts back the base it has just re-read from its source
+  (`with_frozen_base`), after checking its fingerprint (`rlhf_jax.pipeline.frozen_base`);
 - the frozen reference policy is the same apply function with the adapters disabled:
   `disabled_adapters()` = `{"lora": {}}` passed as the reference parameters.
 
@@ -144,7 +146,37 @@ def create_lora_train_state(model: LoRAModel, base, trainable, optimizer: optax.
     return state, shardings
 
 
+def _is_lora_apply(node) -> bool:
+    return isinstance(node, LoRAApply)
+
+
+def _path_name(path) -> str:
+    return ".".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
+
+
+def frozen_bases(tree) -> dict[str, Any]:
+    """`{name: base}` of every LoRA state's frozen base in `tree` (a carry of train states),
+    named by the path of its `apply_fn`, e.g. `{"policy.apply_fn": {...}}`; empty for a tree
+    without LoRA states."""
+    nodes, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_lora_apply)
+    return {_path_name(path): node.base for path, node in nodes if _is_lora_apply(node)}
+
+
+def without_frozen_base(tree):
+    """`tree` with every LoRA state's frozen base dropped (`base=None`): what changes during
+    training (adapters, trained heads, optimizer state, step, dropout key) and nothing else."""
+    return jax.tree.map(lambda node: node.replace(base=None) if _is_lora_apply(node) else node, tree,
+                        is_leaf=_is_lora_apply)
+
+
+def with_frozen_base(tree, source):
+    """`tree` (e.g. restored from `without_frozen_base`) with the frozen bases of `source`, a tree
+    of the same structure that holds them (the freshly built carry)."""
+    return jax.tree.map(lambda node, full: node.replace(base=full.base) if _is_lora_apply(node) else node,
+                        tree, source, is_leaf=_is_lora_apply)
+
+
 __all__ = [
     "LoRAApply", "LoRATrainState", "disabled_adapters", "is_lora_state", "inference_model", "merged_params",
-    "lora_state_shardings", "create_lora_train_state",
+    "lora_state_shardings", "create_lora_train_state", "frozen_bases", "without_frozen_base", "with_frozen_base",
 ]

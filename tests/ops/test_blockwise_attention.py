@@ -1,12 +1,13 @@
 """Blockwise attention against a NumPy softmax-attention oracle (values) and against autodiff of
 a plain jnp softmax attention (gradients), on left-padded, windowed, soft-capped GQA inputs
-with block sizes that do not divide the lengths."""
+with block sizes that do not divide the lengths; the rows' log-sum-exp and its gradient against
+NumPy and jax.grad of a plain logsumexp."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.ops.blockwise_attention import blockwise_attention
+from rlhf_jax.ops.blockwise_attention import blockwise_attention, blockwise_attention_with_lse
 
 MIN = np.finfo(np.float32).min
 
@@ -125,3 +126,58 @@ def test_bfloat16_inputs_keep_float32_statistics():
     np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=3e-2)
     grads = jax.grad(lambda q: jnp.sum(blockwise_attention(q, bf16(k), bf16(v), jnp.asarray(mask)).astype(jnp.float32)))(bf16(q))
     assert grads.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grads)))
+
+
+def numpy_logsumexp(q, k, mask, softcap):
+    """float64 log sum_j exp(cap(q k)_j masked to MIN) per query row [B, K, G, T]."""
+    scores = np.einsum("bkgqd,bkds->bkgqs", np.asarray(q, np.float64), np.asarray(k, np.float64))
+    if softcap is not None:
+        scores = softcap * np.tanh(scores / softcap)
+    scores = np.where(np.asarray(mask)[:, None, None], scores, MIN)
+    top = scores.max(-1, keepdims=True)
+    return (top + np.log(np.exp(scores - top).sum(-1, keepdims=True)))[..., 0]
+
+
+@pytest.mark.parametrize("case", CASES[:2])
+def test_log_sum_exp_values_and_gradients(case):
+    """`blockwise_attention_with_lse`: the output of `blockwise_attention` and each row's
+    log-sum-exp (float64 NumPy oracle; MIN + log S, i.e. MIN, for rows that see no key), and the
+    gradient of a loss on both against jax.grad of a plain jnp softmax and logsumexp."""
+    q, k, v, mask = inputs(5, window=case["window"])
+    blocks = dict(softcap=case["softcap"], block_q=case["block_q"], block_k=case["block_k"])
+    out, lse = blockwise_attention_with_lse(*map(jnp.asarray, (q, k, v, mask)), **blocks)
+    assert lse.shape == q.shape[:4] and lse.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v, mask, case["softcap"]), atol=2e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(lse), numpy_logsumexp(q, k, mask, case["softcap"]), atol=2e-5, rtol=1e-6)
+    assert np.all(np.asarray(lse)[1, :, :, 0] == MIN)
+
+    q, k, v, mask = map(jnp.asarray, (q, k, v, mask))
+    rng = np.random.default_rng(6)
+    upstream = jnp.asarray(rng.normal(size=q.shape).astype(np.float32))
+    lse_upstream = jnp.asarray(rng.normal(size=q.shape[:4]).astype(np.float32))
+
+    def plain_logsumexp(q, k):
+        scores = jnp.einsum("bkgqd,bkds->bkgqs", q, k)
+        if case["softcap"] is not None:
+            scores = case["softcap"] * jnp.tanh(scores / case["softcap"])
+        return jax.nn.logsumexp(jnp.where(mask[:, None, None], scores, MIN), axis=-1)
+
+    def blockwise_loss(q, k, v):
+        out, lse = blockwise_attention_with_lse(q, k, v, mask, **blocks)
+        return jnp.sum(upstream * out) + jnp.sum(lse_upstream * lse)
+
+    def plain_loss(q, k, v):
+        out = plain_attention(q, k, v, mask, case["softcap"])
+        return jnp.sum(upstream * out) + jnp.sum(lse_upstream * plain_logsumexp(q, k))
+
+    got = jax.jit(jax.grad(blockwise_loss, argnums=(0, 1, 2)))(q, k, v)
+    expected = jax.grad(plain_loss, argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", got, expected):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0, err_msg=f"d{name}")
+    # The lse term alone: its gradient is nonzero and reaches q and k only.
+    lse_only = lambda q, k: jnp.sum(lse_upstream * blockwise_attention_with_lse(q, k, v, mask, **blocks)[1])
+    got = jax.jit(jax.grad(lse_only, argnums=(0, 1)))(q, k)
+    expected = jax.grad(lambda q, k: jnp.sum(lse_upstream * plain_logsumexp(q, k)), argnums=(0, 1))(q, k)
+    for name, a, b in zip("qk", got, expected):
+        assert float(jnp.abs(b).max()) > 0.1, name
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0, err_msg=f"d{name} (lse)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -14,8 +15,9 @@ from peft import PeftModel, get_peft_model
 from stage_helpers import LENGTHS, QUIET, sft_overrides, tiny_task
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhf_jax.models.checkpoint_io import load_pretrained
+from rlhf_jax.models.checkpoint_io import load_pretrained, save_pretrained
 from rlhf_jax.pipeline import cli
+from rlhf_jax.pipeline.checkpoint import restore_checkpoint
 from rlhf_jax.typed_config import ConfigError
 from rlhf_jax.pipeline.data import DataConfig, load_data
 from rlhf_jax.pipeline.metrics_log import read_metrics
@@ -161,6 +163,63 @@ def test_cli_continues_from_a_folder_written_by_peft(setting, tmp_path):
             assert np.abs(original(input_ids=ids).logits.numpy() - want).max() > 1e-3  # not a no-op
 
 
+def checkpoint_leaves(run_dir) -> dict:
+    """`{leaf path: array}` of the latest checkpoint's state in `run_dir`, and its metadata."""
+    state, meta = restore_checkpoint(run_dir / "checkpoints")
+    named = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+    return named, meta
+
+
+def assert_holds_no_base(run_dir, states, base_folder):
+    """The checkpoint's LoRA states (`states`) hold adapters and their optimizer state but no
+    base weight: none under `apply_fn`, and all arrays far smaller than the base model."""
+    named, meta = checkpoint_leaves(run_dir)
+    assert not [name for name in named if "'base'" in name]
+    for state in states:
+        assert any(name.startswith(f"['{state}']") and "lora_a" in name for name in named), state
+        assert meta["frozen_bases"][f"{state}.apply_fn"]["fingerprint"]
+    stored = sum(np.asarray(leaf).nbytes for leaf in named.values())
+    base = sum(np.asarray(x).nbytes for x in jax.tree.leaves(load_pretrained(base_folder)[1]))
+    assert stored < 0.2 * len(states) * base, (stored, base)
+    return named, meta
+
+
+def test_lora_checkpoint_holds_adapters_and_optimizer_state_but_no_base(setting, lora_dpo):
+    out, _ = lora_dpo
+    named, meta = assert_holds_no_base(out, ["state"], setting["sft"])
+    assert any("opt_state" in name for name in named)
+    assert meta["frozen_bases"]["state.apply_fn"]["key"] == "model.path"
+    assert meta["frozen_bases"]["state.apply_fn"]["source"] == f"model.path={setting['sft']}"
+
+
+def test_resume_reads_the_base_again_and_refuses_another_one(setting, lora_dpo, tmp_path, capsys):
+    """Resuming the finished run's last checkpoint (no steps left) on a copy of the base in
+    another folder gives the same model; on a base with one weight changed it is a one-line
+    checkpoint error naming `model.path`, exit code 2."""
+    out, _ = lora_dpo
+    same, other = tmp_path / "same_base", tmp_path / "other_base"
+    shutil.copytree(setting["sft"], same)
+    shutil.copytree(setting["sft"], other)
+    module, params = load_pretrained(same)
+    params = jax.tree.map(np.array, params)
+    params["decoder"]["final_norm"]["scale"][0] += 1.0
+    save_pretrained(other, module, params)
+    for run in ("resumed", "refused"):
+        shutil.copytree(out / "checkpoints", tmp_path / run / "checkpoints")
+    overrides = dpo_overrides(setting, tmp_path / "resumed", steps=12) + [f"model.path={same}"]
+    result = dpo.run(None, overrides, resume=True)
+    assert result["resumed_from"] == 12 and result["finished"]
+    for name in ("adapter/adapter_model.safetensors", "model/model.safetensors"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (out / name).read_bytes(), name
+    overrides = dpo_overrides(setting, tmp_path / "refused", steps=12) + [f"model.path={other}"]
+    capsys.readouterr()
+    assert cli.main(["dpo", "--resume", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rlhf-jax dpo: checkpoint error: `model.path`: the frozen base "
+                                               "differs from the one the checkpoint"), err
+    assert f"now model.path={other}" in err[0]
+
+
 @pytest.mark.slow
 def test_lora_dpo_killed_and_resumed_matches_uninterrupted(setting, tmp_path):
     """With adapter dropout: the dropout key is part of the checkpointed state."""
@@ -187,11 +246,19 @@ def test_rl_stages_train_adapters(setting, tmp_path):
                                                   "grpo.sampling.max_new_tokens=5"])
     assert result["finished"] and (tmp_path / "grpo" / "adapter" / "adapter_config.json").is_file()
     assert np.isfinite(read_metrics(tmp_path / "grpo")[-1]["grpo/kl"])
-    result = ppo.run(None, overrides("ppo") + [f"value={setting['sft']}", "train.batch_size=8",
-                                                "ppo.sampling.max_new_tokens=5", "ppo.num_minibatches=2",
-                                                "ppo.epochs=1"])
+    assert_holds_no_base(tmp_path / "grpo", ["policy"], setting["sft"])
+    ppo_overrides = overrides("ppo") + [f"value={setting['sft']}", "train.batch_size=8",
+                                        "ppo.sampling.max_new_tokens=5", "ppo.num_minibatches=2", "ppo.epochs=1"]
+    result = ppo.run(None, ppo_overrides)
     assert result["finished"] and "value/loss" in read_metrics(tmp_path / "ppo")[0]
     assert load_pretrained(tmp_path / "ppo" / "model")[0].config.num_layers == 1
+    named, meta = assert_holds_no_base(tmp_path / "ppo", ["policy", "value"], setting["sft"])
+    assert any("'value'" in name and "'score'" in name for name in named)  # the value head, trained in full
+    assert meta["frozen_bases"]["value.apply_fn"]["key"] == "value"
+    # Resuming the last checkpoint (no iterations left) re-reads both bases: the same model.
+    exported = (tmp_path / "ppo" / "model" / "model.safetensors").read_bytes()
+    assert ppo.run(None, ppo_overrides, resume=True)["resumed_from"] == 2
+    assert (tmp_path / "ppo" / "model" / "model.safetensors").read_bytes() == exported
 
 
 @pytest.mark.slow
@@ -201,6 +268,8 @@ def test_lora_reward_model_trains_its_head_in_full_and_loads_in_peft(setting, tm
                  *LENGTHS, *QUIET, "train.steps=2", "train.batch_size=8", "optim.learning_rate=0.01",
                  "checkpoint.interval=0", *LORA]
     assert reward.run(None, overrides)["finished"]
+    named, _ = assert_holds_no_base(tmp_path, ["state"], setting["sft"])
+    assert any("'modules'" in name and "'score'" in name for name in named)  # the head, trained in full
     settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert settings["task_type"] == "SEQ_CLS" and settings["modules_to_save"] == ["score"]
     base = AutoModelForSequenceClassification.from_pretrained(setting["sft"], num_labels=1, dtype=torch.float32)

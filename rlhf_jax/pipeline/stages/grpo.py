@@ -32,11 +32,13 @@ from rlhf_jax.training.grpo import (GRPO_STATIC_ARGNAMES, GRPO_TRAIN_STATIC_ARGN
 from rlhf_jax.training.sharding import replicated
 
 
-def model_scorer(reward, key: str = "reward") -> dict:
-    """`reward_module` / `reward_params` arguments of the in-jit reward model (none without one)."""
+def model_scorer(reward, key: str = "reward", attention_impl: str = "auto") -> dict:
+    """`reward_module` / `reward_params` arguments of the in-jit reward model (none without
+    one), its attention run as `attention_impl` (the policy's)."""
     if not reward.uses_model:
         return {}
-    module, params = stage_setup.load_folder(reward.path, head="reward", key=f"{key}.path")
+    module, params = stage_setup.load_folder(reward.path, head="reward", key=f"{key}.path",
+                                             attention_impl=attention_impl)
     return {"reward_module": module, "reward_params": params}
 
 
@@ -70,7 +72,7 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
     policy_module, policy_params = stage_setup.build_model(config.policy, setup.tokenizer,
                                                       stage_setup.rng_key(config.seed, 0), key="policy")
     ref_params = skeletons.frozen_reference(config, policy_params, mesh) if algorithm.kl_coef > 0 else None
-    in_jit = model_scorer(config.reward)
+    in_jit = model_scorer(config.reward, attention_impl=config.policy.attention_impl)
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
         HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data)
     skeletons.print_rollout_start("grpo", setup, host.describe() if host else ["reward model"])

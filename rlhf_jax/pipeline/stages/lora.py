@@ -4,6 +4,9 @@ With `lora` set, a stage trains a `LoRATrainState` (`rlhf_jax.training.lora_stat
 parameters become the frozen base, the trainable parameters are fresh adapters on the `targets`
 layers (or those of the PEFT folder `lora.path`), plus the `score` head of a reward or value
 model, trained in full. Without it, the stage trains all parameters (`stage_setup.make_state`).
+The frozen base is not checkpointed: a resumed run re-reads it from `model.path` /
+`policy.path` / `value` (or draws the fresh model from `seed` again) and checks its
+fingerprint against the checkpoint's (`rlhf_jax.pipeline.frozen_base`).
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from rlhf_jax.pipeline.frozen_base import BaseSource
 from rlhf_jax.pipeline.stage_configs import PPOStageConfig, load_stage_config, with_schedule_length
 from rlhf_jax.pipeline.stages import skeletons, stage_setup
 from rlhf_jax.pipeline.stages.grpo import model_scorer
@@ -37,10 +38,12 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
     policy_module, policy_params = stage_setup.build_model(config.policy, setup.tokenizer,
                                                       stage_setup.rng_key(config.seed, 0), key="policy")
     ref_params = skeletons.frozen_reference(config, policy_params, mesh)
-    value_path = config.value or (config.reward.path if config.reward.uses_model else None)
-    value_path = value_path or config.policy.path
-    value_module, value_params = stage_setup.load_folder(value_path, head="value", key="value")
-    in_jit = model_scorer(config.reward)
+    value_key, value_path = next(((key, path) for key, path in (
+        ("value", config.value), ("reward.path", config.reward.path if config.reward.uses_model else None),
+        ("policy.path", config.policy.path)) if path), ("value", None))
+    value_module, value_params = stage_setup.load_folder(value_path, head="value", key="value",
+                                                         attention_impl=config.policy.attention_impl)
+    in_jit = model_scorer(config.reward, attention_impl=config.policy.attention_impl)
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
         HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data)
     skeletons.print_rollout_start("ppo", setup, host.describe() if host else ["reward model"])
@@ -91,7 +94,7 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
     return skeletons.run_rollout_stage("ppo", config, setup, policy_module, carry, iterate, compiled=compiled,
                                     progress_keys=("objective/scores", "objective/kl", "ppo/clipfrac",
                                                    *skeletons.reward_keys(host)),
-                                    resume=resume)
+                                    resume=resume, base_sources={"value": BaseSource(value_key, str(value_path))})
 
 
 def run(config_path=None, overrides=(), *, resume: bool = False) -> dict:

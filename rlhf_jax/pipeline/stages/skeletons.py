@@ -20,6 +20,7 @@ import numpy as np
 from rlhf_jax.typed_config import ConfigError
 from rlhf_jax.pipeline.batching import BatchIterator
 from rlhf_jax.pipeline.data import load_data
+from rlhf_jax.pipeline.frozen_base import model_source
 from rlhf_jax.pipeline.loop import run_loop
 from rlhf_jax.pipeline.stage_configs import with_schedule_length
 from rlhf_jax.pipeline.stages.stage_setup import (
@@ -133,6 +134,7 @@ def run_supervised_stage(stage: str, config, setup: SupervisedSetup, module, sta
         evaluate=None if evaluate is None else lambda carry: evaluate(inference_model(module, carry["state"])[1]),
         eval_every=config.eval.every, description=description or stage, progress_keys=progress_keys,
         compiled=() if config.data.bucket_multiple else (step,), **nonfinite_options(config.optim),
+        base_sources={"state": model_source(config.model, "model", config.seed)},
     )
     return finish_stage(stage, setup.output_dir, result, module, result.carry["state"], setup.tokenizer,
                         {"data": vars(setup.data.stats)}, base_path=config.model.path)
@@ -228,12 +230,13 @@ def frozen_reference(config, policy_params, mesh):
 
 
 def run_rollout_stage(stage: str, config, setup: RolloutSetup, policy_module, carry, iterate, *,
-                      compiled, progress_keys, resume: bool = False) -> dict:
+                      compiled, progress_keys, resume: bool = False, base_sources=None) -> dict:
     """Run `train.iterations` rounds of `iterate(carry, batch, key) -> (carry, metrics)` (the
     `compiled` phases; `carry` holds the states, e.g. `policy`) on the prompt batches, with a
     fresh key from the checkpointed `rng` each round; export the policy when finished; the
     stage's summary. `batch` holds the placed `prompt_ids`, `prompt_mask` and the host
-    `row_index` (the data rows, for the reward functions' columns)."""
+    `row_index` (the data rows, for the reward functions' columns). `base_sources` names where
+    the frozen bases of LoRA states other than the policy come from (`run_loop`)."""
     split = jax.jit(jax.random.split, out_shardings=replicated(setup.mesh))
 
     def step_fn(carry, batch):
@@ -249,6 +252,7 @@ def run_rollout_stage(stage: str, config, setup: RolloutSetup, policy_module, ca
         resume=resume, stop_after=config.train.stop_after, description=stage,
         progress_keys=progress_keys, compiled=compiled,
         **nonfinite_options(config.optim, getattr(config, "value_optim", None)),
+        base_sources={"policy": model_source(config.policy, "policy", config.seed), **(base_sources or {})},
     )
     return finish_stage(stage, setup.output_dir, result, policy_module, result.carry["policy"], setup.tokenizer,
                         base_path=config.policy.path)

@@ -8,7 +8,8 @@ Every stage writes into its `output_dir`:
     config.yaml        the resolved config (file + overrides + defaults)
     metrics.jsonl      one row per logged step (see `rlhf_jax.pipeline.metrics_log`)
     tensorboard/       TensorBoard event files
-    checkpoints/<step> orbax checkpoints (train state, RNG, data position)
+    checkpoints/<step> orbax checkpoints (train state, RNG, data position; with `lora` the
+                       frozen base is left out and re-read on resume)
     model/             the final model as a Hugging Face folder, its tokenizer saved alongside,
                        so the next stage (or `transformers`) loads it with one path (with
                        `lora`: the adapters merged into the base)
@@ -109,34 +110,38 @@ def stage_tokenizer(tokenizer_path: str | None, model_path: str | None, key: str
 
 
 def fresh_model_config(section: ModelSection, tokenizer):
-    """`section.init` with the tokenizer's vocabulary size and special token ids."""
+    """`section.init` with the tokenizer's vocabulary size and special token ids, and the
+    section's `dtype`, `remat` and `attention_impl`."""
     config = require(section.init, "model.init", "give `model.path` (a model folder) or "
                      "`model.init` (the architecture of a fresh model)")
     return config.replace(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                          dtype=section.dtype, remat=section.remat)
+                          dtype=section.dtype, remat=section.remat, attention_impl=section.attention_impl)
 
 
 def build_model(section: ModelSection, tokenizer, rng, *, head: str = "lm", key: str = "model"):
     """`(module, params)`: `section.path` loaded as a Hugging Face folder with `head` (a
     ModelError names a folder that is missing or cannot be loaded), or a fresh model from
-    `section.init` (initialised from `rng`)."""
+    `section.init` (initialised from `rng`); either with the section's `dtype`, `remat` and
+    `attention_impl`."""
     if section.path:
         if not Path(section.path).is_dir():
             raise ModelError(section.path, f"no such model folder (`{key}.path`)")
-        return load_pretrained(section.path, head=head, dtype=section.dtype, remat=section.remat, rng=rng)
+        return load_pretrained(section.path, head=head, dtype=section.dtype, remat=section.remat, rng=rng,
+                               attention_impl=section.attention_impl)
     module = _MODULES[head](fresh_model_config(section, tokenizer))
     params = module.init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
     return module, params
 
 
-def load_folder(path: str | None, *, head: str, key: str, rng=None):
-    """A model folder as `(module, params)`; an unset `key` is a ConfigError, a folder that is
-    missing or cannot be loaded a ModelError naming it (and `key` when it is missing)."""
+def load_folder(path: str | None, *, head: str, key: str, rng=None, attention_impl: str = "auto"):
+    """A model folder as `(module, params)` whose attention runs as `attention_impl`; an unset
+    `key` is a ConfigError, a folder that is missing or cannot be loaded a ModelError naming it
+    (and `key` when it is missing)."""
     require(path, key, "a model folder is needed")
     if not Path(path).is_dir():
         raise ModelError(path, f"no such model folder (`{key}`)")
-    return load_pretrained(path, head=head, rng=rng)
+    return load_pretrained(path, head=head, rng=rng, attention_impl=attention_impl)
 
 
 def stage_mesh(config: MeshConfig):
