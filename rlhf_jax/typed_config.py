@@ -5,6 +5,7 @@ or a value of the wrong type is an error that names the full key path and lists 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -53,7 +54,7 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
         return from_dict(annotation, value, prefix=path)
     if origin in (list, tuple, Sequence) or annotation in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"`{path}` must be a list, got {value!r}")
+            raise ConfigError(f"`{path}` must be a list, got {value!r} (a list of one: [{value}])")
         item_type = args[0] if args else Any
         items = [_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple or annotation is tuple else items
@@ -141,7 +142,8 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Load `cls` from a YAML file (or defaults when `path` is None) and apply overrides.
 
-    Errors name the file and the offending key.
+    Errors name the offending key and where it comes from: the file, or `command line` when
+    the file alone loads and an override is at fault.
     """
     data: dict = {}
     if path is not None:
@@ -160,12 +162,28 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
         data = loaded
+    file_data = copy.deepcopy(data)
     data = apply_overrides(data, overrides)
     try:
         return _merge_defaults(cls, data)
     except ConfigError as err:
-        source = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{source}{err}") from None
+        raise ConfigError(f"{config_source(path, overrides, lambda: _merge_defaults(cls, file_data))}{err}") from None
+
+
+def config_source(path, overrides: Sequence[str], load_file_alone) -> str:
+    """The prefix of an error in a config loaded from `path` plus `overrides`: `command line: `
+    when `load_file_alone()` (loading and checking the file without the overrides) succeeds,
+    so an override is at fault, else `<path>: ` ("" without a file)."""
+    if path is None:
+        return ""
+    if overrides:
+        try:
+            load_file_alone()
+        except (ValueError, TypeError):
+            pass
+        else:
+            return "command line: "
+    return f"{path}: "
 
 
 def _merge_defaults(cls: type[T], data: dict, prefix: str = "") -> T:

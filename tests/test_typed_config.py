@@ -77,3 +77,18 @@ def test_override_syntax():
     with pytest.raises(ConfigError, match="empty key part"):
         parse_override("a..b=1")
     assert apply_overrides({}, ["x.y=hello"]) == {"x": {"y": "hello"}}
+
+
+def test_an_error_names_the_command_line_when_the_file_alone_loads(tmp_path):
+    """An override at fault is not attributed to the file (which the user would search in vain)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 3\noptim: {lr: 0.1}\n")
+    with pytest.raises(ConfigError, match="^command line: unknown config key 'optim.l'"):
+        load_config(Run, path, ["optim.l=0.5"])
+    with pytest.raises(ConfigError, match=r"^command line: `optim.betas` must be a list, got 0.8 \(a list of one"):
+        load_config(Run, path, ["optim.betas=0.8"])
+    path.write_text("steps: 3\noptim: {l: 0.1}\n")
+    with pytest.raises(ConfigError, match=f"^{path}: unknown config key 'optim.l'"):
+        load_config(Run, path, ["steps=4"])
+    with pytest.raises(ConfigError, match=f"^{path}: unknown config key 'optim.l'"):
+        load_config(Run, path)

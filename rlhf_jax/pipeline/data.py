@@ -58,6 +58,7 @@ from rlhf_jax.pipeline.data_formats import (
     DataError,
     RenderedRow,
     RowError,
+    check_kind,
     detect_format,
     read_rows,
     render_row,
@@ -168,11 +169,14 @@ def load_data(
         rows, unreadable = read_rows(path, cache_dir=cache_dir)
         if not rows and not unreadable:
             raise DataError(f"{path}: the file holds no rows")
-        if kind is None:
-            try:
+        try:
+            if kind is None:
                 kind = detect_format([name for name in rows[0] if name != "__row__"] if rows else [])
-            except RowError as error:
-                raise DataError(f"{path}: {error}") from None
+            elif rows:  # the fields any row has
+                present = {name for row in rows for name, value in row.items() if value is not None}
+                check_kind(present - {"__row__"}, kind)
+        except RowError as error:
+            raise DataError(f"{path}: {error}") from None
         part = _tokenize_file(str(path), rows, unreadable, tokenizer, config, kind)
         stats.add(part.stats)
         parts.append(part)
@@ -216,7 +220,9 @@ def _tokenize_file(path, rows, unreadable, tokenizer, config: DataConfig, kind: 
 
     def render(messages, add_generation_prompt):
         if getattr(tokenizer, "chat_template", None) is None:
-            raise RowError("conversational rows need a tokenizer with a chat template; this one has none")
+            raise RowError(f"conversational rows need a tokenizer with a chat template; the tokenizer of "
+                           f"{tokenizer.name_or_path or 'this run'} has none (add `chat_template` to its "
+                           f"tokenizer_config.json, or point `tokenizer` at a folder that has one)")
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )

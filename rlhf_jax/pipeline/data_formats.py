@@ -69,6 +69,27 @@ def detect_format(columns: Sequence[str]) -> str:
     )
 
 
+_DESCRIPTIONS = {"preference": "preference data (prompt/chosen/rejected)",
+                 "sft": "SFT data (prompt/completion or messages)", "prompt": "prompt data (prompt)"}
+
+
+def check_kind(columns: Sequence[str], kind: str) -> None:
+    """Raise RowError when the columns lack what a `kind` row needs and are recognisably
+    another kind's (e.g. preference pairs given to SFT), naming both kinds."""
+    names = set(columns)
+    needed = {"preference": [{"chosen", "rejected"}], "sft": [{"completion"}, {"messages"}],
+              "prompt": [{"prompt"}]}[kind]
+    if any(group <= names for group in needed):
+        return
+    try:
+        detected = detect_format(columns)
+    except RowError:
+        return
+    if detected != kind:
+        raise RowError(f"the columns {sorted(names)} are {_DESCRIPTIONS[detected]}, but this stage takes "
+                       f"{_DESCRIPTIONS[kind]}")
+
+
 def response_names(kind: str) -> tuple[str, ...]:
     """The responses a row of `kind` carries."""
     return {"preference": ("chosen", "rejected"), "sft": ("completion",), "prompt": ()}[kind]

@@ -38,7 +38,7 @@ from typing import Literal
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.lora import DEFAULT_TARGETS, check_lora_settings
-from rlhf_jax.typed_config import ConfigError, load_config
+from rlhf_jax.typed_config import ConfigError, config_source, load_config
 from rlhf_jax.pipeline.data import DataConfig
 from rlhf_jax.pipeline.tasks import split_task_section
 from rlhf_jax.training.preference_step import PreferenceLossConfig
@@ -360,14 +360,19 @@ QUICKSTART_STAGES = ("sft", "reward", "ppo", "dpo", "grpo", "eval")
 def load_stage_config(cls, path, overrides):
     """`load_config(cls, path, overrides)` where a value a config's own checks reject
     (e.g. `optim.schedule: cosin`) is a ConfigError too, naming the file."""
+    def file_alone():
+        check_stage_config(load_config(cls, path, []), path)
+
     try:
         config = load_config(cls, path, overrides)
     except ConfigError:
         raise
     except (ValueError, TypeError) as err:
-        source = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{source}{err}") from None
-    check_stage_config(config, path)
+        raise ConfigError(f"{config_source(path, overrides, file_alone)}{err}") from None
+    try:
+        check_stage_config(config, None)
+    except ConfigError as err:
+        raise ConfigError(f"{config_source(path, overrides, file_alone)}{err}") from None
     return config
 
 

@@ -11,7 +11,8 @@ Token ids (fixed, so tests and configs can rely on them):
     0 <pad>   1 <eos>   2 <bos>   3 <unk>   4 <|system|>   5 <|user|>   6 <|assistant|>
     7...      the alphabet's characters, in the order given
 
-Pad and EOS are distinct tokens (a PPO rollout tells "stopped" from "padding" by the id).
+Pad and EOS are distinct tokens here (a user's tokenizer may have no pad token: `pad_id` then
+gives its EOS id, as TRL does; masks, not ids, say what is padding).
 With `add_bos=True` the tokenizer puts `<bos>` in front of every text it encodes with
 `add_special_tokens=True`, and the chat template starts with it.
 
@@ -142,3 +143,9 @@ def load_tokenizer(folder: str | Path):
     if tokenizer.eos_token_id is None:
         raise ModelError(folder, "the tokenizer has no eos_token; responses need one")
     return tokenizer
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads `tokenizer`'s sequences: its pad token's, or its EOS token's when it
+    has none (TRL's convention; Llama and Mistral tokenizers ship without a pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

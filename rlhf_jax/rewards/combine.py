@@ -12,6 +12,7 @@ standard deviation over the rows it scored are logged as `reward/<name>/mean`,
 from __future__ import annotations
 
 import numbers
+import traceback
 from typing import Sequence
 
 import numpy as np
@@ -30,6 +31,12 @@ def _check_value(value, name: str, row: int, describe) -> float:
         raise RewardError(f"reward function {name!r} returned {value} for {describe(row)}; "
                           "expected a finite number or None")
     return value
+
+
+def _where(error: BaseException) -> str:
+    """` (at <file> line <n>)`: where `error` was raised (the innermost frame)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return f" (at {frames[-1].filename} line {frames[-1].lineno})" if frames else ""
 
 
 def call_reward_functions(functions: Sequence[RewardFunction], prompts: list, completions: list,
@@ -58,7 +65,7 @@ def call_reward_functions(functions: Sequence[RewardFunction], prompts: list, co
             raise
         except Exception as error:
             raise RewardError(f"reward function {function.name!r} raised {type(error).__name__}: "
-                              f"{_one_line(error)}") from None
+                              f"{_one_line(error)}{_where(error)}") from None
         if isinstance(out, np.ndarray):
             out = out.tolist()
         if not isinstance(out, (list, tuple)):

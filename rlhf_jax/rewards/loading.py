@@ -105,9 +105,39 @@ def accepted_columns(fn: Callable, columns: dict) -> dict:
     return {key: value for key, value in columns.items() if key in names}
 
 
+ALWAYS_PASSED = ("prompts", "completions", "completion_ids")  # given to every reward function
+
+
+def required_columns(fn: Callable) -> list[str]:
+    """The parameters of `fn` that must come from the data's columns: those without a default,
+    other than `prompts`, `completions` and `completion_ids` (and `*args` / `**kwargs`)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters
+            if p.kind in named and p.default is inspect.Parameter.empty and p.name not in ALWAYS_PASSED]
+
+
+def check_columns(functions: list[RewardFunction], columns, where: str) -> None:
+    """Raise `RewardError` naming the first function that needs a column `where` (the prompt
+    data, e.g. its file names) does not have, before any response is sampled; `columns` are
+    the names of the data's columns other than the prompt."""
+    available = sorted(set(columns))
+    for function in functions:
+        missing = [name for name in required_columns(function.fn) if name not in available]
+        if missing:
+            names = ", ".join(f"'{name}'" for name in missing)
+            raise RewardError(
+                f"reward function {function.name!r} needs the column{'s' if len(missing) > 1 else ''} {names}, "
+                f"which {where} does not have (its columns besides 'prompt': {', '.join(available) or 'none'})")
+
+
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
-__all__ = ["RewardError", "RewardFunction", "load_reward_function", "function_name", "accepted_columns"]
+__all__ = ["RewardError", "RewardFunction", "load_reward_function", "function_name", "accepted_columns",
+           "required_columns", "check_columns"]

@@ -90,8 +90,8 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     greedy: bool = False
-    eos_token_id: int = 1  # must differ from pad_token_id
-    pad_token_id: int = 0
+    eos_token_id: int = 1
+    pad_token_id: int = 0  # fills the slots after EOS; may equal eos_token_id (masks say what is real)
     logprobs_source: Literal["forward", "generate"] = "forward"  # see the module docstring
     # Score tokens under the kept set they were drawn from (module docstring); None = on
     # exactly when top-k or top-p filtering is active (and not greedy).
@@ -101,8 +101,6 @@ class SamplingConfig:
         check_positive(self.max_new_tokens, "max_new_tokens")
         check_positive(self.temperature, "temperature")
         check_in(self.logprobs_source, LOGPROB_SOURCES, "logprobs_source")
-        if self.eos_token_id == self.pad_token_id:
-            raise ValueError(f"`eos_token_id` and `pad_token_id` must differ, both are {self.pad_token_id}")
         if self.kept_set_logprobs not in (None, True, False):
             raise ValueError(f"`kept_set_logprobs` must be None, True or False, got {self.kept_set_logprobs!r}")
 

@@ -25,7 +25,7 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.pipeline import cli
 from rlhf_jax.pipeline.metrics_log import read_metrics
-from rlhf_jax.pipeline.tokenizer import load_tokenizer
+from rlhf_jax.pipeline.tokenizer import build_tokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 K_PROJ = "model.layers.0.self_attn.k_proj.weight"
@@ -137,6 +137,83 @@ def test_broken_value_folder(task, good_model, tmp_path, capsys):
 def test_missing_model_folder_names_it_and_the_key(task, tmp_path, capsys):
     result = run_cli(capsys, *sft_args(task, tmp_path / "out", f"model.path={tmp_path / 'absent'}"))
     assert_one_error_line(*result, "sft", "model", f"{tmp_path / 'absent'}: no such model folder (`model.path`)")
+
+
+@pytest.mark.parametrize("stage, key", [("sft", "model.path"), ("grpo", "policy.path"), ("eval", "policies.a")])
+def test_missing_model_folder_that_also_holds_the_tokenizer(task, tmp_path, capsys, stage, key):
+    """Without a `tokenizer` key the tokenizer is read from the model folder: a missing folder
+    is reported as the model folder it is, not as a missing tokenizer."""
+    absent = tmp_path / "absent"
+    args = {"sft": [f"data.train_files=[{task.sft}]"], "grpo": [f"data.train_files=[{task.prompts}]"],
+            "eval": [f"prompts_file={task.eval_prompts}"]}[stage]
+    result = run_cli(capsys, stage, f"output_dir={tmp_path / 'out'}", f"{key}={absent}", *args)
+    assert_one_error_line(*result, stage, "model", f"{absent}: no such model folder (`{key}`)")
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_a_tokenizer_that_is_not_the_model_folders_own_is_refused(task, good_model, tmp_path, capsys, stage):
+    """configs/sft.yaml names the quick start's tokenizer: kept next to a `model.path` of another
+    vocabulary it would feed the model ids of other tokens."""
+    other = tmp_path / "other_tokenizer"
+    build_tokenizer(other, "abc")
+    key = "model.path" if stage == "sft" else "policy.path"
+    args = [f"data.train_files=[{task.sft if stage == 'sft' else task.prompts}]"]
+    result = run_cli(capsys, stage, f"output_dir={tmp_path / 'out'}", f"{key}={good_model}", f"tokenizer={other}",
+                     *args, *LENGTHS)
+    assert_one_error_line(*result, stage, "config", f"`tokenizer` ({other}, 10 tokens) is not the tokenizer of "
+                          f"`{key}` ({good_model}, ", "set `tokenizer: null`")
+    # (a `tokenizer` folder of the same vocabulary, as in sft_args, is accepted: the other tests)
+
+
+@pytest.mark.parametrize("given", ["run folder", "adapter folder"])
+@pytest.mark.parametrize("key", ["model.path", "reference"])
+def test_a_run_or_adapter_folder_given_as_a_model_names_the_model_inside(task, good_model, tmp_path, capsys,
+                                                                         given, key):
+    """A stage's output folder (its model is in model/) or its PEFT adapter/ folder given where a
+    model folder belongs: the line names the key and the folder to give instead."""
+    run = tmp_path / "run"
+    shutil.copytree(good_model, run / "model")
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    folder = run if given == "run folder" else run / "adapter"
+    paths = {"model.path": good_model, "reference": good_model, key: folder}
+    result = run_cli(capsys, "dpo", f"output_dir={tmp_path / 'out'}", f"model.path={paths['model.path']}",
+                     f"reference={paths['reference']}", f"data.train_files=[{task.preferences}]", *LENGTHS,
+                     "train.batch_size=8")
+    what = (f"a run's output folder, not a model folder: give `{key}` its exported model, {run / 'model'}"
+            if given == "run folder" else
+            f"a PEFT adapter folder, not a model folder: give `{key}` a model folder (a LoRA run exports the "
+            f"merged model next to it, in {run / 'model'})")
+    assert_one_error_line(*result, "dpo", "model", f"{folder}: {what}")
+
+
+@pytest.mark.parametrize("stage", ["grpo", "eval"])
+def test_a_column_the_reward_function_needs_is_missing(task, good_model, tmp_path, capsys, stage):
+    """Found before any sampling, naming the function, the column and the file."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+2=", "id": 1}\n{"prompt": "2+2=", "id": 2}\n')
+    functions = '[{function: "rlhf_jax.rewards:think_format"}, {function: "rlhf_jax.rewards:math_answer"}]'
+    args = ([f"policy.path={good_model}", f"data.train_files=[{prompts}]", *LENGTHS, "train.batch_size=2"]
+            if stage == "grpo" else [f"policies.a={good_model}", f"prompts_file={prompts}"])
+    result = run_cli(capsys, stage, f"output_dir={tmp_path / 'out'}", f"reward.functions={functions}", *args)
+    assert_one_error_line(*result, stage, "reward", "reward function 'math_answer' needs the column 'answer'",
+                          f"which {prompts} does not have (its columns besides 'prompt': id)")
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_fewer_rows_than_one_batch_names_the_batch_size(task, good_model, tmp_path, capsys, stage):
+    rows = tmp_path / "rows.jsonl"
+    if stage == "sft":
+        rows.write_text('{"prompt": "1+2=", "completion": "3"}\n' * 5)
+        args = sft_args(task, tmp_path / "out", f"data.train_files=[{rows}]", "train.batch_size=64")
+        culprits = ["`train.batch_size` (64) is more than the 5 rows of", "`data.drop_last: false`"]
+    else:
+        rows.write_text('{"prompt": "1+2="}\n' * 5)
+        args = ["grpo", f"output_dir={tmp_path / 'out'}", f"policy.path={good_model}", f"data.train_files=[{rows}]",
+                *LENGTHS, "train.batch_size=64", 'reward.functions=[{function: "rlhf_jax.rewards:think_format"}]']
+        culprits = ["`train.batch_size` (64) is more than the 5 prompts of"]
+    result = run_cli(capsys, *args)
+    assert_one_error_line(*result, stage, "config", *culprits, f"{rows}; set it to at most 5")
 
 
 @pytest.mark.parametrize("breakage", ["missing", "corrupt tokenizer.json"])

@@ -5,6 +5,7 @@ The expected token ids come from an independent oracle: the test tokenizer gives
 """
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -193,7 +194,7 @@ def test_format_is_forced_by_config(load):
     rows = [{"prompt": "1=", "completion": "1"}]
     _, data = load(rows, config=DataConfig(format="prompt", max_prompt_length=10, max_response_length=6))
     assert data.kind == "prompt"
-    with pytest.raises(DataError, match="row 1: field 'chosen' is missing"):
+    with pytest.raises(DataError, match="are SFT data .* but this stage takes preference data"):
         load(rows, kind="preference")
 
 
@@ -273,15 +274,16 @@ def test_skip_invalid_counts_several(load):
 
 def test_all_rows_invalid_is_an_error(load):
     with pytest.raises(DataError, match="no valid rows"):
-        load([{"prompt": "1"}], skip_invalid=True, kind="preference")
+        load([{"prompt": "1", "chosen": "2"}], skip_invalid=True, kind="preference")
 
 
 def test_conversational_rows_need_a_chat_template(tokenizer, tmp_path):
     template, tokenizer.chat_template = tokenizer.chat_template, None
     try:
         path = write(tmp_path / "chat.jsonl", [GOOD_CHAT])
-        with pytest.raises(DataError, match="row 1: .*chat template"):
+        with pytest.raises(DataError, match="row 1: .*chat template") as error:
             load_data(path, tokenizer, CONFIG, cache_dir=str(tmp_path / "cache"))
+        assert f"the tokenizer of {tokenizer.name_or_path} has none" in str(error.value)  # names the folder
     finally:
         tokenizer.chat_template = template
 
@@ -490,3 +492,21 @@ def test_a_save_to_disk_folder_is_prompt_data(tokenizer, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
         load_data(tmp_path / "empty", tokenizer, CONFIG, kind="prompt")
+
+
+@pytest.mark.parametrize("rows, kind, message", [
+    ([{"prompt": "1+2=", "chosen": "3", "rejected": "4"}], "sft",
+     "are preference data (prompt/chosen/rejected), but this stage takes SFT data"),
+    ([{"prompt": "1+2=", "completion": "3"}], "preference",
+     "are SFT data (prompt/completion or messages), but this stage takes preference data"),
+    ([{"messages": [{"role": "user", "content": "1+2="}, {"role": "assistant", "content": "3"}]}], "prompt",
+     "are SFT data (prompt/completion or messages), but this stage takes prompt data"),
+])
+def test_another_kind_of_data_is_named_as_such(load, rows, kind, message):
+    with pytest.raises(DataError, match=r"data\.jsonl: the columns \[.*\] " + re.escape(message)):
+        load(rows, kind=kind)
+
+
+def test_a_row_missing_a_field_of_the_right_kind_is_still_a_row_error(load):
+    with pytest.raises(DataError, match="row 1: field 'chosen' is missing"):
+        load([{"prompt": "1+2=", "rejected": "4"}], kind="preference")

@@ -25,7 +25,7 @@ def starts_right(completions, **kwargs):
 
 BAD_FUNCTIONS = {
     "raises": ("def f(prompts, completions, **kw):\n    raise KeyError('answer2')\n",
-               r"reward function 'f' raised KeyError: 'answer2'"),
+               r"reward function 'f' raised KeyError: 'answer2' \(at .*my_reward.py line 2\)"),
     "wrong_length": ("def f(prompts, completions, **kw):\n    return [0.0]\n",
                      r"reward function 'f' returned 1 values for 4 completions"),
     "non_number": ("def f(prompts, completions, **kw):\n    return ['high'] * len(completions)\n",

@@ -84,6 +84,19 @@ def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path, capsys):
     assert str(path) in err and "train.bach_size" in err and "batch_size" in err
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optim.learning_rat=0.1", "unknown config key 'optim.learning_rat'"),
+    ("train.steps=0", "`train.steps` must be >= 1"),
+    ("optim.schedule=cosin", "`optim.schedule` must be one of"),
+])
+def test_a_bad_override_next_to_a_good_file_names_the_command_line(tmp_path, capsys, override, message):
+    path = tmp_path / "good.yaml"
+    path.write_text("train:\n  steps: 3\n")
+    assert cli.main(["sft", "--config", str(path), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rlhf-jax sft: config error: command line: {message}") and str(path) not in err, err
+
+
 def test_missing_inputs_are_config_errors(tmp_path, capsys):
     assert cli.main(["sft", f"output_dir={tmp_path}"]) == 2
     assert "`tokenizer` must be set" in capsys.readouterr().err

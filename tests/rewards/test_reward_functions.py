@@ -4,7 +4,8 @@ import pytest
 
 from rlhf_jax.rewards import (RewardError, RewardFunction, RewardScorer, call_reward_functions, exact_match,
                               load_reward_function, overlong_penalty, overlong_penalty_value, reward_metrics,
-                              think_format, weighted_sum)
+                              math_answer, think_format, weighted_sum)
+from rlhf_jax.rewards.loading import check_columns, required_columns
 from rlhf_jax.pipeline.tokenizer import build_tokenizer, load_tokenizer
 
 
@@ -59,7 +60,7 @@ def test_a_row_no_function_scores_gets_zero():
 
 
 @pytest.mark.parametrize("body, message", [
-    (lambda prompts, completions, **kw: 1 / 0, r"^reward function 'bad' raised ZeroDivisionError: division by zero$"),
+    (lambda prompts, completions, **kw: 1 / 0, r"^reward function 'bad' raised ZeroDivisionError: division by zero \(at .*test_reward_functions.py line \d+\)$"),
     (lambda prompts, completions, **kw: [1.0], r"^reward function 'bad' returned 1 values for 3 completions"),
     (lambda prompts, completions, **kw: [1.0, "yes", 2.0], r"^reward function 'bad' returned a str .* for row 1 \(f.jsonl row 8\)"),
     (lambda prompts, completions, **kw: [1.0, 2.0, float("nan")], r"^reward function 'bad' returned nan for row 2 \(f.jsonl row 9\)"),
@@ -129,3 +130,22 @@ def test_scorer_decodes_repeats_columns_and_wraps_conversations(tmp_path):
     assert seen["answer"] == ["12", "12", "2", "2"] and seen["prompts"][2] is conversation
     assert seen["ids"][1] == ids[1, :2].tolist() and len(seen["ids"][3]) == 4
     assert scores.tolist() == [2.0, 2.0, 0.0, 0.0] and metrics["reward/record/mean"] == 0.5
+
+
+def test_required_columns_are_the_parameters_without_defaults():
+    def needs_answer(prompts, completions, answer, completion_ids, *, tests, level=1, **kwargs):
+        return [0.0] * len(completions)
+
+    assert required_columns(needs_answer) == ["answer", "tests"]
+    assert required_columns(math_answer) == ["answer"]
+    assert required_columns(think_format) == []
+    assert required_columns(overlong_penalty(max_length=8, cache_length=2)) == []
+
+
+def test_a_column_a_function_needs_is_checked_before_scoring():
+    functions = [RewardFunction("fmt", think_format), RewardFunction("math", math_answer)]
+    check_columns(functions, ["answer", "id"], "prompts.jsonl")
+    with pytest.raises(RewardError) as error:
+        check_columns(functions, ["id"], "prompts.jsonl")
+    assert str(error.value) == ("reward function 'math' needs the column 'answer', which prompts.jsonl does not "
+                                "have (its columns besides 'prompt': id)")

@@ -283,7 +283,23 @@ def test_bad_inputs_raise(rolled_grouped):
     with pytest.raises(ValueError, match="CausalLM"):
         value_state = create_train_state(VALUE, VALUE_PARAMS, optax.sgd(0.1))
         generate_rollout(value_state, PROMPT_IDS, PROMPT_MASK, jax.random.key(0), sampling=SAMPLING)
-    with pytest.raises(ValueError, match="must differ"):
-        SamplingConfig(eos_token_id=0, pad_token_id=0)
     with pytest.raises(ValueError, match="logprobs_source"):
         SamplingConfig(logprobs_source="cache")
+
+
+def test_pad_equal_to_eos_gives_the_same_rollout():
+    """A tokenizer without a pad token pads with EOS (TRL's convention): the rollout's masks,
+    EOS flags and log-probs are those of a distinct pad id, and only the ids after EOS differ."""
+    policy_state, _ = states()
+    eos_padded = dataclasses.replace(SAMPLING, pad_token_id=EOS)
+    run = jax.jit(generate_rollout, static_argnames=("sampling",))
+    distinct, same = (jax.tree.map(np.asarray, run(policy_state, PROMPT_IDS, PROMPT_MASK, jax.random.key(3),
+                                                   sampling=sampling))
+                      for sampling in (SAMPLING, eos_padded))
+    assert 0 < distinct.has_eos.mean() < 1  # some responses stop early, some run to the end
+    np.testing.assert_array_equal(same.response_mask, distinct.response_mask)
+    np.testing.assert_array_equal(same.has_eos, distinct.has_eos)
+    np.testing.assert_array_equal(same.logp, distinct.logp)
+    real = distinct.response_mask != 0
+    np.testing.assert_array_equal(same.response_ids[real], distinct.response_ids[real])
+    assert np.all(same.response_ids[~real] == EOS) and np.all(distinct.response_ids[~real] == PAD)

@@ -55,7 +55,8 @@ def with_reference(batch: dict, ref_chosen: np.ndarray, ref_rejected: np.ndarray
 
 
 def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
-    setup = skeletons.open_supervised_stage(config, kind="preference", why="DPO needs preference pairs")
+    setup = skeletons.open_supervised_stage(config, kind="preference", stage="dpo", resume=resume,
+                                            why="DPO needs preference pairs")
     data, eval_data, mesh = setup.data, setup.eval_data, setup.mesh
     module, params = stage_setup.build_model(config.model, setup.tokenizer, stage_setup.rng_key(config.seed, 0))
     pair_logps = make_pair_logps(module.apply)

@@ -45,7 +45,9 @@ from rlhf_jax.pipeline.data import DataConfig, load_data
 from rlhf_jax.pipeline.stage_configs import EvalConfig, load_stage_config
 from rlhf_jax.pipeline.stages import stage_setup
 from rlhf_jax.pipeline.stages.scoring import NOT_PASSED, gold_scores, reward_functions
+from rlhf_jax.pipeline.tokenizer import pad_id
 from rlhf_jax.rewards import RewardScorer
+from rlhf_jax.rewards.loading import check_columns
 from rlhf_jax.training.logprobs import response_logprobs
 from rlhf_jax.training.rollout import sampled_batch
 
@@ -95,7 +97,7 @@ def sample_policy(module, params, prompt_ids, prompt_mask, config: EvalConfig, t
         out = _generate(module, params, jnp.asarray(prompt_ids[rows]), jnp.asarray(prompt_mask[rows]),
                         stage_setup.rng_key(config.seed, 2, chunk), max_new_tokens=config.max_new_tokens,
                         temperature=config.temperature, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
+                        pad_token_id=pad_id(tokenizer))
         keep = min(size, total - start)
         for name in outputs:
             outputs[name].append(np.asarray(getattr(out, name))[:keep])
@@ -137,14 +139,17 @@ def evaluate_policies(config: EvalConfig) -> dict:
     """Sample, score and compare every policy of `config`; returns the results dict."""
     stage_setup.require(config.policies, "policies", "name at least one policy folder (name: path)")
     stage_setup.require(config.prompts_file, "prompts_file", "held-out prompts (e.g. the task's eval_prompts.jsonl)")
-    first_folder = config.reference or next(iter(config.policies.values()))
-    tokenizer = stage_setup.stage_tokenizer(config.tokenizer, first_folder)
+    first_name = next(iter(config.policies))
+    first_folder = config.reference or config.policies[first_name]
+    tokenizer = stage_setup.stage_tokenizer(config.tokenizer, first_folder,
+                                            model_key="reference" if config.reference else f"policies.{first_name}")
     data_config = DataConfig(max_prompt_length=config.max_prompt_length, max_response_length=1)
     prompts = load_data(config.prompts_file, tokenizer, data_config, kind="prompt")
     count = len(prompts) if config.max_prompts is None else min(config.max_prompts, len(prompts))
     prompt_ids = np.repeat(prompts.arrays["prompt_ids"][:count], config.num_samples, axis=0)
     prompt_mask = np.repeat(prompts.arrays["prompt_mask"][:count], config.num_samples, axis=0)
     functions = reward_functions(config.reward.functions)
+    check_columns(functions, [name for name in prompts.columns if name not in NOT_PASSED], config.prompts_file)
     function_scorer = RewardScorer(functions, tokenizer) if functions else None
     prompt_column = prompts.columns.get("prompt") or prompts.columns["prompt_text"]
     function_inputs = dict(

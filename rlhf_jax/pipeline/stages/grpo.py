@@ -67,7 +67,8 @@ def _gather_groups(draws, selection, group_size: int):
 
 def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
     # Update minibatches hold whole prompt groups (each group's prompt runs once per minibatch).
-    setup = skeletons.open_rollout_stage(config, "grpo", rows=config.train.batch_size, rows_key="train.batch_size")
+    setup = skeletons.open_rollout_stage(config, "grpo", rows=config.train.batch_size,
+                                         rows_key="train.batch_size", resume=resume)
     algorithm, mesh = setup.algorithm, setup.mesh
     policy_module, policy_params = stage_setup.build_model(config.policy, setup.tokenizer,
                                                       stage_setup.rng_key(config.seed, 0), key="policy")

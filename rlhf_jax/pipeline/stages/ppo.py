@@ -33,7 +33,8 @@ from rlhf_jax.training.sharding import replicated
 
 
 def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
-    setup = skeletons.open_rollout_stage(config, "ppo", rows=config.train.batch_size, rows_key="train.batch_size")
+    setup = skeletons.open_rollout_stage(config, "ppo", rows=config.train.batch_size,
+                                         rows_key="train.batch_size", resume=resume)
     algorithm, mesh = setup.algorithm, setup.mesh
     policy_module, policy_params = stage_setup.build_model(config.policy, setup.tokenizer,
                                                       stage_setup.rng_key(config.seed, 0), key="policy")

@@ -40,7 +40,8 @@ def pair_accuracy(chosen, rejected) -> dict:
 
 
 def train_reward(config: RewardConfig, *, resume: bool = False) -> dict:
-    setup = skeletons.open_supervised_stage(config, kind="preference", why="the reward model needs preference pairs")
+    setup = skeletons.open_supervised_stage(config, kind="preference", stage="reward", resume=resume,
+                                            why="the reward model needs preference pairs")
     module, params = stage_setup.build_model(config.model, setup.tokenizer, stage_setup.rng_key(config.seed, 0),
                                         head="reward")
     state, step = skeletons.supervised_state_and_step(config, module, params, setup.mesh, reward_step,

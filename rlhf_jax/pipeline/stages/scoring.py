@@ -21,6 +21,7 @@ import numpy as np
 
 from rlhf_jax.pipeline.tasks import load_task
 from rlhf_jax.rewards import RewardError, RewardFunction, RewardScorer, function_name, load_reward_function
+from rlhf_jax.rewards.loading import check_columns
 
 # Columns of prompt data that are not passed to reward functions as keyword arguments.
 NOT_PASSED = ("prompt", "prompt_text")
@@ -60,6 +61,11 @@ def gold_scores(tokenizer, prompt_ids, response_ids, *, kind: str = "exact", tas
     return scores
 
 
+def data_files(data) -> str:
+    """The files `data` (a `TokenizedData`) was read from, for messages."""
+    return ", ".join(dict.fromkeys(str(file) for file, _ in data.sources))
+
+
 def reward_functions(specs) -> list[RewardFunction]:
     """Load `reward.functions` entries (`RewardFunctionSpec`s); raises `RewardError`."""
     functions = []
@@ -90,6 +96,8 @@ class HostScorer:
     @classmethod
     def from_config(cls, reward, tokenizer, data) -> "HostScorer":
         functions = reward_functions(reward.functions)
+        columns = {name: values for name, values in data.columns.items() if name not in NOT_PASSED}
+        check_columns(functions, columns, data_files(data))
         prompts = data.columns.get("prompt") or data.columns["prompt_text"]
         return cls(
             tokenizer=tokenizer,
@@ -98,7 +106,7 @@ class HostScorer:
             gold_task=reward.task,
             model_weight=float(reward.model_weight) if reward.uses_model and functions else None,
             prompts=list(prompts),
-            columns={name: values for name, values in data.columns.items() if name not in NOT_PASSED},
+            columns=columns,
             row_names=[f"{file} row {number}" for file, number in data.sources],
         )
 
@@ -136,4 +144,4 @@ class HostScorer:
         return scores.astype(np.float32), metrics
 
 
-__all__ = ["decode_rows", "gold_scores", "reward_functions", "HostScorer", "NOT_PASSED"]
+__all__ = ["decode_rows", "gold_scores", "reward_functions", "data_files", "HostScorer", "NOT_PASSED"]

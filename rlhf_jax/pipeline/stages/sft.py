@@ -37,7 +37,8 @@ def make_sft_evaluator(apply_fn, data, config: SFTConfig, mesh):
 
 
 def train_sft(config: SFTConfig, *, resume: bool = False) -> dict:
-    setup = skeletons.open_supervised_stage(config, kind="sft", why="SFT needs prompt/completion data")
+    setup = skeletons.open_supervised_stage(config, kind="sft", stage="sft", resume=resume,
+                                            why="SFT needs prompt/completion data")
     module, params = stage_setup.build_model(config.model, setup.tokenizer, stage_setup.rng_key(config.seed, 0))
     state, step = skeletons.supervised_state_and_step(config, module, params, setup.mesh, sft_step,
                                                    label_smoothing=config.sft.label_smoothing)

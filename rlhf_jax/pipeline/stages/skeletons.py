@@ -26,6 +26,7 @@ from rlhf_jax.pipeline.stage_configs import with_schedule_length
 from rlhf_jax.pipeline.stages.stage_setup import (
     finish_stage, load_folder, place, prepare_output_dir, require, stage_mesh, stage_rng, stage_tokenizer,
 )
+from rlhf_jax.pipeline.tokenizer import pad_id
 from rlhf_jax.pipeline.stages.lora import check_lora_reference, reference_of, stage_state
 from rlhf_jax.training.batches import PreferenceBatch
 from rlhf_jax.training.lora_state import inference_model
@@ -41,9 +42,20 @@ def process_share() -> dict:
     return {"process_index": jax.process_index(), "process_count": jax.process_count()}
 
 
+def check_one_batch(data, batch_size: int, *, drop_last: bool = True, unit: str = "rows") -> None:
+    """A ConfigError naming `train.batch_size` when `data` (a `TokenizedData`) holds fewer
+    rows than one full batch and incomplete batches are dropped."""
+    if drop_last and len(data) < batch_size:
+        files = ", ".join(dict.fromkeys(str(file) for file, _ in data.sources))
+        hint = "" if unit == "prompts" else ", or set `data.drop_last: false` to pad the last batch"
+        raise ConfigError(f"`train.batch_size` ({batch_size}) is more than the {len(data)} {unit} of {files}; "
+                          f"set it to at most {len(data)}{hint}")
+
+
 def train_batches(data, config) -> BatchIterator:
     """`train.batch_size`-row training batches of `data` in the order of `seed`, with the
     stage's `data.shuffle`, `data.drop_last` and `data.bucket_multiple`."""
+    check_one_batch(data, config.train.batch_size, drop_last=config.data.drop_last)
     return BatchIterator.from_config(data, config.data, config.train.batch_size, seed=config.seed,
                                      **process_share())
 
@@ -91,10 +103,11 @@ class SupervisedSetup:
     mesh: Any
 
 
-def open_supervised_stage(config, *, kind: str, why: str) -> SupervisedSetup:
-    """The output folder, tokenizer, `kind` data ("sft" or "preference") and mesh of a stage;
-    `why` says what the stage needs `data.train_files` for."""
-    output_dir = prepare_output_dir(config)
+def open_supervised_stage(config, *, kind: str, why: str, stage: str, resume: bool = False) -> SupervisedSetup:
+    """The output folder, tokenizer, `kind` data ("sft" or "preference") and mesh of `stage`;
+    `why` says what the stage needs `data.train_files` for; with `resume`, the output folder's
+    checkpoints must be ones `stage` can continue."""
+    output_dir = prepare_output_dir(config, resume_stage=stage if resume else None)
     tokenizer = stage_tokenizer(config.tokenizer, config.model.path)
     require(config.data.train_files, "data.train_files", why)
     data = load_data(config.data.train_files, tokenizer, config.data, kind=kind)
@@ -144,18 +157,16 @@ def run_supervised_stage(stage: str, config, setup: SupervisedSetup, module, sta
 
 
 def sampling_with_tokenizer(sampling, tokenizer):
-    """The sampling config with the tokenizer's EOS and pad ids."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad == tokenizer.eos_token_id:
-        raise ConfigError("the tokenizer's pad token equals its EOS token; RL needs them distinct "
-                          "(a rollout tells 'stopped' from 'padding' by the id)")
-    return dataclasses.replace(sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    """The sampling config with the tokenizer's EOS and pad ids (EOS pads when the tokenizer
+    has no pad token, as in TRL; the response masks, not the ids, say where a response ends)."""
+    return dataclasses.replace(sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer))
 
 
 def prompt_batches(config, tokenizer, *, seed: int) -> BatchIterator:
     """`train.batch_size`-prompt batches of the `data.train_files` prompts (full batches only)."""
     require(config.data.train_files, "data.train_files", "RL needs prompt data")
     data = load_data(config.data.train_files, tokenizer, config.data, kind="prompt")
+    check_one_batch(data, config.train.batch_size, unit="prompts")
     return BatchIterator(data, config.train.batch_size, seed=seed, shuffle=config.data.shuffle,
                          drop_last=True, **process_share())
 
@@ -171,12 +182,13 @@ class RolloutSetup:
     mesh: Any
 
 
-def open_rollout_stage(config, section: str, *, rows: int, rows_key: str) -> RolloutSetup:
+def open_rollout_stage(config, section: str, *, rows: int, rows_key: str, resume: bool = False) -> RolloutSetup:
     """The output folder, tokenizer, algorithm config (`config.<section>`), prompt batches and
-    mesh of an RL stage, whose `rows` responses per rollout (`rows_key` in errors) must split
-    into the algorithm's `num_minibatches`."""
-    output_dir = prepare_output_dir(config)
-    tokenizer = stage_tokenizer(config.tokenizer, config.policy.path)
+    mesh of an RL stage (named `section`), whose `rows` responses per rollout (`rows_key` in
+    errors) must split into the algorithm's `num_minibatches`; with `resume`, the output
+    folder's checkpoints must be ones this stage can continue."""
+    output_dir = prepare_output_dir(config, resume_stage=section if resume else None)
+    tokenizer = stage_tokenizer(config.tokenizer, config.policy.path, model_key="policy.path")
     algorithm = getattr(config, section)
     algorithm = dataclasses.replace(algorithm, sampling=sampling_with_tokenizer(algorithm.sampling, tokenizer))
     if rows % algorithm.num_minibatches:

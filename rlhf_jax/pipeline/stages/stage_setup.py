@@ -19,6 +19,7 @@ Every stage writes into its `output_dir`:
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from rlhf_jax.models.peft_io import save_peft_adapter
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.typed_config import ConfigError, to_dict
 from rlhf_jax.pipeline.errors import NonFiniteError, OutputError
+from rlhf_jax.pipeline.resume_check import check_resume
 from rlhf_jax.pipeline.stage_configs import ModelSection
 from rlhf_jax.pipeline.tokenizer import load_tokenizer
 from rlhf_jax.training import multihost
@@ -68,16 +70,22 @@ def _unwritable(path, err: OSError) -> OutputError:
     return OutputError(f"`output_dir`: cannot write {path}: {err.strerror or err}")
 
 
-def prepare_output_dir(config) -> Path:
+def prepare_output_dir(config, *, resume_stage: str | None = None) -> Path:
     """Create `config.output_dir` and write the resolved config to `config.yaml` in it.
 
     This is a stage's first write, so an output directory that cannot be written (a file in
     the way, no permission, a full disk) is an OutputError naming the path before any work
     is done; so is a file where the stage will put a folder (checkpoints/, model/, ...).
+    `resume_stage`: the stage that will `--resume` here; checkpoints it cannot continue (of
+    another stage, or of other LoRA / architecture settings) are a CheckpointError before
+    config.yaml is replaced (`rlhf_jax.pipeline.resume_check`).
     """
     output_dir = Path(config.output_dir)
     if jax.process_index() == 0:
-        text = yaml.safe_dump(_plain(to_dict(config)), sort_keys=False)
+        resolved = _plain(to_dict(config))
+        if resume_stage is not None:
+            check_resume(output_dir, resolved, resume_stage)
+        text = yaml.safe_dump(resolved, sort_keys=False)
         config_file = output_dir / "config.yaml"
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -101,12 +109,60 @@ def require(value, key: str, why: str):
     return value
 
 
-def stage_tokenizer(tokenizer_path: str | None, model_path: str | None, key: str = "tokenizer"):
+def check_not_run_folder(folder, key: str) -> None:
+    """A ModelError naming `key` when `folder` is not a model folder but a stage's output
+    folder (its model is in `model/`) or a PEFT adapter folder (`adapter/`)."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return
+    if (folder / MODEL_DIR / "config.json").is_file():
+        raise ModelError(folder, f"a run's output folder, not a model folder: give `{key}` its exported "
+                                 f"model, {folder / MODEL_DIR}")
+    if (folder / "adapter_config.json").is_file():
+        raise ModelError(folder, f"a PEFT adapter folder, not a model folder: give `{key}` a model folder "
+                                 f"(a LoRA run exports the merged model next to it, in {folder.parent / MODEL_DIR}), "
+                                 f"or continue training the adapter with `lora.path`")
+
+
+def stage_tokenizer(tokenizer_path: str | None, model_path: str | None, key: str = "tokenizer", *,
+                    model_key: str = "model.path"):
     """The tokenizer of `tokenizer_path`, else of the model folder (a folder that is missing
-    or holds no readable tokenizer is a ModelError naming it)."""
+    or holds no readable tokenizer is a ModelError naming it; a missing model folder is
+    named as such, with `model_key`, not as a missing tokenizer)."""
     folder = tokenizer_path or model_path
     require(folder, key, "a tokenizer folder (or a model folder that holds one) is needed")
-    return load_tokenizer(folder)
+    if not tokenizer_path and not Path(folder).is_dir():
+        raise ModelError(folder, f"no such model folder (`{model_key}`)")
+    if Path(folder).is_dir():
+        check_not_run_folder(folder, key if tokenizer_path else model_key)
+    tokenizer = load_tokenizer(folder)
+    if tokenizer_path and model_path:
+        check_same_vocabulary(tokenizer, tokenizer_path, model_path, key, model_key)
+    return tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_same_vocabulary(tokenizer, tokenizer_path, model_path, key: str, model_key: str) -> None:
+    """A ConfigError when the model folder holds a tokenizer of its own whose vocabulary
+    differs from `tokenizer`'s (loaded from `tokenizer_path`): the model would read ids
+    that mean other tokens (e.g. a recipe's `tokenizer` kept next to a `model.path` override)."""
+    model_folder = Path(model_path)
+    if (not model_folder.is_dir() or Path(tokenizer_path).resolve() == model_folder.resolve()
+            or not any((model_folder / name).is_file() for name in _TOKENIZER_FILES)):
+        return
+    try:
+        with warnings.catch_warnings():  # transformers' notes on the folder's config.json
+            warnings.simplefilter("ignore")
+            own = load_tokenizer(model_folder)
+    except ModelError:
+        return  # an unreadable tokenizer of the model's is not the one in use
+    if own.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            f"`{key}` ({tokenizer_path}, {len(tokenizer)} tokens) is not the tokenizer of `{model_key}` "
+            f"({model_path}, {len(own)} tokens): the model would read ids that mean other tokens; set "
+            f"`{key}: null` to use the model folder's own tokenizer")
 
 
 def fresh_model_config(section: ModelSection, tokenizer):
@@ -127,6 +183,7 @@ def build_model(section: ModelSection, tokenizer, rng, *, head: str = "lm", key:
     if section.path:
         if not Path(section.path).is_dir():
             raise ModelError(section.path, f"no such model folder (`{key}.path`)")
+        check_not_run_folder(section.path, f"{key}.path")
         return load_pretrained(section.path, head=head, dtype=section.dtype, remat=section.remat, rng=rng,
                                attention_impl=section.attention_impl)
     module = _MODULES[head](fresh_model_config(section, tokenizer))
@@ -141,6 +198,7 @@ def load_folder(path: str | None, *, head: str, key: str, rng=None, attention_im
     require(path, key, "a model folder is needed")
     if not Path(path).is_dir():
         raise ModelError(path, f"no such model folder (`{key}`)")
+    check_not_run_folder(path, key)
     return load_pretrained(path, head=head, rng=rng, attention_impl=attention_impl)
 
 
@@ -252,7 +310,7 @@ def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra
 
 
 __all__ = [
-    "MODEL_DIR", "prepare_output_dir", "require", "stage_tokenizer", "fresh_model_config",
+    "MODEL_DIR", "prepare_output_dir", "require", "check_not_run_folder", "check_same_vocabulary", "stage_tokenizer", "fresh_model_config",
     "build_model", "load_folder", "stage_mesh", "make_state", "place", "rng_key", "stage_rng",
     "export_model", "export_adapter", "ADAPTER_DIR", "summary", "tree_bytes", "finish_stage",
 ]
