@@ -36,8 +36,8 @@ def test_output_positions_read_the_full_forward_pass(name):
     params = model.init(jax.random.key(1), ids)["params"]
     rows = jnp.asarray([[6, 2, 5], [0, 6, 6], [3, 4, 6]], jnp.int32)  # any positions, repeats allowed
     hidden = lambda p, **kw: model.apply({"params": p}, ids, mask, method="hidden_states", **kw)
-    full = hidden(params)
-    picked = hidden(params, output_positions=rows)
+    full = jax.jit(hidden)(params)
+    picked = jax.jit(lambda p: hidden(p, output_positions=rows))(params)
     assert picked.shape == (3, 3, CONFIGS[name].hidden_size)
     np.testing.assert_allclose(picked, np.take_along_axis(np.asarray(full), np.asarray(rows)[..., None], 1),
                                atol=1e-5, rtol=1e-5)
@@ -54,10 +54,10 @@ def test_output_positions_with_a_cache_still_write_every_key():
     model = CausalLM(config)
     ids, mask = left_padded(3)
     params = model.init(jax.random.key(4), ids)["params"]
-    run = lambda **kw: model.apply({"params": params}, ids, mask, cache=init_cache(config, 3, 9),
-                                   method="hidden_states", **kw)
+    run = jax.jit(lambda positions=None: model.apply({"params": params}, ids, mask, cache=init_cache(config, 3, 9),
+                                                     method="hidden_states", output_positions=positions))
     full, full_cache = run()
-    last, last_cache = run(output_positions=jnp.full((3, 1), 6, jnp.int32))
+    last, last_cache = run(jnp.full((3, 1), 6, jnp.int32))
     np.testing.assert_allclose(last[:, 0], full[:, 6], atol=1e-5, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(full_cache), jax.tree.leaves(last_cache)):
         np.testing.assert_array_equal(a, b)

@@ -46,7 +46,7 @@ from rlhf_jax.training.sharding import MeshConfig, batch_sharding, make_mesh, pa
 from rlhf_jax.training.state import TrainState, create_train_state, train_state_shardings
 from rlhf_jax.training.step_runner import make_train_step
 
-MODEL = ModelConfig.llama(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+MODEL = ModelConfig.llama(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
                           intermediate_size=64)
 OPTIMIZER = make_optimizer(OptimizerConfig(learning_rate=3e-3, schedule="constant", max_grad_norm=1.0))
 BATCH, PROMPT, RESPONSE = 16, 6, 10  # global batch rows, prompt and response slots

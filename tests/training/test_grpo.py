@@ -189,8 +189,9 @@ def test_minibatches_must_hold_whole_groups():
     minibatch): `num_minibatches` must divide the number of prompts, not only of responses."""
     config = GRPOConfig(sampling=SAMPLING, group_size=GROUP, kl_coef=0.0, num_minibatches=3)
     state = fresh_policy_state(optax.sgd(0.1))
-    sample = jax.jit(functools.partial(grpo_rollout, config=config, score_fn=target_fraction))
-    data = sample(state, None, *make_prompts(0, 4), jax.random.key(0))
+    sample = functools.partial(grpo_rollout, config=config, score_fn=target_fraction)
+    # the rollout's shapes are all the check reads: traced, not compiled or run
+    data = jax.eval_shape(sample, state, None, *make_prompts(0, 4), jax.random.key(0))
     assert data.response_ids.shape[:2] == (4, GROUP)  # 16 responses would split into 4 or 8, not 3
     with pytest.raises(ValueError, match="4 prompt groups.*num_minibatches.*whole groups"):
         grpo_update(state, data, jax.random.key(1), config=config)

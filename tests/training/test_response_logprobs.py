@@ -1,5 +1,7 @@
 """`LMBatch` and `response_logprobs`: the one log-prob path, against plain forward passes of
 each prompt + response scored by a NumPy log-softmax, for both prompt paths and N = 1, 2, 4."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,13 @@ CONFIGS = {
     "gpt2": ModelConfig.gpt2(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
                              max_position_embeddings=32),
 }
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="method")
+def forward(model, params, ids, method="__call__"):
+    """One plain forward pass (compiled once per model, method and length, so the oracles below
+    do not pay an eager dispatch of every op for every new sequence length)."""
+    return model.apply({"params": params}, ids, method=method)
 
 
 def random_batch(seed, rows=3, prompt=5, num=2, response=4):
@@ -43,7 +52,7 @@ def oracle_logprobs(model, params, batch, temperature):
         for n in range(num):
             count = int(batch.response_mask[b, n].sum())
             sequence = np.concatenate([prompt, batch.response_ids[b, n, :count]])[None]
-            logits = np.asarray(model.apply({"params": params}, sequence), np.float64)[0] / temperature
+            logits = np.asarray(forward(model, params, sequence), np.float64)[0] / temperature
             logits = logits - logits.max(-1, keepdims=True)
             log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
             for j in range(count):
@@ -82,15 +91,17 @@ def test_shared_prefix_hidden_states_equal_full_forward_passes(family):
     prompt_mask = (np.arange(prompt_len)[None] >= prompt_len - prompt_lengths[:, None]).astype(np.int32)
     response_ids = rng.integers(1, VOCAB, (batch, num, response_len))
     response_mask = (np.arange(response_len)[None, None] < response_lengths[..., None]).astype(np.int32)
-    last, hidden = model.apply({"params": params}, prompt_ids * prompt_mask, prompt_mask,
-                               response_ids * response_mask, response_mask, method="shared_prefix_hidden_states")
+    shared_prefix = jax.jit(lambda p, *arrays: model.apply({"params": p}, *arrays,
+                                                           method="shared_prefix_hidden_states"))
+    last, hidden = shared_prefix(params, prompt_ids * prompt_mask, prompt_mask, response_ids * response_mask,
+                                 response_mask)
     assert last.shape == (batch, 32) and hidden.shape == (batch, num, response_len, 32)
     for b in range(batch):
         prompt = prompt_ids[b, prompt_len - prompt_lengths[b]:]
         for n in range(num):
             response = response_ids[b, n, :response_lengths[b, n]]
             sequence = jnp.asarray(np.concatenate([prompt, response])[None])
-            full = model.apply({"params": params}, sequence, method="hidden_states")[0]
+            full = forward(model, params, sequence, method="hidden_states")[0]
             np.testing.assert_allclose(last[b], full[len(prompt) - 1], atol=2e-5, rtol=2e-5)
             np.testing.assert_allclose(hidden[b, n, :len(response)], full[len(prompt):], atol=2e-5, rtol=2e-5)
 
@@ -100,14 +111,14 @@ def test_token_stats_match_numpy():
     model = CausalLM(CONFIGS["llama"])
     params = model.init(jax.random.key(4), jnp.zeros((1, 4), jnp.int32))["params"]
     batch = random_batch(seed=5, num=2)
-    result = response_logprobs(model.apply, params, batch, temperature=0.5, with_vocab_stats=True)
+    result = jax.jit(lambda p: response_logprobs(model.apply, p, batch, temperature=0.5, with_vocab_stats=True))(params)
     rows, num, length = batch.response_ids.shape
     for b in range(rows):
         prompt = batch.prompt_ids[b][batch.prompt_mask[b] != 0]
         for n in range(num):
             count = int(batch.response_mask[b, n].sum())
             sequence = np.concatenate([prompt, batch.response_ids[b, n, :count]])[None]
-            logits = np.asarray(model.apply({"params": params}, sequence), np.float64)[0, len(prompt) - 1:-1] / 0.5
+            logits = np.asarray(forward(model, params, sequence), np.float64)[0, len(prompt) - 1:-1] / 0.5
             shifted = logits - logits.max(-1, keepdims=True)
             log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
             np.testing.assert_allclose(result.mean_logprob[b, n, :count], log_softmax.mean(-1), atol=2e-5, rtol=1e-5)
@@ -135,8 +146,9 @@ def test_value_model_hidden_states_share_the_prompt_too():
     module = ValueModel(CONFIGS["llama"])
     params = module.init(jax.random.key(3), jnp.zeros((1, 4), jnp.int32))["params"]
     batch = random_batch(seed=11, num=2)
-    once = response_hidden_states(module.apply, params, batch, prompt_once=True)
-    separate = response_hidden_states(module.apply, params, batch, prompt_once=False)
+    hidden = jax.jit(functools.partial(response_hidden_states, module.apply), static_argnames="prompt_once")
+    once = hidden(params, batch, prompt_once=True)
+    separate = hidden(params, batch, prompt_once=False)
     mask = np.asarray(batch.response_mask, bool)
     np.testing.assert_allclose(np.asarray(once.tokens)[mask], np.asarray(separate.tokens)[mask], atol=1e-5)
     np.testing.assert_allclose(np.asarray(once.predicting)[mask], np.asarray(separate.predicting)[mask],
@@ -172,8 +184,9 @@ def test_response_states_at_read_the_response_hidden_states(num):
         return jnp.take_along_axis(ends, (index + 1)[..., None, None], axis=2)[:, :, 0]
 
     for prompt_once in (True, False):
-        got = response_states_at(module.apply, params, batch, index, prompt_once=prompt_once)
-        np.testing.assert_allclose(got, expected(params, prompt_once), atol=1e-5, rtol=1e-5)
+        got = jax.jit(lambda p: response_states_at(module.apply, p, batch, index, prompt_once=prompt_once))(params)
+        np.testing.assert_allclose(got, jax.jit(expected, static_argnums=1)(params, prompt_once),
+                                   atol=1e-5, rtol=1e-5)
         grads = [jax.jit(jax.grad(lambda p: jnp.sum(weights * fn(p))))(params) for fn in (
             lambda p: response_states_at(module.apply, p, batch, index, prompt_once=prompt_once),
             lambda p: expected(p, prompt_once))]
