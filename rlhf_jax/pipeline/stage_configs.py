@@ -59,6 +59,10 @@ class ModelSection:
     init: ModelConfig | None = None  # architecture of a fresh random model (when path is None);
     # its vocab_size and bos/eos/pad ids are taken from the tokenizer
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
+    save_dtype: Literal["source", "float32", "bfloat16", "float16"] = "source"  # storage dtype of
+    # the exported `<output_dir>/model` (and config.json's `dtype`/`torch_dtype`); "source": the
+    # loaded folder's config.json `dtype` (or `torch_dtype`), float32 for a fresh model or when
+    # the folder names no floating dtype (training itself always keeps float32 parameters)
     remat: bool = False  # rematerialise blocks in the backward pass (saves memory)
     attention_impl: Literal["auto", "plain", "blockwise"] = "auto"  # `ModelConfig.attention_impl`
     # of the loaded or fresh model (replacing `init.attention_impl`): "plain" materialises the

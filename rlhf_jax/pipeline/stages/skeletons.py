@@ -150,7 +150,8 @@ def run_supervised_stage(stage: str, config, setup: SupervisedSetup, module, sta
         base_sources={"state": model_source(config.model, "model", config.seed)},
     )
     return finish_stage(stage, setup.output_dir, result, module, result.carry["state"], setup.tokenizer,
-                        {"data": vars(setup.data.stats)}, base_path=config.model.path)
+                        {"data": vars(setup.data.stats)}, base_path=config.model.path,
+                        save_dtype=config.model.save_dtype)
 
 
 # ----------------------------------------------------------------------------- RL stages
@@ -284,7 +285,7 @@ def run_rollout_stage(stage: str, config, setup: RolloutSetup, policy_module, ca
         base_sources={"policy": model_source(config.policy, "policy", config.seed), **(base_sources or {})},
     )
     return finish_stage(stage, setup.output_dir, result, policy_module, result.carry["policy"], setup.tokenizer,
-                        base_path=config.policy.path)
+                        base_path=config.policy.path, save_dtype=config.policy.save_dtype)
 
 
 __all__ = [

@@ -19,6 +19,7 @@ Every stage writes into its `output_dir`:
 """
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -245,19 +246,52 @@ def stage_rng(seed: int, mesh):
     return jax.device_put(rng_key(seed, 1), replicated(mesh))
 
 
-def export_model(output_dir, module, params, tokenizer, source: str | None = None) -> Path:
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def source_dtype(source: str | None) -> str:
+    """The floating dtype the model folder `source` was saved in: its config.json `dtype`
+    (transformers >= 4.56) or `torch_dtype`; float32 without a folder, or when it names none
+    of float32 / bfloat16 / float16 (e.g. "auto" or no entry)."""
+    if source is None:
+        return "float32"
+    try:
+        config = json.loads((Path(source) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    for key in ("dtype", "torch_dtype"):
+        name = str(config.get(key) or "").removeprefix("torch.")
+        if name in SAVE_DTYPES:
+            return name
+    return "float32"
+
+
+def export_dtype(save_dtype: str, source: str | None) -> str:
+    """The storage dtype of an exported model: `save_dtype`, or with "source" the source
+    folder's (`source_dtype`), so a bfloat16 checkpoint is exported at its own size."""
+    if save_dtype == "source":
+        return source_dtype(source)
+    if save_dtype not in SAVE_DTYPES:
+        raise ConfigError(f"save_dtype must be source, {', '.join(SAVE_DTYPES)}; got {save_dtype!r}")
+    return save_dtype
+
+
+def export_model(output_dir, module, params, tokenizer, source: str | None = None,
+                 save_dtype: str = "source") -> Path:
     """Save the final model as a Hugging Face folder `<output_dir>/model` with the tokenizer
     (a causal LM also with `generation_config.json`: the `source` model folder's, with the
-    tokenizer's ids, or a minimal one; `rlhf_jax.pipeline.generation_config`).
+    tokenizer's ids, or a minimal one; `rlhf_jax.pipeline.generation_config`). The weights
+    are stored in `export_dtype(save_dtype, source)` (config.json's `dtype` says which).
     Parameters holding a NaN or inf are refused (NonFiniteError) and nothing is written."""
     folder = Path(output_dir) / MODEL_DIR
+    dtype = export_dtype(save_dtype, source)
     bad = nonfinite_leaves(params)
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise NonFiniteError(f"refusing to export {folder}: NaN or inf in the parameters {shown}")
     host_params = multihost.fetch(params)  # a collective: every process gathers, one writes
     if jax.process_index() == 0:
-        save_pretrained(folder, module, host_params, pad_token_id=tokenizer.pad_token_id,
+        save_pretrained(folder, module, host_params, dtype=dtype, pad_token_id=tokenizer.pad_token_id,
                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
         tokenizer.save_pretrained(str(folder))
         if isinstance(module, CausalLM):
@@ -300,16 +334,18 @@ def tree_bytes(tree) -> int:
 
 
 def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra: dict | None = None, *,
-                 base_path: str | None = None) -> dict:
+                 base_path: str | None = None, save_dtype: str = "source") -> dict:
     """Export the trained model of `state` when the run finished (`model_dir` in the summary;
-    with LoRA the merged model, and the PEFT adapter as `adapter_dir`); the summary, with the
+    with LoRA the merged model, and the PEFT adapter as `adapter_dir`; stored in
+    `export_dtype(save_dtype, base_path)`); the summary, with the
     trained parameters' count (`trainable_parameters`: the adapters with LoRA) and the bytes of
     their optimizer state (`optimizer_state_bytes`)."""
     extra = dict(extra or {})
     extra["trainable_parameters"] = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
     extra["optimizer_state_bytes"] = tree_bytes(state.opt_state)
     if result.finished:
-        extra["model_dir"] = str(export_model(output_dir, module, merged_params(state), tokenizer, base_path))
+        extra["model_dir"] = str(export_model(output_dir, module, merged_params(state), tokenizer, base_path,
+                                                save_dtype))
         if is_lora_state(state):
             extra["adapter_dir"] = str(export_adapter(output_dir, module, state, base_path))
     return summary(stage, output_dir, result, extra)
@@ -318,5 +354,5 @@ def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra
 __all__ = [
     "MODEL_DIR", "prepare_output_dir", "require", "check_not_run_folder", "check_same_vocabulary", "stage_tokenizer", "fresh_model_config",
     "build_model", "load_folder", "stage_mesh", "make_state", "place", "rng_key", "stage_rng",
-    "export_model", "export_adapter", "ADAPTER_DIR", "summary", "tree_bytes", "finish_stage",
+    "export_model", "export_dtype", "source_dtype", "SAVE_DTYPES", "export_adapter", "ADAPTER_DIR", "summary", "tree_bytes", "finish_stage",
 ]
