@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.ops.checks import check_floating, check_rank, check_same_shape
+from rlhf_jax.ops.checks import check_floating, check_rank, check_same_shape, check_token_ids
 from rlhf_jax.ops.masking import masked_mean
 
 
@@ -46,7 +46,9 @@ def sft_loss(logits, input_ids, mask, *, label_smoothing: float = 0.0):
       `sft/perplexity` (`exp(sft/nll)`).
 
     Raises:
-      ValueError: when `logits.shape[:2] != input_ids.shape`, e.g. logits shifted already.
+      ValueError: when `logits.shape[:2] != input_ids.shape`, e.g. logits shifted already;
+        when a counted token (mask 1, `t >= 1`) is not in `[0, V)`, e.g. a -100 label under
+        mask 1 (checked for concrete arrays; under `jax.jit` such a token makes the loss NaN).
     """
     check_rank(logits, 3, "logits")
     check_floating(logits, "logits")
@@ -62,6 +64,9 @@ def sft_loss(logits, input_ids, mask, *, label_smoothing: float = 0.0):
         )
     if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing}")
+    # e.g. Hugging Face-style labels (-100 on the prompt) with the attention mask as `mask`;
+    # concrete arrays only (under jit such an id would make the loss NaN)
+    check_token_ids(input_ids, mask, "input_ids", jnp.shape(logits)[-1], from_position=1)
 
     logits, labels, mask = logits[:, :-1], input_ids[:, 1:], mask[:, 1:]
     counted = mask.astype(bool)

@@ -56,9 +56,10 @@ def check_in(value, allowed: Sequence[str], name: str) -> None:
         raise ValueError(f"`{name}` must be one of {sorted(allowed)}, got {value!r}")
 
 
-def check_token_ids(ids, mask, name: str, vocab_size: int | None = None) -> None:
-    """Raise unless every real token of `ids` (where `mask` != 0) is in `[0, vocab_size)`
-    (`>= 0` without `vocab_size`), naming the first bad position. Ids where `mask` is 0 are
+def check_token_ids(ids, mask, name: str, vocab_size: int | None = None, *, from_position: int = 0) -> None:
+    """Raise unless every real token of `ids` (where `mask` != 0, at time positions
+    `>= from_position` of the last axis) is in `[0, vocab_size)` (`>= 0` without
+    `vocab_size`), naming the first bad position. Ids where `mask` is 0 are
     not checked (callers ignore them, e.g. an ignore index of -100). Skipped for traced
     values (under `jax.jit` an out-of-range id cannot raise, and its embedding or log-prob
     comes out NaN) and for arrays spread over several processes."""
@@ -66,6 +67,7 @@ def check_token_ids(ids, mask, name: str, vocab_size: int | None = None) -> None
         if isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable):
             return
     ids, real = np.asarray(ids), np.asarray(mask) != 0
+    real[..., :from_position] = False
     bad = real & ((ids < 0) | (ids >= vocab_size if vocab_size is not None else False))
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.ops.checks import check_floating, check_in, check_positive
+from rlhf_jax.ops.checks import check_floating, check_in, check_positive, check_token_ids
 
 _REDUCTIONS = ("sum", "mean")
 
@@ -72,7 +72,9 @@ def sequence_logprobs(logits, input_ids, mask, *, temperature=1.0, reduce="sum")
       input_ids: `[B, T]` integer prompt + response tokens.
       mask: `[B, T]` 1 on the response tokens of `input_ids` that count, 0 on prompt and
         padding (bool or float). `mask[:, 0]` is ignored: nothing predicts the first token.
-        Values at masked positions never leak in, even when they are `-inf` or NaN.
+        Values at masked positions never leak in, even when they are `-inf` or NaN. A
+        counted id outside `[0, V)` (e.g. a -100 label under mask 1) is a ValueError for
+        concrete arrays (under `jax.jit` its log-prob is NaN).
       temperature: `T > 0`; the logits are divided by it before the log-softmax.
       reduce: `"sum"` or `"mean"` over counted tokens.
 
@@ -89,6 +91,8 @@ def sequence_logprobs(logits, input_ids, mask, *, temperature=1.0, reduce="sum")
         raise ValueError(
             f"`input_ids` needs at least 2 time steps, got shape {jnp.shape(input_ids)}"
         )
+    # a counted id outside the vocabulary (e.g. -100 under mask 1) would give a NaN log-prob
+    check_token_ids(input_ids, mask, "input_ids", jnp.shape(logits)[-1], from_position=1)
     per_token = token_logprobs(logits[..., :-1, :], input_ids[..., 1:], temperature=temperature)
     counted = jnp.asarray(mask[..., 1:], jnp.float32)
     # `where` first: a pad token under -inf logits has log-prob -inf, and -inf * 0 is NaN.
