@@ -24,7 +24,7 @@ from rlhf_jax.pipeline.frozen_base import model_source
 from rlhf_jax.pipeline.loop import run_loop
 from rlhf_jax.pipeline.stage_configs import with_schedule_length
 from rlhf_jax.pipeline.stages.stage_setup import (
-    finish_stage, load_folder, place, prepare_output_dir, require, stage_mesh, stage_rng, stage_tokenizer,
+    check_batch_shards, finish_stage, load_folder, place, prepare_output_dir, require, stage_mesh, stage_rng, stage_tokenizer,
 )
 from rlhf_jax.pipeline.tokenizer import pad_id
 from rlhf_jax.pipeline.stages.lora import check_lora_reference, reference_of, stage_state
@@ -113,7 +113,15 @@ def open_supervised_stage(config, *, kind: str, why: str, stage: str, resume: bo
     data = load_data(config.data.train_files, tokenizer, config.data, kind=kind)
     eval_data = (load_data(config.data.eval_files, tokenizer, config.data, kind=kind)
                  if config.data.eval_files else None)
-    return SupervisedSetup(output_dir, tokenizer, data, eval_data, stage_mesh(config.mesh))
+    if config.train.batch_size % config.train.num_microbatches:
+        raise ConfigError(f"`train.batch_size` ({config.train.batch_size}) must be a multiple of "
+                          f"`train.num_microbatches` ({config.train.num_microbatches})")
+    mesh = stage_mesh(config.mesh)
+    sizes = {"train.batch_size": config.train.batch_size}
+    if eval_data is not None or stage == "dpo":  # eval.batch_size also batches DPO's reference log-probs
+        sizes["eval.batch_size"] = config.eval.batch_size
+    check_batch_shards(mesh, sizes)
+    return SupervisedSetup(output_dir, tokenizer, data, eval_data, mesh)
 
 
 def supervised_state_and_step(config, module, params, mesh, step, /, **options):
@@ -213,7 +221,9 @@ def open_rollout_stage(config, section: str, *, rows: int, rows_key: str, resume
         raise ConfigError(f"`{rows_key}` ({rows}) must be a multiple of "
                           f"`{section}.num_minibatches` ({algorithm.num_minibatches})")
     batches = prompt_batches(config, tokenizer, seed=config.seed)
-    return RolloutSetup(output_dir, tokenizer, algorithm, batches, stage_mesh(config.mesh))
+    mesh = stage_mesh(config.mesh)
+    check_batch_shards(mesh, {"train.batch_size": config.train.batch_size})
+    return RolloutSetup(output_dir, tokenizer, algorithm, batches, mesh)
 
 
 def place_prompt_batch(batch, mesh) -> dict:

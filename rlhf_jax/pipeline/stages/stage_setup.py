@@ -45,6 +45,7 @@ from rlhf_jax.training import multihost
 from rlhf_jax.training.nonfinite import nonfinite_leaves
 from rlhf_jax.training.optim import OptimizerConfig, make_optimizer
 from rlhf_jax.training.sharding import (
+    BATCH_AXES,
     MeshConfig,
     make_mesh,
     param_shardings,
@@ -217,6 +218,19 @@ def stage_mesh(config: MeshConfig):
         raise ConfigError(f"`mesh`: {err}") from None
 
 
+def check_batch_shards(mesh, sizes: dict[str, int]) -> None:
+    """A ConfigError naming the first config key in `sizes` (key -> global batch rows) that
+    does not split evenly over the mesh's batch shards (`mesh.data x mesh.fsdp` devices)."""
+    shards = math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
+    for key, size in sizes.items():
+        if size % shards:
+            layout = " x ".join(f"{mesh.shape.get(axis, 1)}" for axis in BATCH_AXES)
+            raise ConfigError(
+                f"`{key}` ({size}) must be a multiple of the mesh's {shards} batch shards "
+                f"(`mesh.data` x `mesh.fsdp` = {layout}): set it to {max(shards, size - size % shards)} "
+                f"or {size + shards - size % shards}, or change `mesh`")
+
+
 def make_state(module, params, optim: OptimizerConfig, mesh):
     """A train state on `mesh` (FSDP-sharded when the mesh has an fsdp axis > 1), its step a
     replicated int32 array so a restored state has the same leaf types; and its shardings."""
@@ -353,6 +367,6 @@ def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra
 
 __all__ = [
     "MODEL_DIR", "prepare_output_dir", "require", "check_not_run_folder", "check_same_vocabulary", "stage_tokenizer", "fresh_model_config",
-    "build_model", "load_folder", "stage_mesh", "make_state", "place", "rng_key", "stage_rng",
+    "build_model", "load_folder", "stage_mesh", "check_batch_shards", "make_state", "place", "rng_key", "stage_rng",
     "export_model", "export_dtype", "source_dtype", "SAVE_DTYPES", "export_adapter", "ADAPTER_DIR", "summary", "tree_bytes", "finish_stage",
 ]
