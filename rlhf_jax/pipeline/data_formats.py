@@ -31,7 +31,7 @@ of a conversation is not a prefix of the whole rendering. For SFT rows there are
 - a chat template that wraps the text to train in `{% generation %}...{% endgeneration %}`
   blocks (the blocks of transformers' `apply_chat_template(..., return_assistant_tokens_mask=True)`,
   TRL's `assistant_only_loss`). When the tokenizer's template has such blocks, an SFT row is
-  rendered once, as the full conversation, and exactly the text inside the blocks is trained
+  rendered as the full conversation, and exactly the text inside the blocks is trained
   (as it appears in that rendering); the prompt is the text before the first trained block.
   In `prompt` + `completion` rows only the completion's blocks are trained (the blocks of the
   prompt messages rendered alone are skipped: blocks are emitted in message order).
@@ -317,7 +317,9 @@ _REMEDY = (
 )
 
 
-def render_row(row: dict, kind: str, render: Render, render_marked: RenderMarked | None = None) -> RenderedRow:
+def render_row(
+    row: dict, kind: str, render: Render, render_marked: RenderMarked | None = None
+) -> RenderedRow:
     """Validate `row` as a `kind` row and render it to text (raises RowError).
 
     `render_marked` is given when the chat template has `{% generation %}` blocks: conversational
@@ -406,8 +408,9 @@ def _render_messages(messages: str | list[dict], render: Render) -> RenderedRow:
             raise RowError(
                 f"the chat template's renderings of the leading messages are not prefixes of the "
                 f"conversation's rendering, so the assistant messages cannot be separated: messages "
-                f"0..{index} (up to the assistant message at index {index}) render differently once the later "
-                f"messages follow (e.g. a template that drops the reasoning of earlier turns)" + _REMEDY
+                f"0..{index} (up to the assistant message at index {index}) render differently once "
+                f"the later messages follow (e.g. a template that drops the reasoning of earlier turns)"
+                + _REMEDY
             )
         if not (through.startswith(before) and len(before) >= position):
             raise RowError(
@@ -471,7 +474,9 @@ def _merge_spans(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def _render_marked_checked(render_marked: RenderMarked, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def _render_marked_checked(
+    render_marked: RenderMarked, messages: list[dict]
+) -> tuple[str, list[tuple[int, int]]]:
     try:
         return render_marked(messages)
     except RowError:

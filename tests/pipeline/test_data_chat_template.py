@@ -102,7 +102,8 @@ def test_rows_ending_with_the_trained_turn_work_either_way(tokenizer, tmp_path):
     rows = [{"prompt": CONVERSATION[:3], "completion": CONVERSATION[3:]}, {"messages": CONVERSATION[:2]}]
     data = load(tokenizer, tmp_path, rows)
     prompt, response, trained = row_tokens(data, 0)
-    assert prompt == [BOS, USER] + ids("1+1=") + [ASSISTANT] + ids("2") + [EOS, USER] + ids("x2=") + [ASSISTANT]
+    assert prompt == ([BOS, USER] + ids("1+1=") + [ASSISTANT] + ids("2") + [EOS, USER] + ids("x2=")
+                      + [ASSISTANT])
     assert response == ids("[double]4") + [EOS]
     assert trained == [1] * len(response)
     prompt, response, trained = row_tokens(data, 1)
