@@ -11,7 +11,10 @@ folder's tokenizer:
   separately and concatenated, so the response boundary is exact.
 - conversational rows: the chat template renders the text (see `data_formats`); it is
   tokenised without extra special tokens; EOS is appended only when the rendered response
-  holds none.
+  holds none. For SFT rows, a template with `{% generation %}` blocks marks the trained text
+  (the character spans of transformers' `render_jinja_template(...,
+  return_assistant_tokens_mask=True)`, which `apply_chat_template` turns into its
+  `assistant_masks`); the trained and untrained segments are tokenised the same way.
 
 Lengths and padding (shapes never depend on the data, so jit compiles once): the arrays
 are in the one LM batch layout of `rlhf_jax.training.logprobs.LMBatch`:
@@ -47,6 +50,7 @@ lines of a JSONL file are not rows), or with `skip_invalid=True` are skipped and
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -227,6 +231,7 @@ def _tokenize_file(path, rows, unreadable, tokenizer, config: DataConfig, kind: 
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
+    render_marked = _marked_renderer(tokenizer) if kind == "sft" else None
     names = response_names(kind)
     # prompt rows keep their `prompt` as given (a string or a message list) for reward functions
     used_fields = {"messages", *names} if kind == "prompt" else {"prompt", "messages", *names}
@@ -234,7 +239,7 @@ def _tokenize_file(path, rows, unreadable, tokenizer, config: DataConfig, kind: 
     for row in rows:
         number = row.pop("__row__")
         try:
-            rendered_rows.append((number, row, render_row(row, kind, render)))
+            rendered_rows.append((number, row, render_row(row, kind, render, render_marked)))
         except RowError as error:
             reject(number, str(error))
     encoded = _encode_texts(tokenizer, [rendered for _, _, rendered in rendered_rows])
@@ -255,6 +260,34 @@ def _tokenize_file(path, rows, unreadable, tokenizer, config: DataConfig, kind: 
         columns[name] = [extra.get(name) for extra in extras]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return TokenizedData(kind, _pad_arrays(kept, names, pad, config), columns, sources, stats, pad)
+
+
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _marked_renderer(tokenizer):
+    """A function rendering messages with the tokenizer's chat template and returning the
+    character spans of its `{% generation %}` blocks (what transformers'
+    `apply_chat_template(..., return_assistant_tokens_mask=True)` marks), or None when the
+    template has no such blocks (or there is no template)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    try:
+        template = tokenizer.get_chat_template()
+    except ValueError:  # several named templates and no default: each row reports it when rendered
+        return None
+    if not _GENERATION_BLOCK.search(template):
+        return None
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    def render_marked(messages):
+        texts, spans = render_jinja_template(
+            conversations=[messages], chat_template=template, return_assistant_tokens_mask=True,
+            add_generation_prompt=False, **tokenizer.special_tokens_map,
+        )
+        return texts[0], [tuple(span) for span in spans[0]]
+
+    return render_marked
 
 
 def _encode_texts(tokenizer, rendered_rows: list[RenderedRow]) -> dict[tuple[str, bool], list[int]]:

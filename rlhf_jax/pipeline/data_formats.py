@@ -23,6 +23,23 @@ template whose renderings of a conversation's prefixes are prefixes of its rende
 In `messages` rows every assistant message is trained; the prompt is everything before the
 first one.
 
+Conversational SFT rows and templates that change earlier turns: some templates render an
+assistant message differently once later messages follow (Qwen3's drops the `<think>...</think>`
+reasoning of assistant turns before the last user message), so the rendering of a leading part
+of a conversation is not a prefix of the whole rendering. For SFT rows there are two ways out:
+
+- a chat template that wraps the text to train in `{% generation %}...{% endgeneration %}`
+  blocks (the blocks of transformers' `apply_chat_template(..., return_assistant_tokens_mask=True)`,
+  TRL's `assistant_only_loss`). When the tokenizer's template has such blocks, an SFT row is
+  rendered as the full conversation, and exactly the text inside the blocks is trained
+  (as it appears in that rendering); the prompt is the text before the first trained block.
+  In `prompt` + `completion` rows only the completion's blocks are trained (the blocks of the
+  prompt messages rendered alone are skipped: blocks are emitted in message order).
+- otherwise, rows that each end with the assistant turn to train, as `prompt` (the earlier
+  messages) + `completion` (that turn) rows: only the last turn is then trained, and templates
+  like Qwen3's keep the last turn's reasoning. A row that breaks the prefix property is a
+  RowError naming the message that broke it and these two remedies.
+
 Problems are reported by raising `RowError` with a message naming the field; the caller adds
 the file and row.
 """
@@ -288,10 +305,26 @@ def _same_kind(row_fields: dict[str, str | list]) -> bool:
 # ----------------------------------------------------------------------------- rendering
 
 Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
+# messages -> (their rendering, the (start, end) character spans of its {% generation %} blocks)
+RenderMarked = Callable[[list[dict]], tuple[str, list[tuple[int, int]]]]
+
+_REMEDY = (
+    "; to train on such conversations, use a chat template that wraps the assistant text in "
+    "{% generation %}...{% endgeneration %} blocks (transformers' return_assistant_tokens_mask "
+    "feature: then exactly that text is trained), or split the conversation into rows that each "
+    "end with the assistant message to train, as 'prompt' (the messages before it) + 'completion' "
+    "(that message): only that last message is then trained"
+)
 
 
-def render_row(row: dict, kind: str, render: Render) -> RenderedRow:
-    """Validate `row` as a `kind` row and render it to text (raises RowError)."""
+def render_row(
+    row: dict, kind: str, render: Render, render_marked: RenderMarked | None = None
+) -> RenderedRow:
+    """Validate `row` as a `kind` row and render it to text (raises RowError).
+
+    `render_marked` is given when the chat template has `{% generation %}` blocks: conversational
+    SFT rows then train exactly the text inside them (see the module docstring).
+    """
     if kind == "prompt":
         prompt = _text_or_messages(row, "prompt")
         if isinstance(prompt, str):
@@ -299,7 +332,17 @@ def render_row(row: dict, kind: str, render: Render) -> RenderedRow:
         return RenderedRow(render(prompt, True), conversational=True)
     if kind == "sft":
         if row.get("messages") is not None and row.get("completion") is None:
-            return _render_messages(_text_or_messages(row, "messages"), render)
+            messages = _text_or_messages(row, "messages")
+            if render_marked is not None and not isinstance(messages, str):
+                _check_response(messages, "messages")
+                return _render_marked(messages, 0, render_marked, "messages")
+            return _render_messages(messages, render)
+        if render_marked is not None:
+            prompt, completion = _text_or_messages(row, "prompt"), _text_or_messages(row, "completion")
+            _check_response(completion, "completion")
+            if _same_kind({"prompt": prompt, "completion": completion}):
+                skipped = len(_render_marked_checked(render_marked, prompt)[1])
+                return _render_marked(prompt + completion, skipped, render_marked, "completion")
         return _render_prompt_responses(row, ("completion",), render)
     if kind == "preference":
         if row.get("prompt") is None and isinstance(row.get("chosen"), (list, tuple)):
@@ -321,8 +364,9 @@ def _render_prompt_responses(row: dict, names: tuple[str, ...], render: Render) 
         full = _render_checked(render, prompt + value, False)
         if not full.startswith(prompt_text):
             raise RowError(
-                f"the chat template's rendering of 'prompt' is not a prefix of its rendering of "
-                f"'prompt' + '{name}', so the response cannot be separated"
+                f"the chat template's rendering of 'prompt' (with the generation prompt) is not a "
+                f"prefix of its rendering of 'prompt' + '{name}', so the response cannot be separated"
+                + (_REMEDY if name == "completion" else "")
             )
         rendered[name] = [(full[len(prompt_text):], True)]
     return RenderedRow(prompt_text, rendered, conversational=True)
@@ -360,10 +404,20 @@ def _render_messages(messages: str | list[dict], render: Render) -> RenderedRow:
             continue
         before = _render_checked(render, messages[:index], True) if index else ""
         through = _render_checked(render, messages[: index + 1], False)
-        if not (full.startswith(through) and through.startswith(before) and len(before) >= position):
+        if not full.startswith(through):
             raise RowError(
-                "the chat template's renderings of the leading messages are not prefixes of the "
-                "conversation's rendering, so the assistant messages cannot be separated"
+                f"the chat template's renderings of the leading messages are not prefixes of the "
+                f"conversation's rendering, so the assistant messages cannot be separated: messages "
+                f"0..{index} (up to the assistant message at index {index}) render differently once "
+                f"the later messages follow (e.g. a template that drops the reasoning of earlier turns)"
+                + _REMEDY
+            )
+        if not (through.startswith(before) and len(before) >= position):
+            raise RowError(
+                f"the chat template's renderings of the leading messages are not prefixes of the "
+                f"conversation's rendering, so the assistant messages cannot be separated: messages "
+                f"0..{index - 1} rendered with the generation prompt are not a prefix of messages "
+                f"0..{index} (up to the assistant message at index {index})" + _REMEDY
             )
         if prompt_end is None:
             prompt_end = len(before)
@@ -379,6 +433,52 @@ def _render_messages(messages: str | list[dict], render: Render) -> RenderedRow:
 def _render_checked(render: Render, messages: list[dict], add_generation_prompt: bool) -> str:
     try:
         return render(messages, add_generation_prompt)
+    except RowError:
+        raise
+    except Exception as error:  # jinja errors, raise_exception() in templates
+        raise RowError(f"the chat template failed: {error}") from error
+
+
+def _render_marked(messages: list[dict], skipped: int, render_marked: RenderMarked, name: str) -> RenderedRow:
+    """An SFT conversation whose template marks the trained text with generation blocks: the
+    text in the blocks after the first `skipped` ones is trained, the prompt is everything
+    before the first trained block, the rest is untrained context."""
+    full, spans = _render_marked_checked(render_marked, messages)
+    trained = _merge_spans(spans[skipped:])
+    if not trained:
+        raise RowError(
+            f"the chat template has {{% generation %}} blocks but marks no text of the assistant "
+            f"messages in field '{name}', so nothing would be trained"
+        )
+    segments: list[tuple[str, bool]] = []
+    position = trained[0][0]
+    for start, end in trained:
+        if start > position:
+            segments.append((full[position:start], False))
+        segments.append((full[start:end], True))
+        position = end
+    if position < len(full):
+        segments.append((full[position:], False))
+    return RenderedRow(full[: trained[0][0]], {"completion": segments}, conversational=True)
+
+
+def _merge_spans(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The non-empty character spans, sorted, with overlapping or touching ones joined
+    (nested generation blocks give overlapping spans)."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(span for span in spans if span[1] > span[0]):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _render_marked_checked(
+    render_marked: RenderMarked, messages: list[dict]
+) -> tuple[str, list[tuple[int, int]]]:
+    try:
+        return render_marked(messages)
     except RowError:
         raise
     except Exception as error:  # jinja errors, raise_exception() in templates

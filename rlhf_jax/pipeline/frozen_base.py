@@ -16,7 +16,7 @@ from; resuming against a base with another fingerprint is a `CheckpointError` na
 The fingerprint is a SHA-256 over every base leaf's path, shape, dtype and two 32-bit
 checksums of its bit pattern: the wrapping sum of its words, and the wrapping sum of each word
 times an odd multiplier of its position (so permuted or transposed values change it too). It
-is integer arithmetic on the bits, so it is exact and the same whatever the device count, mesh
+is integer math on the bits, so it is exact and the same whatever the device count, mesh
 or sharding the base is read onto, and it costs one pass over weights already in memory, once
 per run. A fingerprint of the source folder (path, file sizes, mtimes) would be cheaper but
 wrong both ways: copying or moving a model folder (another machine, another mount) changes it
