@@ -193,8 +193,8 @@ def test_a_column_the_reward_function_needs_is_missing(task, good_model, tmp_pat
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "1+2=", "id": 1}\n{"prompt": "2+2=", "id": 2}\n')
     functions = '[{function: "rlhf_jax.rewards:think_format"}, {function: "rlhf_jax.rewards:math_answer"}]'
-    args = ([f"policy.path={good_model}", f"data.train_files=[{prompts}]", *LENGTHS, "train.batch_size=2"]
-            if stage == "grpo" else [f"policies.a={good_model}", f"prompts_file={prompts}"])
+    args = ([f"policy.path={good_model}", f"data.train_files=[{prompts}]", *LENGTHS, "train.batch_size=2",
+             "mesh.data=1"] if stage == "grpo" else [f"policies.a={good_model}", f"prompts_file={prompts}"])
     result = run_cli(capsys, stage, f"output_dir={tmp_path / 'out'}", f"reward.functions={functions}", *args)
     assert_one_error_line(*result, stage, "reward", "reward function 'math_answer' needs the column 'answer'",
                           f"which {prompts} does not have (its columns besides 'prompt': id)")

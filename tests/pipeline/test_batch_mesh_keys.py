@@ -25,6 +25,10 @@ def test_check_batch_shards_names_the_key():
     with pytest.raises(ConfigError, match=r"`eval.batch_size` \(6\) must be a multiple of the mesh's 4 batch "
                                           r"shards \(`mesh.data` x `mesh.fsdp` = 2 x 2\): set it to 4 or 8"):
         check_batch_shards(mesh, {"train.batch_size": 8, "eval.batch_size": 6})
+    with pytest.raises(ConfigError, match=r"`train.batch_size` \(2\) must be a multiple of the mesh's 8 batch "
+                                          r"shards \(`mesh.data` x `mesh.fsdp` = 8 x 1\): set it to 8, or change "
+                                          r"`mesh` \(e.g. `mesh.data=2`\)$"):
+        check_batch_shards(stage_mesh(MeshConfig(data=8)), {"train.batch_size": 2})
 
 
 @pytest.mark.parametrize("extra, message", [

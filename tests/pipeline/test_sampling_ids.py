@@ -51,7 +51,7 @@ def test_config_yaml_records_the_ids_used_and_resume_reads_it(tmp_path, cls, sec
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(prompts, [{"prompt": "1+2="}, {"prompt": "3+4="}])
     overrides = [f"output_dir={tmp_path / 'run'}", f"policy.path={folder}", f"data.train_files=[{prompts}]",
-                 "data.format=prompt", "train.batch_size=2", f"{section}.num_minibatches=1"]
+                 "data.format=prompt", "train.batch_size=2", "mesh.data=1", f"{section}.num_minibatches=1"]
     config = load_stage_config(cls, None, overrides)
     assert getattr(config, section).sampling.eos_token_id is None
     setup = open_rollout_stage(config, section, rows=2, rows_key="train.batch_size")

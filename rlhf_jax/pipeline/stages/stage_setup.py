@@ -225,10 +225,12 @@ def check_batch_shards(mesh, sizes: dict[str, int]) -> None:
     for key, size in sizes.items():
         if size % shards:
             layout = " x ".join(f"{mesh.shape.get(axis, 1)}" for axis in BATCH_AXES)
+            below, above = size - size % shards, size + shards - size % shards
+            choices = f"{below} or {above}" if below else f"{above}"
+            example = f" (e.g. `mesh.data={math.gcd(size, shards)}`)" if mesh.shape.get("fsdp", 1) == 1 else ""
             raise ConfigError(
                 f"`{key}` ({size}) must be a multiple of the mesh's {shards} batch shards "
-                f"(`mesh.data` x `mesh.fsdp` = {layout}): set it to {max(shards, size - size % shards)} "
-                f"or {size + shards - size % shards}, or change `mesh`")
+                f"(`mesh.data` x `mesh.fsdp` = {layout}): set it to {choices}, or change `mesh`{example}")
 
 
 def make_state(module, params, optim: OptimizerConfig, mesh):
