@@ -9,67 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from prefix_attention_cases import no_key_average, numpy_prefix_attention, prefix_inputs, repeated_prefix_attention
+
 from rlhf_jax.ops.blockwise_prefix_attention import blockwise_prefix_attention
 
-MIN = np.finfo(np.float32).min
-BATCH, KV_HEADS, NUM, GROUPS, PREFIX, OWN, HEAD_DIM = 2, 2, 3, 2, 11, 7, 8
+PREFIX, OWN = 11, 7
 
 
 def inputs(seed, window=None, queries=None):
-    """Random q (at `queries` of the OWN continuation positions, default all), k, v, prefix
-    keys/values [B, K, ...] and the mask [B, N, T, S + U] of a causal pass over prefixes
-    left-padded by 0 and 4 slots and continuations right-padded to 5 and 2 real tokens,
-    optionally windowed by real-token position. Then: row 1 continuation 2 sees no key at
-    all, row 0 continuation 1's first query sees only the prefix, its second only its own keys."""
-    rng = np.random.default_rng(seed)
-    normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
-    rows = np.arange(OWN) if queries is None else np.asarray(queries)
-    q = normal(BATCH, KV_HEADS, NUM, GROUPS, len(rows), HEAD_DIM)
-    k, v = normal(BATCH, KV_HEADS, NUM, HEAD_DIM, OWN), normal(BATCH, KV_HEADS, NUM, OWN, HEAD_DIM)
-    prefix_k, prefix_v = normal(BATCH, KV_HEADS, HEAD_DIM, PREFIX), normal(BATCH, KV_HEADS, PREFIX, HEAD_DIM)
-    prefix_real = np.ones((BATCH, PREFIX), bool)
-    prefix_real[1, :4] = False
-    own_real = np.ones((NUM, OWN), bool)
-    own_real[1, 5:] = False
-    own_real[2, 2:] = False
-    key_real = np.concatenate([np.broadcast_to(prefix_real[:, None], (BATCH, NUM, PREFIX)),
-                               np.broadcast_to(own_real[None], (BATCH, NUM, OWN))], axis=-1)  # [B, N, S + U]
-    causal = np.arange(PREFIX + OWN)[None, :] <= (PREFIX + rows)[:, None]  # [T, S + U]
-    mask = causal[None, None] & key_real[:, :, None, :]
-    if window is not None:
-        positions = np.cumsum(key_real, axis=-1) - 1
-        mask &= positions[:, :, PREFIX + rows][..., None] - positions[:, :, None, :] < window
-    mask[1, 2] = False
-    mask[0, 1, 0, PREFIX:] = False
-    mask[0, 1, 1, :PREFIX] = False
-    assert mask[0, 1, 0, :PREFIX].any() and mask[0, 1, 1, PREFIX:].any()
-    return q, k, v, prefix_k, prefix_v, mask
-
-
-def numpy_attention(q, k, v, prefix_k, prefix_v, mask, softcap):
-    """float64 softmax(cap(q [K_b, k_bn]) masked to MIN) [V_b; v_bn] per continuation, over
-    the prefix repeated N times."""
-    f64 = lambda x: np.asarray(x, np.float64)
-    keys = np.concatenate([np.repeat(f64(prefix_k)[:, :, None], NUM, 2), f64(k)], axis=-1)
-    values = np.concatenate([np.repeat(f64(prefix_v)[:, :, None], NUM, 2), f64(v)], axis=-2)
-    scores = np.einsum("bkngtd,bknds->bkngts", f64(q), keys)
-    if softcap is not None:
-        scores = softcap * np.tanh(scores / softcap)
-    scores = np.where(np.asarray(mask)[:, None, :, None], scores, MIN)
-    weights = np.exp(scores - scores.max(-1, keepdims=True))
-    return np.einsum("bkngts,bknsd->bkngtd", weights / weights.sum(-1, keepdims=True), values)
-
-
-def repeated_attention(q, k, v, prefix_k, prefix_v, mask, softcap):
-    """Plain jnp softmax attention over the prefix repeated N times, concatenated with each
-    continuation's own keys (the copying layout)."""
-    keys = jnp.concatenate([jnp.repeat(prefix_k[:, :, None], NUM, 2), k], axis=-1)
-    values = jnp.concatenate([jnp.repeat(prefix_v[:, :, None], NUM, 2), v], axis=-2)
-    scores = jnp.einsum("bkngtd,bknds->bkngts", q, keys)
-    if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
-    scores = jnp.where(mask[:, None, :, None], scores, MIN)
-    return jnp.einsum("bkngts,bknsd->bkngtd", jax.nn.softmax(scores, -1), values)
+    """Continuations of 7, 5 and 2 real tokens after 11 prefix slots, one row split between
+    prefix-only and own-only queries (prefix_attention_cases.prefix_inputs)."""
+    return prefix_inputs(seed, prefix=PREFIX, own=OWN, own_lengths=[7, 5, 2], window=window, queries=queries,
+                         split_row=True)
 
 
 CASES = [
@@ -99,13 +50,12 @@ def test_values_and_gradients_match_attention_over_the_repeated_prefix(case):
 
     grads, got = jax.jit(jax.grad(blockwise, argnums=range(5), has_aux=True))(q, k, v, prefix_k, prefix_v)
     assert got.shape == q.shape and got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), numpy_attention(*arrays, case["softcap"]), atol=2e-6, rtol=0)
-    # Queries that see no key average all S + U values, as the plain softmax over MIN does.
-    average = np.concatenate([arrays[4][1], arrays[2][1, :, 2]], axis=1).mean(1)  # [K, Dh]
+    np.testing.assert_allclose(np.asarray(got), numpy_prefix_attention(*arrays, case["softcap"]), atol=2e-6, rtol=0)
+    average = no_key_average(arrays)
     no_key = np.asarray(got)[1, :, 2]  # [K, G, T, Dh]
     np.testing.assert_allclose(no_key, np.broadcast_to(average[:, None, None], no_key.shape), atol=2e-6)
 
-    plain = lambda *a: jnp.sum(upstream * repeated_attention(*a, mask, case["softcap"]))
+    plain = lambda *a: jnp.sum(upstream * repeated_prefix_attention(*a, mask, case["softcap"]))
     expected = jax.grad(plain, argnums=range(5))(q, k, v, prefix_k, prefix_v)
     for name, a, b in zip(["q", "k", "v", "prefix_k", "prefix_v"], grads, expected):
         assert float(jnp.abs(b).max()) > 0.1, name  # not a comparison of zeros
@@ -162,4 +112,4 @@ def test_bfloat16_inputs_keep_float32_statistics():
     grads, got = jax.jit(jax.grad(loss, has_aux=True))(*map(bf16, arrays[:5]))
     assert got.dtype == jnp.bfloat16 and grads.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grads)))
     rounded = [np.asarray(bf16(x), np.float32) for x in arrays[:5]]
-    np.testing.assert_allclose(np.asarray(got, np.float32), numpy_attention(*rounded, arrays[5], 2.0), atol=3e-2)
+    np.testing.assert_allclose(np.asarray(got, np.float32), numpy_prefix_attention(*rounded, arrays[5], 2.0), atol=3e-2)
