@@ -9,6 +9,10 @@ sampling defaults) from this file next to `config.json`. An exported folder gets
   the tokenizer's EOS (chat models that stop at several ids) is kept as it is;
 - otherwise a minimal one with the tokenizer's BOS / EOS / pad ids, as transformers writes
   for a model without one (`GenerationConfig.from_model_config`).
+
+An RL stage that sampled with an EOS other than the tokenizer's (`<algo>.sampling.eos_token_id`,
+e.g. a chat model's end-of-turn token) trained its policy to stop there: that id comes first
+in the exported EOS list, followed by the ids above, and its pad id is the file's.
 """
 from __future__ import annotations
 
@@ -42,18 +46,34 @@ def _source_settings(source) -> dict | None:
     return settings if isinstance(settings, dict) else None
 
 
-def write_generation_config(folder, tokenizer, source=None) -> Path:
+def _with_sampling_ids(ids: dict, sampling) -> dict:
+    """`ids` with the EOS an RL stage sampled with first in the EOS list and its pad id."""
+    eos, pad = getattr(sampling, "eos_token_id", None), getattr(sampling, "pad_token_id", None)
+    if eos is not None:
+        stops = ids.get("eos_token_id")
+        stops = [] if stops is None else stops if isinstance(stops, list) else [stops]
+        stops = [eos] + [stop for stop in stops if stop != eos]
+        ids["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+    if pad is not None:
+        ids["pad_token_id"] = pad
+    return ids
+
+
+def write_generation_config(folder, tokenizer, source=None, sampling=None) -> Path:
     """Write `<folder>/generation_config.json` (module docstring): from the `source` model
-    folder's when it has one, else minimal; ids from `tokenizer`. Returns the file."""
+    folder's when it has one, else minimal; ids from `tokenizer`, and from the RL stage's
+    `sampling` config (`SamplingConfig`) when given. Returns the file."""
     folder = Path(folder)
     ids = _tokenizer_ids(tokenizer)
     settings = _source_settings(source)
+    if settings is not None:
+        eos = settings.get("eos_token_id")
+        if isinstance(eos, list) and ids.get("eos_token_id") in eos:
+            ids["eos_token_id"] = eos
+    ids = _with_sampling_ids(ids, sampling)
     if settings is None:
         GenerationConfig(**ids).save_pretrained(str(folder))
         return folder / GENERATION_CONFIG
-    eos = settings.get("eos_token_id")
-    if isinstance(eos, list) and ids.get("eos_token_id") in eos:
-        ids["eos_token_id"] = eos
     settings.update(ids)
     (folder / GENERATION_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return folder / GENERATION_CONFIG

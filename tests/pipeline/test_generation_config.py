@@ -13,6 +13,7 @@ from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.pipeline.generation_config import write_generation_config
 from rlhf_jax.pipeline.stages.stage_setup import export_model
 from rlhf_jax.pipeline.tokenizer import build_tokenizer
+from rlhf_jax.training.rollout import SamplingConfig
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +63,26 @@ def test_unreadable_source_gives_a_minimal_config_and_a_reward_model_none(tokeni
     assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == tokenizer.eos_token_id
     folder = export_model(tmp_path / "reward", *tiny(tokenizer, RewardModel), tokenizer, str(source))
     assert not (folder / "generation_config.json").exists()
+
+
+def test_an_rl_stages_sampling_eos_comes_first_and_its_pad_is_used(tokenizer, tmp_path):
+    """A policy trained to stop at another EOS (a chat model's end of turn) stops there in
+    transformers too; the tokenizer's EOS (and a source list's ids) still stop it."""
+    stop, pad = 7, 5
+    assert stop != tokenizer.eos_token_id
+    sampling = SamplingConfig(max_new_tokens=4, eos_token_id=stop, pad_token_id=pad)
+    folder = export_model(tmp_path / "run", *tiny(tokenizer), tokenizer, sampling=sampling)
+    generation = GenerationConfig.from_pretrained(folder)
+    assert (generation.eos_token_id, generation.pad_token_id) == ([stop, tokenizer.eos_token_id], pad)
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokenizer.eos_token_id, 9],
+                                                               "temperature": 0.7}))
+    write_generation_config(folder, tokenizer, source, sampling)
+    generation = GenerationConfig.from_pretrained(folder)
+    assert (generation.eos_token_id, generation.temperature) == ([stop, tokenizer.eos_token_id, 9], 0.7)
+    # sampling with the tokenizer's own EOS changes nothing
+    same = SamplingConfig(max_new_tokens=4, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    write_generation_config(folder, tokenizer, None, same)
+    generation = GenerationConfig.from_pretrained(folder)
+    assert (generation.eos_token_id, generation.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)

@@ -242,9 +242,12 @@ def test_rl_stages_train_adapters(setting, tmp_path):
                 f"data.train_files=[{setting['task'].prompts}]", *LENGTHS, *QUIET, "reward.kind=gold",
                 "train.iterations=2", "optim.learning_rate=0.01", "checkpoint.interval=0", *LORA]
 
+    pad = load_tokenizer(setting["sft"]).convert_tokens_to_ids("=")  # any id: padding is masked
     result = grpo.run(None, overrides("grpo") + ["train.batch_size=2", "grpo.group_size=4",
-                                                  "grpo.sampling.max_new_tokens=5"])
+                                                  "grpo.sampling.max_new_tokens=5", f"grpo.sampling.pad_token_id={pad}"])
     assert result["finished"] and (tmp_path / "grpo" / "adapter" / "adapter_config.json").is_file()
+    # the exported generation_config.json pads with the id the stage sampled with
+    assert json.loads((tmp_path / "grpo" / "model" / "generation_config.json").read_text())["pad_token_id"] == pad
     assert np.isfinite(read_metrics(tmp_path / "grpo")[-1]["grpo/kl"])
     assert_holds_no_base(tmp_path / "grpo", ["policy"], setting["sft"])
     ppo_overrides = overrides("ppo") + [f"value={setting['sft']}", "train.batch_size=8",

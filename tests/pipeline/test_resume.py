@@ -1,5 +1,6 @@
 """Killing a stage and resuming it ends with exactly the metrics and parameters of an
-uninterrupted run (CPU, same seed): SFT and DPO through the shared training loop."""
+uninterrupted run (CPU, same seed): SFT and DPO through the shared training loop, PPO and GRPO
+through the rollout loop."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from stage_helpers import LENGTHS, QUIET, preference_overrides, sft_overrides, t
 
 from rlhf_jax.pipeline.checkpoint import Checkpointer
 from rlhf_jax.pipeline.metrics_log import read_metrics
-from rlhf_jax.pipeline.stages import dpo, ppo, sft
+from rlhf_jax.pipeline.stages import dpo, grpo, ppo, sft
 
 SFT_STEPS = 8
 
@@ -113,4 +114,29 @@ def test_ppo_killed_and_resumed_matches_uninterrupted(task, sft_runs, tmp_path):
     rows = read_metrics(tmp_path / "b")
     assert read_metrics(tmp_path / "a") == rows and len(rows) == 3
     assert rows[0]["objective/kl_coef"] != rows[2]["objective/kl_coef"]  # the controller moved
+    assert _weights(tmp_path / "a") == _weights(tmp_path / "b")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [
+    ("dynamic_sampling.enabled=true", "dynamic_sampling.max_refills=2"),
+    ("lora.rank=2", "lora.alpha=16", "lora.targets=[q_proj,v_proj]"),
+], ids=["dynamic-sampling", "lora"])
+def test_grpo_killed_and_resumed_matches_uninterrupted(task, sft_runs, tmp_path, extra):
+    """The GRPO carry holds the policy state and the RNG key, and the data position counts
+    the prompt batches that dynamic sampling's refills drew; a LoRA checkpoint holds no base
+    (the resumed run reads it again from `policy.path`)."""
+    policy = sft_runs[0] / "a" / "model"
+
+    def overrides(name):
+        return [f"output_dir={tmp_path / name}", f"policy.path={policy}", f"data.train_files=[{task.prompts}]",
+                *LENGTHS, *QUIET, "reward.kind=gold", "train.iterations=3", "train.batch_size=8",
+                "checkpoint.interval=1", "grpo.group_size=4", "grpo.sampling.max_new_tokens=5",
+                "grpo.kl_coef=0.05", "optim.learning_rate=0.001", *extra]
+
+    grpo.run(None, overrides("a"))
+    resumed = _kill_and_resume(grpo.run, overrides("b"), tmp_path / "b", stop_after=2)
+    assert resumed["resumed_from"] == 2
+    rows = read_metrics(tmp_path / "b")
+    assert read_metrics(tmp_path / "a") == rows and len(rows) == 3
     assert _weights(tmp_path / "a") == _weights(tmp_path / "b")

@@ -295,7 +295,8 @@ def run_rollout_stage(stage: str, config, setup: RolloutSetup, policy_module, ca
         base_sources={"policy": model_source(config.policy, "policy", config.seed), **(base_sources or {})},
     )
     return finish_stage(stage, setup.output_dir, result, policy_module, result.carry["policy"], setup.tokenizer,
-                        base_path=config.policy.path, save_dtype=config.policy.save_dtype)
+                        base_path=config.policy.path, save_dtype=config.policy.save_dtype,
+                        sampling=setup.algorithm.sampling)
 
 
 __all__ = [

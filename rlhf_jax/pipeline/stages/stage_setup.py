@@ -293,10 +293,11 @@ def export_dtype(save_dtype: str, source: str | None) -> str:
 
 
 def export_model(output_dir, module, params, tokenizer, source: str | None = None,
-                 save_dtype: str = "source") -> Path:
+                 save_dtype: str = "source", sampling=None) -> Path:
     """Save the final model as a Hugging Face folder `<output_dir>/model` with the tokenizer
     (a causal LM also with `generation_config.json`: the `source` model folder's, with the
-    tokenizer's ids, or a minimal one; `rlhf_jax.pipeline.generation_config`). The weights
+    tokenizer's ids and an RL stage's `sampling` EOS / pad ids, or a minimal one;
+    `rlhf_jax.pipeline.generation_config`). The weights
     are stored in `export_dtype(save_dtype, source)` (config.json's `dtype` says which).
     Parameters holding a NaN or inf are refused (NonFiniteError) and nothing is written."""
     folder = Path(output_dir) / MODEL_DIR
@@ -311,7 +312,7 @@ def export_model(output_dir, module, params, tokenizer, source: str | None = Non
                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
         tokenizer.save_pretrained(str(folder))
         if isinstance(module, CausalLM):
-            write_generation_config(folder, tokenizer, source)
+            write_generation_config(folder, tokenizer, source, sampling)
     return folder
 
 
@@ -350,10 +351,11 @@ def tree_bytes(tree) -> int:
 
 
 def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra: dict | None = None, *,
-                 base_path: str | None = None, save_dtype: str = "source") -> dict:
+                 base_path: str | None = None, save_dtype: str = "source", sampling=None) -> dict:
     """Export the trained model of `state` when the run finished (`model_dir` in the summary;
     with LoRA the merged model, and the PEFT adapter as `adapter_dir`; stored in
-    `export_dtype(save_dtype, base_path)`); the summary, with the
+    `export_dtype(save_dtype, base_path)`; an RL stage's `sampling` ids in its
+    generation_config.json); the summary, with the
     trained parameters' count (`trainable_parameters`: the adapters with LoRA) and the bytes of
     their optimizer state (`optimizer_state_bytes`)."""
     extra = dict(extra or {})
@@ -361,7 +363,7 @@ def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra
     extra["optimizer_state_bytes"] = tree_bytes(state.opt_state)
     if result.finished:
         extra["model_dir"] = str(export_model(output_dir, module, merged_params(state), tokenizer, base_path,
-                                                save_dtype))
+                                                save_dtype, sampling))
         if is_lora_state(state):
             extra["adapter_dir"] = str(export_adapter(output_dir, module, state, base_path))
     return summary(stage, output_dir, result, extra)
