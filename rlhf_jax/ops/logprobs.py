@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.ops.checks import check_floating, check_in, check_positive, check_token_ids
 
@@ -46,7 +47,9 @@ def token_logprobs(logits, tokens, *, temperature=1.0):
 
     Args:
       logits: `[B, T, V]` float (any leading shape `[..., V]` works).
-      tokens: `[B, T]` integer token ids in `[0, V)`, the leading shape of `logits`.
+      tokens: `[B, T]` integer token ids in `[0, V)`, the leading shape of `logits`. An id
+        outside it is a ValueError for concrete arrays (under `jax.jit` its log-prob is NaN);
+        replace ignored ids (e.g. -100) before the call, as `sequence_logprobs` does.
       temperature: sampling temperature `T > 0`, a Python float or a traced scalar.
 
     Returns:
@@ -54,6 +57,7 @@ def token_logprobs(logits, tokens, *, temperature=1.0):
     """
     scaled = _scaled_float32_logits(logits, temperature)
     _check_tokens(logits, tokens, "tokens")
+    check_token_ids(tokens, np.ones(jnp.shape(tokens), bool), "tokens", jnp.shape(logits)[-1])
     picked = jnp.take_along_axis(scaled, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(scaled, axis=-1)
 
@@ -93,8 +97,9 @@ def sequence_logprobs(logits, input_ids, mask, *, temperature=1.0, reduce="sum")
         )
     # a counted id outside the vocabulary (e.g. -100 under mask 1) would give a NaN log-prob
     check_token_ids(input_ids, mask, "input_ids", jnp.shape(logits)[-1], from_position=1)
-    per_token = token_logprobs(logits[..., :-1, :], input_ids[..., 1:], temperature=temperature)
     counted = jnp.asarray(mask[..., 1:], jnp.float32)
+    targets = jnp.where(counted != 0, input_ids[..., 1:], 0)  # ids under mask 0 are never read
+    per_token = token_logprobs(logits[..., :-1, :], targets, temperature=temperature)
     # `where` first: a pad token under -inf logits has log-prob -inf, and -inf * 0 is NaN.
     per_token = jnp.where(counted != 0, per_token, 0.0) * counted
     total = jnp.sum(per_token, axis=-1)

@@ -186,3 +186,20 @@ def test_bad_inputs_raise():
         sequence_logprobs(logits[:, :1], tokens[:, :1], mask[:, :1])
     with pytest.raises(ValueError, match="`temperature` must be a scalar"):
         entropy_from_logits(logits, temperature=np.ones(3, np.float32))
+
+
+def test_token_ids_outside_the_vocabulary_are_named_not_nan():
+    """Concrete arrays: an id outside [0, V) raises, naming its index; under jit it is NaN
+    (nothing can raise there). sequence_logprobs never reads ids under mask 0."""
+    logits, tokens, mask = random_batch(seed=9)
+    vocab = logits.shape[-1]
+    for bad in (-100, vocab):
+        wrong = tokens.copy()
+        wrong[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"`tokens` holds token id {bad} at index \[1, 2\]"):
+            token_logprobs(logits, wrong)
+        assert np.isnan(np.asarray(jit_token_logprobs(logits, wrong))[1, 2])
+    ignored = np.where(np.asarray(mask) != 0, tokens, -100)
+    ignored[:, 0] = -100  # nothing predicts the first token
+    np.testing.assert_array_equal(np.asarray(sequence_logprobs(logits, ignored, mask)),
+                                  np.asarray(sequence_logprobs(logits, tokens, mask)))
