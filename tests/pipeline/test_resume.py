@@ -140,3 +140,5 @@ def test_grpo_killed_and_resumed_matches_uninterrupted(task, sft_runs, tmp_path,
     rows = read_metrics(tmp_path / "b")
     assert read_metrics(tmp_path / "a") == rows and len(rows) == 3
     assert _weights(tmp_path / "a") == _weights(tmp_path / "b")
+    if "dynamic_sampling.enabled=true" in extra:  # refills drew further prompt batches
+        assert all(row["dynamic_sampling/refills"] > 0 for row in rows)
