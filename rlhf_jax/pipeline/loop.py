@@ -201,7 +201,7 @@ def run_loop(
     if count_skips and progress_keys is not None:
         progress_keys = (*progress_keys, SKIPS)
     logger = MetricsLogger(output_dir, is_main_process=main, tensorboard=logging.tensorboard,
-                           resume_step=resumed_from if resume else None)
+                           wandb=logging.wandb_options(), resume_step=resumed_from if resume else None)
     bar = progress(num_steps, description, logging.progress, keys=progress_keys,
                    is_main_process=main, initial=start)
 

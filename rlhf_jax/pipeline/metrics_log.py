@@ -1,4 +1,5 @@
-"""Metrics logging: a JSON line per step, TensorBoard event files, and a progress bar.
+"""Metrics logging: a JSON line per step, TensorBoard event files, optionally a Weights &
+Biases run (`rlhf_jax.pipeline.wandb_log`), and a progress bar.
 
 `metrics.jsonl` holds one object per `log` call: `{"step": 12, "loss": 0.41, ...}`. A resumed
 run first cuts the file back to the rows with `step <= resume_step` (and tells TensorBoard to
@@ -75,17 +76,21 @@ class MetricsLogger:
       out_dir: the run's output directory (created).
       is_main_process: only the main process writes (pass `jax.process_index() == 0`).
       tensorboard: also write TensorBoard event files (tensorboardX).
+      wandb: also log to a Weights & Biases run: a dict of `WandbRun` options (`project`,
+        `name`), None for none.
       resume_step: when resuming from a checkpoint at this step, keep the existing rows with
         `step <= resume_step` and drop the rest; None starts a fresh file.
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, is_main_process: bool = True,
-                 tensorboard: bool = True, resume_step: int | None = None):
+                 tensorboard: bool = True, wandb: Mapping[str, Any] | None = None,
+                 resume_step: int | None = None):
         self.out_dir = os.fspath(out_dir)
         self.path = os.path.join(self.out_dir, METRICS_FILE)
         self.enabled = is_main_process
         self._file = None
         self._writer = None
+        self._wandb = None
         if not self.enabled:
             return
         os.makedirs(self.out_dir, exist_ok=True)
@@ -110,6 +115,10 @@ class MetricsLogger:
             self._writer = SummaryWriter(
                 logdir=log_dir, filename_suffix=f".{time.time_ns()}",
                 purge_step=None if resume_step is None else resume_step + 1)
+        if wandb is not None:
+            from rlhf_jax.pipeline.wandb_log import WandbRun
+
+            self._wandb = WandbRun(self.out_dir, resume=resume_step is not None, **wandb)
 
     def _truncate(self, resume_step: int) -> None:
         """Rewrite metrics.jsonl with only the rows at or before `resume_step` (atomically)."""
@@ -138,6 +147,8 @@ class MetricsLogger:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._writer.add_scalar(key, value, global_step=row["step"])
+        if self._wandb is not None:
+            self._wandb.log(row)
         return row
 
     def flush(self) -> None:
@@ -155,6 +166,9 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self):
         return self

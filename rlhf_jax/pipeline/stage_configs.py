@@ -131,6 +131,13 @@ class LoggingSection:
     every: int = 1  # a metrics.jsonl row every N steps
     tensorboard: bool = True  # TensorBoard event files in <output_dir>/tensorboard
     progress: bool | None = None  # progress bar; None: when stderr is a terminal
+    wandb: bool = False  # also log to Weights & Biases (pip install "rlhf_jax[wandb]"; WANDB_* env vars apply)
+    wandb_project: str | None = None  # None: $WANDB_PROJECT, else "rlhf-jax"
+    wandb_name: str | None = None  # the W&B run's name; None: the output folder's name
+
+    def wandb_options(self) -> dict | None:
+        """`MetricsLogger(wandb=...)`: None when W&B logging is off."""
+        return {"project": self.wandb_project, "name": self.wandb_name} if self.wandb else None
 
 
 @dataclass
