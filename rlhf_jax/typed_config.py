@@ -108,7 +108,21 @@ def from_dict(cls: type[T], data: dict, *, prefix: str = "") -> T:
 
 def to_dict(config) -> dict:
     """The config as plain nested dicts/lists (YAML-serialisable)."""
-    return dataclasses.asdict(config)
+    return _lists(dataclasses.asdict(config))
+
+
+def _lists(value: Any) -> Any:
+    """Tuples to lists, recursively (YAML safe_dump writes lists only)."""
+    if isinstance(value, dict):
+        return {key: _lists(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(item) for item in value]
+    return value
+
+
+def to_yaml(config) -> str:
+    """The config as YAML, keys in field order: a file `load_config` reads back to `config`."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
 def _join(prefix: str, name: str) -> str:

@@ -23,7 +23,6 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,15 +60,6 @@ OUTPUT_FOLDERS = ("checkpoints", "tensorboard", MODEL_DIR, ADAPTER_DIR)  # folde
 _MODULES = {"lm": CausalLM, "reward": RewardModel, "value": ValueModel}
 
 
-def _plain(value: Any) -> Any:
-    """Tuples to lists, recursively (YAML safe_dump writes lists only)."""
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
-
-
 def _unwritable(path, err: OSError) -> OutputError:
     return OutputError(f"`output_dir`: cannot write {path}: {err.strerror or err}")
 
@@ -86,7 +76,7 @@ def prepare_output_dir(config, *, resume_stage: str | None = None) -> Path:
     """
     output_dir = Path(config.output_dir)
     if jax.process_index() == 0:
-        resolved = _plain(to_dict(config))
+        resolved = to_dict(config)
         if resume_stage is not None:
             check_resume(output_dir, resolved, resume_stage)
         text = yaml.safe_dump(resolved, sort_keys=False)
