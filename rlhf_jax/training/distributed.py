@@ -87,7 +87,10 @@ def validate_distributed_config(config: DistributedConfig) -> None:
 
 def initialize_distributed(config: DistributedConfig | None = None) -> bool:
     """Start JAX's multi-process runtime as `config` and the environment say; return True if
-    `jax.distributed.initialize` was called, False for a single process."""
+    `jax.distributed.initialize` was called, False for a single process or a runtime this
+    process already started (so a script may run several stages, each calling this)."""
+    if jax.distributed.is_initialized():
+        return False
     config = DistributedConfig() if config is None else config
     if config.coordinator_address is None and os.environ.get("JAX_COORDINATOR_ADDRESS"):
         # jax.distributed reads this variable itself; count it as given.

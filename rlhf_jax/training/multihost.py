@@ -300,6 +300,23 @@ def process_sum(tree):
     return jax.tree.unflatten(treedef, out)
 
 
+def from_main_process(tree):
+    """Process 0's host values (numbers or arrays, each leaf of one shape and dtype on every
+    process) on every process, exactly (one collective); with one process, `tree` as NumPy.
+    What one process computed on the host, e.g. reward scores, so that every process feeds
+    the same values to the next compiled step."""
+    leaves, treedef = jax.tree.flatten(jax.tree.map(np.asarray, tree))
+    if not leaves or jax.process_count() == 1:
+        return jax.tree.unflatten(treedef, leaves)
+    flat = np.concatenate([leaf.astype(np.float64).ravel() for leaf in leaves])
+    values = _allgather(flat)[0]
+    out, offset = [], 0
+    for leaf in leaves:
+        out.append(values[offset: offset + leaf.size].reshape(leaf.shape).astype(leaf.dtype))
+        offset += leaf.size
+    return jax.tree.unflatten(treedef, out)
+
+
 def process_mean(tree, weight=None):
     """Mean over processes of host values, as float64. With `weight` (this process's count,
     e.g. its number of evaluated rows or tokens) the weighted mean `sum_p w_p x_p / sum_p w_p`,
@@ -317,5 +334,5 @@ __all__ = [
     "ENV_COORDINATOR_ADDRESS", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID",
     "distributed_config_from_env", "initialize_from_env", "is_main_process", "barrier",
     "process_batch_rows", "global_batch", "assert_same_across_processes", "global_params",
-    "fetch", "process_sum", "process_mean",
+    "fetch", "from_main_process", "process_sum", "process_mean",
 ]

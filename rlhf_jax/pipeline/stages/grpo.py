@@ -20,6 +20,7 @@ prompts (`dynamic_sampling`, DAPO) and take responses without EOS out of the los
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.pipeline import dynamic_sampling
@@ -29,6 +30,7 @@ from rlhf_jax.pipeline.stages.lora import stage_state
 from rlhf_jax.pipeline.stages.scoring import HostScorer
 from rlhf_jax.training.grpo import (GRPO_STATIC_ARGNAMES, GRPO_TRAIN_STATIC_ARGNAMES, grpo_generate,
                                     grpo_iteration, grpo_train)
+from rlhf_jax.training import multihost
 from rlhf_jax.training.sharding import replicated
 
 
@@ -43,23 +45,25 @@ def model_scorer(reward, key: str = "reward", attention_impl: str = "auto") -> d
 
 
 def _placed_like(tree, reference):
-    """Host arrays `tree` placed as the device arrays `reference` are (so the compiled update
-    phase sees the same input placement every iteration)."""
+    """Arrays `tree` placed as the device arrays `reference` are (so the compiled update phase
+    sees the same input placement every iteration)."""
     return jax.device_put(tree, jax.tree.map(lambda x: x.sharding, reference))
 
 
 def without_truncated(data):
-    """`data` whose responses without EOS count no token in the loss (`response_mask` 0)."""
-    mask = np.asarray(data.response_mask) * np.asarray(data.has_eos)[..., None].astype(np.int32)
+    """`data` whose responses without EOS count no token in the loss (`response_mask` 0),
+    computed where the rollout lives (its placement kept)."""
+    mask = data.response_mask * data.has_eos[..., None].astype(data.response_mask.dtype)
     return data.replace(response_mask=jax.device_put(mask, data.response_mask.sharding))
 
 
 def _gather_groups(draws, selection, group_size: int):
-    """The selected groups of several draws (rollouts `[n, G, R]`, one group per leading
-    index; scores flat `[n * G]`), as one rollout and its scores."""
-    host = [jax.tree.map(np.asarray, data) for data, _ in draws]
-    data = jax.tree.map(lambda *parts: np.stack(parts),
-                        *[jax.tree.map(lambda x: x[group], host[draw]) for draw, group in selection.groups])
+    """The selected groups of several draws (rollouts `[n, G, R]` on the devices, one group
+    per leading index; host scores flat `[n * G]`), as one rollout placed like the first
+    draw (gathered on the devices, so over any number of processes) and its scores."""
+    groups = len(draws[0][1]) // group_size
+    order = np.asarray([draw * groups + group for draw, group in selection.groups])
+    data = jax.tree.map(lambda *parts: jnp.concatenate(parts)[order], *[data for data, _ in draws])
     scores = np.concatenate([np.asarray(draws[draw][1]).reshape(-1, group_size)[group]
                              for draw, group in selection.groups])
     return _placed_like(data, draws[0][0]), scores
@@ -104,11 +108,8 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
             data = generate(policy, ref_params, batch["prompt_ids"], batch["prompt_mask"], key,
                             config=algorithm, **in_jit)
             if host is None:  # the reward model alone, scored inside the generate phase
-                return data, np.asarray(data.scores).reshape(-1), {}
-            prompt_ids, response_ids, response_mask = (np.asarray(x) for x in data.flat_responses())
-            model_scores = None if data.scores is None else np.asarray(data.scores).reshape(-1)
-            scores, metrics = host.scores(prompt_ids, response_ids, response_mask,
-                                          batch["row_index"], repeat=group_size, model_scores=model_scores)
+                return data, multihost.fetch(data.scores).reshape(-1), {}
+            scores, metrics = host.score_rollout(data, batch["row_index"], repeat=group_size)
             return data, scores, metrics
 
         def iterate(carry, batch, key):

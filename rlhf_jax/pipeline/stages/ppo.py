@@ -18,7 +18,6 @@ its `score` head, in full), and the reference is the policy's base with its adap
 from __future__ import annotations
 
 import jax
-import numpy as np
 
 from rlhf_jax.pipeline.frozen_base import BaseSource
 from rlhf_jax.pipeline.stage_configs import PPOStageConfig, load_stage_config, with_schedule_length
@@ -80,10 +79,7 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
             sample_key, shuffle_key = jax.random.split(key)
             data = generate(carry["policy"], carry["value"], ref_params, batch["prompt_ids"], batch["prompt_mask"],
                             sample_key, config=algorithm, **in_jit)
-            prompt_ids, response_ids, response_mask = (np.asarray(x) for x in data.flat_responses())
-            model_scores = None if data.scores is None else np.asarray(data.scores).reshape(-1)
-            scores, metrics = host.scores(prompt_ids, response_ids, response_mask, batch["row_index"],
-                                          model_scores=model_scores)
+            scores, metrics = host.score_rollout(data, batch["row_index"])
             policy, value, kl_state, train_metrics = train(carry["policy"], carry["value"], carry["kl"], data,
                                                            scores, shuffle_key, config=algorithm)
             return {"policy": policy, "value": value, "kl": kl_state}, {**train_metrics, **metrics}

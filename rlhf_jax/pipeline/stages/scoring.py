@@ -22,6 +22,7 @@ import numpy as np
 from rlhf_jax.pipeline.tasks import load_task
 from rlhf_jax.rewards import RewardError, RewardFunction, RewardScorer, function_name, load_reward_function
 from rlhf_jax.rewards.loading import check_columns
+from rlhf_jax.training import multihost
 
 # Columns of prompt data that are not passed to reward functions as keyword arguments.
 NOT_PASSED = ("prompt", "prompt_text")
@@ -124,6 +125,18 @@ class HostScorer:
         if self.gold_kind is not None:
             lines.append(f"gold scorer of the {load_task(self.gold_task).name} task ({self.gold_kind})")
         return lines
+
+    def score_rollout(self, data, rows, *, repeat: int = 1) -> tuple[np.ndarray, dict]:
+        """`scores` of a rollout `data` (device arrays, possibly sharded over several
+        processes) to the data rows `rows` (a device array placed like the prompts). Every
+        process gathers the rollout and scores it; process 0's scores and metrics are the
+        ones every process returns, so reward functions need not be deterministic (they run
+        on every process)."""
+        prompt_ids, response_ids, response_mask, rows, model_scores = multihost.fetch(
+            (*data.flat_responses(), rows, data.scores))
+        model_scores = None if model_scores is None else np.asarray(model_scores).reshape(-1)
+        return multihost.from_main_process(self.scores(prompt_ids, response_ids, response_mask, rows,
+                                                       repeat=repeat, model_scores=model_scores))
 
     def scores(self, prompt_ids, response_ids, response_mask, rows: np.ndarray, *, repeat: int = 1,
                model_scores=None) -> tuple[np.ndarray, dict]:

@@ -227,9 +227,9 @@ def open_rollout_stage(config, section: str, *, rows: int, rows_key: str, resume
 
 
 def place_prompt_batch(batch, mesh) -> dict:
-    """A host prompt batch as `iterate` receives it: placed ids and mask, host `row_index`."""
-    placed = place({"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"]}, mesh)
-    return {**placed, "row_index": batch["row_index"]}
+    """A host prompt batch as `iterate` receives it: its ids, mask and `row_index` (the data
+    rows, which the host scorer gathers with the rollout) placed over the mesh."""
+    return place({key: batch[key] for key in ("prompt_ids", "prompt_mask", "row_index")}, mesh)
 
 
 def print_rollout_start(stage: str, setup: RolloutSetup, scoring: list[str]) -> None:
