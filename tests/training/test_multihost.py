@@ -173,6 +173,8 @@ def test_global_params_fetch_and_reductions_in_one_process():
     assert sums["a"] == 2.5 and sums["n"].dtype == np.int64 and sums["flag"] == 1
     assert multihost.process_mean(np.array([1.0, 3.0]))[1] == 3.0
     assert multihost.process_mean(np.float64(4.0), weight=10) == pytest.approx(4.0)
+    scores, metrics = multihost.from_main_process((np.array([0.25, 1.5], np.float32), {"mean": 0.875}))
+    assert scores.dtype == np.float32 and scores.tolist() == [0.25, 1.5] and float(metrics["mean"]) == 0.875
     assert multihost.is_main_process()
     multihost.barrier("single")
 
