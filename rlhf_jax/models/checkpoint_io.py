@@ -146,13 +146,16 @@ def _default_head(hf_config: dict) -> str:
 
 
 def load_pretrained(path, *, head: str | None = None, dtype: str | None = None,
-                    param_dtype: str = "float32", remat: bool = False, rng=None, attention_impl: str = "auto"):
+                    param_dtype: str = "float32", remat: bool = False, rng=None, attention_impl: str = "auto",
+                    fresh_head: bool = True):
     """Load a Hugging Face folder as `(module, params)`.
 
     head: "lm" -> CausalLM; "reward" -> RewardModel (the checkpoint's `score` head when it
     has one, as `*ForSequenceClassification` checkpoints do, else a fresh N(0, 1/(D+1))
     head from `rng`); "value" -> ValueModel with a zero head; None -> "reward" when
     config.json names a `*ForSequenceClassification` architecture, else "lm".
+    fresh_head: with False, a "reward" head the checkpoint does not hold is a ModelError (a
+      reward model must bring its trained head) instead of a fresh one.
     dtype: compute dtype (default float32); params are stored in `param_dtype`.
     attention_impl: `ModelConfig.attention_impl` ("auto", "plain" or "blockwise").
     Raises `ModelError` (a ValueError) naming the folder and the file or tensor at fault when
@@ -180,6 +183,10 @@ def load_pretrained(path, *, head: str | None = None, dtype: str | None = None,
         raise ModelError(folder, f"cannot be read ({err})") from None
     module = _MODULES[head](config)
 
+    if head == "reward" and not fresh_head and "score.weight" not in tensors:
+        kind = " / ".join(hf_config.get("architectures") or [hf_config.get("model_type", "model")])
+        raise ModelError(folder, f"holds a {kind} checkpoint without a reward head (no `score.weight`), "
+                                 f"not a reward model; train one with `rlhf-jax reward`")
     table = {"lm": "lm", "value": "none", "reward": "score" if "score.weight" in tensors else "none"}[head]
     rng = jax.random.PRNGKey(0) if rng is None else rng
     shapes = jax.eval_shape(lambda key: module.init(key, jnp.zeros((1, 1), jnp.int32)), rng)["params"]

@@ -22,6 +22,7 @@ from stage_helpers import LENGTHS, QUIET, TINY_MODEL, tiny_task
 
 from rlhf_jax.models.checkpoint_io import save_pretrained
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.heads import RewardModel
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.pipeline import cli
 from rlhf_jax.pipeline.metrics_log import read_metrics
@@ -36,19 +37,23 @@ def task(tmp_path_factory):
     return tiny_task(tmp_path_factory.mktemp("task"))
 
 
-@pytest.fixture(scope="module")
-def good_model(task, tmp_path_factory):
-    """A tiny policy folder (weights, config, tokenizer) that every stage accepts."""
+def tiny_folder(task, folder, cls=CausalLM):
+    """A tiny model folder (weights, config, tokenizer) of `cls` that every stage accepts."""
     tokenizer = load_tokenizer(task.tokenizer_dir)
     config = ModelConfig.llama(vocab_size=len(tokenizer), hidden_size=32, num_layers=1, num_heads=2,
                                intermediate_size=64, max_position_embeddings=32)
-    module = CausalLM(config)
+    module = cls(config)
     params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
-    folder = save_pretrained(tmp_path_factory.mktemp("good") / "model", module, params,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             bos_token_id=tokenizer.bos_token_id)
+    folder = save_pretrained(folder, module, params, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="module")
+def good_model(task, tmp_path_factory):
+    """A tiny policy folder that every stage accepts."""
+    return tiny_folder(task, tmp_path_factory.mktemp("good") / "model")
 
 
 def run_cli(capsys, *argv) -> tuple[int, list[str], str]:
@@ -122,7 +127,8 @@ def _ppo_args(task, good_model, output_dir, *extra):
 
 
 def test_broken_reward_folder(task, good_model, tmp_path, capsys):
-    folder = broken_copy(good_model, tmp_path / "reward", "missing tensor")
+    folder = broken_copy(tiny_folder(task, tmp_path / "good_reward", RewardModel), tmp_path / "reward",
+                         "missing tensor")
     result = run_cli(capsys, *_ppo_args(task, good_model, tmp_path / "out", f"value={good_model}",
                                         f"reward.path={folder}"))
     assert_one_error_line(*result, "ppo", "model", f"{folder}: missing tensor '{K_PROJ}'")

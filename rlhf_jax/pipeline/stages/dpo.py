@@ -66,6 +66,8 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
         if config.lora is not None:  # the base with its adapters disabled: the loaded weights themselves
             check_lora_reference(config, config.model.path)
             ref_params = params
+        elif config.reference:
+            _, ref_params = stage_setup.load_reference(config.reference, module, setup.tokenizer)
         elif reference_path:
             _, ref_params = stage_setup.load_folder(reference_path, head="lm", key="reference")
         else:  # a fresh model is its own reference

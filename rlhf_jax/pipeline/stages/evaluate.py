@@ -47,6 +47,7 @@ from rlhf_jax.pipeline import eval_metrics
 from rlhf_jax.pipeline.data import DataConfig, load_data
 from rlhf_jax.pipeline.stage_configs import EvalConfig, load_stage_config
 from rlhf_jax.pipeline.stages import stage_setup
+from rlhf_jax.pipeline.stages.companion_models import check_vocabulary
 from rlhf_jax.pipeline.stages.scoring import NOT_PASSED, gold_scores, reward_functions
 from rlhf_jax.pipeline.tokenizer import pad_id
 from rlhf_jax.pipeline.tasks import load_task
@@ -197,8 +198,15 @@ def evaluate_policies(config: EvalConfig) -> dict:
                    "answers": None if answers is None else np.repeat(np.asarray(answers[:count], object),
                                                                      config.num_samples)}
     scorers = _Scorers()
-    reward = stage_setup.load_folder(config.reward_model, head="reward", key="reward_model") if config.reward_model else None
-    reference = stage_setup.load_folder(config.reference, head="lm", key="reference") if config.reference else None
+    # every model reads the ids of one tokenizer: a folder with another vocabulary is refused
+    for name, folder in config.policies.items():
+        check_vocabulary(folder, tokenizer, f"policies.{name}", "policy")
+    reward = (stage_setup.load_reward_model(config.reward_model, tokenizer, "reward_model")
+              if config.reward_model else None)
+    reference = None
+    if config.reference:
+        reference = stage_setup.load_folder(config.reference, head="lm", key="reference")
+        check_vocabulary(config.reference, tokenizer, "reference", "reference")
     results = {"num_prompts": count, "num_samples": config.num_samples, "policies": {}}
 
     samples_by_folder, graded_by_folder = {}, {}

@@ -34,13 +34,12 @@ from rlhf_jax.training import multihost
 from rlhf_jax.training.sharding import replicated
 
 
-def model_scorer(reward, key: str = "reward", attention_impl: str = "auto") -> dict:
+def model_scorer(reward, tokenizer, key: str = "reward", attention_impl: str = "auto") -> dict:
     """`reward_module` / `reward_params` arguments of the in-jit reward model (none without
-    one), its attention run as `attention_impl` (the policy's)."""
+    one; it must read `tokenizer`'s ids), its attention run as `attention_impl` (the policy's)."""
     if not reward.uses_model:
         return {}
-    module, params = stage_setup.load_folder(reward.path, head="reward", key=f"{key}.path",
-                                             attention_impl=attention_impl)
+    module, params = stage_setup.load_reward_model(reward.path, tokenizer, f"{key}.path", attention_impl)
     return {"reward_module": module, "reward_params": params}
 
 
@@ -76,8 +75,9 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
     algorithm, mesh = setup.algorithm, setup.mesh
     policy_module, policy_params = stage_setup.build_model(config.policy, setup.tokenizer,
                                                       stage_setup.rng_key(config.seed, 0), key="policy")
-    ref_params = skeletons.frozen_reference(config, policy_params, mesh) if algorithm.kl_coef > 0 else None
-    in_jit = model_scorer(config.reward, attention_impl=config.policy.attention_impl)
+    ref_params = (skeletons.frozen_reference(config, policy_module, policy_params, setup.tokenizer, mesh)
+                  if algorithm.kl_coef > 0 else None)
+    in_jit = model_scorer(config.reward, setup.tokenizer, attention_impl=config.policy.attention_impl)
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
         HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data, algorithm.sampling.eos_token_id)
     skeletons.print_rollout_start("grpo", setup, host.describe() if host else ["reward model"])

@@ -37,13 +37,13 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
     algorithm, mesh = setup.algorithm, setup.mesh
     policy_module, policy_params = stage_setup.build_model(config.policy, setup.tokenizer,
                                                       stage_setup.rng_key(config.seed, 0), key="policy")
-    ref_params = skeletons.frozen_reference(config, policy_params, mesh)
+    ref_params = skeletons.frozen_reference(config, policy_module, policy_params, setup.tokenizer, mesh)
     value_key, value_path = next(((key, path) for key, path in (
         ("value", config.value), ("reward.path", config.reward.path if config.reward.uses_model else None),
         ("policy.path", config.policy.path)) if path), ("value", None))
     value_module, value_params = stage_setup.load_folder(value_path, head="value", key="value",
                                                          attention_impl=config.policy.attention_impl)
-    in_jit = model_scorer(config.reward, attention_impl=config.policy.attention_impl)
+    in_jit = model_scorer(config.reward, setup.tokenizer, attention_impl=config.policy.attention_impl)
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
         HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data, algorithm.sampling.eos_token_id)
     skeletons.print_rollout_start("ppo", setup, host.describe() if host else ["reward model"])

@@ -24,7 +24,8 @@ from rlhf_jax.pipeline.frozen_base import model_source
 from rlhf_jax.pipeline.loop import run_loop
 from rlhf_jax.pipeline.stage_configs import with_schedule_length
 from rlhf_jax.pipeline.stages.stage_setup import (
-    check_batch_shards, finish_stage, load_folder, place, prepare_output_dir, require, stage_mesh, stage_rng, stage_tokenizer,
+    check_batch_shards, finish_stage, load_folder, load_reference, place, prepare_output_dir, require, stage_mesh,
+    stage_rng, stage_tokenizer,
 )
 from rlhf_jax.pipeline.tokenizer import pad_id
 from rlhf_jax.pipeline.stages.lora import check_lora_reference, reference_of, stage_state
@@ -254,16 +255,19 @@ def reward_keys(host) -> tuple[str, ...]:
     return tuple(f"reward/{name}/mean" for name in functions.names) if functions is not None else ()
 
 
-def frozen_reference(config, policy_params, mesh):
+def frozen_reference(config, policy_module, policy_params, tokenizer, mesh):
     """The frozen reference policy's parameters, replicated over `mesh`: the `reference`
-    folder (default `policy.path`), else a copy of the fresh policy's `policy_params`. With
-    `lora`: no parameters of its own, the policy's base with the adapters disabled."""
+    folder (default `policy.path`; one of another architecture or vocabulary than
+    `policy_module` and `tokenizer` is refused), else a copy of the fresh policy's
+    `policy_params`. With `lora`: no parameters of its own, the policy's base with the
+    adapters disabled."""
     if config.lora is not None:
         check_lora_reference(config, config.policy.path)
         return reference_of(config.lora)
-    reference_path = config.reference or config.policy.path
-    if reference_path:
-        ref_params = load_folder(reference_path, head="lm", key="reference")[1]
+    if config.reference:
+        ref_params = load_reference(config.reference, policy_module, tokenizer)[1]
+    elif config.policy.path:
+        ref_params = load_folder(config.policy.path, head="lm", key="reference")[1]
     else:
         ref_params = jax.tree.map(lambda x: x.copy(), policy_params)
     return jax.device_put(ref_params, replicated(mesh))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import jax
@@ -37,6 +36,7 @@ from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.typed_config import ConfigError, to_dict
 from rlhf_jax.pipeline.errors import NonFiniteError, OutputError
 from rlhf_jax.pipeline.generation_config import write_generation_config
+from rlhf_jax.pipeline.stages.companion_models import check_reference, check_reward_model, folder_tokenizer
 from rlhf_jax.pipeline.resume_check import check_resume
 from rlhf_jax.pipeline.stage_configs import ModelSection
 from rlhf_jax.pipeline.tokenizer import load_tokenizer
@@ -135,24 +135,15 @@ def stage_tokenizer(tokenizer_path: str | None, model_path: str | None, key: str
     return tokenizer
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
 def check_same_vocabulary(tokenizer, tokenizer_path, model_path, key: str, model_key: str) -> None:
     """A ConfigError when the model folder holds a tokenizer of its own whose vocabulary
     differs from `tokenizer`'s (loaded from `tokenizer_path`): the model would read ids
     that mean other tokens (e.g. a recipe's `tokenizer` kept next to a `model.path` override)."""
     model_folder = Path(model_path)
-    if (not model_folder.is_dir() or Path(tokenizer_path).resolve() == model_folder.resolve()
-            or not any((model_folder / name).is_file() for name in _TOKENIZER_FILES)):
+    if model_folder.is_dir() and Path(tokenizer_path).resolve() == model_folder.resolve():
         return
-    try:
-        with warnings.catch_warnings():  # transformers' notes on the folder's config.json
-            warnings.simplefilter("ignore")
-            own = load_tokenizer(model_folder)
-    except ModelError:
-        return  # an unreadable tokenizer of the model's is not the one in use
-    if own.get_vocab() != tokenizer.get_vocab():
+    own = folder_tokenizer(model_folder)  # None: none, or an unreadable one (not the one in use)
+    if own is not None and own.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(
             f"`{key}` ({tokenizer_path}, {len(tokenizer)} tokens) is not the tokenizer of `{model_key}` "
             f"({model_path}, {len(own)} tokens): the model would read ids that mean other tokens; set "
@@ -185,15 +176,32 @@ def build_model(section: ModelSection, tokenizer, rng, *, head: str = "lm", key:
     return module, params
 
 
-def load_folder(path: str | None, *, head: str, key: str, rng=None, attention_impl: str = "auto"):
+def load_folder(path: str | None, *, head: str, key: str, rng=None, attention_impl: str = "auto",
+                fresh_head: bool = True):
     """A model folder as `(module, params)` whose attention runs as `attention_impl`; an unset
     `key` is a ConfigError, a folder that is missing or cannot be loaded a ModelError naming it
-    (and `key` when it is missing)."""
+    (and `key` when it is missing); `fresh_head` as `load_pretrained`'s."""
     require(path, key, "a model folder is needed")
     if not Path(path).is_dir():
         raise ModelError(path, f"no such model folder (`{key}`)")
     check_not_run_folder(path, key)
-    return load_pretrained(path, head=head, rng=rng, attention_impl=attention_impl)
+    return load_pretrained(path, head=head, rng=rng, attention_impl=attention_impl, fresh_head=fresh_head)
+
+
+def load_reference(path: str, policy_module, tokenizer, key: str = "reference"):
+    """The frozen reference folder `path` as `(module, params)`, refused unless it has the
+    policy's architecture and vocabulary (`companion_models.check_reference`)."""
+    module, params = load_folder(path, head="lm", key=key)
+    check_reference(path, module, policy_module, tokenizer, key)
+    return module, params
+
+
+def load_reward_model(path: str, tokenizer, key: str, attention_impl: str = "auto"):
+    """A reward model folder as `(module, params)`: its trained score head (a folder without
+    one is a ModelError) and the policy's vocabulary (`companion_models.check_reward_model`)."""
+    module, params = load_folder(path, head="reward", key=key, attention_impl=attention_impl, fresh_head=False)
+    check_reward_model(path, module, tokenizer, key)
+    return module, params
 
 
 def stage_mesh(config: MeshConfig):
@@ -361,6 +369,7 @@ def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra
 
 __all__ = [
     "MODEL_DIR", "prepare_output_dir", "require", "check_not_run_folder", "check_same_vocabulary", "stage_tokenizer", "fresh_model_config",
-    "build_model", "load_folder", "stage_mesh", "check_batch_shards", "make_state", "place", "rng_key", "stage_rng",
+    "build_model", "load_folder", "load_reference", "load_reward_model", "stage_mesh", "check_batch_shards",
+    "make_state", "place", "rng_key", "stage_rng",
     "export_model", "export_dtype", "source_dtype", "SAVE_DTYPES", "export_adapter", "ADAPTER_DIR", "summary", "tree_bytes", "finish_stage",
 ]
