@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -86,8 +87,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_warnings_as_lines() -> None:
+    """The library's logged warnings (e.g. truncated rows, unscored batches) as one line each
+    on stderr, `warning: <message>`, whatever logging set-up other packages installed."""
+    logger = logging.getLogger("rlhf_jax")
+    if not any(isinstance(handler, _WarningLines) for handler in logger.handlers):
+        handler = _WarningLines()
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+
+
+class _WarningLines(logging.Handler):
+    """The `rlhf-jax` command's handler of the library's warnings: to the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 (logging's own convention)
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_warnings_as_lines()
     if args.print_config:
         return _report_errors(args.stage, lambda: print(to_yaml(resolved_config(args.stage, args.config,
                                                                                 args.overrides)), end=""))

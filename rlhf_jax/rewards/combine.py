@@ -21,9 +21,10 @@ from rlhf_jax.rewards.loading import RewardError, RewardFunction, _one_line, acc
 
 
 def _check_value(value, name: str, row: int, describe) -> float:
+    """A function's value as float: None -> NaN, a bool -> 0 / 1 (as TRL's float conversion)."""
     if value is None:
         return np.nan
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.number)):
+    if not isinstance(value, (numbers.Real, np.number, np.bool_)):
         raise RewardError(f"reward function {name!r} returned a {type(value).__name__} ({value!r:.40}) "
                           f"for {describe(row)}; expected a number or None")
     value = float(value)

@@ -24,7 +24,7 @@ import importlib.util
 import inspect
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 
 class RewardError(ValueError):
@@ -120,18 +120,30 @@ def required_columns(fn: Callable) -> list[str]:
             if p.kind in named and p.default is inspect.Parameter.empty and p.name not in ALWAYS_PASSED]
 
 
-def check_columns(functions: list[RewardFunction], columns, where: str) -> None:
+def check_columns(functions: list[RewardFunction], columns, where: str, row_names=None) -> None:
     """Raise `RewardError` naming the first function that needs a column `where` (the prompt
     data, e.g. its file names) does not have, before any response is sampled; `columns` are
-    the names of the data's columns other than the prompt."""
+    the names of the data's columns other than the prompt. When `columns` maps each name to
+    its values (with `row_names`, one per row, e.g. "prompts.jsonl row 7"), a needed column
+    that is missing (null) in some row is an error naming the first such row: the function
+    would be called with None for it."""
     available = sorted(set(columns))
     for function in functions:
-        missing = [name for name in required_columns(function.fn) if name not in available]
+        needed = required_columns(function.fn)
+        missing = [name for name in needed if name not in available]
         if missing:
             names = ", ".join(f"'{name}'" for name in missing)
             raise RewardError(
                 f"reward function {function.name!r} needs the column{'s' if len(missing) > 1 else ''} {names}, "
                 f"which {where} does not have (its columns besides 'prompt': {', '.join(available) or 'none'})")
+        if not isinstance(columns, Mapping):
+            continue
+        for name in needed:
+            row = next((row for row, value in enumerate(columns[name]) if value is None), None)
+            if row is not None:
+                place = row_names[row] if row_names is not None else f"row {row} of {where}"
+                raise RewardError(f"reward function {function.name!r} needs the column '{name}', which is missing "
+                                  f"(or null) in {place}; give every row a value, or drop the row")
 
 
 def _one_line(error: BaseException) -> str:

@@ -22,12 +22,15 @@ contiguous responses of its prompt (the `grpo_generate` layout).
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
 
 from rlhf_jax.rewards.combine import call_reward_functions, reward_metrics, unique_names, weighted_sum
 from rlhf_jax.rewards.loading import RewardFunction
+
+logger = logging.getLogger(__name__)
 
 
 class RewardScorer:
@@ -38,6 +41,7 @@ class RewardScorer:
             raise ValueError("RewardScorer needs at least one reward function")
         self.functions = unique_names(functions)
         self.tokenizer = tokenizer
+        self._warned_unscored = False
 
     @property
     def names(self) -> list[str]:
@@ -68,8 +72,16 @@ class RewardScorer:
 
     def __call__(self, response_ids, response_mask, prompts: Sequence, columns: dict | None = None, *,
                  repeat: int = 1, row_names: Sequence[str] | None = None) -> tuple[np.ndarray, dict]:
-        """`(scores [B] float32, metrics)`: the weighted sum and `reward/<name>/mean|std`."""
+        """`(scores [B] float32, metrics)`: the weighted sum and `reward/<name>/mean|std`. The
+        first batch in which every function returns None for every row logs a warning: all
+        its scores are 0, so an update learns nothing from it."""
         values = self.values(response_ids, response_mask, prompts, columns, repeat=repeat, row_names=row_names)
+        if values.size and np.isnan(values).all() and not self._warned_unscored:
+            self._warned_unscored = True
+            logger.warning("every reward function (%s) returned None for all %d completions of a batch: "
+                           "their scores are 0 and the update learns nothing from them (None means 'does not "
+                           "apply'); check that the functions apply to these prompts (reward/unscored_fraction "
+                           "in the metrics)", ", ".join(self.names), values.shape[0])
         return (weighted_sum(values, [function.weight for function in self.functions]),
                 reward_metrics(values, self.names))
 

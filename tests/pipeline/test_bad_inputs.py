@@ -206,6 +206,34 @@ def test_a_column_the_reward_function_needs_is_missing(task, good_model, tmp_pat
                           f"which {prompts} does not have (its columns besides 'prompt': id)")
 
 
+@pytest.mark.parametrize("stage", ["grpo", "eval"])
+def test_a_column_the_reward_function_needs_is_null_in_one_row(task, good_model, tmp_path, capsys, stage):
+    """Found before any sampling, naming the file and row (the function would get None)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "2+2="}\n')
+    functions = '[{function: "rlhf_jax.rewards:math_answer"}]'
+    args = ([f"policy.path={good_model}", f"data.train_files=[{prompts}]", *LENGTHS, "train.batch_size=2",
+             "mesh.data=1"] if stage == "grpo" else [f"policies.a={good_model}", f"prompts_file={prompts}"])
+    result = run_cli(capsys, stage, f"output_dir={tmp_path / 'out'}", f"reward.functions={functions}", *args)
+    assert_one_error_line(*result, stage, "reward", "reward function 'math_answer' needs the column 'answer', "
+                          f"which is missing (or null) in {prompts} row 2")
+
+
+def test_rewards_that_never_apply_are_one_warning_line(task, good_model, tmp_path, capsys):
+    """Training goes on (exit 0); stderr holds one `warning:` line, once, and nothing else."""
+    rewards = tmp_path / "never.py"
+    rewards.write_text("def never(completions, **kwargs):\n    return [None] * len(completions)\n")
+    code, lines, err = run_cli(capsys, "grpo", f"output_dir={tmp_path / 'out'}", f"policy.path={good_model}",
+                               f"data.train_files=[{task.prompts}]", *LENGTHS, *QUIET, "train.batch_size=2",
+                               "train.iterations=2",
+                               "grpo.group_size=2", "grpo.sampling.max_new_tokens=2",
+                               f"reward.functions=[{{function: {rewards}:never}}]")
+    assert code == 0, err
+    assert lines == ["warning: every reward function (never) returned None for all 4 completions of a batch: their "
+                     "scores are 0 and the update learns nothing from them (None means 'does not apply'); check "
+                     "that the functions apply to these prompts (reward/unscored_fraction in the metrics)"], err
+
+
 @pytest.mark.parametrize("stage", ["sft", "grpo"])
 def test_fewer_rows_than_one_batch_names_the_batch_size(task, good_model, tmp_path, capsys, stage):
     rows = tmp_path / "rows.jsonl"

@@ -1,4 +1,6 @@
 """Reward functions: loading, calling with TRL's convention, checks, weighted sum, built-ins."""
+import logging
+
 import numpy as np
 import pytest
 
@@ -149,3 +151,43 @@ def test_a_column_a_function_needs_is_checked_before_scoring():
         check_columns(functions, ["id"], "prompts.jsonl")
     assert str(error.value) == ("reward function 'math' needs the column 'answer', which prompts.jsonl does not "
                                 "have (its columns besides 'prompt': id)")
+
+
+def test_a_needed_column_null_in_one_row_names_that_row():
+    functions = [RewardFunction("fmt", think_format), RewardFunction("math", math_answer)]
+    rows = ["prompts.jsonl row 1", "prompts.jsonl row 2", "prompts.jsonl row 3"]
+    check_columns(functions, {"answer": ["1", "2", "3"], "id": [1, None, 3]}, "prompts.jsonl", rows)  # id: not needed
+    with pytest.raises(RewardError) as error:
+        check_columns(functions, {"answer": ["1", None, "3"]}, "prompts.jsonl", rows)
+    assert str(error.value) == ("reward function 'math' needs the column 'answer', which is missing (or null) in "
+                                "prompts.jsonl row 2; give every row a value, or drop the row")
+
+
+def test_bool_rewards_count_as_zero_and_one():
+    """As TRL's float conversion does: `[c == a for ...]` is a reward function."""
+    values = call_reward_functions([RewardFunction("same", lambda prompts, completions, answer: [
+        c == a for c, a in zip(completions, answer)])], ["p"] * 3, ["4", "5", "6"], {"answer": ["4", "x", "6"]})
+    assert values[:, 0].tolist() == [1.0, 0.0, 1.0]
+    values = call_reward_functions([RewardFunction("np", lambda prompts, completions: np.array([True, False]))],
+                                   ["p"] * 2, ["a", "b"])
+    assert values[:, 0].tolist() == [1.0, 0.0]
+
+
+def test_a_batch_no_function_scores_warns_once(tmp_path):
+    tokenizer = build_tokenizer(tmp_path / "tok", "abc")
+    scorer = RewardScorer([RewardFunction("never", lambda prompts, completions: [None] * len(completions))], tokenizer)
+    ids, mask = np.array([[5, 6], [6, 5]]), np.ones((2, 2), np.int32)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("rlhf_jax.rewards.scorer")
+    logger.addHandler(handler)
+    try:
+        scores, metrics = scorer(ids, mask, ["a", "b"])
+        scorer(ids, mask, ["a", "b"])
+    finally:
+        logger.removeHandler(handler)
+    assert scores.tolist() == [0.0, 0.0] and metrics["reward/unscored_fraction"] == 1.0
+    warnings = [record.getMessage() for record in records]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "every reward function (never) returned None for all 2 completions of a batch")

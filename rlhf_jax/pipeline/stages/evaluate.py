@@ -182,7 +182,9 @@ def evaluate_policies(config: EvalConfig) -> dict:
     prompt_ids = np.repeat(prompts.arrays["prompt_ids"][:count], config.num_samples, axis=0)
     prompt_mask = np.repeat(prompts.arrays["prompt_mask"][:count], config.num_samples, axis=0)
     functions = reward_functions(config.reward.functions)
-    check_columns(functions, [name for name in prompts.columns if name not in NOT_PASSED], config.prompts_file)
+    check_columns(functions, {name: values[:count] for name, values in prompts.columns.items()
+                              if name not in NOT_PASSED},
+                  config.prompts_file, [f"{file} row {number}" for file, number in prompts.sources[:count]])
     function_scorer = RewardScorer(functions, tokenizer) if functions else None
     prompt_column = prompts.columns.get("prompt") or prompts.columns["prompt_text"]
     function_inputs = dict(

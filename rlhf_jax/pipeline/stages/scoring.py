@@ -101,7 +101,8 @@ class HostScorer:
     def from_config(cls, reward, tokenizer, data, eos_token_id: int | None = None) -> "HostScorer":
         functions = reward_functions(reward.functions)
         columns = {name: values for name, values in data.columns.items() if name not in NOT_PASSED}
-        check_columns(functions, columns, data_files(data))
+        row_names = [f"{file} row {number}" for file, number in data.sources]
+        check_columns(functions, columns, data_files(data), row_names)
         prompts = data.columns.get("prompt") or data.columns["prompt_text"]
         return cls(
             tokenizer=tokenizer,
@@ -111,7 +112,7 @@ class HostScorer:
             model_weight=float(reward.model_weight) if reward.uses_model and functions else None,
             prompts=list(prompts),
             columns=columns,
-            row_names=[f"{file} row {number}" for file, number in data.sources],
+            row_names=row_names,
             eos_token_id=eos_token_id,
         )
 
