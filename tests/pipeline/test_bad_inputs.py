@@ -219,6 +219,19 @@ def test_a_column_the_reward_function_needs_is_null_in_one_row(task, good_model,
                           f"which is missing (or null) in {prompts} row 2")
 
 
+def test_the_default_gold_scorer_on_prompts_of_another_task_is_refused_before_sampling(
+        task, good_model, tmp_path, capsys):
+    """`reward.kind: gold` (the default) scores the built-in task's prompts; other prompts
+    without an `answer` to compare with are named, with the keys that score them instead."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+2="}\n{"prompt": "12=3"}\n')
+    result = run_cli(capsys, "grpo", f"output_dir={tmp_path / 'out'}", f"policy.path={good_model}",
+                     f"data.train_files=[{prompts}]", *LENGTHS, "train.batch_size=2", "mesh.data=1")
+    assert_one_error_line(*result, "grpo", "reward", "the arithmetic task's gold scorer (`reward.kind: gold`, the "
+                          f"default) cannot score {prompts} row 2:", "`reward.functions`", "`answer`")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
 def test_rewards_that_never_apply_are_one_warning_line(task, good_model, tmp_path, capsys):
     """Training goes on (exit 0); stderr holds one `warning:` line, once, and nothing else."""
     rewards = tmp_path / "never.py"

@@ -64,6 +64,22 @@ def gold_scores(tokenizer, prompt_ids, response_ids, *, kind: str = "exact", tas
     return scores
 
 
+def check_gold_prompts(task: str | None, prompt_texts, answers, row_names) -> None:
+    """A RewardError naming the first prompt row (as the model sees it; with its `answer`,
+    when the data has one) that the gold scorer of `task` cannot score, before any sampling:
+    `reward.kind: gold` (the default) on prompts of another task."""
+    scorer = load_task(task)
+    answers = [None] * len(prompt_texts) if answers is None else answers
+    for text, answer, row in zip(prompt_texts, answers, row_names):
+        try:
+            scorer.reward(text, "", None if answer is None else str(answer), kind="exact", eos_token="\x00")
+        except ValueError as error:
+            raise RewardError(
+                f"the {scorer.name} task's gold scorer (`reward.kind: gold`, the default) cannot score {row}: "
+                f"{error}; score these prompts with `reward.functions` (your own reward functions) or "
+                f"`reward.path` (a reward model), or give each row the `answer` to compare with") from None
+
+
 def data_files(data) -> str:
     """The files `data` (a `TokenizedData`) was read from, for messages."""
     return ", ".join(dict.fromkeys(str(file) for file, _ in data.sources))
@@ -103,6 +119,8 @@ class HostScorer:
         columns = {name: values for name, values in data.columns.items() if name not in NOT_PASSED}
         row_names = [f"{file} row {number}" for file, number in data.sources]
         check_columns(functions, columns, data_files(data), row_names)
+        if reward.uses_gold:
+            check_gold_prompts(reward.task, data.columns["prompt_text"], columns.get("answer"), row_names)
         prompts = data.columns.get("prompt") or data.columns["prompt_text"]
         return cls(
             tokenizer=tokenizer,
@@ -124,7 +142,9 @@ class HostScorer:
         if self.model_weight is not None:
             lines.append(f"reward model (weight {self.model_weight:g})")
         if self.gold_kind is not None:
-            lines.append(f"gold scorer of the {load_task(self.gold_task).name} task ({self.gold_kind})")
+            against = " against the `answer` column" if "answer" in self.columns else ""
+            lines.append(f"gold scorer of the {load_task(self.gold_task).name} task{against} ({self.gold_kind}; "
+                         f"`reward.kind: gold`)")
         return lines
 
     def score_rollout(self, data, rows, *, repeat: int = 1) -> tuple[np.ndarray, dict]:
@@ -162,4 +182,4 @@ class HostScorer:
         return scores.astype(np.float32), metrics
 
 
-__all__ = ["decode_rows", "gold_scores", "reward_functions", "data_files", "HostScorer", "NOT_PASSED"]
+__all__ = ["decode_rows", "gold_scores", "check_gold_prompts", "reward_functions", "data_files", "HostScorer", "NOT_PASSED"]
