@@ -301,3 +301,28 @@ def test_lora_refuses_a_separate_reference_and_a_missing_adapter(setting, tmp_pa
         dpo.run(None, dpo_overrides(setting, tmp_path / "a", steps=1, extra=(f"reference={tmp_path}",)))
     with pytest.raises(ConfigError, match="`lora.path`: adapter folder .* does not exist"):
         dpo.run(None, dpo_overrides(setting, tmp_path / "b", steps=1, extra=(f"lora.path={tmp_path / 'none'}",)))
+
+
+def test_an_adapter_of_a_shallower_model_is_refused(tmp_path):
+    """An adapter covering layer 0 of a 2-layer model (trained on another, 1-layer base) would
+    train only that layer: a config error naming `lora.path` and the layers left out."""
+    from rlhf_jax.models.config import ModelConfig
+    from rlhf_jax.models.lora import LoRAConfig, init_adapters
+    from rlhf_jax.models.peft_io import save_peft_adapter
+    from rlhf_jax.models.transformer import CausalLM
+    from rlhf_jax.pipeline.stages.lora import lora_parts
+
+    def model(layers):
+        module = CausalLM(ModelConfig.llama(vocab_size=16, hidden_size=16, num_layers=layers, num_heads=2,
+                                            intermediate_size=32))
+        return module, module.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 2), jax.numpy.int32))["params"]
+
+    lora = LoRAConfig(rank=2, alpha=4.0, targets=("q_proj",))
+    shallow, shallow_params = model(1)
+    save_peft_adapter(tmp_path / "adapter", shallow, init_adapters(shallow_params, lora, jax.random.PRNGKey(1)), lora)
+    section = LoRASection(path=str(tmp_path / "adapter"))
+    assert lora_parts(section, shallow, shallow_params, jax.random.PRNGKey(2))[0].targets == ("q_proj",)
+    deeper, deeper_params = model(2)
+    with pytest.raises(ConfigError, match=r"^`lora.path`: .*adapter adapts 1 of the model's 2 q_proj layers "
+                                          r"\(not .*layers_1.*q_proj\): it was trained on another base model"):
+        lora_parts(section, deeper, deeper_params, jax.random.PRNGKey(2))

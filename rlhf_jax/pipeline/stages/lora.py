@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from rlhf_jax.models.lora import LoRAConfig, LoRAModel, adapter_layers, init_adapters, split_modules
@@ -43,6 +44,20 @@ def _check_shapes(adapters, base, path: str) -> None:
                               f"but the model's layer is {have}")
 
 
+def _check_coverage(adapters, base, config: LoRAConfig, path: str, rng) -> None:
+    """The adapter covers every layer its targets name in this model (ConfigError otherwise:
+    an adapter of a shallower model, or of another base, would train only some layers)."""
+    expected = set(adapter_layers(jax.eval_shape(lambda key: init_adapters(base, config, key), rng)))
+    missing = sorted(expected - set(adapter_layers(adapters)))
+    if missing:
+        shown = ", ".join("/".join(layer) for layer in missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ConfigError(f"`lora.path`: {path} adapts {len(expected) - len(missing)} of the model's "
+                          f"{len(expected)} {'/'.join(config.targets)} layers (not {shown}): it was trained on "
+                          f"another base model; give the adapter of this model, or train a new one with "
+                          f"`lora.rank` / `lora.targets`")
+
+
 def lora_parts(section: LoRASection, module, params, rng):
     """`(LoRAConfig, base, trainable)` for `module`'s `params` (module docstring)."""
     full_heads = () if isinstance(module, CausalLM) else ("score",)
@@ -56,6 +71,7 @@ def lora_parts(section: LoRASection, module, params, rng):
             raise ConfigError(f"`lora.path`: {err}") from None
         _check_shapes(adapters, base, section.path)
         config = LoRAConfig(rank=loaded.rank, alpha=loaded.alpha, dropout=section.dropout, targets=loaded.targets)
+        _check_coverage(adapters, base, config, section.path, rng)
         heads = {**heads, **{name: saved_heads[name] for name in saved_heads if name in heads}}
     else:
         config = LoRAConfig(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
