@@ -88,3 +88,25 @@ def test_write_report(tmp_path):
         write_report(out / "r2.md", "x", [Section("s", images=[plots / "nope.png"])])
     with pytest.raises(ValueError, match="list of tables"):
         write_report(out / "r3.md", "x", [Section("s", tables=[{"a": 1}])])
+
+
+def _policy(reward=None, **extra):
+    metrics = {"pass@1": 0.5, "pass@k": {1: 0.5, 2: 0.75, 4: 0.9}, "gold_reward": 0.5, "gold_graded": 0.6,
+               "response_length": 3.0, "eos_rate": 1.0, "distinct_2": 0.5, "repetition_4": 0.0, **extra}
+    return metrics if reward is None else {**metrics, "reward": reward}
+
+
+def test_eval_policy_table_shows_what_scored_the_samples():
+    """The gold scorer: its graded reward; reward functions: their weighted sum and each mean
+    (no gold column); pass@8 only when more than 8 samples were drawn."""
+    from rlhf_jax.pipeline.stages.eval_report import policy_table
+
+    gold = policy_table({"num_samples": 4, "policies": {"sft": _policy()}})[0]
+    assert gold["gold reward (graded)"] == 0.6 and "pass@8" not in gold and gold["pass@4"] == 0.9
+    assert "reward" not in gold
+    functions = policy_table({"num_samples": 4, "policies": {"sft": _policy(
+        reward=0.25, **{"reward/correct/mean": 0.2, "reward/correct/std": 0.4, "reward/format/mean": 0.3})}})[0]
+    assert (functions["reward"], functions["correct"], functions["format"]) == (0.25, 0.2, 0.3)
+    assert "gold reward (graded)" not in functions and "correct/std" not in functions
+    many = policy_table({"num_samples": 16, "policies": {"a": _policy(**{"pass@k": {1: 0.1, 8: 0.6, 16: 0.7}})}})[0]
+    assert (many["pass@8"], many["pass@16"]) == (0.6, 0.7)

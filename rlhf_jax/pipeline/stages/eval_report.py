@@ -36,17 +36,33 @@ def _fmt(value, digits: int = 3):
     return None if value is None else round(float(value), digits)
 
 
+def _scored_by_functions(results: dict) -> bool:
+    """Whether reward functions (not the gold scorer) scored the samples."""
+    return any("reward" in metrics for metrics in results["policies"].values())
+
+
 def policy_table(results: dict) -> list[dict]:
+    """One row per policy: pass@1, pass@8 (when more samples were drawn) and pass@num_samples,
+    the mean score (the gold scorer's graded reward, or the reward functions' weighted sum and
+    each function's mean), win rate, KL, reward-model score and the diversity metrics."""
     rows = []
     num_samples = results["num_samples"]
+    by_functions = _scored_by_functions(results)
     for name, metrics in results["policies"].items():
-        passes = metrics["pass@k"]
+        passes = {int(k): v for k, v in metrics["pass@k"].items()}
+        row = {"policy": name, "pass@1": _fmt(metrics["pass@1"])}
+        if 1 < 8 < num_samples:
+            row["pass@8"] = _fmt(passes.get(8))
+        if num_samples > 1:
+            row[f"pass@{num_samples}"] = _fmt(passes.get(num_samples))
+        if by_functions:
+            row["reward"] = _fmt(metrics.get("reward"))
+            row.update({key[len("reward/"):-len("/mean")]: _fmt(value) for key, value in metrics.items()
+                        if key.startswith("reward/") and key.endswith("/mean")})
+        else:
+            row["gold reward (graded)"] = _fmt(metrics["gold_graded"])
         rows.append({
-            "policy": name,
-            "pass@1": _fmt(metrics["pass@1"]),
-            "pass@8": _fmt(passes.get(8) if 8 in passes else passes.get(str(8))),
-            f"pass@{num_samples}": _fmt(passes.get(num_samples, passes.get(str(num_samples)))),
-            "gold reward (graded)": _fmt(metrics["gold_graded"]),
+            **row,
             "win rate vs ref": _fmt(metrics.get("win_rate")),
             "KL to ref (nats)": _fmt(metrics.get("kl_to_reference")),
             "RM score": _fmt(metrics.get("reward_model_score")),
@@ -77,9 +93,11 @@ def write_eval_report(output_dir, results: dict, runs: Mapping[str, str],
               for name, m in results["policies"].items()}
     pass_plot = plot_pass_at_k(curves, plots / "pass_at_k.png",
                                title=f"pass@k on {results['num_prompts']} held-out prompts")
+    score = ("reward (the reward functions' weighted sum; a sample passes when it exceeds "
+             "`reward.pass_threshold`)" if _scored_by_functions(results) else "graded gold reward")
     text = (f"{results['num_prompts']} held-out prompts, {results['num_samples']} samples each "
             f"(temperature sampling, the same random keys for every policy). pass@k uses the unbiased "
-            f"estimator of Chen et al. (2021); the win rate compares each sample's graded gold reward "
+            f"estimator of Chen et al. (2021); the win rate compares each sample's {score} "
             f"with the reference policy's sample for the same prompt and key (ties count half); KL is "
             f"the mean summed log-ratio log pi - log pi_ref of the policy's own samples.")
     sections = list(extra_sections)
