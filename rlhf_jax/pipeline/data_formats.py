@@ -248,9 +248,11 @@ def _read_json_by_hand(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
 
 
 def _field(row: dict, name: str) -> Any:
+    """`row[name]`; a RowError naming the fields the row does have when it is missing."""
     value = row.get(name)
     if value is None:
-        raise RowError(f"field '{name}' is missing")
+        present = [key for key, item in row.items() if item is not None and key != "__row__"]
+        raise RowError(f"field '{name}' is missing (the row has: {', '.join(present) or 'no fields'})")
     return value
 
 

@@ -186,7 +186,7 @@ def test_several_files_are_concatenated(tokenizer, tmp_path):
     assert len(data) == 3 and data.sources == [(str(first), 1), (str(second), 1), (str(second), 2)]
     assert data.columns["id"] == ["a", None, None]
     bad = write(tmp_path / "c.jsonl", [{"prompt": "2=", "completion": "2"}, {"prompt": "3="}])
-    with pytest.raises(DataError, match=f"^{bad} row 2: field 'completion' is missing"):
+    with pytest.raises(DataError, match=rf"^{bad} row 2: field 'completion' is missing \(the row has: prompt\)$"):
         load_data([first, bad], tokenizer, CONFIG, cache_dir=str(tmp_path / "cache"))
 
 
