@@ -326,8 +326,11 @@ def summary(stage: str, output_dir, result, extra: dict | None = None) -> dict:
         state = "done" if result.finished else "stopped early (resume with --resume)"
         trained = (f"; {info['trainable_parameters']:,} trained parameters, optimizer state "
                    f"{info['optimizer_state_bytes'] / 2**20:.2f} MiB" if "optimizer_state_bytes" in info else "")
-        print(f"[{stage}] {state}: {result.step} steps in {result.seconds:.1f}s "
-              f"({result.steps_per_second:.1f} steps/s after compilation){trained} -> {output_dir}", flush=True)
+        speed = result.steps_per_second
+        rate = (f" ({speed:.1f} steps/s after compilation)" if speed >= 0.1 else
+                f" ({speed:.2g} steps/s after compilation)" if speed > 0 else "")  # 0: no step after compiling
+        print(f"[{stage}] {state}: {result.step} steps in {result.seconds:.1f}s{rate}{trained} -> {output_dir}",
+              flush=True)
     return info
 
 
