@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -103,7 +104,26 @@ def from_dict(cls: type[T], data: dict, *, prefix: str = "") -> T:
     """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError."""
     types_by_name = _known_field_types(cls, data, prefix)
     kwargs = {name: _coerce(value, types_by_name[name], _join(prefix, name)) for name, value in data.items()}
-    return cls(**kwargs)
+    return _construct(cls, kwargs, prefix)
+
+
+def _construct(cls: type[T], kwargs: dict, prefix: str) -> T:
+    """`cls(**kwargs)`; a ValueError of the section's own checks (at key `prefix`) becomes a
+    ConfigError naming the field by its full key (`dpo.loss_type`, not `loss_type`)."""
+    if not prefix:
+        return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        message = str(err)
+        match = re.match(r"`(\w+)`", message)
+        if match and match.group(1) in {field.name for field in dataclasses.fields(cls)}:
+            raise ConfigError(f"`{prefix}.{match.group(1)}`{message[match.end():]}") from None
+        if message.startswith(f"`{prefix}"):  # already names the full key
+            raise ConfigError(message) from None
+        raise ConfigError(f"`{prefix}`: {message}") from None
 
 
 def to_dict(config) -> dict:
@@ -211,4 +231,4 @@ def _merge_defaults(cls: type[T], data: dict, prefix: str = "") -> T:
             kwargs[name] = _merge_defaults(annotation, value, _join(prefix, name))
         else:
             kwargs[name] = _coerce(value, annotation, _join(prefix, name))
-    return cls(**kwargs)
+    return _construct(cls, kwargs, prefix)

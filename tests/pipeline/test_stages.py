@@ -88,6 +88,7 @@ def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path, capsys):
     ("optim.learning_rat=0.1", "unknown config key 'optim.learning_rat'"),
     ("train.steps=0", "`train.steps` must be >= 1"),
     ("optim.schedule=cosin", "`optim.schedule` must be one of"),
+    ("lora.rank=0", "`lora.rank` must be an integer >= 1, got 0"),
 ])
 def test_a_bad_override_next_to_a_good_file_names_the_command_line(tmp_path, capsys, override, message):
     path = tmp_path / "good.yaml"
@@ -95,6 +96,16 @@ def test_a_bad_override_next_to_a_good_file_names_the_command_line(tmp_path, cap
     assert cli.main(["sft", "--config", str(path), override]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"rlhf-jax sft: config error: command line: {message}") and str(path) not in err, err
+
+
+@pytest.mark.parametrize("stage, override, message", [
+    ("dpo", "dpo.loss_type=sigmoidd", "`dpo.loss_type` must be one of"),
+    ("grpo", "grpo.group_size=1", "`grpo.group_size` must be an int >= 2, got 1"),
+    ("grpo", "grpo.sampling.temperature=-1", "`grpo.sampling.temperature` must be > 0"),
+])
+def test_a_sections_own_check_names_the_full_key(capsys, stage, override, message):
+    assert cli.main([stage, "--print-config", override]) == 2
+    assert capsys.readouterr().err.startswith(f"rlhf-jax {stage}: config error: {message}")
 
 
 def test_missing_inputs_are_config_errors(tmp_path, capsys):
