@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stage_helpers import QUIET, LENGTHS, preference_overrides, sft_overrides, tiny_task
+from stage_helpers import LENGTHS, QUIET, TINY_MODEL, preference_overrides, sft_overrides, tiny_task
 
 from rlhf_jax.models.checkpoint_io import load_pretrained
 from rlhf_jax.pipeline import cli
@@ -240,3 +240,23 @@ def test_eval_stage_reports_pass_at_k_win_rate_and_kl(task, sft_run, tmp_path):
     assert "pass@k" in report and "plots/sft_curves.png" in report
     assert (tmp_path / "plots" / "pass_at_k.png").is_file()
     assert json.loads((tmp_path / "results.json").read_text())["num_samples"] == 4
+
+
+def test_lengths_past_the_models_positions(task, tmp_path, capsys):
+    """Learned positions (GPT-2) end: a config error naming the keys; RoPE runs on past its
+    max_position_embeddings: one warning line."""
+    learned = TINY_MODEL.replace("max_position_embeddings: 32", "max_position_embeddings: 12, "
+                                 "position_embedding: learned")
+    argv = [arg if not arg.startswith("model.init=") else f"model.init={learned}"
+            for arg in sft_overrides(task, tmp_path / "learned", steps=1)]
+    assert cli.main(["sft", *argv]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "rlhf-jax sft: config error: `data.max_prompt_length` + `data.max_response_length` = 16 tokens, more than the "
+        "`model` model's max_position_embeddings (12): it has no position embeddings past them; lower the lengths")
+    rope = TINY_MODEL.replace("max_position_embeddings: 32", "max_position_embeddings: 12")
+    argv = [arg if not arg.startswith("model.init=") else f"model.init={rope}"
+            for arg in sft_overrides(task, tmp_path / "rope", steps=1)]
+    assert cli.main(["sft", *argv]) == 0
+    assert capsys.readouterr().err.strip() == (
+        "warning: `data.max_prompt_length` + `data.max_response_length` = 16 tokens, more than the `model` model's "
+        "max_position_embeddings (12): RoPE runs past them, at positions the model was not trained on")

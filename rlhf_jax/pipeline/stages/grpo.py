@@ -75,6 +75,7 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
     algorithm, mesh = setup.algorithm, setup.mesh
     policy_module, policy_params = stage_setup.build_model(config.policy, setup.tokenizer,
                                                       stage_setup.rng_key(config.seed, 0), key="policy")
+    skeletons.check_rollout_positions(config, "grpo", policy_module)
     ref_params = (skeletons.frozen_reference(config, policy_module, policy_params, setup.tokenizer, mesh)
                   if algorithm.kl_coef > 0 else None)
     in_jit = model_scorer(config.reward, setup.tokenizer, attention_impl=config.policy.attention_impl)

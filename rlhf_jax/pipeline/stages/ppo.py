@@ -37,6 +37,7 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
     algorithm, mesh = setup.algorithm, setup.mesh
     policy_module, policy_params = stage_setup.build_model(config.policy, setup.tokenizer,
                                                       stage_setup.rng_key(config.seed, 0), key="policy")
+    skeletons.check_rollout_positions(config, "ppo", policy_module)
     ref_params = skeletons.frozen_reference(config, policy_module, policy_params, setup.tokenizer, mesh)
     value_key, value_path = next(((key, path) for key, path in (
         ("value", config.value), ("reward.path", config.reward.path if config.reward.uses_model else None),

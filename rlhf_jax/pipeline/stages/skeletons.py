@@ -24,8 +24,8 @@ from rlhf_jax.pipeline.frozen_base import model_source
 from rlhf_jax.pipeline.loop import run_loop
 from rlhf_jax.pipeline.stage_configs import with_schedule_length
 from rlhf_jax.pipeline.stages.stage_setup import (
-    check_batch_shards, finish_stage, load_folder, load_reference, place, prepare_output_dir, require, stage_mesh,
-    stage_rng, stage_tokenizer,
+    check_batch_shards, check_positions, finish_stage, load_folder, load_reference, place, prepare_output_dir, require,
+    stage_mesh, stage_rng, stage_tokenizer,
 )
 from rlhf_jax.pipeline.tokenizer import pad_id
 from rlhf_jax.pipeline.stages.lora import check_lora_reference, reference_of, stage_state
@@ -128,7 +128,10 @@ def open_supervised_stage(config, *, kind: str, why: str, stage: str, resume: bo
 def supervised_state_and_step(config, module, params, mesh, step, /, **options):
     """`(state, compiled step)`: a train state whose schedule spans `train.steps` (a LoRA state
     with `lora`), and `step` compiled for it with `train.num_microbatches` and the static
-    `options` (which may include a `config=` of the step's own)."""
+    `options` (which may include a `config=` of the step's own). Prompt plus response lengths
+    must fit the model's positions (`stage_setup.check_positions`)."""
+    check_positions(module, config.data.max_prompt_length + config.data.max_response_length,
+                    "`data.max_prompt_length` + `data.max_response_length`")
     state, shardings = stage_state(module, params, with_schedule_length(config.optim, config.train.steps), mesh,
                                    config.lora, config.seed)
     return state, make_train_step(step, mesh=mesh, state_shardings=shardings,
@@ -227,6 +230,13 @@ def open_rollout_stage(config, section: str, *, rows: int, rows_key: str, resume
     return RolloutSetup(output_dir, tokenizer, algorithm, batches, mesh)
 
 
+def check_rollout_positions(config, section: str, policy_module) -> None:
+    """Prompts plus sampled tokens fit the policy's positions (`stage_setup.check_positions`)."""
+    sampling = getattr(config, section).sampling
+    check_positions(policy_module, config.data.max_prompt_length + sampling.max_new_tokens,
+                    f"`data.max_prompt_length` + `{section}.sampling.max_new_tokens`", "policy")
+
+
 def place_prompt_batch(batch, mesh) -> dict:
     """A host prompt batch as `iterate` receives it: its ids, mask and `row_index` (the data
     rows, which the host scorer gathers with the rollout) placed over the mesh."""
@@ -306,6 +316,6 @@ def run_rollout_stage(stage: str, config, setup: RolloutSetup, policy_module, ca
 __all__ = [
     "process_share", "train_batches", "nonfinite_options", "ordered_batches", "pair_values", "SupervisedSetup",
     "open_supervised_stage", "supervised_state_and_step", "run_supervised_stage",
-    "sampling_with_tokenizer", "prompt_batches", "RolloutSetup", "open_rollout_stage",
+    "sampling_with_tokenizer", "check_rollout_positions", "prompt_batches", "RolloutSetup", "open_rollout_stage",
     "place_prompt_batch", "print_rollout_start", "reward_keys", "frozen_reference", "run_rollout_stage",
 ]

@@ -20,6 +20,7 @@ Every stage writes into its `output_dir`:
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -56,6 +57,7 @@ from rlhf_jax.training.state import create_train_state, train_state_shardings
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
+logger = logging.getLogger(__name__)
 OUTPUT_FOLDERS = ("checkpoints", "tensorboard", MODEL_DIR, ADAPTER_DIR)  # folders a stage writes in its output_dir
 _MODULES = {"lm": CausalLM, "reward": RewardModel, "value": ValueModel}
 
@@ -174,6 +176,21 @@ def build_model(section: ModelSection, tokenizer, rng, *, head: str = "lm", key:
     module = _MODULES[head](fresh_model_config(section, tokenizer))
     params = module.init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
     return module, params
+
+
+def check_positions(module, tokens: int, what: str, key: str = "model") -> None:
+    """Sequences of up to `tokens` tokens (`what`: the config keys that add up to it) fit the
+    model `module` (`key`): more than its learned positions (GPT-2) is a ConfigError (their
+    embeddings do not exist); more than a RoPE model's `max_position_embeddings` logs a
+    warning (positions it was not trained on)."""
+    config = module.config
+    if tokens <= config.max_position_embeddings:
+        return
+    message = (f"{what} = {tokens} tokens, more than the `{key}` model's max_position_embeddings "
+               f"({config.max_position_embeddings})")
+    if config.position_embedding == "learned":
+        raise ConfigError(f"{message}: it has no position embeddings past them; lower the lengths")
+    logger.warning("%s: RoPE runs past them, at positions the model was not trained on", message)
 
 
 def load_folder(path: str | None, *, head: str, key: str, rng=None, attention_impl: str = "auto",
@@ -372,7 +389,7 @@ def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra
 
 __all__ = [
     "MODEL_DIR", "prepare_output_dir", "require", "check_not_run_folder", "check_same_vocabulary", "stage_tokenizer", "fresh_model_config",
-    "build_model", "load_folder", "load_reference", "load_reward_model", "stage_mesh", "check_batch_shards",
+    "build_model", "check_positions", "load_folder", "load_reference", "load_reward_model", "stage_mesh", "check_batch_shards",
     "make_state", "place", "rng_key", "stage_rng",
     "export_model", "export_dtype", "source_dtype", "SAVE_DTYPES", "export_adapter", "ADAPTER_DIR", "summary", "tree_bytes", "finish_stage",
 ]
