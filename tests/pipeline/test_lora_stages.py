@@ -252,8 +252,11 @@ def test_rl_stages_train_adapters(setting, tmp_path):
     assert_holds_no_base(tmp_path / "grpo", ["policy"], setting["sft"])
     ppo_overrides = overrides("ppo") + [f"value={setting['sft']}", "train.batch_size=8",
                                         "ppo.sampling.max_new_tokens=5", "ppo.num_minibatches=2", "ppo.epochs=1"]
+    grpo_trained = result["trainable_parameters"]
     result = ppo.run(None, ppo_overrides)
     assert result["finished"] and "value/loss" in read_metrics(tmp_path / "ppo")[0]
+    # the policy's and the value model's adapters, and the value head (hidden 32 + bias)
+    assert result["trainable_parameters"] == 2 * grpo_trained + 33
     assert load_pretrained(tmp_path / "ppo" / "model")[0].config.num_layers == 1
     named, meta = assert_holds_no_base(tmp_path / "ppo", ["policy", "value"], setting["sft"])
     assert any("'value'" in name and "'score'" in name for name in named)  # the value head, trained in full

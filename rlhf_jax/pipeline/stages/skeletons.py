@@ -310,7 +310,9 @@ def run_rollout_stage(stage: str, config, setup: RolloutSetup, policy_module, ca
     )
     return finish_stage(stage, setup.output_dir, result, policy_module, result.carry["policy"], setup.tokenizer,
                         base_path=config.policy.path, save_dtype=config.policy.save_dtype,
-                        sampling=setup.algorithm.sampling)
+                        sampling=setup.algorithm.sampling,
+                        other_states=[value for name, value in result.carry.items()
+                                      if name != "policy" and hasattr(value, "opt_state")])
 
 
 __all__ = [

@@ -369,16 +369,19 @@ def tree_bytes(tree) -> int:
 
 
 def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra: dict | None = None, *,
-                 base_path: str | None = None, save_dtype: str = "source", sampling=None) -> dict:
+                 base_path: str | None = None, save_dtype: str = "source", sampling=None,
+                 other_states=()) -> dict:
     """Export the trained model of `state` when the run finished (`model_dir` in the summary;
     with LoRA the merged model, and the PEFT adapter as `adapter_dir`; stored in
     `export_dtype(save_dtype, base_path)`; an RL stage's `sampling` ids in its
     generation_config.json); the summary, with the
     trained parameters' count (`trainable_parameters`: the adapters with LoRA) and the bytes of
-    their optimizer state (`optimizer_state_bytes`)."""
+    their optimizer state (`optimizer_state_bytes`), counting `other_states` too (PPO's value
+    model)."""
     extra = dict(extra or {})
-    extra["trainable_parameters"] = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
-    extra["optimizer_state_bytes"] = tree_bytes(state.opt_state)
+    states = (state, *other_states)
+    extra["trainable_parameters"] = int(sum(np.size(x) for x in jax.tree.leaves([s.params for s in states])))
+    extra["optimizer_state_bytes"] = tree_bytes([s.opt_state for s in states])
     if result.finished:
         extra["model_dir"] = str(export_model(output_dir, module, merged_params(state), tokenizer, base_path,
                                                 save_dtype, sampling))
