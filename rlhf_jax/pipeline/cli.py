@@ -2,6 +2,8 @@
 
     rlhf-jax STAGE [--config configs/NAME.yaml] [--resume] [--print-config] [key.sub=value ...]
 
+After the stage, its flags and the overrides may come in any order (`rlhf-jax dpo a=1 --resume
+b=2`); later overrides of a key win.
 Each stage is a function `run(config_path, overrides, *, resume) -> dict` in its own module,
 imported only when its subcommand runs, so `rlhf-jax --help` stays fast. `--print-config`
 prints the stage's resolved config (defaults, then the file, then the overrides) as YAML, every
@@ -74,10 +76,12 @@ def resolved_config(stage: str, config_path=None, overrides=()):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `rlhf-jax` parser, one subparser per stage (also in its `stage_parsers`, by name)."""
     parser = argparse.ArgumentParser(prog="rlhf-jax", description="RLHF in JAX: run a pipeline stage from a YAML config.")
     commands = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    parser.stage_parsers = {}
     for name, (_, _, help_text) in STAGES.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = parser.stage_parsers[name] = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--config", default=None, help="YAML config file (defaults apply when omitted)")
         sub.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
         sub.add_argument("--print-config", action="store_true",
@@ -86,8 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (default `sys.argv[1:]`): the stage, then its flags and overrides in any
+    order. argparse alone stops taking positionals after the first flag (`dpo a=1 --resume b=2`
+    would be "unrecognized arguments: b=2"), so the stage's own arguments are read again with
+    `parse_intermixed_args`."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = parser.parse_known_args(argv)[0].stage  # help, a missing or unknown stage: argparse's errors
+    where = argv.index(stage)
+    if where:  # the top level takes no option but --help
+        parser.error(f"unrecognized arguments: {' '.join(argv[:where])}")
+    return parser.stage_parsers[stage].parse_intermixed_args(argv[where + 1:], argparse.Namespace(stage=stage))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.print_config:
         return _report_errors(args.stage, lambda: print(to_yaml(resolved_config(args.stage, args.config,
                                                                                 args.overrides)), end=""))

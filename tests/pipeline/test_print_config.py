@@ -42,3 +42,19 @@ def test_overrides_and_file_values_show_and_a_bad_key_is_one_line(tmp_path, caps
     lines = err.strip().splitlines()
     assert code == 2 and out == "" and len(lines) == 1
     assert lines[0].startswith("rlhf-jax grpo: config error: unknown config key 'train.batchsize'"), lines[0]
+
+
+def test_flags_and_overrides_mix_in_any_order(tmp_path, capsys):
+    """Overrides after a flag are overrides too (argparse alone: "unrecognized arguments")."""
+    config_file = tmp_path / "dpo.yaml"
+    config_file.write_text("seed: 5\n")
+    code, out, err = run_cli(capsys, "dpo", "train.steps=7", "--resume", "seed=3", "--config", config_file,
+                             "train.batch_size=4", "--print-config", "train.steps=9")
+    printed = yaml.safe_load(out)
+    assert code == 0 and err == "", err
+    assert (printed["seed"], printed["train"]["steps"], printed["train"]["batch_size"]) == (3, 9, 4)  # later wins
+    args = cli.parse_args(["dpo", "a=1", "--resume", "b=2"])
+    assert (args.stage, args.resume, args.overrides, args.config) == ("dpo", True, ["a=1", "b=2"], None)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["dpo", "a=1", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
