@@ -64,19 +64,59 @@ def _unwritable(path, err: OSError) -> OutputError:
     return OutputError(f"`output_dir`: cannot write {path}: {err.strerror or err}")
 
 
+# Config keys naming folders a stage reads its models, adapters or tokenizer from (eval's
+# `policies` entries are `policies.<name>`).
+SOURCE_FOLDER_KEYS = ("model.path", "policy.path", "reference", "value", "reward.path", "reward_model", "tokenizer",
+                      "lora.path")
+
+
+def _lookup(tree, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(part)
+    return tree
+
+
+def source_folders(resolved: dict) -> list[tuple[str, str]]:
+    """`(key, folder)` of every source folder set in a resolved config (a dict)."""
+    found = [(key, _lookup(resolved, key)) for key in SOURCE_FOLDER_KEYS]
+    policies = resolved.get("policies")
+    if isinstance(policies, dict):
+        found += [(f"policies.{name}", folder) for name, folder in policies.items()]
+    return [(key, folder) for key, folder in found if isinstance(folder, str) and folder]
+
+
+def check_output_dir(resolved: dict) -> None:
+    """An OutputError when `output_dir` is a folder the stage reads from (`model.path`,
+    `policy.path`, `reference`, `value`, `reward.path`, `tokenizer`, ...) or inside one: the run
+    would write its checkpoints, logs and model into the user's model folder. Paths are
+    compared resolved (symlinks, `..`), whether they exist or not."""
+    output_dir = Path(resolved["output_dir"]).resolve()
+    for key, folder in source_folders(resolved):
+        source = Path(folder).resolve()
+        if output_dir == source or output_dir.is_relative_to(source):
+            where = "is" if output_dir == source else "is inside"
+            raise OutputError(f"`output_dir` ({resolved['output_dir']}) {where} the folder of `{key}` ({folder}); "
+                              f"the run would write checkpoints/, model/ and its logs there: give `output_dir` "
+                              f"another folder")
+
+
 def prepare_output_dir(config, *, resume_stage: str | None = None) -> Path:
     """Create `config.output_dir` and write the resolved config to `config.yaml` in it.
 
     This is a stage's first write, so an output directory that cannot be written (a file in
     the way, no permission, a full disk) is an OutputError naming the path before any work
-    is done; so is a file where the stage will put a folder (checkpoints/, model/, ...).
+    is done; so is a file where the stage will put a folder (checkpoints/, model/, ...), and an
+    output directory that is (or is inside) a source model or tokenizer folder (`check_output_dir`).
     `resume_stage`: the stage that will `--resume` here; checkpoints it cannot continue (of
     another stage, or of other LoRA / architecture settings) are a CheckpointError before
     config.yaml is replaced (`rlhf_jax.pipeline.resume_check`).
     """
     output_dir = Path(config.output_dir)
+    resolved = to_dict(config)
+    check_output_dir(resolved)
     if jax.process_index() == 0:
-        resolved = to_dict(config)
         if resume_stage is not None:
             check_resume(output_dir, resolved, resume_stage)
         text = yaml.safe_dump(resolved, sort_keys=False)
@@ -360,7 +400,8 @@ def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra
 
 
 __all__ = [
-    "MODEL_DIR", "prepare_output_dir", "require", "check_not_run_folder", "check_same_vocabulary", "stage_tokenizer", "fresh_model_config",
+    "MODEL_DIR", "prepare_output_dir", "check_output_dir", "source_folders", "SOURCE_FOLDER_KEYS",
+    "require", "check_not_run_folder", "check_same_vocabulary", "stage_tokenizer", "fresh_model_config",
     "build_model", "load_folder", "stage_mesh", "check_batch_shards", "make_state", "place", "rng_key", "stage_rng",
     "export_model", "export_dtype", "source_dtype", "SAVE_DTYPES", "export_adapter", "ADAPTER_DIR", "summary", "tree_bytes", "finish_stage",
 ]
