@@ -65,14 +65,19 @@ CONFIGS: dict[str, tuple[str, str]] = {
 
 
 def resolved_config(stage: str, config_path=None, overrides=()):
-    """The config `stage` runs with: its defaults, then the `config_path` file, then `overrides`."""
+    """The config `stage` runs with: its defaults, then the `config_path` file, then `overrides`,
+    its optimizer schedules as long as the run (`optim.total_steps`, as config.yaml records it)."""
     module_name, name = CONFIGS[stage]
     loader = getattr(importlib.import_module(module_name), name)
-    if isinstance(loader, type):
+    if not isinstance(loader, type):
+        config = loader(config_path, overrides)
+    else:
         from rlhf_jax.pipeline.stage_configs import load_stage_config
 
-        return load_stage_config(loader, config_path, overrides)
-    return loader(config_path, overrides)
+        config = load_stage_config(loader, config_path, overrides)
+    from rlhf_jax.pipeline.stage_configs import with_schedule_lengths
+
+    return with_schedule_lengths(config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,3 +58,33 @@ def test_flags_and_overrides_mix_in_any_order(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(["dpo", "a=1", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage, overrides, total_steps", [
+    ("sft", ["train.steps=7"], 7),
+    ("dpo", ["train.steps=3", "optim.warmup_steps=10"], 3),  # warmup capped below the run's length
+    ("grpo", ["train.iterations=5", "grpo.epochs=2", "grpo.num_minibatches=4"], 40),
+    ("ppo", ["train.iterations=5", "ppo.epochs=3", "ppo.num_minibatches=2", "value_optim={learning_rate: 0.1}"], 30),
+])
+def test_the_schedule_length_is_the_runs(stage, overrides, total_steps, tmp_path, capsys):
+    """`optim.total_steps` shows the length the stage's schedule has (not the default 1000),
+    and the printed file reads back (warmup capped below it, as the stage runs it)."""
+    code, out, err = run_cli(capsys, stage, "--print-config", *overrides)
+    printed = yaml.safe_load(out)
+    assert code == 0 and err == "", err
+    assert printed["optim"]["total_steps"] == total_steps
+    assert printed["optim"]["warmup_steps"] < total_steps
+    if stage == "ppo":
+        assert printed["value_optim"]["total_steps"] == total_steps
+    config_file = tmp_path / "printed.yaml"
+    config_file.write_text(out)
+    code, again, err = run_cli(capsys, stage, "--print-config", "--config", config_file)
+    assert code == 0 and again == out, err
+
+
+def test_the_quickstart_sections_show_their_schedule_lengths(capsys):
+    code, out, _ = run_cli(capsys, "quickstart", "--print-config", "sft.train.steps=11", "grpo.train.iterations=2")
+    printed = yaml.safe_load(out)
+    assert code == 0 and printed["sft"]["optim"]["total_steps"] == 11
+    grpo = printed["grpo"]
+    assert grpo["optim"]["total_steps"] == 2 * grpo["grpo"]["epochs"] * grpo["grpo"]["num_minibatches"]

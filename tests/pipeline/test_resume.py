@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from stage_helpers import LENGTHS, QUIET, preference_overrides, sft_overrides, tiny_task
 
 from rlhf_jax.pipeline.checkpoint import Checkpointer
@@ -69,6 +70,12 @@ def test_checkpoint_holds_state_optimizer_and_data_position(sft_runs):
     assert meta["data_position"] == {"epoch": 0, "index": SFT_STEPS}  # 96 rows / 8 per batch
 
 
+def test_config_yaml_records_the_schedule_length_used(sft_runs):
+    """Not the dataclass default (1000): the run's `train.steps`, through the kill and resume."""
+    saved = yaml.safe_load((sft_runs[0] / "b" / "config.yaml").read_text())
+    assert saved["optim"]["total_steps"] == saved["train"]["steps"] == SFT_STEPS
+
+
 def test_resuming_a_finished_run_only_reexports(sft_runs, capsys):
     root, _, _, overrides = sft_runs
     weights, rows = _weights(root / "b"), read_metrics(root / "b")
@@ -126,6 +133,8 @@ def test_ppo_killed_and_resumed_matches_uninterrupted(task, sft_runs, tmp_path):
     rows = read_metrics(tmp_path / "b")
     assert read_metrics(tmp_path / "a") == rows and len(rows) == 3
     assert rows[0]["objective/kl_coef"] != rows[2]["objective/kl_coef"]  # the controller moved
+    saved = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert saved["optim"]["total_steps"] == 3 * 1 * 2  # iterations x epochs x num_minibatches
     assert _weights(tmp_path / "a") == _weights(tmp_path / "b")
 
 

@@ -22,7 +22,7 @@ from rlhf_jax.pipeline.batching import BatchIterator
 from rlhf_jax.pipeline.data import load_data
 from rlhf_jax.pipeline.frozen_base import model_source
 from rlhf_jax.pipeline.loop import run_loop
-from rlhf_jax.pipeline.stage_configs import with_schedule_length
+from rlhf_jax.pipeline.stage_configs import schedule_length, with_schedule_length
 from rlhf_jax.pipeline.stages.stage_setup import (
     check_batch_shards, finish_stage, load_folder, place, prepare_output_dir, require, stage_mesh, stage_rng, stage_tokenizer,
 )
@@ -128,7 +128,7 @@ def supervised_state_and_step(config, module, params, mesh, step, /, **options):
     """`(state, compiled step)`: a train state whose schedule spans `train.steps` (a LoRA state
     with `lora`), and `step` compiled for it with `train.num_microbatches` and the static
     `options` (which may include a `config=` of the step's own)."""
-    state, shardings = stage_state(module, params, with_schedule_length(config.optim, config.train.steps), mesh,
+    state, shardings = stage_state(module, params, with_schedule_length(config.optim, schedule_length(config)), mesh,
                                    config.lora, config.seed)
     return state, make_train_step(step, mesh=mesh, state_shardings=shardings,
                                   num_microbatches=config.train.num_microbatches, **options)

@@ -38,7 +38,7 @@ from rlhf_jax.typed_config import ConfigError, to_dict
 from rlhf_jax.pipeline.errors import NonFiniteError, OutputError
 from rlhf_jax.pipeline.generation_config import write_generation_config
 from rlhf_jax.pipeline.resume_check import check_resume
-from rlhf_jax.pipeline.stage_configs import ModelSection
+from rlhf_jax.pipeline.stage_configs import ModelSection, with_schedule_lengths
 from rlhf_jax.pipeline.tokenizer import load_tokenizer
 from rlhf_jax.training import multihost
 from rlhf_jax.training.nonfinite import nonfinite_leaves
@@ -103,7 +103,8 @@ def check_output_dir(resolved: dict) -> None:
 
 
 def prepare_output_dir(config, *, resume_stage: str | None = None) -> Path:
-    """Create `config.output_dir` and write the resolved config to `config.yaml` in it.
+    """Create `config.output_dir` and write the resolved config to `config.yaml` in it, with the
+    optimizer schedules the stage trains with (`optim.total_steps`: `with_schedule_lengths`).
 
     This is a stage's first write, so an output directory that cannot be written (a file in
     the way, no permission, a full disk) is an OutputError naming the path before any work
@@ -114,7 +115,7 @@ def prepare_output_dir(config, *, resume_stage: str | None = None) -> Path:
     config.yaml is replaced (`rlhf_jax.pipeline.resume_check`).
     """
     output_dir = Path(config.output_dir)
-    resolved = to_dict(config)
+    resolved = to_dict(with_schedule_lengths(config))
     check_output_dir(resolved)
     if jax.process_index() == 0:
         if resume_stage is not None:
