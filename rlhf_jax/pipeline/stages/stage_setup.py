@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.typed_config import ConfigError, to_dict
 from rlhf_jax.pipeline.errors import NonFiniteError, OutputError
 from rlhf_jax.pipeline.generation_config import write_generation_config
-from rlhf_jax.pipeline.resume_check import check_resume
+from rlhf_jax.pipeline.resume_check import changed_settings, check_resume, checkpointed_config
 from rlhf_jax.pipeline.stage_configs import ModelSection, with_schedule_lengths
 from rlhf_jax.pipeline.tokenizer import load_tokenizer
 from rlhf_jax.training import multihost
@@ -102,6 +104,18 @@ def check_output_dir(resolved: dict) -> None:
                               f"another folder")
 
 
+def _keep_earlier_config(config_file: Path) -> Path:
+    """Copy `config_file` to `config.<n>.yaml` next to it, n the first free number from 1."""
+    n = 1
+    while (kept := config_file.with_name(f"config.{n}.yaml")).exists():
+        n += 1
+    try:
+        shutil.copyfile(config_file, kept)
+    except OSError as err:
+        raise _unwritable(kept, err) from None
+    return kept
+
+
 def prepare_output_dir(config, *, resume_stage: str | None = None) -> Path:
     """Create `config.output_dir` and write the resolved config to `config.yaml` in it, with the
     optimizer schedules the stage trains with (`optim.total_steps`: `with_schedule_lengths`).
@@ -112,24 +126,34 @@ def prepare_output_dir(config, *, resume_stage: str | None = None) -> Path:
     output directory that is (or is inside) a source model or tokenizer folder (`check_output_dir`).
     `resume_stage`: the stage that will `--resume` here; checkpoints it cannot continue (of
     another stage, or of other LoRA / architecture settings) are a CheckpointError before
-    config.yaml is replaced (`rlhf_jax.pipeline.resume_check`).
+    config.yaml is replaced (`rlhf_jax.pipeline.resume_check`). Other settings that changed
+    since the checkpointed run (`changed_settings`; `train.stop_after` aside) are accepted
+    with one warning line on stderr naming each (old -> new), and the earlier config.yaml is
+    kept as `config.<n>.yaml` (the first free n = 1, 2, ...) before the new one is written.
     """
     output_dir = Path(config.output_dir)
     resolved = to_dict(with_schedule_lengths(config))
     check_output_dir(resolved)
     if jax.process_index() == 0:
-        if resume_stage is not None:
-            check_resume(output_dir, resolved, resume_stage)
         text = yaml.safe_dump(resolved, sort_keys=False)
         config_file = output_dir / "config.yaml"
+        changes = []
+        if resume_stage is not None:
+            check_resume(output_dir, resolved, resume_stage)
+            saved = checkpointed_config(output_dir)
+            changes = changed_settings(saved, yaml.safe_load(text)) if saved is not None else []
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise _unwritable(err.filename or output_dir, err) from None
+        kept = _keep_earlier_config(config_file) if changes else None
         try:
             config_file.write_text(text)
         except OSError as err:  # no permission, a full disk (ENOSPC carries no file name)
             raise _unwritable(config_file, err) from None
+        if changes:
+            print(f"warning: --resume changes {', '.join(changes)} from {config_file} (kept as {kept})",
+                  file=sys.stderr, flush=True)
         for name in OUTPUT_FOLDERS:
             if (output_dir / name).exists() and not (output_dir / name).is_dir():
                 raise OutputError(f"`output_dir`: {output_dir / name} is a file, but the stage writes "
