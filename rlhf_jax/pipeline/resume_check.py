@@ -49,6 +49,10 @@ def _architecture(folder) -> dict | None:
 
 def stage_of(config: dict) -> str | None:
     """The stage that wrote a resolved config (a dict), None when it cannot be told."""
+    if "stages" in config:  # the quickstart's, which holds a section per stage
+        return "quickstart"
+    if "policies" in config:  # eval's, whose `reward` section holds reward functions
+        return "eval"
     for name in _STAGE_SECTIONS:
         if name in config:
             return name

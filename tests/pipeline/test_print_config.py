@@ -88,3 +88,43 @@ def test_the_quickstart_sections_show_their_schedule_lengths(capsys):
     assert code == 0 and printed["sft"]["optim"]["total_steps"] == 11
     grpo = printed["grpo"]
     assert grpo["optim"]["total_steps"] == 2 * grpo["grpo"]["epochs"] * grpo["grpo"]["num_minibatches"]
+
+
+def test_resume_without_config_reads_the_runs_config_yaml(tmp_path, capsys, monkeypatch):
+    """`--resume` without `--config`: `<output_dir>/config.yaml` is the config file (its
+    `train.stop_after` reset), the overrides on top; an explicit `--config` wins."""
+    run = tmp_path / "run"
+    run.mkdir()
+    _, saved, _ = run_cli(capsys, "sft", "--print-config", f"output_dir={run}", "train.steps=7", "train.stop_after=3",
+                          "seed=4", "tokenizer=tok")
+    (run / "config.yaml").write_text(saved)
+    code, out, err = run_cli(capsys, "sft", "--resume", f"output_dir={run}", "--print-config", "train.batch_size=5")
+    printed = yaml.safe_load(out)
+    assert code == 0 and err == "", err
+    assert (printed["seed"], printed["tokenizer"], printed["train"]["steps"], printed["optim"]["total_steps"]) == \
+        (4, "tok", 7, 7)
+    assert (printed["train"]["batch_size"], printed["train"]["stop_after"]) == (5, None)
+    assert yaml.safe_load(run_cli(capsys, "sft", "--print-config", f"output_dir={run}")[1])["seed"] == 0  # no --resume
+    other = tmp_path / "other.yaml"
+    other.write_text("seed: 9\n")
+    out = run_cli(capsys, "sft", "--resume", "--print-config", "--config", other, f"output_dir={run}")[1]
+    assert yaml.safe_load(out)["seed"] == 9 and yaml.safe_load(out)["tokenizer"] is None
+    # the stage's default output_dir (runs/sft), even when the file names the folder the run was moved from
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    run.rename(tmp_path / "runs" / "sft")
+    printed = yaml.safe_load(run_cli(capsys, "sft", "--resume", "--print-config")[1])
+    assert (printed["seed"], printed["output_dir"]) == (4, "runs/sft")
+    # another stage's config.yaml is not read as this stage's (dpo: its resume check names the folder)
+    printed = yaml.safe_load(run_cli(capsys, "dpo", "--resume", "--print-config", "output_dir=runs/sft")[1])
+    assert (printed["seed"], printed["output_dir"]) == (0, "runs/sft")
+
+
+def test_resume_without_config_reads_the_quickstarts_config_yaml(tmp_path, capsys):
+    run = tmp_path / "qs"
+    run.mkdir()
+    _, saved, _ = run_cli(capsys, "quickstart", "--print-config", f"output_dir={run}", "seed=4",
+                          "sft.train.stop_after=2", "stages=[sft]")
+    (run / "config.yaml").write_text(saved)
+    printed = yaml.safe_load(run_cli(capsys, "quickstart", "--resume", "--print-config", f"output_dir={run}")[1])
+    assert (printed["seed"], printed["stages"], printed["sft"]["train"]["stop_after"]) == (4, ["sft"], None)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from stage_helpers import LENGTHS, QUIET, preference_overrides, sft_overrides, tiny_task
 
+from rlhf_jax.pipeline import cli
 from rlhf_jax.pipeline.checkpoint import Checkpointer
 from rlhf_jax.pipeline.metrics_log import read_metrics
 from rlhf_jax.pipeline.stages import dpo, grpo, ppo, sft
@@ -85,6 +86,21 @@ def test_resuming_a_finished_run_only_reexports(sft_runs, capsys):
     assert f"[sft] resuming from the checkpoint of step {SFT_STEPS} (of {SFT_STEPS})\n" in out, out
     assert again["finished"] and again["resumed_from"] == SFT_STEPS and again["steps"] == SFT_STEPS
     assert _weights(root / "b") == weights and read_metrics(root / "b") == rows
+
+
+def test_resume_without_config_continues_with_the_runs_config_yaml(task, sft_runs, tmp_path, capsys):
+    """`rlhf-jax sft --resume output_dir=X`: X/config.yaml is the config (its stop_after reset),
+    so the run ends as the uninterrupted one, without a changed-settings warning."""
+    root, out = sft_runs[0], tmp_path / "c"
+    overrides = sft_overrides(task, out, steps=SFT_STEPS, extra=("eval.every=2",))
+    assert cli.main(["sft", *overrides, "train.stop_after=5"]) == 0
+    capsys.readouterr()
+    assert cli.main(["sft", "--resume", f"output_dir={out}"]) == 0
+    captured = capsys.readouterr()
+    assert f"[sft] resuming from the checkpoint of step 3 (of {SFT_STEPS})" in captured.out, captured.out
+    assert captured.err == "", captured.err
+    assert read_metrics(out) == read_metrics(root / "a") and _weights(out) == _weights(root / "a")
+    assert not list(out.glob("config.*.yaml"))
 
 
 def test_resume_without_checkpoint_starts_fresh_and_a_fresh_run_clears_checkpoints(task, tmp_path, capsys):

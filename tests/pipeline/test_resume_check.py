@@ -125,3 +125,9 @@ def test_resume_warns_of_changed_settings_and_keeps_the_earlier_config(tmp_path,
     assert yaml.safe_load((run / "config.2.yaml").read_text())["train"]["steps"] == 8
     assert prepare("train.batch_size=16", "optim.learning_rate=0.01", "train.steps=12") == ""
     assert sorted(path.name for path in run.glob("config*.yaml")) == ["config.1.yaml", "config.2.yaml", "config.yaml"]
+
+
+def test_the_quickstart_and_eval_configs_are_told_apart():
+    """(eval's `reward` section once made it look like a reward-model run.)"""
+    assert stage_of(to_dict(cli.resolved_config("quickstart"))) == "quickstart"
+    assert stage_of(to_dict(cli.resolved_config("eval"))) == "eval"
