@@ -4,8 +4,9 @@
 
 After the stage, its flags and the overrides may come in any order (`rlhf-jax dpo a=1 --resume
 b=2`); later overrides of a key win. `--resume` without `--config` reads the run's own
-`<output_dir>/config.yaml` as the config file (`config_source`), so `rlhf-jax sft --resume
+`<output_dir>/config.yaml` as the config file (`config_and_overrides`), so `rlhf-jax sft --resume
 output_dir=runs/x` continues that run with the settings it ran with.
+
 Each stage is a function `run(config_path, overrides, *, resume) -> dict` in its own module,
 imported only when its subcommand runs, so `rlhf-jax --help` stays fast. `--print-config`
 prints the stage's resolved config (defaults, then the file, then the overrides) as YAML, every
@@ -89,7 +90,7 @@ def resolved_config(stage: str, config_path=None, overrides=()):
 RESUMABLE = ("sft", "reward", "ppo", "dpo", "grpo", "quickstart")
 
 
-def config_source(stage: str, config_path, overrides, resume: bool) -> tuple[str | None, list[str]]:
+def config_and_overrides(stage: str, config_path, overrides, resume: bool) -> tuple[str | None, list[str]]:
     """`(config file, overrides)` a stage loads. `--resume` without `--config` continues the run
     in `output_dir` (the last `output_dir=` override, else the stage's default) with the config
     it ran with: its `config.yaml` when there is one written by this stage, with
@@ -100,6 +101,7 @@ def config_source(stage: str, config_path, overrides, resume: bool) -> tuple[str
     if not resume or config_path is not None or stage not in RESUMABLE:
         return config_path, overrides
     from rlhf_jax.pipeline.resume_check import PER_INVOCATION_KEYS, stage_of
+    from rlhf_jax.pipeline.stage_configs import QUICKSTART_STAGES
 
     given = [text for text in overrides if text.startswith("output_dir=")]
     output_dir = resolved_config(stage, None, given).output_dir
@@ -112,7 +114,7 @@ def config_source(stage: str, config_path, overrides, resume: bool) -> tuple[str
         saved = None  # loading it reports the problem, naming the file
     if isinstance(saved, dict) and stage_of(saved) not in (None, stage):
         return None, overrides  # another stage's run: the stage's resume check names it
-    sections = ("sft.", "reward.", "ppo.", "dpo.", "grpo.") if stage == "quickstart" else ("",)
+    sections = [f"{name}." for name in QUICKSTART_STAGES if name != "eval"] if stage == "quickstart" else [""]
     resets = [f"{section}{key}=null" for section in sections for key in PER_INVOCATION_KEYS]
     if not given:  # the stage's default folder
         resets.append(f"output_dir={output_dir}")
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def source():
-        return config_source(args.stage, args.config, args.overrides, args.resume)
+        return config_and_overrides(args.stage, args.config, args.overrides, args.resume)
 
     if args.print_config:
         return _report_errors(args.stage, lambda: print(to_yaml(resolved_config(args.stage, *source())), end=""))

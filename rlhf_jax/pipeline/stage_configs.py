@@ -460,7 +460,7 @@ def with_schedule_lengths(config):
     `--print-config` show this."""
     if isinstance(config, QuickstartConfig):
         return dataclasses.replace(config, **{name: with_schedule_lengths(getattr(config, name))
-                                              for name in ("sft", "reward", "ppo", "dpo", "grpo")})
+                                              for name in QUICKSTART_STAGES if name != "eval"})
     if not isinstance(config, (StageConfig, RLStageConfig)):
         return config
     steps = schedule_length(config)
