@@ -13,7 +13,8 @@ from __future__ import annotations
 from rlhf_jax.lazy_exports import lazy_exports
 
 _EXPORTS = {
-    "stage_configs": ("load_stage_config", "check_stage_config", "with_schedule_length",
+    "stage_configs": ("load_stage_config", "check_stage_config", "with_schedule_length", "schedule_length",
+                      "with_schedule_lengths",
                       "StageConfig", "SFTConfig", "RewardConfig", "DPOConfig", "RLStageConfig",
                       "PPOStageConfig", "GRPOStageConfig", "EvalConfig", "QuickstartConfig",
                       "ModelSection", "LoRASection", "TrainSection", "EvalSection", "CheckpointSection",

@@ -2,6 +2,11 @@
 
     rlhf-jax STAGE [--config configs/NAME.yaml] [--resume] [--print-config] [key.sub=value ...]
 
+After the stage, its flags and the overrides may come in any order (`rlhf-jax dpo a=1 --resume
+b=2`); later overrides of a key win. `--resume` without `--config` reads the run's own
+`<output_dir>/config.yaml` as the config file (`config_and_overrides`), so `rlhf-jax sft --resume
+output_dir=runs/x` continues that run with the settings it ran with.
+
 Each stage is a function `run(config_path, overrides, *, resume) -> dict` in its own module,
 imported only when its subcommand runs, so `rlhf-jax --help` stays fast. `--print-config`
 prints the stage's resolved config (defaults, then the file, then the overrides) as YAML, every
@@ -19,6 +24,9 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
+
+import yaml
 
 # transformers warns "PyTorch was not found" at import on installs without torch (which a JAX
 # run does not need); its advisory warnings are off for the command.
@@ -64,23 +72,70 @@ CONFIGS: dict[str, tuple[str, str]] = {
 
 
 def resolved_config(stage: str, config_path=None, overrides=()):
-    """The config `stage` runs with: its defaults, then the `config_path` file, then `overrides`."""
+    """The config `stage` runs with: its defaults, then the `config_path` file, then `overrides`,
+    its optimizer schedules as long as the run (`optim.total_steps`, as config.yaml records it)."""
     module_name, name = CONFIGS[stage]
     loader = getattr(importlib.import_module(module_name), name)
-    if isinstance(loader, type):
+    if not isinstance(loader, type):
+        config = loader(config_path, overrides)
+    else:
         from rlhf_jax.pipeline.stage_configs import load_stage_config
 
-        return load_stage_config(loader, config_path, overrides)
-    return loader(config_path, overrides)
+        config = load_stage_config(loader, config_path, overrides)
+    from rlhf_jax.pipeline.stage_configs import with_schedule_lengths
+
+    return with_schedule_lengths(config)
+
+
+# Stages `--resume` continues; without `--config` it reads the run's `<output_dir>/config.yaml`.
+RESUMABLE = ("sft", "reward", "ppo", "dpo", "grpo", "quickstart")
+
+
+def config_and_overrides(stage: str, config_path, overrides, resume: bool) -> tuple[str | None, list[str]]:
+    """`(config file, overrides)` a stage loads. `--resume` without `--config` continues the run
+    in `output_dir` (the last `output_dir=` override, else the stage's default) with the config
+    it ran with: its `config.yaml` when there is one written by this stage, with
+    `train.stop_after` (one invocation's) reset to null, `output_dir` set to that folder (the
+    file may name the folder the run was moved from) and then `overrides` on top. Otherwise
+    `config_path` and `overrides` as given."""
+    overrides = list(overrides)
+    if not resume or config_path is not None or stage not in RESUMABLE:
+        return config_path, overrides
+    from rlhf_jax.pipeline.resume_check import PER_INVOCATION_KEYS, stage_of
+    from rlhf_jax.pipeline.stage_configs import QUICKSTART_STAGES
+
+    given = [text for text in overrides if text.startswith("output_dir=")]
+    output_dir = resolved_config(stage, None, given).output_dir
+    saved_file = Path(output_dir) / "config.yaml"
+    if not saved_file.is_file():
+        return None, overrides
+    try:
+        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = None  # loading it reports the problem, naming the file
+    if isinstance(saved, dict) and stage_of(saved) not in (None, stage):
+        return None, overrides  # another stage's run: the stage's resume check names it
+    sections = [f"{name}." for name in QUICKSTART_STAGES if name != "eval"] if stage == "quickstart" else [""]
+    resets = [f"{section}{key}=null" for section in sections for key in PER_INVOCATION_KEYS]
+    if not given:  # the stage's default folder
+        resets.append(f"output_dir={output_dir}")
+    return str(saved_file), resets + overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf-jax", description="RLHF in JAX: run a pipeline stage from a YAML config.")
+    """The `rlhf-jax` parser, one subparser per stage (also in its `stage_parsers`, by name)."""
+    parser = argparse.ArgumentParser(prog="rlhf-jax",
+                                     description="RLHF in JAX: run a pipeline stage from a YAML config.")
     commands = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    parser.stage_parsers = {}
     for name, (_, _, help_text) in STAGES.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--config", default=None, help="YAML config file (defaults apply when omitted)")
-        sub.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+        sub = parser.stage_parsers[name] = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", default=None,
+                         help="YAML config file (when omitted: the defaults, or with --resume the run's config.yaml)")
+        sub.add_argument("--resume", action="store_true",
+                         help="continue from the latest checkpoint in the output dir; without --config, the config "
+                              "is the run's <output_dir>/config.yaml (output_dir from the overrides, else the "
+                              "stage's default), with the overrides on top")
         sub.add_argument("--print-config", action="store_true",
                          help="print the resolved config (every key: defaults, --config, overrides) as YAML and exit")
         sub.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
@@ -109,12 +164,29 @@ class _WarningLines(logging.Handler):
             self.handleError(record)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (default `sys.argv[1:]`): the stage, then its flags and overrides in any
+    order. argparse alone stops taking positionals after the first flag (`dpo a=1 --resume b=2`
+    would be "unrecognized arguments: b=2"), so the stage's own arguments are read again with
+    `parse_intermixed_args`."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = parser.parse_known_args(argv)[0].stage  # help, a missing or unknown stage: argparse's errors
+    where = argv.index(stage)
+    if where:  # the top level takes no option but --help
+        parser.error(f"unrecognized arguments: {' '.join(argv[:where])}")
+    return parser.stage_parsers[stage].parse_intermixed_args(argv[where + 1:], argparse.Namespace(stage=stage))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     show_warnings_as_lines()
+
+    def source():
+        return config_and_overrides(args.stage, args.config, args.overrides, args.resume)
+
     if args.print_config:
-        return _report_errors(args.stage, lambda: print(to_yaml(resolved_config(args.stage, args.config,
-                                                                                args.overrides)), end=""))
+        return _report_errors(args.stage, lambda: print(to_yaml(resolved_config(args.stage, *source())), end=""))
     module_name, function_name, _ = STAGES[args.stage]
     # Under a launcher or cluster (JAX_COORDINATOR_ADDRESS + RLHF_JAX_NUM_PROCESSES/PROCESS_ID, SLURM,
     # Open MPI, TPU pods) every process joins one runtime; a plain run stays single-process.
@@ -122,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     initialize_from_env()
     run = getattr(importlib.import_module(module_name), function_name)
-    return _report_errors(args.stage, lambda: run(args.config, args.overrides, resume=args.resume))
+    return _report_errors(args.stage, lambda: run(*source(), resume=args.resume))
 
 
 def _report_errors(stage: str, action) -> int:

@@ -21,7 +21,10 @@ KL-controller states for PPO.
   records its fingerprint and source instead, and a resumed run, whose carry re-read the base
   from its source, checks the fingerprint and keeps that base (`rlhf_jax.pipeline.frozen_base`).
 - Resume: with `resume=True` the latest finished checkpoint is restored (carry, data position),
-  metrics.jsonl is cut back to its step, and training continues. A latest checkpoint that
+  metrics.jsonl is cut back to its step, and training continues; the main process prints
+  `[description] resuming from the checkpoint of step N (of M)`. With no checkpoint in
+  `<output_dir>/checkpoints` (a new run, or a mistyped `output_dir`) the run starts from step 0
+  after one `warning: --resume found no checkpoint in ...` line on stderr. A latest checkpoint that
   cannot be read (a file truncated after it was finished) is skipped with one warning line
   on stderr naming its step and why, and the newest readable one is used
   (`Checkpointer.restore_latest_readable`); when none is readable the run stops with a
@@ -150,7 +153,7 @@ def run_loop(
       num_steps: total steps of the stage.
       checkpoint, logging: the stage config's sections.
       resume: continue from the latest checkpoint in `<output_dir>/checkpoints` (a fresh
-        start when there is none).
+        start, with a warning on stderr, when there is none).
       stop_after: end after this many steps of this run, without a final checkpoint.
       evaluate: `carry -> {name: value}` held-out metrics, merged into the step's row.
       eval_every: evaluate every N steps (0: only at the end); the end is always evaluated.
@@ -197,6 +200,11 @@ def run_loop(
             steps = ", ".join(f"step {step} ({reason})" for step, reason in skipped)
             print(f"warning: unreadable checkpoint {steps} in {ckpt_dir} set aside as "
                   f"<step>.unreadable; resuming from step {start}", file=sys.stderr, flush=True)
+        if main:
+            print(f"[{description}] resuming from the checkpoint of step {start} (of {num_steps})", flush=True)
+    elif resume and main:
+        print(f"warning: --resume found no checkpoint in {ckpt_dir}; starting from step 0", file=sys.stderr,
+              flush=True)
     count_skips = max_consecutive_skips is not None and has_skip_counters(carry)
     if count_skips and progress_keys is not None:
         progress_keys = (*progress_keys, SKIPS)

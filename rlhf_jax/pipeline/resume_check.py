@@ -5,9 +5,13 @@ A stage writes its resolved config to `<output_dir>/config.yaml`. Resuming reads
 first: checkpoints of another stage (an `sft --resume` pointed at a DPO run's folder), or of
 a run whose trained parameters have another structure (LoRA on or off, other adapter
 settings, another fresh-model architecture, a model folder of another architecture), are a
-`CheckpointError` naming the folder and the keys that differ, instead of a restore that fails with orbax's tree listing or, worse,
-succeeds and silently continues the other run. Settings that keep the structure (learning
-rate, steps, data, ...) may change between a run and its resumption.
+`CheckpointError` naming the folder and the keys that differ, instead of a restore that fails
+with orbax's tree listing or, worse, succeeds and silently continues the other run.
+
+Settings that keep the structure (learning rate, steps, data, ...) may change between a run
+and its resumption; `changed_settings` lists them (old -> new) for the warning the stage
+prints before it keeps the earlier config.yaml as `config.<n>.yaml` and writes the new one
+(`rlhf_jax.pipeline.stages.stage_setup.prepare_output_dir`).
 """
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ from rlhf_jax.pipeline.errors import CheckpointError
 # The section each stage's config has and no other stage's (the reward stage's `reward` is
 # shared with the RL stages, which also have `policy`).
 _STAGE_SECTIONS = ("ppo", "grpo", "dpo", "sft")
+# Keys of one invocation rather than of the run: they may differ on resume without a warning,
+# and a config.yaml read back for `--resume` (the command without `--config`) resets them.
+PER_INVOCATION_KEYS = ("train.stop_after",)
 # Keys that decide the structure of the checkpointed train state.
 _STRUCTURE_KEYS = ("lora", "model.init", "policy.init")
 # Model folders whose config.json is compared (a moved folder of the same model may resume).
@@ -42,6 +49,10 @@ def _architecture(folder) -> dict | None:
 
 def stage_of(config: dict) -> str | None:
     """The stage that wrote a resolved config (a dict), None when it cannot be told."""
+    if "stages" in config:  # the quickstart's, which holds a section per stage
+        return "quickstart"
+    if "policies" in config:  # eval's, whose `reward` section holds reward functions
+        return "eval"
     for name in _STAGE_SECTIONS:
         if name in config:
             return name
@@ -56,6 +67,11 @@ def _flat(value, prefix: str) -> dict:
     return {prefix: value}
 
 
+def _leaves(config: dict) -> dict:
+    """A config's leaves by dotted key (an empty mapping or a list is one leaf)."""
+    return {key: item for name, sub in config.items() for key, item in _flat(sub, str(name)).items()}
+
+
 def _lookup(config: dict, dotted: str):
     for part in dotted.split("."):
         if not isinstance(config, dict):
@@ -64,20 +80,52 @@ def _lookup(config: dict, dotted: str):
     return config
 
 
-def check_resume(output_dir: str | Path, config: dict, stage: str) -> None:
-    """Raise `CheckpointError` when `output_dir` holds checkpoints that `stage` with the
-    resolved `config` (a dict) cannot continue (see the module docstring)."""
+def checkpointed_config(output_dir: str | Path) -> dict | None:
+    """The config.yaml (a dict) of the run whose checkpoints are in `output_dir`; None when the
+    folder holds no checkpoint or no readable config.yaml."""
     output_dir = Path(output_dir)
     saved_file = output_dir / "config.yaml"
     checkpoints = output_dir / "checkpoints"
     if not (saved_file.is_file() and checkpoints.is_dir() and any(checkpoints.iterdir())):
-        return
+        return None
     try:
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return  # no readable record: the restore itself checks the checkpoint's structure
-    if not isinstance(saved, dict):
-        return
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+_ABSENT = object()
+
+
+def _shown(value) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    if value is None or isinstance(value, (bool, list, dict)):
+        return json.dumps(value)  # null, true, ["a.jsonl"], {"rank": 4}
+    return str(value)
+
+
+def changed_settings(saved: dict, config: dict) -> list[str]:
+    """`key old -> new` for every setting (a dotted key, down to the leaves; lists whole) whose
+    value differs between the checkpointed run's config.yaml `saved` and the resolved `config`
+    (both dicts as YAML reads them), in `config`'s key order, `PER_INVOCATION_KEYS` left out."""
+    old, new = _leaves(saved), _leaves(config)
+    changes = []
+    for key in [*new, *(key for key in old if key not in new)]:
+        if key in PER_INVOCATION_KEYS or old.get(key, _ABSENT) == new.get(key, _ABSENT):
+            continue
+        changes.append(f"{key} {_shown(old.get(key, _ABSENT))} -> {_shown(new.get(key, _ABSENT))}")
+    return changes
+
+
+def check_resume(output_dir: str | Path, config: dict, stage: str) -> None:
+    """Raise `CheckpointError` when `output_dir` holds checkpoints that `stage` with the
+    resolved `config` (a dict) cannot continue (see the module docstring)."""
+    output_dir = Path(output_dir)
+    saved = checkpointed_config(output_dir)
+    if saved is None:
+        return  # nothing to resume, or no readable record (the restore checks the checkpoint's structure)
     saved_stage = stage_of(saved)
     if saved_stage is not None and saved_stage != stage:
         raise CheckpointError(
@@ -109,4 +157,4 @@ def check_resume(output_dir: str | Path, config: dict, stage: str) -> None:
             f"(its config.yaml) or give this run another `output_dir`")
 
 
-__all__ = ["check_resume", "stage_of"]
+__all__ = ["check_resume", "stage_of", "checkpointed_config", "changed_settings", "PER_INVOCATION_KEYS"]

@@ -9,7 +9,8 @@ supervised stages (sft, reward, dpo) share `StageConfig`:
     tokenizer   tokenizer folder (default: the model folder)
     data        files and lengths (`rlhf_jax.pipeline.data.DataConfig`)
     optim       optimizer (`rlhf_jax.training.optim.OptimizerConfig`); `total_steps` is set
-                to the stage's `train.steps`, so the schedule always spans the run.
+                to the stage's `train.steps`, so the schedule always spans the run (the
+                output folder's config.yaml records that value: `with_schedule_lengths`).
                 `optim.nonfinite` says what a NaN/inf gradient does: "skip" (default) drops
                 the update and counts it (`optim/nonfinite_skips` in the logs and progress
                 line), and the run stops after `optim.max_consecutive_skips` (default 10)
@@ -442,10 +443,37 @@ def with_schedule_length(optim: OptimizerConfig, steps: int) -> OptimizerConfig:
     return dataclasses.replace(optim, total_steps=max(steps, warmup + 1), warmup_steps=warmup)
 
 
+def schedule_length(config: StageConfig | RLStageConfig) -> int:
+    """The optimizer updates a stage's run makes: `train.steps` (sft, reward, dpo), or
+    `train.iterations x epochs x num_minibatches` of the `ppo` / `grpo` section."""
+    if isinstance(config, StageConfig):
+        return config.train.steps
+    algorithm = config.ppo if isinstance(config, PPOStageConfig) else config.grpo
+    return config.train.iterations * algorithm.epochs * algorithm.num_minibatches
+
+
+def with_schedule_lengths(config):
+    """`config` with the optimizer schedules its stage trains with: `optim` (and PPO's
+    `value_optim` when set) through `with_schedule_length(..., schedule_length(config))`, so
+    `optim.total_steps` is the run's length, not the dataclass default; a quickstart config's
+    stage sections each so; other configs as they are. The output folder's config.yaml and
+    `--print-config` show this."""
+    if isinstance(config, QuickstartConfig):
+        return dataclasses.replace(config, **{name: with_schedule_lengths(getattr(config, name))
+                                              for name in QUICKSTART_STAGES if name != "eval"})
+    if not isinstance(config, (StageConfig, RLStageConfig)):
+        return config
+    steps = schedule_length(config)
+    config = dataclasses.replace(config, optim=with_schedule_length(config.optim, steps))
+    if isinstance(config, PPOStageConfig) and config.value_optim is not None:
+        config = dataclasses.replace(config, value_optim=with_schedule_length(config.value_optim, steps))
+    return config
+
+
 __all__ = [
     "ModelSection", "LoRASection", "TrainSection", "EvalSection", "CheckpointSection", "LoggingSection",
     "StageConfig", "SFTOptions", "SFTConfig", "RewardOptions", "RewardConfig", "DPOConfig",
     "RewardFunctionSpec", "RewardSource", "DynamicSamplingSection", "EvalRewardSection", "RLTrainSection", "RLStageConfig", "PPOStageConfig", "GRPOStageConfig", "EvalConfig",
     "QuickstartConfig", "QUICKSTART_STAGES", "load_stage_config",
-    "check_stage_config", "with_schedule_length",
+    "check_stage_config", "with_schedule_length", "schedule_length", "with_schedule_lengths",
 ]

@@ -50,7 +50,8 @@ NONFINITE_POLICIES = ("skip", "halt", "none")
 class OptimizerConfig:
     learning_rate: float = 1e-5  # peak learning rate, reached at the end of warmup
     warmup_steps: int = 0  # linear warmup from 0 over this many optimizer steps
-    total_steps: int = 1000  # the decay ends here (cosine / linear schedules)
+    total_steps: int = 1000  # the decay ends here (cosine / linear schedules); a pipeline stage sets it to
+    # its run's length (`with_schedule_length`), which its output folder's config.yaml records
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     end_lr_ratio: float = 0.0  # final LR = end_lr_ratio * learning_rate
     weight_decay: float = 0.0  # decoupled AdamW decay, on arrays with ndim >= 2 only

@@ -337,6 +337,40 @@ def test_output_dir_that_cannot_be_written(task, tmp_path, capsys, where):
         assert "No space left on device" in lines[0]
 
 
+SOURCE_FOLDER_CASES = {  # stage, the key whose folder output_dir is in, its override, other arguments
+    "sft model.path": ("sft", "model.path", "model.path={}", lambda task, good: [f"tokenizer={task.tokenizer_dir}"]),
+    "sft tokenizer": ("sft", "tokenizer", "tokenizer={}", lambda task, good: [f"model.path={good}"]),
+    "dpo reference": ("dpo", "reference", "reference={}", lambda task, good: [f"model.path={good}"]),
+    "ppo reward.path": ("ppo", "reward.path", "reward.path={}", lambda task, good: [f"policy.path={good}"]),
+    "grpo policy.path": ("grpo", "policy.path", "policy.path={}", lambda task, good: []),
+    "eval policies.sft": ("eval", "policies.sft", "policies={{sft: {}}}", lambda task, good: []),
+}
+
+
+@pytest.mark.parametrize("where", ["the folder", "inside it", "a link to it"])
+@pytest.mark.parametrize("case", list(SOURCE_FOLDER_CASES))
+def test_output_dir_in_a_source_model_folder_is_refused(task, good_model, tmp_path, capsys, case, where):
+    """A run would write checkpoints/, model/ and its logs into the user's model folder."""
+    stage, key, override, others = SOURCE_FOLDER_CASES[case]
+    source = tmp_path / "source"
+    shutil.copytree(good_model, source)
+    before = sorted(path.name for path in source.iterdir())
+    output_dir = {"the folder": source, "inside it": source / "runs" / "x", "a link to it": tmp_path / "link"}[where]
+    if where == "a link to it":
+        output_dir.symlink_to(source)
+    result = run_cli(capsys, stage, f"output_dir={output_dir}", override.format(source), *others(task, good_model))
+    assert_one_error_line(*result, stage, "output", f"`output_dir` ({output_dir})", f"`{key}` ({source})")
+    assert sorted(path.name for path in source.iterdir()) == before  # nothing written there
+
+
+def test_output_dir_next_to_or_above_a_source_folder_passes(tmp_path):
+    from rlhf_jax.pipeline.stages.stage_setup import check_output_dir
+
+    check_output_dir({"output_dir": str(tmp_path / "models" / "run"),
+                      "model": {"path": str(tmp_path / "models" / "base")}})
+    check_output_dir({"output_dir": str(tmp_path), "policies": {"sft": str(tmp_path / "sft" / "model")}})
+
+
 def test_config_file_that_is_not_utf8(tmp_path, capsys):
     config = tmp_path / "sft.yaml"
     config.write_bytes(b"output_dir: runs/caf\xe9\n")

@@ -301,7 +301,7 @@ def test_bad_lora_settings_exit_2_naming_the_key(stage, override, message, capsy
 
 def test_lora_refuses_a_separate_reference_and_a_missing_adapter(setting, tmp_path):
     with pytest.raises(ConfigError, match="`reference`: with `lora` the reference policy is the base model"):
-        dpo.run(None, dpo_overrides(setting, tmp_path / "a", steps=1, extra=(f"reference={tmp_path}",)))
+        dpo.run(None, dpo_overrides(setting, tmp_path / "a", steps=1, extra=(f"reference={tmp_path / 'ref'}",)))
     with pytest.raises(ConfigError, match="`lora.path`: adapter folder .* does not exist"):
         dpo.run(None, dpo_overrides(setting, tmp_path / "b", steps=1, extra=(f"lora.path={tmp_path / 'none'}",)))
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from stage_helpers import LENGTHS, QUIET, preference_overrides, sft_overrides, tiny_task
 
+from rlhf_jax.pipeline import cli
 from rlhf_jax.pipeline.checkpoint import Checkpointer
 from rlhf_jax.pipeline.metrics_log import read_metrics
 from rlhf_jax.pipeline.stages import dpo, grpo, ppo, sft
@@ -69,28 +71,61 @@ def test_checkpoint_holds_state_optimizer_and_data_position(sft_runs):
     assert meta["data_position"] == {"epoch": 0, "index": SFT_STEPS}  # 96 rows / 8 per batch
 
 
-def test_resuming_a_finished_run_only_reexports(sft_runs):
+def test_config_yaml_records_the_schedule_length_used(sft_runs):
+    """Not the dataclass default (1000): the run's `train.steps`, through the kill and resume."""
+    saved = yaml.safe_load((sft_runs[0] / "b" / "config.yaml").read_text())
+    assert saved["optim"]["total_steps"] == saved["train"]["steps"] == SFT_STEPS
+
+
+def test_resuming_a_finished_run_only_reexports(sft_runs, capsys):
     root, _, _, overrides = sft_runs
     weights, rows = _weights(root / "b"), read_metrics(root / "b")
+    capsys.readouterr()
     again = sft.run(None, overrides, resume=True)
+    out = capsys.readouterr().out
+    assert f"[sft] resuming from the checkpoint of step {SFT_STEPS} (of {SFT_STEPS})\n" in out, out
     assert again["finished"] and again["resumed_from"] == SFT_STEPS and again["steps"] == SFT_STEPS
     assert _weights(root / "b") == weights and read_metrics(root / "b") == rows
 
 
-def test_resume_without_checkpoint_starts_fresh_and_a_fresh_run_clears_checkpoints(task, tmp_path):
+def test_resume_without_config_continues_with_the_runs_config_yaml(task, sft_runs, tmp_path, capsys):
+    """`rlhf-jax sft --resume output_dir=X`: X/config.yaml is the config (its stop_after reset),
+    so the run ends as the uninterrupted one, without a changed-settings warning."""
+    root, out = sft_runs[0], tmp_path / "c"
+    overrides = sft_overrides(task, out, steps=SFT_STEPS, extra=("eval.every=2",))
+    assert cli.main(["sft", *overrides, "train.stop_after=5"]) == 0
+    capsys.readouterr()
+    assert cli.main(["sft", "--resume", f"output_dir={out}"]) == 0
+    captured = capsys.readouterr()
+    assert f"[sft] resuming from the checkpoint of step 3 (of {SFT_STEPS})" in captured.out, captured.out
+    assert captured.err == "", captured.err
+    assert read_metrics(out) == read_metrics(root / "a") and _weights(out) == _weights(root / "a")
+    assert not list(out.glob("config.*.yaml"))
+
+
+def test_resume_without_checkpoint_starts_fresh_and_a_fresh_run_clears_checkpoints(task, tmp_path, capsys):
+    capsys.readouterr()
     first = sft.run(None, sft_overrides(task, tmp_path, steps=3), resume=True)
     assert first["finished"] and first["resumed_from"] is None
+    captured = capsys.readouterr()
+    assert captured.err == (f"warning: --resume found no checkpoint in {tmp_path / 'checkpoints'}; "
+                            f"starting from step 0\n"), captured.err  # e.g. a mistyped output_dir
+    assert "resuming from" not in captured.out
     second = sft.run(None, sft_overrides(task, tmp_path, steps=4))  # no --resume: starts over
     assert second["resumed_from"] is None
     assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2, 3, 4]
 
 
-def test_dpo_killed_and_resumed_matches_uninterrupted(task, sft_runs, tmp_path):
+def test_dpo_killed_and_resumed_matches_uninterrupted(task, sft_runs, tmp_path, capsys):
     policy = sft_runs[0] / "a" / "model"
     dpo.run(None, preference_overrides(task, tmp_path / "a", policy, steps=5))
     overrides = preference_overrides(task, tmp_path / "b", policy, steps=5)
+    capsys.readouterr()
     resumed = _kill_and_resume(dpo.run, overrides, tmp_path / "b", stop_after=3)
     assert resumed["resumed_from"] == 2
+    captured = capsys.readouterr()
+    assert "[dpo] resuming from the checkpoint of step 2 (of 5)\n" in captured.out, captured.out
+    assert "warning" not in captured.err, captured.err
     assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
     assert _weights(tmp_path / "a") == _weights(tmp_path / "b")
     saved = json.loads((tmp_path / "b" / "model" / "config.json").read_text())
@@ -114,6 +149,8 @@ def test_ppo_killed_and_resumed_matches_uninterrupted(task, sft_runs, tmp_path):
     rows = read_metrics(tmp_path / "b")
     assert read_metrics(tmp_path / "a") == rows and len(rows) == 3
     assert rows[0]["objective/kl_coef"] != rows[2]["objective/kl_coef"]  # the controller moved
+    saved = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert saved["optim"]["total_steps"] == 3 * 1 * 2  # iterations x epochs x num_minibatches
     assert _weights(tmp_path / "a") == _weights(tmp_path / "b")
 
 

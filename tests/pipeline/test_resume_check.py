@@ -8,9 +8,10 @@ import yaml
 
 from rlhf_jax.pipeline import cli
 from rlhf_jax.pipeline.errors import CheckpointError
-from rlhf_jax.pipeline.resume_check import check_resume, stage_of
+from rlhf_jax.pipeline.resume_check import changed_settings, check_resume, stage_of
 from rlhf_jax.pipeline.stage_configs import (DPOConfig, GRPOStageConfig, PPOStageConfig, RewardConfig, SFTConfig,
                                              load_stage_config)
+from rlhf_jax.pipeline.stages.stage_setup import prepare_output_dir
 from rlhf_jax.typed_config import to_dict
 
 STAGES = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "ppo": PPOStageConfig, "grpo": GRPOStageConfig}
@@ -82,3 +83,51 @@ def test_the_command_refuses_before_replacing_the_runs_config(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("rlhf-jax sft: checkpoint error: `--resume`: ") and err.count("\n") == 1, err
     assert (run / "config.yaml").read_text() == before
+
+
+def test_changed_settings_name_each_key_old_and_new():
+    saved = resolved("sft", "train.batch_size=8", "data.train_files=[a.jsonl]", "train.stop_after=3")
+    now = resolved("sft", "train.batch_size=16", "data.train_files=[b.jsonl]", "tokenizer=tok")
+    assert changed_settings(saved, now) == ['data.train_files ["a.jsonl"] -> ["b.jsonl"]', "tokenizer null -> tok",
+                                            "train.batch_size 8 -> 16"]  # train.stop_after: one invocation's
+    assert changed_settings(saved, saved | {"seed": 3}) == ["seed 0 -> 3"]
+    del saved["train"]["num_microbatches"]  # e.g. a key a later version added
+    assert "train.num_microbatches (absent) -> 1" in changed_settings(saved, now)
+    assert "train.num_microbatches 1 -> (absent)" in changed_settings(now, saved)
+
+
+def test_resume_warns_of_changed_settings_and_keeps_the_earlier_config(tmp_path, capsys):
+    """Accepted (the structure is the same), but named on stderr, and config.yaml's record of
+    what the earlier steps ran with is kept as config.<n>.yaml."""
+    run = tmp_path / "run"
+
+    def prepare(*overrides):
+        capsys.readouterr()
+        prepare_output_dir(load_stage_config(SFTConfig, None, [f"output_dir={run}", "train.steps=8", *overrides]),
+                           resume_stage="sft")
+        return capsys.readouterr().err
+
+    assert prepare("train.batch_size=8", "optim.learning_rate=0.003", "train.stop_after=5") == ""  # a new folder
+    (run / "checkpoints" / "3").mkdir(parents=True)
+    first = (run / "config.yaml").read_text()
+    assert prepare("train.batch_size=8", "optim.learning_rate=0.003") == ""  # only train.stop_after differs
+    assert not (run / "config.1.yaml").exists()
+    first_without_stop = (run / "config.yaml").read_text()
+    assert first_without_stop != first
+    err = prepare("train.batch_size=16", "optim.learning_rate=0.01")
+    assert err == (f"warning: --resume changes optim.learning_rate 0.003 -> 0.01, train.batch_size 8 -> 16 from "
+                   f"{run / 'config.yaml'} (kept as {run / 'config.1.yaml'})\n")
+    assert (run / "config.1.yaml").read_text() == first_without_stop
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"] == 16
+    err = prepare("train.batch_size=16", "optim.learning_rate=0.01", "train.steps=12")
+    assert err.startswith("warning: --resume changes optim.total_steps 8 -> 12, train.steps 8 -> 12 from ")
+    assert err.endswith(f"(kept as {run / 'config.2.yaml'})\n")
+    assert yaml.safe_load((run / "config.2.yaml").read_text())["train"]["steps"] == 8
+    assert prepare("train.batch_size=16", "optim.learning_rate=0.01", "train.steps=12") == ""
+    assert sorted(path.name for path in run.glob("config*.yaml")) == ["config.1.yaml", "config.2.yaml", "config.yaml"]
+
+
+def test_the_quickstart_and_eval_configs_are_told_apart():
+    """(eval's `reward` section once made it look like a reward-model run.)"""
+    assert stage_of(to_dict(cli.resolved_config("quickstart"))) == "quickstart"
+    assert stage_of(to_dict(cli.resolved_config("eval"))) == "eval"

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.pipeline import dynamic_sampling
-from rlhf_jax.pipeline.stage_configs import GRPOStageConfig, load_stage_config, with_schedule_length
+from rlhf_jax.pipeline.stage_configs import GRPOStageConfig, load_stage_config, schedule_length, with_schedule_length
 from rlhf_jax.pipeline.stages import skeletons, stage_setup
 from rlhf_jax.pipeline.stages.lora import stage_state
 from rlhf_jax.pipeline.stages.scoring import HostScorer
@@ -82,7 +82,7 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
         HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data, algorithm.sampling.eos_token_id)
     skeletons.print_rollout_start("grpo", setup, host.describe() if host else ["reward model"])
-    updates = config.train.iterations * algorithm.epochs * algorithm.num_minibatches
+    updates = schedule_length(config)  # iterations x epochs x num_minibatches
     policy_state, policy_shardings = stage_state(policy_module, policy_params,
                                                  with_schedule_length(config.optim, updates), mesh, config.lora, config.seed)
     del policy_params

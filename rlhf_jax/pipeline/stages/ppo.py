@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 
 from rlhf_jax.pipeline.frozen_base import BaseSource
-from rlhf_jax.pipeline.stage_configs import PPOStageConfig, load_stage_config, with_schedule_length
+from rlhf_jax.pipeline.stage_configs import PPOStageConfig, load_stage_config, schedule_length, with_schedule_length
 from rlhf_jax.pipeline.stages import skeletons, stage_setup
 from rlhf_jax.pipeline.stages.grpo import model_scorer
 from rlhf_jax.pipeline.stages.lora import stage_state
@@ -49,7 +49,7 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
         HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data, algorithm.sampling.eos_token_id)
     skeletons.print_rollout_start("ppo", setup, host.describe() if host else ["reward model"])
 
-    updates = config.train.iterations * algorithm.epochs * algorithm.num_minibatches
+    updates = schedule_length(config)  # iterations x epochs x num_minibatches
     policy_state, policy_shardings = stage_state(policy_module, policy_params,
                                                  with_schedule_length(config.optim, updates), mesh, config.lora, config.seed)
     value_state, value_shardings = stage_state(

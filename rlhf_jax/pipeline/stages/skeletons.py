@@ -22,7 +22,7 @@ from rlhf_jax.pipeline.batching import BatchIterator
 from rlhf_jax.pipeline.data import load_data
 from rlhf_jax.pipeline.frozen_base import model_source
 from rlhf_jax.pipeline.loop import run_loop
-from rlhf_jax.pipeline.stage_configs import with_schedule_length
+from rlhf_jax.pipeline.stage_configs import schedule_length, with_schedule_length
 from rlhf_jax.pipeline.stages.stage_setup import (
     check_batch_shards, check_positions, finish_stage, load_folder, load_reference, place, prepare_output_dir, require,
     stage_mesh, stage_rng, stage_tokenizer,
@@ -132,7 +132,7 @@ def supervised_state_and_step(config, module, params, mesh, step, /, **options):
     must fit the model's positions (`stage_setup.check_positions`)."""
     check_positions(module, config.data.max_prompt_length + config.data.max_response_length,
                     "`data.max_prompt_length` + `data.max_response_length`")
-    state, shardings = stage_state(module, params, with_schedule_length(config.optim, config.train.steps), mesh,
+    state, shardings = stage_state(module, params, with_schedule_length(config.optim, schedule_length(config)), mesh,
                                    config.lora, config.seed)
     return state, make_train_step(step, mesh=mesh, state_shardings=shardings,
                                   num_microbatches=config.train.num_microbatches, **options)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -37,9 +39,9 @@ from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.typed_config import ConfigError, to_dict
 from rlhf_jax.pipeline.errors import NonFiniteError, OutputError
 from rlhf_jax.pipeline.generation_config import write_generation_config
+from rlhf_jax.pipeline.resume_check import changed_settings, check_resume, checkpointed_config
+from rlhf_jax.pipeline.stage_configs import ModelSection, with_schedule_lengths
 from rlhf_jax.pipeline.stages.companion_models import check_reference, check_reward_model, folder_tokenizer
-from rlhf_jax.pipeline.resume_check import check_resume
-from rlhf_jax.pipeline.stage_configs import ModelSection
 from rlhf_jax.pipeline.tokenizer import load_tokenizer
 from rlhf_jax.training import multihost
 from rlhf_jax.training.nonfinite import nonfinite_leaves
@@ -66,31 +68,94 @@ def _unwritable(path, err: OSError) -> OutputError:
     return OutputError(f"`output_dir`: cannot write {path}: {err.strerror or err}")
 
 
+# Config keys naming folders a stage reads its models, adapters or tokenizer from (eval's
+# `policies` entries are `policies.<name>`).
+SOURCE_FOLDER_KEYS = ("model.path", "policy.path", "reference", "value", "reward.path", "reward_model", "tokenizer",
+                      "lora.path")
+
+
+def _lookup(tree, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(part)
+    return tree
+
+
+def source_folders(resolved: dict) -> list[tuple[str, str]]:
+    """`(key, folder)` of every source folder set in a resolved config (a dict)."""
+    found = [(key, _lookup(resolved, key)) for key in SOURCE_FOLDER_KEYS]
+    policies = resolved.get("policies")
+    if isinstance(policies, dict):
+        found += [(f"policies.{name}", folder) for name, folder in policies.items()]
+    return [(key, folder) for key, folder in found if isinstance(folder, str) and folder]
+
+
+def check_output_dir(resolved: dict) -> None:
+    """An OutputError when `output_dir` is a folder the stage reads from (`model.path`,
+    `policy.path`, `reference`, `value`, `reward.path`, `tokenizer`, ...) or inside one: the run
+    would write its checkpoints, logs and model into the user's model folder. Paths are
+    compared resolved (symlinks, `..`), whether they exist or not."""
+    output_dir = Path(resolved["output_dir"]).resolve()
+    for key, folder in source_folders(resolved):
+        source = Path(folder).resolve()
+        if output_dir == source or output_dir.is_relative_to(source):
+            where = "is" if output_dir == source else "is inside"
+            raise OutputError(f"`output_dir` ({resolved['output_dir']}) {where} the folder of `{key}` ({folder}); "
+                              f"the run would write checkpoints/, model/ and its logs there: give `output_dir` "
+                              f"another folder")
+
+
+def _keep_earlier_config(config_file: Path) -> Path:
+    """Copy `config_file` to `config.<n>.yaml` next to it, n the first free number from 1."""
+    n = 1
+    while (kept := config_file.with_name(f"config.{n}.yaml")).exists():
+        n += 1
+    try:
+        shutil.copyfile(config_file, kept)
+    except OSError as err:
+        raise _unwritable(kept, err) from None
+    return kept
+
+
 def prepare_output_dir(config, *, resume_stage: str | None = None) -> Path:
-    """Create `config.output_dir` and write the resolved config to `config.yaml` in it.
+    """Create `config.output_dir` and write the resolved config to `config.yaml` in it, with the
+    optimizer schedules the stage trains with (`optim.total_steps`: `with_schedule_lengths`).
 
     This is a stage's first write, so an output directory that cannot be written (a file in
     the way, no permission, a full disk) is an OutputError naming the path before any work
-    is done; so is a file where the stage will put a folder (checkpoints/, model/, ...).
+    is done; so is a file where the stage will put a folder (checkpoints/, model/, ...), and an
+    output directory that is (or is inside) a source model or tokenizer folder (`check_output_dir`).
     `resume_stage`: the stage that will `--resume` here; checkpoints it cannot continue (of
     another stage, or of other LoRA / architecture settings) are a CheckpointError before
-    config.yaml is replaced (`rlhf_jax.pipeline.resume_check`).
+    config.yaml is replaced (`rlhf_jax.pipeline.resume_check`). Other settings that changed
+    since the checkpointed run (`changed_settings`; `train.stop_after` aside) are accepted
+    with one warning line on stderr naming each (old -> new), and the earlier config.yaml is
+    kept as `config.<n>.yaml` (the first free n = 1, 2, ...) before the new one is written.
     """
     output_dir = Path(config.output_dir)
+    resolved = to_dict(with_schedule_lengths(config))
+    check_output_dir(resolved)
     if jax.process_index() == 0:
-        resolved = to_dict(config)
-        if resume_stage is not None:
-            check_resume(output_dir, resolved, resume_stage)
         text = yaml.safe_dump(resolved, sort_keys=False)
         config_file = output_dir / "config.yaml"
+        changes = []
+        if resume_stage is not None:
+            check_resume(output_dir, resolved, resume_stage)
+            saved = checkpointed_config(output_dir)
+            changes = changed_settings(saved, yaml.safe_load(text)) if saved is not None else []
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise _unwritable(err.filename or output_dir, err) from None
+        kept = _keep_earlier_config(config_file) if changes else None
         try:
             config_file.write_text(text)
         except OSError as err:  # no permission, a full disk (ENOSPC carries no file name)
             raise _unwritable(config_file, err) from None
+        if changes:
+            print(f"warning: --resume changes {', '.join(changes)} from {config_file} (kept as {kept})",
+                  file=sys.stderr, flush=True)
         for name in OUTPUT_FOLDERS:
             if (output_dir / name).exists() and not (output_dir / name).is_dir():
                 raise OutputError(f"`output_dir`: {output_dir / name} is a file, but the stage writes "
@@ -391,8 +456,9 @@ def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra
 
 
 __all__ = [
-    "MODEL_DIR", "prepare_output_dir", "require", "check_not_run_folder", "check_same_vocabulary", "stage_tokenizer", "fresh_model_config",
-    "build_model", "check_positions", "load_folder", "load_reference", "load_reward_model", "stage_mesh", "check_batch_shards",
-    "make_state", "place", "rng_key", "stage_rng",
+    "MODEL_DIR", "prepare_output_dir", "check_output_dir", "source_folders", "SOURCE_FOLDER_KEYS",
+    "require", "check_not_run_folder", "check_same_vocabulary", "stage_tokenizer", "fresh_model_config",
+    "build_model", "check_positions", "load_folder", "load_reference", "load_reward_model", "stage_mesh",
+    "check_batch_shards", "make_state", "place", "rng_key", "stage_rng",
     "export_model", "export_dtype", "source_dtype", "SAVE_DTYPES", "export_adapter", "ADAPTER_DIR", "summary", "tree_bytes", "finish_stage",
 ]
