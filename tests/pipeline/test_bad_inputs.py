@@ -38,10 +38,11 @@ def task(tmp_path_factory):
 
 
 def tiny_folder(task, folder, cls=CausalLM):
-    """A tiny model folder (weights, config, tokenizer) of `cls` that every stage accepts."""
+    """A tiny model folder (weights, config, tokenizer) of `cls` that every stage accepts (its
+    64 positions hold a prompt plus the default 32 sampled tokens: no positions warning)."""
     tokenizer = load_tokenizer(task.tokenizer_dir)
     config = ModelConfig.llama(vocab_size=len(tokenizer), hidden_size=32, num_layers=1, num_heads=2,
-                               intermediate_size=64, max_position_embeddings=32)
+                               intermediate_size=64, max_position_embeddings=64)
     module = cls(config)
     params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
     folder = save_pretrained(folder, module, params, pad_token_id=tokenizer.pad_token_id,

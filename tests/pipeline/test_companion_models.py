@@ -23,7 +23,7 @@ def task(tmp_path_factory):
 def model_folder(folder, tokenizer, *, cls=CausalLM, num_layers=1, vocab_size=None, tokenizer_folder=None):
     """A saved tiny Llama (with `tokenizer`, or the tokenizer of `tokenizer_folder`)."""
     config = ModelConfig.llama(vocab_size=vocab_size or len(tokenizer), hidden_size=32, num_layers=num_layers,
-                               num_heads=2, intermediate_size=64, max_position_embeddings=32)
+                               num_heads=2, intermediate_size=64, max_position_embeddings=64)
     module = cls(config)
     params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
     save_pretrained(folder, module, params, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
