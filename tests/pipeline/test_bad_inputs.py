@@ -372,6 +372,21 @@ def test_output_dir_next_to_or_above_a_source_folder_passes(tmp_path):
     check_output_dir({"output_dir": str(tmp_path), "policies": {"sft": str(tmp_path / "sft" / "model")}})
 
 
+def test_a_source_folder_the_run_replaces_is_refused(task, good_model, tmp_path, capsys):
+    """`model.path=<run>/model` with `output_dir=<run>` would overwrite the model it trains
+    from at export; eval (which writes no model) may read a policy there."""
+    from rlhf_jax.pipeline.stages.stage_setup import check_output_dir
+
+    run = tmp_path / "run"
+    shutil.copytree(good_model, run / "model")
+    before = sorted(path.name for path in (run / "model").iterdir())
+    result = run_cli(capsys, "sft", f"output_dir={run}", f"model.path={run / 'model'}")
+    assert_one_error_line(*result, "sft", "output", f"`model.path` ({run / 'model'}) is in the `model/` folder of "
+                          f"`output_dir` ({run}), which this run replaces")
+    assert sorted(path.name for path in (run / "model").iterdir()) == before
+    check_output_dir({"output_dir": str(run), "policies": {"a": str(run / "model")}})
+
+
 def test_config_file_that_is_not_utf8(tmp_path, capsys):
     config = tmp_path / "sft.yaml"
     config.write_bytes(b"output_dir: runs/caf\xe9\n")

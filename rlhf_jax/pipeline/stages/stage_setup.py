@@ -39,7 +39,7 @@ from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.typed_config import ConfigError, to_dict
 from rlhf_jax.pipeline.errors import NonFiniteError, OutputError
 from rlhf_jax.pipeline.generation_config import write_generation_config
-from rlhf_jax.pipeline.resume_check import changed_settings, check_resume, checkpointed_config
+from rlhf_jax.pipeline.resume_check import changed_settings, check_resume, checkpointed_config, stage_of
 from rlhf_jax.pipeline.stage_configs import ModelSection, with_schedule_lengths
 from rlhf_jax.pipeline.stages.companion_models import check_reference, check_reward_model, folder_tokenizer
 from rlhf_jax.pipeline.tokenizer import load_tokenizer
@@ -94,8 +94,10 @@ def source_folders(resolved: dict) -> list[tuple[str, str]]:
 def check_output_dir(resolved: dict) -> None:
     """An OutputError when `output_dir` is a folder the stage reads from (`model.path`,
     `policy.path`, `reference`, `value`, `reward.path`, `tokenizer`, ...) or inside one: the run
-    would write its checkpoints, logs and model into the user's model folder. Paths are
-    compared resolved (symlinks, `..`), whether they exist or not."""
+    would write its checkpoints, logs and model into the user's model folder; and (training
+    stages) when such a folder is one the run replaces (`<output_dir>/model`, ...: a model
+    trained by an earlier run in the same `output_dir`). Paths are compared resolved
+    (symlinks, `..`), whether they exist or not."""
     output_dir = Path(resolved["output_dir"]).resolve()
     for key, folder in source_folders(resolved):
         source = Path(folder).resolve()
@@ -104,6 +106,14 @@ def check_output_dir(resolved: dict) -> None:
             raise OutputError(f"`output_dir` ({resolved['output_dir']}) {where} the folder of `{key}` ({folder}); "
                               f"the run would write checkpoints/, model/ and its logs there: give `output_dir` "
                               f"another folder")
+        if stage_of(resolved) == "eval":  # eval writes a report, no model or checkpoints
+            continue
+        for name in OUTPUT_FOLDERS:  # a training stage replaces these: e.g. the model it reads
+            written = output_dir / name
+            if source == written or source.is_relative_to(written):
+                raise OutputError(f"`{key}` ({folder}) is in the `{name}/` folder of `output_dir` "
+                                  f"({resolved['output_dir']}), which this run replaces: give `output_dir` another "
+                                  f"folder")
 
 
 def _keep_earlier_config(config_file: Path) -> Path:
