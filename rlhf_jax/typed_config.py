@@ -2,6 +2,7 @@
 
 Every config is a tree of (frozen-free) dataclasses. Loading walks the tree, so an unknown key
 or a value of the wrong type is an error that names the full key path and lists the valid keys.
+A dataclass with a `SHORTHAND_FIELD` class attribute also reads a plain string, as that field.
 """
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
             raise ConfigError(f"`{path}` must be one of {list(args)}, got {value!r}")
         return value
     if dataclasses.is_dataclass(annotation):
+        shorthand = getattr(annotation, "SHORTHAND_FIELD", None)
+        if shorthand is not None and isinstance(value, str):  # `name` for `{shorthand: name}`
+            value = {shorthand: value}
         if not isinstance(value, dict):
             raise ConfigError(f"`{path}` must be a mapping of {annotation.__name__} fields, got {value!r}")
         return from_dict(annotation, value, prefix=path)

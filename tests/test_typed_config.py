@@ -1,5 +1,5 @@
 import dataclasses
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import pytest
 
@@ -92,3 +92,22 @@ def test_an_error_names_the_command_line_when_the_file_alone_loads(tmp_path):
         load_config(Run, path, ["steps=4"])
     with pytest.raises(ConfigError, match=f"^{path}: unknown config key 'optim.l'"):
         load_config(Run, path)
+
+
+@dataclasses.dataclass
+class Hook:
+    SHORTHAND_FIELD: ClassVar[str] = "target"
+    target: str = ""
+    weight: float = 1.0
+
+
+@dataclasses.dataclass
+class Hooks:
+    hooks: list[Hook] = dataclasses.field(default_factory=list)
+
+
+def test_a_plain_string_stands_for_the_shorthand_field():
+    config = load_config(Hooks, None, ["hooks=[a.py:f, {target: b.py:g, weight: 0.5}]"])
+    assert config.hooks == [Hook("a.py:f"), Hook("b.py:g", 0.5)]
+    with pytest.raises(ConfigError, match=r"`optim` must be a mapping of Optim fields, got 'fast'"):
+        load_config(Run, None, ["optim=fast"])  # no shorthand: a string is still refused

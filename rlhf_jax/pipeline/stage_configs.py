@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.lora import DEFAULT_TARGETS, check_lora_settings
@@ -200,8 +200,10 @@ class DPOConfig(StageConfig):
 
 @dataclass
 class RewardFunctionSpec:
-    """One reward function of `reward.functions` (see `rlhf_jax.rewards`)."""
+    """One reward function of `reward.functions` (see `rlhf_jax.rewards`); a plain string in
+    the list stands for `{function: <string>, weight: 1.0}`."""
 
+    SHORTHAND_FIELD: ClassVar[str] = "function"
     function: str = ""  # path/to/file.py:name (relative to the working directory) or package.module:name
     weight: float = 1.0  # its weight in the weighted sum
 

@@ -101,7 +101,7 @@ def test_ppo_with_reward_functions(policy, tmp_path, monkeypatch):
     args = ["ppo", "output_dir=run", f"policy.path={policy}", "data.train_files=[prompts.jsonl]",
             "data.max_prompt_length=8", "logging.progress=false", "logging.tensorboard=false", "mesh.data=1",
             "train.batch_size=4", "train.iterations=2", "ppo.sampling.max_new_tokens=4", "ppo.num_minibatches=2",
-            "ppo.epochs=1", "checkpoint.interval=0", "reward.functions=[{function: my_reward.py:correct}]"]
+            "ppo.epochs=1", "checkpoint.interval=0", "reward.functions=[my_reward.py:correct]"]
     assert cli.main(args) == 0
     rows = read_metrics(tmp_path / "run")
     assert len(rows) == 2 and "reward/correct/mean" in rows[0] and "value/loss" in rows[0]
