@@ -122,7 +122,39 @@ def open_supervised_stage(config, *, kind: str, why: str, stage: str, resume: bo
     if eval_data is not None or stage == "dpo":  # eval.batch_size also batches DPO's reference log-probs
         sizes["eval.batch_size"] = config.eval.batch_size
     check_batch_shards(mesh, sizes)
+    print_data_start(stage, data, eval_data, tokenizer)
     return SupervisedSetup(output_dir, tokenizer, data, eval_data, mesh)
+
+
+def print_data_start(stage: str, data, eval_data, tokenizer) -> None:
+    """The block a user sees when a supervised stage starts: the rows used (skipped, truncated),
+    the held-out rows, and the first row's token ids decoded back to text, split into prompt
+    and response(s) as the step sees them (a chat template's rendering, the BOS and the appended
+    EOS show); for SFT, how many response tokens are trained and, when not all, which text."""
+    if jax.process_index() != 0:
+        return
+    stats = data.stats
+    held_out = f"; held-out: {len(eval_data)} rows" if eval_data is not None else ""
+    lines = [f"[{stage}] data: {stats.num_used} rows of {stats.num_rows} ({stats.num_skipped} skipped, "
+             f"{stats.num_truncated} truncated){held_out}"]
+    arrays = data.arrays
+
+    def text(ids, mask):
+        return repr(tokenizer.decode([int(i) for i in np.asarray(ids)[np.asarray(mask) > 0]],
+                                     skip_special_tokens=False))
+
+    prompt = text(arrays["prompt_ids"][0], arrays["prompt_mask"][0])
+    responses = [text(ids, mask) for ids, mask in zip(arrays["response_ids"][0], arrays["response_mask"][0])]
+    if data.kind == "preference":
+        example = f"prompt {prompt} -> chosen {responses[0]} | rejected {responses[1]}"
+    else:
+        real = np.asarray(arrays["response_mask"][0, 0]) > 0
+        trained = real & (np.asarray(arrays["loss_mask"][0, 0]) > 0)
+        example = f"prompt {prompt} -> response {responses[0]} (trained: {trained.sum()} of {real.sum()} tokens)"
+        if trained.sum() < real.sum():
+            example += f"; trained text {text(arrays['response_ids'][0, 0], trained)}"
+    lines.append(f"[{stage}] first example as the model sees it: {example}")
+    print("\n".join(lines), flush=True)
 
 
 def supervised_state_and_step(config, module, params, mesh, step, /, **options):
@@ -317,7 +349,7 @@ def run_rollout_stage(stage: str, config, setup: RolloutSetup, policy_module, ca
 
 __all__ = [
     "process_share", "train_batches", "nonfinite_options", "ordered_batches", "pair_values", "SupervisedSetup",
-    "open_supervised_stage", "supervised_state_and_step", "run_supervised_stage",
+    "open_supervised_stage", "print_data_start", "supervised_state_and_step", "run_supervised_stage",
     "sampling_with_tokenizer", "check_rollout_positions", "prompt_batches", "RolloutSetup", "open_rollout_stage",
     "place_prompt_batch", "print_rollout_start", "reward_keys", "frozen_reference", "run_rollout_stage",
 ]
