@@ -57,7 +57,7 @@ def ppo_loss(actor_params, critic_params, batch: PPOBatch, *, actor_apply, criti
                                                   clip_eps=config.clip_eps)
     values = critic_apply(critic_params, batch.obs)  # [N]
     critic_loss, critic_metrics = value_loss(row(values), row(batch.old_value), row(batch.target),
-                                             ones, clip_eps=config.value_clip_eps)
+                                             ones, value_clip_eps=config.value_clip_eps)
     neg_entropy, entropy_metrics = entropy_loss(logits[None], ones)
     return combine_losses(config, policy_loss, critic_loss, neg_entropy,
                           policy_metrics, critic_metrics, entropy_metrics)

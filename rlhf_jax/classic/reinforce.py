@@ -59,7 +59,7 @@ def reinforce_objective(actor_params, critic_params, batch: ReinforceBatch, *, a
         values = critic_apply(critic_params, batch.obs)  # [N]
         baseline = row(jax.lax.stop_gradient(values))
         critic_loss, critic_metrics = value_loss(row(values), None, row(batch.target), mask,
-                                                 clip_eps=None)
+                                                 value_clip_eps=None)
     policy_loss, policy_metrics = reinforce_loss(row(logp), row(batch.target), mask,
                                                  baseline=baseline,
                                                  normalize=config.whiten_advantages)

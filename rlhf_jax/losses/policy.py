@@ -204,8 +204,9 @@ def grpo_loss(
     advantages,
     mask,
     *,
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float = 0.2,
+    clip_eps: float = 0.2,
+    clip_eps_low: float | None = None,
+    clip_eps_high: float | None = None,
     kl_coef: float = 0.04,
     aggregation: str = "grpo",
     importance_level: str = "token",
@@ -230,6 +231,7 @@ def grpo_loss(
         `None` when `kl_coef == 0`.
       advantages: `[B]` group-relative advantages or `[B, T]` per-token ones.
       mask: `[B, T]`, 1 on response tokens.
+      clip_eps: symmetric clip range; `clip_eps_low` / `clip_eps_high` override each side.
       kl_coef: KL coefficient.
       aggregation, importance_level, max_len, global_token_count: as in `ppo_policy_loss`.
 
@@ -241,8 +243,8 @@ def grpo_loss(
     if ref_logp is None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
         raise ValueError("`ref_logp` may be None only when `kl_coef` is 0")
     terms = _clipped_terms(
-        logp, old_logp, advantages, mask, eps_low=clip_eps_low, eps_high=clip_eps_high,
-        dual_clip=None, aggregation=aggregation, importance_level=importance_level,
+        logp, old_logp, advantages, mask, eps_low=clip_eps if clip_eps_low is None else clip_eps_low,
+        eps_high=clip_eps if clip_eps_high is None else clip_eps_high, dual_clip=None, aggregation=aggregation, importance_level=importance_level,
     )
     per_token = terms.per_token
     counted = mask.astype(bool)

@@ -2,7 +2,7 @@
 
     loss_t = 0.5 * max((V_t - R_t)**2, (clip(V_t, V_old_t - eps, V_old_t + eps) - R_t)**2)
 
-and `0.5 * (V_t - R_t)**2` when `clip_eps` is None. Value clipping follows the PPO reference
+and `0.5 * (V_t - R_t)**2` when `value_clip_eps` (eps) is None. Value clipping follows the PPO reference
 implementation (Schulman et al., 2017, arXiv:1707.06347; OpenAI baselines ppo2) as used for
 language models by Ziegler et al., 2019, arXiv:1909.08593. `old_values` and `returns` are
 constants (stop-gradient).
@@ -23,7 +23,7 @@ def value_loss(
     returns,
     mask,
     *,
-    clip_eps: float | None = None,
+    value_clip_eps: float | None = None,
     aggregation: str = "token_mean",
     max_len: int | None = None,
     global_token_count=None,
@@ -33,10 +33,10 @@ def value_loss(
     Args:
       values: `[B, T]` current value predictions V_t (gradients flow here).
       old_values: `[B, T]` predictions at rollout time (stop-gradient); may be None when
-        `clip_eps` is None.
+        `value_clip_eps` is None.
       returns: `[B, T]` regression targets R_t (e.g. GAE returns, stop-gradient).
       mask: `[B, T]`, 1 on counted tokens.
-      clip_eps: value clip range around `old_values`; None disables clipping.
+      value_clip_eps: value clip range around `old_values`; None disables clipping.
       aggregation, max_len, global_token_count: see `rlhf_jax.losses.aggregation.aggregate`.
 
     Returns:
@@ -49,22 +49,22 @@ def value_loss(
     check_floating(values, "values")
     check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
     check_aggregation(aggregation)
-    if clip_eps is not None:
-        check_positive(clip_eps, "clip_eps")
+    if value_clip_eps is not None:
+        check_positive(value_clip_eps, "value_clip_eps")
         if old_values is None:
-            raise ValueError("`old_values` is required when `clip_eps` is set")
+            raise ValueError("`old_values` is required when `value_clip_eps` is set")
 
     counted = mask.astype(bool)
     weights = mask.astype(jnp.float32)
     values = values.astype(jnp.float32)
     returns = jnp.where(counted, jax.lax.stop_gradient(returns.astype(jnp.float32)), 0.0)
     unclipped = jnp.square(values - returns)
-    if clip_eps is None:
+    if value_clip_eps is None:
         per_token = 0.5 * unclipped
         clip_active = jnp.zeros(values.shape, bool)
     else:
         old_values = jax.lax.stop_gradient(old_values.astype(jnp.float32))
-        clipped_values = jnp.clip(values, old_values - clip_eps, old_values + clip_eps)
+        clipped_values = jnp.clip(values, old_values - value_clip_eps, old_values + value_clip_eps)
         clipped = jnp.square(clipped_values - returns)
         per_token = 0.5 * jnp.maximum(unclipped, clipped)
         clip_active = clipped > unclipped

@@ -1,7 +1,7 @@
 """PPO for language models: one iteration = rollout -> epochs x minibatches update -> KL coef.
 
 The recipe of Ziegler et al. 2019 (arXiv:1909.08593) and Ouyang et al. 2022
-(arXiv:2203.02155) with the details of NUMERICS.md: KL-shaped per-token rewards with the
+(arXiv:2203.02155) with the details of docs/numerics.md: KL-shaped per-token rewards with the
 score on the last response token, GAE (gamma 1, gae_lambda 0.95), whitened advantages, clipped
 policy surrogate (eps 0.2), clipped value loss (eps 0.2, vf_coef 0.1), 4 epochs with a fresh
 shuffle each, minibatches, and a fixed or adaptive KL coefficient. The policy and the value
@@ -69,7 +69,7 @@ PPO_TRAIN_STATIC_ARGNAMES = ("config",)  # ppo_train
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
-    """PPO hyperparameters (frozen: a static jit argument). Defaults follow NUMERICS.md."""
+    """PPO hyperparameters (frozen: a static jit argument). Defaults follow docs/numerics.md."""
 
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     # --- reward shaping ---
@@ -121,7 +121,7 @@ def value_params_from_reward_model(reward_params):
     """Value-model parameters from a `RewardModel`'s: same decoder, score head set to zero.
 
     Both models share the layout `{"decoder", "score": {"kernel", "bias"}}`; a zero head makes
-    the first value estimates 0 (NUMERICS.md: value model initialised from the reward model,
+    the first value estimates 0 (docs/numerics.md: value model initialised from the reward model,
     value head initialised to zero). The arrays are copies, so donating the value state never
     invalidates `reward_params`.
     """
@@ -156,7 +156,7 @@ def _value_loss(params, apply_fn, batch: Rollout, config: PPOConfig):
     mask = flat(batch.response_mask)
     values = flat(response_values(apply_fn, params, batch.batch))
     loss, metrics = value_loss(values, flat(batch.values), flat(batch.returns), mask,
-                               clip_eps=config.value_clip_eps, aggregation=config.aggregation,
+                               value_clip_eps=config.value_clip_eps, aggregation=config.aggregation,
                                max_len=mask.shape[1])
     return config.vf_coef * loss, metrics
 

@@ -13,7 +13,7 @@ B, T = 6, 8
 MODES = ["token_mean", "sequence_mean", "sequence_sum", "dr_grpo", "dapo"]
 
 
-# ---------------------------------------------------------------- NumPy oracles (NUMERICS.md)
+# ---------------------------------------------------------------- NumPy oracles (docs/numerics.md)
 def right_padded_mask(rng, batch=B, time=T, min_len=1):
     lengths = rng.integers(min_len, time + 1, size=batch)
     return (np.arange(time)[None, :] < lengths[:, None]).astype(np.float32)
@@ -269,6 +269,8 @@ def test_ppo_bad_inputs_raise():
         dict(aggregation="bnpo"),
         dict(importance_level="sequence", clip_eps_low=3e-4, clip_eps_high=4e-4),  # GSPO
         dict(importance_level="sequence", kl_coef=0.0),
+        dict(clip_eps=0.1),  # symmetric, as in ppo_policy_loss
+        dict(clip_eps=0.1, clip_eps_high=0.28),  # one side overridden
     ],
 )
 @pytest.mark.parametrize("advantage_shape", ["sequence", "token"])
@@ -278,8 +280,8 @@ def test_grpo_matches_oracle(options, advantage_shape):
     agg = {"max_len": options["max_len"]} if "max_len" in options else {}
     expected, expected_metrics = np_grpo(
         logp, old_logp, ref_logp, adv, mask,
-        eps_low=options.get("clip_eps_low", 0.2), eps_high=options.get("clip_eps_high", 0.2),
-        kl_coef=options.get("kl_coef", 0.04), level=options.get("importance_level", "token"),
+        eps_low=options.get("clip_eps_low", options.get("clip_eps", 0.2)),
+        eps_high=options.get("clip_eps_high", options.get("clip_eps", 0.2)), kl_coef=options.get("kl_coef", 0.04), level=options.get("importance_level", "token"),
         mode=options.get("aggregation", "grpo"), **agg,
     )
     np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)

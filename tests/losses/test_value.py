@@ -52,7 +52,7 @@ def np_value_loss(values, old_values, returns, mask, clip_eps, mode="token_mean"
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_oracle(clip_eps, mode, seed):
     values, old_values, returns, mask = make_batch(seed)
-    loss, metrics = value_loss(*map(jnp.asarray, (values, old_values, returns, mask)), clip_eps=clip_eps, aggregation=mode)
+    loss, metrics = value_loss(*map(jnp.asarray, (values, old_values, returns, mask)), value_clip_eps=clip_eps, aggregation=mode)
     expected, expected_metrics = np_value_loss(values, old_values, returns, mask, clip_eps, mode)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     np.testing.assert_allclose(metrics["value/loss"], expected, rtol=1e-5)
@@ -69,7 +69,7 @@ def test_unclipped_without_old_values():
     np.testing.assert_allclose(without_old, with_old)
     assert float(metrics["value/clipfrac"]) == 0.0
     with pytest.raises(ValueError, match="old_values"):
-        value_loss(values, None, returns, mask, clip_eps=0.2)
+        value_loss(values, None, returns, mask, value_clip_eps=0.2)
 
 
 def test_gradient_signs_and_clipping():
@@ -78,7 +78,7 @@ def test_gradient_signs_and_clipping():
     old_values = jnp.array([[1.0, -1.0, 0.0, 0.0]])
     returns = jnp.array([[0.0, 0.0, 3.0, 0.0]])
     mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])
-    grad = jax.jit(jax.grad(lambda v: value_loss(v, old_values, returns, mask, clip_eps=0.5)[0]))(values)
+    grad = jax.jit(jax.grad(lambda v: value_loss(v, old_values, returns, mask, value_clip_eps=0.5)[0]))(values)
     assert grad[0, 0] > 0 and grad[0, 1] < 0 and grad[0, 3] == 0
     # V=2 is outside [V_old - 0.5, V_old + 0.5]; the clipped error (0.5 - 3)^2 > (2 - 3)^2 wins
     # and does not depend on V, so no gradient flows.
@@ -89,7 +89,7 @@ def test_gradient_signs_and_clipping():
 
 def test_gradient_only_reaches_values_and_jit_matches():
     values, old_values, returns, mask = map(jnp.asarray, make_batch(3))
-    fn = functools.partial(value_loss, clip_eps=0.2)
+    fn = functools.partial(value_loss, value_clip_eps=0.2)
     grads = jax.jit(jax.grad(lambda v, o, r: fn(v, o, r, mask)[0], argnums=(0, 1, 2)))(values, old_values, returns)
     assert np.all(np.isfinite(grads[0])) and np.abs(grads[0]).sum() > 0
     assert np.all(grads[1] == 0) and np.all(grads[2] == 0)
@@ -112,8 +112,8 @@ def test_explained_variance_edge_cases():
 def test_padding_garbage_ignored():
     values, old_values, returns, mask = make_batch(5)
     dirty_returns = np.where(mask > 0, returns, np.nan).astype(np.float32)
-    clean, _ = value_loss(*map(jnp.asarray, (values, old_values, returns, mask)), clip_eps=0.2)
-    dirty, metrics = value_loss(*map(jnp.asarray, (values, old_values, dirty_returns, mask)), clip_eps=0.2)
+    clean, _ = value_loss(*map(jnp.asarray, (values, old_values, returns, mask)), value_clip_eps=0.2)
+    dirty, metrics = value_loss(*map(jnp.asarray, (values, old_values, dirty_returns, mask)), value_clip_eps=0.2)
     np.testing.assert_allclose(dirty, clean, rtol=1e-6)
     assert all(np.isfinite(float(v)) for v in metrics.values())
 
@@ -129,4 +129,4 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="aggregation"):
         value_loss(values, old_values, returns, mask, aggregation="median")
     with pytest.raises(ValueError, match="clip_eps"):
-        value_loss(values, old_values, returns, mask, clip_eps=0.0)
+        value_loss(values, old_values, returns, mask, value_clip_eps=0.0)
