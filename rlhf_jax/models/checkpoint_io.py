@@ -26,6 +26,7 @@ from rlhf_jax.models.config import ATTENTION_IMPLS, ModelConfig
 from rlhf_jax.models.errors import ModelError
 from rlhf_jax.models.heads import RewardModel, ScalarHead, ValueModel, reward_head_std
 from rlhf_jax.models.hf_weights import hf_to_params, params_to_hf
+from rlhf_jax.models.lora import LoRAModel
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.ops.checks import check_in
 
@@ -222,8 +223,11 @@ def save_pretrained(path, module, params, *, dtype: str = "float32", max_shard_s
     reports it as unexpected and ignores it. Returns the folder.
     """
     if not isinstance(module, (CausalLM, RewardModel, ValueModel)):
+        lora = (" (a LoRAModel: save `module.module` with `merge_adapters(params, module.lora.scale)` or a "
+                "train state's `merged_params(state)`, or the adapters alone with `save_peft_adapter`)"
+                if isinstance(module, LoRAModel) else "")
         raise ValueError(
-            f"`module` must be a CausalLM, RewardModel or ValueModel, got {type(module).__name__}"
+            f"`module` must be a CausalLM, RewardModel or ValueModel, got {type(module).__name__}{lora}"
         )
     max_bytes = None if max_shard_size is None else _parse_size(max_shard_size)
     config: ModelConfig = module.config

@@ -120,6 +120,12 @@ def create_lora_train_state(model: LoRAModel, base, trainable, optimizer: optax.
     `min_size`, `rules` are passed on), the optimizer state is created
     directly with matching shardings and `step` is a replicated int32; `shardings` is then the
     tree for `jit` in/out shardings (None without a mesh).
+
+    The state holds `base` and `trainable` themselves (without a mesh), and a step made by
+    `make_train_step` donates the state: after the first step the arrays passed in are
+    deleted. Read the base back as `state.apply_fn.base` (the same arrays, returned with every
+    new state), the model for evaluation and sampling from `inference_model(model, state)`, and
+    the merged plain parameters from `merged_params(state)`.
     """
     if "lora" not in trainable:
         raise ValueError(f"`trainable` must hold the adapters under 'lora', got keys {sorted(trainable)}")

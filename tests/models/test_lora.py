@@ -78,6 +78,14 @@ def test_config_refuses_unknown_targets():
         LoRAConfig(dropout=1.0)
 
 
+def test_saving_a_lora_model_as_a_plain_model_names_the_ways_to_export(tmp_path):
+    from rlhf_jax.models import CausalLM, ModelConfig, save_pretrained
+
+    module = CausalLM(ModelConfig.llama(vocab_size=8, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8))
+    with pytest.raises(ValueError, match=r"got LoRAModel \(a LoRAModel: save `module.module` with `merge_adapters"):
+        save_pretrained(tmp_path, LoRAModel(module, LoRAConfig()), {})
+
+
 @pytest.mark.parametrize("family, targets", [
     ("llama", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
     ("gpt2", ("qkv_proj", "o_proj", "fc_out")),
