@@ -1,7 +1,7 @@
 """Per-pair formulas of the DPO family and the f-divergence transform of log-ratios.
 
 `dpo_loss` (in `preference.py`) validates its inputs, builds the log-ratios and calls
-`pair_losses` here. Notation (see NUMERICS.md): `c` and `r` are the chosen and rejected
+`pair_losses` here. Notation (see docs/numerics.md): `c` and `r` are the chosen and rejected
 log-ratios `log pi(y) - log pi_ref(y)`, `d = c - r`, `eps` the label smoothing.
 """
 from __future__ import annotations

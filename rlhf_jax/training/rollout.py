@@ -350,7 +350,7 @@ def score_rollout(data: Rollout, policy_state, ref_params, *, sampling: Sampling
 def ppo_advantages(data: Rollout, *, kl_coef, kl_estimator="k1", gamma=1.0, gae_lambda=0.95,
                    whiten_rewards=False, whiten_advantages=True, missing_eos_score=None,
                    score_clip=None) -> Rollout:
-    """Per-token rewards, GAE advantages and returns (NUMERICS.md, PPO for language models).
+    """Per-token rewards, GAE advantages and returns (docs/numerics.md, PPO for language models).
 
         r_t = -kl_coef * KL_t + [t == last] * score          (shape_rewards)
         r <- r / std(r) (+ mean kept)                         (whiten_rewards)

@@ -3,7 +3,7 @@
 A tiny deterministic environment (a walk on a line) produces episodes that end by
 termination, by time-limit truncation, and by both at once; the oracle replays the
 recorded actions, recomputes every step, and evaluates GAE and discounted returns with
-plain loops written from the formulas in NUMERICS.md.
+plain loops written from the formulas in docs/numerics.md.
 """
 from types import SimpleNamespace
 

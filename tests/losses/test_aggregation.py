@@ -18,7 +18,7 @@ def right_padded_mask(rng, batch=B, time=T, min_len=0):
 
 
 def np_aggregate(x, mask, mode, max_len=None, global_count=None):
-    """Oracle written row by row from NUMERICS.md."""
+    """Oracle written row by row from docs/numerics.md."""
     batch, time = x.shape
     row_sums = [sum(x[b, t] for t in range(time) if mask[b, t]) for b in range(batch)]
     row_counts = [int(mask[b].sum()) for b in range(batch)]

@@ -1,4 +1,4 @@
-"""kto_loss against a NumPy oracle written from NUMERICS.md, plus properties."""
+"""kto_loss against a NumPy oracle written from docs/numerics.md, plus properties."""
 import jax
 import jax.numpy as jnp
 import numpy as np

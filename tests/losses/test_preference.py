@@ -1,4 +1,4 @@
-"""dpo_loss against NumPy oracles written from the NUMERICS.md table, plus properties."""
+"""dpo_loss against NumPy oracles written from the docs/numerics.md table, plus properties."""
 import jax
 import jax.numpy as jnp
 import numpy as np

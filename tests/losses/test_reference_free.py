@@ -1,4 +1,4 @@
-"""SimPO, CPO and ORPO against NumPy oracles written from NUMERICS.md, plus properties."""
+"""SimPO, CPO and ORPO against NumPy oracles written from docs/numerics.md, plus properties."""
 import jax
 import jax.numpy as jnp
 import numpy as np

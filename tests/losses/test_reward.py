@@ -1,4 +1,4 @@
-"""Reward-model losses and ensembles against NumPy oracles written from NUMERICS.md."""
+"""Reward-model losses and ensembles against NumPy oracles written from docs/numerics.md."""
 import jax
 import jax.numpy as jnp
 import numpy as np

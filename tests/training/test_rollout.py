@@ -1,5 +1,5 @@
 """Rollout plumbing: layout, masks after EOS, log-probs, values, scores, shaping and GAE,
-each checked against full-forward + NumPy oracles written from NUMERICS.md.
+each checked against full-forward + NumPy oracles written from docs/numerics.md.
 
 The rollout is `[B, N = 1, R]` (the `LMBatch` layout); the oracles read it through
 `flat_view`, one joined `[B, P + R]` row per response."""

@@ -5,7 +5,7 @@ both, or the gold scorer.
 
 Models: the policy (`policy.path`, trained), the frozen reference (`reference`, default the
 policy folder), the value model (`value`, default the reward-model folder: its decoder with a
-zeroed head, NUMERICS.md) and the scorer (`reward`: a reward-model folder, reward functions
+zeroed head, docs/numerics.md) and the scorer (`reward`: a reward-model folder, reward functions
 with weights, both, or `kind: gold`, the built-in task's verifiable reward). With a reward
 model alone the iteration is one compiled `ppo_iteration`; with reward functions or the gold
 scorer it is `ppo_generate` (jit) -> scoring on the host -> `ppo_train` (jit). One iteration
