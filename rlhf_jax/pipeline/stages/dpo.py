@@ -14,8 +14,19 @@ whose chosen answer the policy itself gives the higher log-probability), next to
 `eval/dpo/reference_accuracy`, the same share for the reference (the start's value, for
 comparison). With `lora`, the reference
 is the loaded model itself (the base with its adapters disabled), so no second copy is read.
+
+`dpo.kind: kto` trains KTO on unpaired rows (`rlhf_jax.pipeline.unpaired`): labelled
+completions (`prompt`, `completion`, bool `label`) or pairs split into a desirable and an
+undesirable row; each row's reference log-probs and those of its mismatched completion (for
+KTO's reference point) are computed once, as for pairs. Held-out rows give
+`eval/kto/accuracy` (share of rows whose implicit reward `beta*h` has the sign of its label:
+positive for desirable, negative for undesirable; 0 at the start), `eval/kto/margin` (mean
+reward of the desirable rows minus that of the undesirable ones), `eval/kto/rewards_chosen`,
+`eval/kto/rewards_rejected` and `eval/kto/kl` (the reference point `z0` over the held-out rows).
 """
 from __future__ import annotations
+
+import logging
 
 import jax
 import numpy as np
@@ -23,9 +34,11 @@ import numpy as np
 from rlhf_jax.pipeline.stage_configs import DPOConfig, load_stage_config
 from rlhf_jax.pipeline.stages import skeletons, stage_setup
 from rlhf_jax.pipeline.stages.lora import check_lora_reference
-from rlhf_jax.training.batches import PreferenceBatch
+from rlhf_jax.training.batches import KTOBatch, PreferenceBatch
 from rlhf_jax.training.preference_step import pair_logps, preference_step
 from rlhf_jax.training.lora_state import inference_model
+
+logger = logging.getLogger(__name__)
 
 
 def make_pair_logps(apply_fn):
@@ -54,10 +67,61 @@ def with_reference(batch: dict, ref_chosen: np.ndarray, ref_rejected: np.ndarray
         ref_logps=np.where(real[:, None], ref, 0.0).astype(np.float32))
 
 
+def kto_batch(batch: dict, ref_logps: np.ndarray | None, ref_kl_logps: np.ndarray | None) -> KTOBatch:
+    """A KTO training batch (`rlhf_jax.pipeline.unpaired` rows: slot 0 the completion, slot 1
+    the mismatched one) with the precomputed reference log-probs of its rows (0 on pad rows)."""
+    pick = lambda x: x[:, :1]
+    fields = dict(prompt_ids=batch["prompt_ids"], prompt_mask=batch["prompt_mask"],
+                  response_ids=pick(batch["response_ids"]), response_mask=pick(batch["response_mask"]),
+                  kl_response_ids=batch["response_ids"][:, 1:], kl_response_mask=batch["response_mask"][:, 1:],
+                  is_desirable=batch["is_desirable"])
+    if ref_logps is not None:
+        rows = batch["row_index"]
+        real = rows >= 0
+        safe = np.where(real, rows, 0)
+        fields["ref_logps"] = np.where(real, ref_logps[safe], 0.0).astype(np.float32)
+        fields["ref_kl_logps"] = np.where(real, ref_kl_logps[safe], 0.0).astype(np.float32)
+    return KTOBatch(**fields)
+
+
+def kto_eval_metrics(logps, kl_logps, desirable, beta: float) -> dict:
+    """Held-out KTO metrics from the implicit rewards `beta * h` of labelled rows (`logps`,
+    `kl_logps`: policy minus reference log-probs of each row and of its mismatched pair)."""
+    rewards = beta * logps
+    desirable = desirable > 0
+    mean = lambda x: float(np.mean(x)) if x.size else 0.0
+    chosen, rejected = mean(rewards[desirable]), mean(rewards[~desirable])
+    return {"eval/kto/accuracy": mean(np.where(desirable, rewards > 0, rewards < 0)),
+            "eval/kto/margin": chosen - rejected, "eval/kto/rewards_chosen": chosen,
+            "eval/kto/rewards_rejected": rejected, "eval/kto/kl": max(mean(kl_logps), 0.0)}
+
+
+def check_kto_balance(is_desirable: np.ndarray, loss) -> None:
+    """One warning line when `w_d * n_d / (w_u * n_u)` lies outside [1, 4/3], the range the KTO
+    paper recommends (Ethayarajh et al. 2024, section 4.2), with the `dpo.desirable_weight`
+    that brings it to 1."""
+    desirable = int(np.sum(is_desirable > 0))
+    undesirable = len(is_desirable) - desirable
+    if not desirable or not undesirable:
+        logger.warning("the KTO rows are all %s; KTO needs both desirable and undesirable completions",
+                       "desirable" if desirable else "undesirable")
+        return
+    ratio = loss.desirable_weight * desirable / (loss.undesirable_weight * undesirable)
+    if not 1.0 <= ratio <= 4.0 / 3.0:
+        suggested = loss.undesirable_weight * undesirable / desirable
+        logger.warning("KTO: desirable_weight * %d desirable / (undesirable_weight * %d undesirable) = %.3g, "
+                       "outside the paper's [1, 4/3]; e.g. dpo.desirable_weight=%.3g", desirable, undesirable,
+                       ratio, suggested)
+
+
 def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
-    setup = skeletons.open_supervised_stage(config, kind="preference", stage="dpo", resume=resume,
-                                            why="DPO needs preference pairs")
+    kto = config.dpo.kind == "kto"
+    setup = skeletons.open_supervised_stage(config, kind="kto" if kto else "preference", stage="dpo", resume=resume,
+                                            why="KTO needs preference pairs or labelled completions" if kto
+                                            else "DPO needs preference pairs")
     data, eval_data, mesh = setup.data, setup.eval_data, setup.mesh
+    if kto:
+        check_kto_balance(data.arrays["is_desirable"], config.dpo)
     module, params = stage_setup.build_model(config.model, setup.tokenizer, stage_setup.rng_key(config.seed, 0))
     pair_logps = make_pair_logps(module.apply)
     ref_chosen = ref_rejected = eval_ref = None
@@ -84,6 +148,8 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
     eval_logps = pair_logps if eval_model is module else make_pair_logps(eval_model.apply)
 
     def prepare(batch):
+        if kto:
+            return stage_setup.place(kto_batch(batch, ref_chosen, ref_rejected), mesh)
         if ref_chosen is None:
             return stage_setup.place(PreferenceBatch.from_arrays(batch), mesh)
         return stage_setup.place(with_reference(batch, ref_chosen, ref_rejected), mesh)
@@ -95,6 +161,9 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
         def evaluate(params):
             chosen, rejected = dataset_logps(eval_logps, params, eval_data,
                                              config.eval.batch_size, mesh, config.eval.max_batches)
+            if kto:  # slot 0: the row's completion, slot 1: its mismatched pair
+                desirable = eval_data.arrays["is_desirable"][:len(chosen)]
+                return kto_eval_metrics(chosen - eval_ref[0], rejected - eval_ref[1], desirable, beta)
             metrics = {"eval/dpo/policy_accuracy": float(np.mean(chosen > rejected))}
             if eval_ref is not None:
                 metrics["eval/dpo/reference_accuracy"] = float(np.mean(eval_ref[0] > eval_ref[1]))
@@ -103,9 +172,11 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
                     "eval/dpo/margin": float(np.mean(beta * (chosen - rejected))), **metrics}
 
     kind = config.dpo.kind
+    progress_keys = (("kto/loss", "kto/margin", "eval/kto/accuracy") if kto
+                     else (f"{kind}/loss", f"{kind}/accuracy", "eval/dpo/accuracy"))
     return skeletons.run_supervised_stage(
         "dpo", config, setup, module, state, step, resume=resume, prepare_batch=prepare, evaluate=evaluate,
-        description=kind, progress_keys=(f"{kind}/loss", f"{kind}/accuracy", "eval/dpo/accuracy"))
+        description=kind, progress_keys=progress_keys)
 
 
 def run(config_path=None, overrides=(), *, resume: bool = False) -> dict:

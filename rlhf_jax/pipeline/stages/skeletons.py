@@ -28,6 +28,7 @@ from rlhf_jax.pipeline.stages.stage_setup import (
     stage_mesh, stage_rng, stage_tokenizer,
 )
 from rlhf_jax.pipeline.tokenizer import pad_id
+from rlhf_jax.pipeline.unpaired import unpaired_data
 from rlhf_jax.pipeline.stages.lora import check_lora_reference, reference_of, stage_state
 from rlhf_jax.training.batches import PreferenceBatch
 from rlhf_jax.training.lora_state import inference_model
@@ -104,15 +105,23 @@ class SupervisedSetup:
     mesh: Any
 
 
+def load_stage_data(files, tokenizer, data_config, kind: str):
+    """`kind` data ("sft", "preference") of `files`; "kto": KTO's unpaired rows from pairs or
+    labelled completions, told apart by their columns (`rlhf_jax.pipeline.unpaired`)."""
+    if kind == "kto":
+        return unpaired_data(load_data(files, tokenizer, dataclasses.replace(data_config, format="auto")))
+    return load_data(files, tokenizer, data_config, kind=kind)
+
+
 def open_supervised_stage(config, *, kind: str, why: str, stage: str, resume: bool = False) -> SupervisedSetup:
-    """The output folder, tokenizer, `kind` data ("sft" or "preference") and mesh of `stage`;
-    `why` says what the stage needs `data.train_files` for; with `resume`, the output folder's
-    checkpoints must be ones `stage` can continue."""
+    """The output folder, tokenizer, `kind` data ("sft", "preference" or "kto", see
+    `load_stage_data`) and mesh of `stage`; `why` says what the stage needs `data.train_files`
+    for; with `resume`, the output folder's checkpoints must be ones `stage` can continue."""
     output_dir = prepare_output_dir(config, resume_stage=stage if resume else None)
     tokenizer = stage_tokenizer(config.tokenizer, config.model.path)
     require(config.data.train_files, "data.train_files", why)
-    data = load_data(config.data.train_files, tokenizer, config.data, kind=kind)
-    eval_data = (load_data(config.data.eval_files, tokenizer, config.data, kind=kind)
+    data = load_stage_data(config.data.train_files, tokenizer, config.data, kind)
+    eval_data = (load_stage_data(config.data.eval_files, tokenizer, config.data, kind)
                  if config.data.eval_files else None)
     if config.train.batch_size % config.train.num_microbatches:
         raise ConfigError(f"`train.batch_size` ({config.train.batch_size}) must be a multiple of "
@@ -135,8 +144,12 @@ def print_data_start(stage: str, data, eval_data, tokenizer) -> None:
         return
     stats = data.stats
     held_out = f"; held-out: {len(eval_data)} rows" if eval_data is not None else ""
+    unpaired = ""
+    if data.kind == "kto":
+        desirable = int(data.arrays["is_desirable"].sum())
+        unpaired = f" -> {len(data)} KTO rows ({desirable} desirable, {len(data) - desirable} undesirable)"
     lines = [f"[{stage}] data: {stats.num_used} rows of {stats.num_rows} ({stats.num_skipped} skipped, "
-             f"{stats.num_truncated} truncated){held_out}"]
+             f"{stats.num_truncated} truncated){unpaired}{held_out}"]
     arrays = data.arrays
 
     def text(ids, mask):
@@ -147,6 +160,9 @@ def print_data_start(stage: str, data, eval_data, tokenizer) -> None:
     responses = [text(ids, mask) for ids, mask in zip(arrays["response_ids"][0], arrays["response_mask"][0])]
     if data.kind == "preference":
         example = f"prompt {prompt} -> chosen {responses[0]} | rejected {responses[1]}"
+    elif data.kind == "kto":
+        label = "desirable" if arrays["is_desirable"][0] else "undesirable"
+        example = f"prompt {prompt} -> completion {responses[0]} ({label})"
     else:
         real = np.asarray(arrays["response_mask"][0, 0]) > 0
         trained = real & (np.asarray(arrays["loss_mask"][0, 0]) > 0)
@@ -349,7 +365,7 @@ def run_rollout_stage(stage: str, config, setup: RolloutSetup, policy_module, ca
 
 __all__ = [
     "process_share", "train_batches", "nonfinite_options", "ordered_batches", "pair_values", "SupervisedSetup",
-    "open_supervised_stage", "print_data_start", "supervised_state_and_step", "run_supervised_stage",
+    "load_stage_data", "open_supervised_stage", "print_data_start", "supervised_state_and_step", "run_supervised_stage",
     "sampling_with_tokenizer", "check_rollout_positions", "prompt_batches", "RolloutSetup", "open_rollout_stage",
     "place_prompt_batch", "print_rollout_start", "reward_keys", "frozen_reference", "run_rollout_stage",
 ]
