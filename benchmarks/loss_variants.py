@@ -135,6 +135,18 @@ def kto_batch(batch) -> KTOBatch:
     )
 
 
+def exact_answers(tokenizer, tokens, answers) -> np.ndarray:
+    """`[M]` 1.0 where sampled response `tokens[i]` ends (holds the EOS) and its text before
+    the EOS, decoded without special tokens (so a chat template's end-of-turn token goes too),
+    is `answers[i]` (whitespace stripped), else 0.0."""
+    eos = tokenizer.eos_token_id
+    tokens = np.asarray(tokens)
+    after_eos = np.cumsum(tokens == eos, axis=1) > 0
+    texts = decode_rows(tokenizer, np.where(after_eos, eos, tokens), skip_special_tokens=True)
+    return np.array([float(ended and text.strip() == answer.strip())
+                     for text, answer, ended in zip(texts, answers, after_eos[:, -1])], np.float32)
+
+
 class Evaluator:
     """Samples, gold scores, KL and held-out margins of a policy; SFT samples per seed."""
 
@@ -175,10 +187,7 @@ class Evaluator:
         if self.answers is None:
             return tuple(gold_scores(self.tokenizer, self.prompt_ids, tokens, kind=kind)
                          for kind in ("exact", "graded"))
-        eos = self.tokenizer.eos_token
-        texts = decode_rows(self.tokenizer, tokens, skip_special_tokens=False)
-        exact = np.array([float(eos in t and t[:t.find(eos)].strip() == a.strip())
-                          for t, a in zip(texts, self.answers)], np.float32)
+        exact = exact_answers(self.tokenizer, tokens, self.answers)
         return exact, exact
 
     def sample(self, params, seed: int) -> dict:

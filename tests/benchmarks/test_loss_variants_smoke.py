@@ -116,3 +116,22 @@ def test_vs_trl_step0_losses_agree(tmp_path):
         assert theirs["first_chosen_ids"] == ours.first_chosen_ids()
         assert abs(ours.loss0 - theirs["loss0"]) < 1e-4, kind
         assert abs(ours.loss0 - math.log(2)) > 1e-4  # a real check: policy and reference differ
+
+
+def test_exact_answers_need_the_eos_and_ignore_special_tokens(tmp_path):
+    """A conversational model ends its answer with the chat template's end-of-turn token
+    (a special token other than EOS) before the EOS: the answer still counts."""
+    from rlhf_jax.pipeline.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path, "0123456789")
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|assistant|>")  # a special token standing in for <|end|>
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    digit = lambda d: tokenizer.convert_tokens_to_ids(d)
+    tokens = np.array([
+        [digit("1"), digit("3"), end_of_turn, eos, pad],   # right, with end-of-turn: 1
+        [digit("1"), digit("3"), pad, pad, pad],           # never ends (no EOS): 0
+        [digit("1"), digit("4"), eos, pad, pad],           # wrong: 0
+        [digit("1"), digit("3"), eos, digit("9"), digit("9")],  # text after the EOS is not read: 1
+    ])
+    np.testing.assert_array_equal(loss_variants.exact_answers(tokenizer, tokens, ["13", "13", "13", " 13"]),
+                                  [1.0, 0.0, 0.0, 1.0])
