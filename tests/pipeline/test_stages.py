@@ -188,6 +188,17 @@ def test_reward_model_from_the_sft_model(reward_run):
     assert type(module).__name__ == "RewardModel"
 
 
+@pytest.mark.parametrize("kind", ["simpo", "orpo"])
+def test_reference_free_kinds_report_held_out_rewards_relative_to_the_start(task, sft_run, tmp_path, kind):
+    """With a learning rate of 1e-30 the policy stays the starting model: every implicit reward is
+    0, so `eval/dpo/accuracy` is 0 as for DPO (it was the policy's own accuracy before)."""
+    result = dpo.run(None, preference_overrides(task, tmp_path, sft_run[0] / "model", steps=1,
+                                                extra=(f"dpo.kind={kind}", "optim.learning_rate=1e-30")))
+    row = read_metrics(tmp_path)[-1]
+    assert result["finished"] and row["eval/dpo/accuracy"] == 0.0 and row["eval/dpo/margin"] == 0.0
+    assert row["eval/dpo/policy_accuracy"] == row["eval/dpo/reference_accuracy"] > 0.0
+
+
 @pytest.mark.parametrize("loss", ["dpo.loss_type=ipo", "dpo.kind=simpo"])
 def test_preference_variants_train(task, sft_run, tmp_path, loss):
     result = dpo.run(None, preference_overrides(task, tmp_path, sft_run[0] / "model", steps=2,

@@ -9,10 +9,12 @@ training and held-out pair are computed once, before training, in fixed-shape ba
 training batch then carries them (`PreferenceBatch.ref_logps`) and the step runs one
 forward/backward pass of the policy only. Held-out pairs give `eval/dpo/accuracy` (share of
 pairs with implicit reward `beta*c > beta*r`; 0 while the policy equals its reference, as every
-implicit reward is then 0), `eval/dpo/margin`, and `eval/dpo/policy_accuracy` (share of pairs
-whose chosen answer the policy itself gives the higher log-probability), next to
-`eval/dpo/reference_accuracy`, the same share for the reference (the start's value, for
-comparison). With `lora`, the reference
+implicit reward is then 0), `eval/dpo/margin` (mean `beta*(c - r)`, in units of `dpo.beta`),
+and `eval/dpo/policy_accuracy` (share of pairs whose chosen answer the policy itself gives the
+higher log-probability), next to `eval/dpo/reference_accuracy`, the same share for the
+reference (the start's value, for comparison). The reference-free kinds (simpo, cpo, orpo)
+train without one, but their held-out `c` and `r` are still log-ratios to the starting policy
+(scored once before training), so `eval/dpo/accuracy` means the same for every kind. With `lora`, the reference
 is the loaded model itself (the base with its adapters disabled), so no second copy is read.
 
 `dpo.kind: kto` trains KTO on unpaired rows (`rlhf_jax.pipeline.unpaired`): labelled
@@ -141,6 +143,8 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
         if eval_data is not None:
             eval_ref = dataset_logps(pair_logps, ref_params, eval_data, batch_size, mesh, config.eval.max_batches)
         del ref_params
+    elif eval_data is not None:  # reference-free kinds: held-out rewards relative to the starting policy
+        eval_ref = dataset_logps(pair_logps, params, eval_data, config.eval.batch_size, mesh, config.eval.max_batches)
     state, step = skeletons.supervised_state_and_step(config, module, params, mesh, preference_step,
                                                    config=config.dpo)
     del params
@@ -164,10 +168,9 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
             if kto:  # slot 0: the row's completion, slot 1: its mismatched pair
                 desirable = eval_data.arrays["is_desirable"][:len(chosen)]
                 return kto_eval_metrics(chosen - eval_ref[0], rejected - eval_ref[1], desirable, beta)
-            metrics = {"eval/dpo/policy_accuracy": float(np.mean(chosen > rejected))}
-            if eval_ref is not None:
-                metrics["eval/dpo/reference_accuracy"] = float(np.mean(eval_ref[0] > eval_ref[1]))
-                chosen, rejected = chosen - eval_ref[0], rejected - eval_ref[1]
+            metrics = {"eval/dpo/policy_accuracy": float(np.mean(chosen > rejected)),
+                       "eval/dpo/reference_accuracy": float(np.mean(eval_ref[0] > eval_ref[1]))}
+            chosen, rejected = chosen - eval_ref[0], rejected - eval_ref[1]
             return {"eval/dpo/accuracy": float(np.mean(beta * chosen > beta * rejected)),
                     "eval/dpo/margin": float(np.mean(beta * (chosen - rejected))), **metrics}
 
