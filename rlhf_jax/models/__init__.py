@@ -2,7 +2,7 @@
 reward heads, Hugging Face checkpoints in and out, and jit-compiled sampling with a KV cache."""
 from rlhf_jax.models.checkpoint_io import load_pretrained, save_pretrained
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.generation import GENERATE_STATIC_ARGNAMES, GenerationOutput, generate
+from rlhf_jax.models.generation import GENERATE_STATIC_ARGNAMES, GenerationOutput, generate, jitted_generate
 from rlhf_jax.models.heads import RewardModel, ValueModel
 from rlhf_jax.models.kv_cache import init_cache
 from rlhf_jax.models.sampling import sample_tokens
@@ -10,5 +10,6 @@ from rlhf_jax.models.transformer import CausalLM, Decoder
 
 __all__ = [
     "GENERATE_STATIC_ARGNAMES", "CausalLM", "Decoder", "GenerationOutput", "ModelConfig", "RewardModel",
-    "ValueModel", "generate", "init_cache", "load_pretrained", "sample_tokens", "save_pretrained",
+    "ValueModel", "generate", "init_cache", "jitted_generate", "load_pretrained", "sample_tokens",
+    "save_pretrained",
 ]
