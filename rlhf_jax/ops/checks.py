@@ -38,6 +38,13 @@ def check_same_shape(**arrays) -> None:
             )
 
 
+def check_nonempty(x, name: str) -> None:
+    """Raise if `x` has no rows (a leading axis of size 0): a mean over them would be NaN."""
+    if jnp.ndim(x) and jnp.shape(x)[0] == 0:
+        raise ValueError(f"`{name}` is empty (shape {jnp.shape(x)}): the loss needs at least one row; "
+                         "skip empty batches before calling it")
+
+
 def check_floating(x, name: str) -> None:
     """Raise unless `x` has a floating-point dtype."""
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):

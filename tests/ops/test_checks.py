@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.ops.checks import (check_floating, check_in, check_left_padded, check_positive,
+from rlhf_jax.ops.checks import (check_floating, check_in, check_left_padded, check_nonempty, check_positive,
                                  check_prompted_responses, check_rank, check_same_shape)
 
 
@@ -102,3 +102,9 @@ def test_check_prompted_responses_refuses_responses_after_an_empty_prompt():
     with pytest.raises(ValueError, match="`prompt_mask` row 1 is all 0 but `response_mask` marks real tokens"):
         check_prompted_responses(prompt_mask, np.array([[[1, 0]], [[1, 0]]]))
     check_prompted_responses(np.zeros((0, 2)), np.zeros((0, 1, 3)))
+
+
+def test_check_nonempty_works_on_static_shapes_under_jit():
+    check_nonempty(np.ones(2), "logps")
+    with pytest.raises(ValueError, match=r"`logps` is empty \(shape \(0,\)\)"):
+        jax.jit(lambda x: check_nonempty(x, "logps"))(jnp.ones(0))
