@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.ops.checks import check_floating, check_positive, check_rank, check_same_shape
+from rlhf_jax.ops.checks import check_floating, check_nonempty, check_positive, check_rank, check_same_shape
 from rlhf_jax.ops.masking import masked_mean
 
 __all__ = ["kto_loss"]
@@ -57,6 +57,7 @@ def kto_loss(
         check_floating(value, name)
     check_rank(is_desirable, 1, "is_desirable")
     check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps, is_desirable=is_desirable)
+    check_nonempty(policy_logps, "policy_logps")
     check_positive(beta, "beta")
     if (kl_policy_logps is None) != (kl_ref_logps is None):
         raise ValueError("`kl_policy_logps` and `kl_ref_logps` must be given together or both be None")

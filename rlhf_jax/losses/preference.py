@@ -18,7 +18,7 @@ from rlhf_jax.losses.preference_types import (
     divergence_transform,
     pair_losses,
 )
-from rlhf_jax.ops.checks import check_floating, check_in, check_positive, check_rank, check_same_shape
+from rlhf_jax.ops.checks import check_floating, check_in, check_nonempty, check_positive, check_rank, check_same_shape
 
 __all__ = ["DPO_LOSS_TYPES", "DIVERGENCES", "dpo_loss"]
 
@@ -134,6 +134,7 @@ def dpo_loss(
         check_rank(value, 1, name)
         check_floating(value, name)
     check_same_shape(**logps)
+    check_nonempty(policy_chosen_logps, "policy_chosen_logps")
     check_positive(beta, "beta")
     check_positive(discopop_tau, "discopop_tau")
     eps = _check_label_smoothing(label_smoothing, loss_type)

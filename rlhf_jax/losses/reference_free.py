@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.preference_types import smoothed_logistic_loss
-from rlhf_jax.ops.checks import check_floating, check_positive, check_rank, check_same_shape
+from rlhf_jax.ops.checks import check_floating, check_nonempty, check_positive, check_rank, check_same_shape
 
 __all__ = ["simpo_loss", "cpo_loss", "orpo_loss", "log_odds"]
 
@@ -25,6 +25,8 @@ def _prepare(label_smoothing=None, **arrays):
         check_rank(value, 1, name)
         check_floating(value, name)
     check_same_shape(**arrays)
+    name, value = next(iter(arrays.items()))
+    check_nonempty(value, name)
     if label_smoothing is not None and isinstance(label_smoothing, (int, float)):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.ops.checks import check_floating, check_rank, check_same_shape
+from rlhf_jax.ops.checks import check_floating, check_nonempty, check_rank, check_same_shape
 
 __all__ = ["reward_model_loss", "ensemble_scores", "ensemble_reward_model_loss"]
 
@@ -36,6 +36,7 @@ def reward_model_loss(chosen_rewards, rejected_rewards, *, margin=None, center_c
         check_rank(value, 1, name)
         check_floating(value, name)
     check_same_shape(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    check_nonempty(chosen_rewards, "chosen_rewards")
     dtype = _compute_dtype(chosen_rewards, rejected_rewards)
     chosen = jnp.asarray(chosen_rewards, dtype)
     rejected = jnp.asarray(rejected_rewards, dtype)

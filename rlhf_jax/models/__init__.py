@@ -3,7 +3,7 @@ reward heads, Hugging Face checkpoints in and out, jit-compiled sampling with a 
 LoRA adapters (`LoRAModel`) with PEFT folders in and out."""
 from rlhf_jax.models.checkpoint_io import load_pretrained, save_pretrained
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.generation import GENERATE_STATIC_ARGNAMES, GenerationOutput, generate
+from rlhf_jax.models.generation import GENERATE_STATIC_ARGNAMES, GenerationOutput, generate, jitted_generate
 from rlhf_jax.models.heads import RewardModel, ValueModel
 from rlhf_jax.models.kv_cache import init_cache
 from rlhf_jax.models.lora import LoRAConfig, LoRAModel, init_adapters, merge_adapters
@@ -13,6 +13,6 @@ from rlhf_jax.models.transformer import CausalLM, Decoder
 
 __all__ = [
     "GENERATE_STATIC_ARGNAMES", "CausalLM", "Decoder", "GenerationOutput", "LoRAConfig", "LoRAModel", "ModelConfig",
-    "RewardModel", "ValueModel", "generate", "init_adapters", "init_cache", "load_peft_adapter", "load_pretrained",
-    "merge_adapters", "sample_tokens", "save_peft_adapter", "save_pretrained",
+    "RewardModel", "ValueModel", "generate", "init_adapters", "init_cache", "jitted_generate", "load_peft_adapter",
+    "load_pretrained", "merge_adapters", "sample_tokens", "save_peft_adapter", "save_pretrained",
 ]

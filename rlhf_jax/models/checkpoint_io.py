@@ -124,11 +124,33 @@ def read_checkpoint_tensors(folder: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+ADAPTER_FOLDER = "a PEFT adapter folder, not a model folder"
+
+
+def is_adapter_folder(folder) -> bool:
+    """Whether `folder` holds a PEFT adapter (`adapter_config.json`) and no model (`config.json`)."""
+    folder = Path(folder)
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def _adapter_folder_error(folder: Path) -> ModelError:
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (ValueError, OSError, AttributeError):
+        base = None
+    base = f" ({base})" if isinstance(base, str) and base else ""
+    return ModelError(folder, f"{ADAPTER_FOLDER}: load its base model{base} with `load_pretrained`, then the "
+                              "adapter with `rlhf_jax.models.peft_io.load_peft_adapter(folder, module)`; or give "
+                              "the merged model folder (a LoRA run exports it next to `adapter/`, in `model/`)")
+
+
 def read_hf_config(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(folder, "no such model folder")
     config_file = folder / "config.json"
+    if is_adapter_folder(folder):
+        raise _adapter_folder_error(folder)
     if not config_file.exists():
         raise ModelError(folder, "no config.json (is this a Hugging Face model folder?)")
     try:

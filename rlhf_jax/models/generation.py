@@ -1,13 +1,19 @@
 """Autoregressive sampling with a KV cache, compiled as one program.
 
-    generate_fn = jax.jit(generate, static_argnames=GENERATE_STATIC_ARGNAMES)
-    out = generate_fn(module, params, prompt_ids, prompt_mask, rng, max_new_tokens=64,
-                      temperature=1.0, eos_token_id=2, pad_token_id=0)
+    out = jitted_generate(module, params, prompt_ids, prompt_mask, rng, max_new_tokens=64,
+                          temperature=1.0, eos_token_id=2, pad_token_id=0)
     out.tokens, out.mask, out.logprobs, out.finished   # [B, N], [B, N], [B, N], [B]
 
-The prompt batch is LEFT-padded (the last column holds every row's last prompt token). One
-prefill pass fills the cache and yields the first token's logits (projected to the
-vocabulary at the last position only); then a `lax.while_loop` feeds one token per step
+`jitted_generate` is `jax.jit(generate, static_argnames=GENERATE_STATIC_ARGNAMES)` that also
+takes token ids as lists or NumPy ints (a Hugging Face `generation_config.eos_token_id` is often
+a list, which `jax.jit` cannot hash as a static argument) and checks concrete prompt masks
+before tracing. Under your own `jax.jit`, pass `eos_token_id` as an int or a tuple.
+
+The prompt batch is LEFT-padded (the last column holds every row's last prompt token; rows of
+only padding are allowed). A mask that is not, e.g. from a Hugging Face tokenizer's default
+`padding_side="right"`, is a ValueError when its values can be read (outside `jax.jit`; or
+`jitted_generate`, before tracing). One prefill pass fills the cache and yields the first
+token's logits (projected to the vocabulary at the last position only); then a `lax.while_loop` feeds one token per step
 through the cache until `max_new_tokens` tokens exist or every row has produced an EOS.
 Everything stays on device: no host round trip per token. The loop state is small (step,
 last token, next position, cache, finished flags, output buffers), and the random numbers
@@ -23,6 +29,7 @@ under the distribution they were drawn from.
 """
 from __future__ import annotations
 
+import numbers
 from functools import partial
 from typing import NamedTuple, Sequence
 
@@ -32,9 +39,10 @@ import jax.numpy as jnp
 from rlhf_jax.models.kv_cache import init_cache
 from rlhf_jax.models.sampling import open_uniforms, select_kept_set, select_tokens, validate_sampling_options
 from rlhf_jax.models.transformer import CausalLM
-from rlhf_jax.ops.checks import check_rank, check_same_shape
+from rlhf_jax.ops.checks import check_left_padded, check_rank, check_same_shape
 
-# Arguments that shape the compiled program; `temperature` may be static or traced.
+# Arguments that shape the compiled program; `temperature` may be static or traced. Static
+# arguments must be hashable: token ids as ints or tuples (`jitted_generate` converts lists).
 GENERATE_STATIC_ARGNAMES = (
     "module", "max_new_tokens", "top_k", "top_p", "greedy", "eos_token_id", "pad_token_id",
     "num_samples", "kept_set",
@@ -53,14 +61,26 @@ class GenerationOutput(NamedTuple):
     kept_threshold: jax.Array | None = None  # [B, N] smallest kept logit / T
 
 
+def _is_token_id(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _eos_ids(eos_token_id) -> tuple[int, ...]:
     if eos_token_id is None:
         return ()
-    if isinstance(eos_token_id, int):
-        return (eos_token_id,)
-    if isinstance(eos_token_id, Sequence) and all(isinstance(i, int) for i in eos_token_id):
-        return tuple(eos_token_id)
-    raise ValueError(f"`eos_token_id` must be an int, a tuple of ints or None, got {eos_token_id!r}")
+    if _is_token_id(eos_token_id):
+        return (int(eos_token_id),)
+    if (isinstance(eos_token_id, Sequence) and not isinstance(eos_token_id, str)
+            and all(_is_token_id(i) for i in eos_token_id)):
+        return tuple(int(i) for i in eos_token_id)
+    raise ValueError(f"`eos_token_id` must be an int, a tuple (or list) of ints or None, got {eos_token_id!r}")
+
+
+def _pad_id(pad_token_id) -> int:
+    if not _is_token_id(pad_token_id):
+        raise ValueError(f"`pad_token_id` must be a static int (e.g. the tokenizer's `pad_token_id`, or its "
+                         f"`eos_token_id` when it has none), got {pad_token_id!r}")
+    return int(pad_token_id)
 
 
 def _is_eos(tokens, eos_ids: tuple[int, ...]):
@@ -78,23 +98,26 @@ def generate(module: CausalLM, params, prompt_ids, prompt_mask, rng, *, max_new_
 
     module, params: a `CausalLM` (or a `LoRAModel` of one) and its parameters. prompt_ids / prompt_mask [B, P]:
     left-padded prompts and their attention mask (1 = real token; every row's last column
-    must be a real token, since the first new token is read there). rng: a PRNG key (unused
-    when greedy). temperature: logits are divided by it before filtering and for the
+    must be a real token, since the first new token is read there; rows of only padding are
+    allowed); a concrete mask that is not left-padded raises a ValueError. rng: a PRNG key
+    (unused when greedy). temperature: logits are divided by it before filtering and for the
     returned log-probs. top_k: keep the k most likely tokens (0 = off). top_p: nucleus
     mass (1 = off). greedy: argmax instead of sampling. eos_token_id: int, tuple of ints
-    (any ends a row) or None (never stop). pad_token_id: written after a row's EOS.
+    (any ends a row) or None (never stop); a list works here but not as a `jax.jit` static
+    argument (`jitted_generate` converts it). pad_token_id: written after a row's EOS. Ids
+    may be NumPy ints.
     num_samples: G continuations per prompt from one prefill (output rows `b*G + g`).
     kept_set: also return `kept_logprobs` and `kept_threshold` (module docstring).
-    Returns a `GenerationOutput`; see `GENERATE_STATIC_ARGNAMES` for jitting.
+    Returns a `GenerationOutput`; `jitted_generate` is its compiled form.
     """
     if not isinstance(getattr(module, "module", module), CausalLM):  # a CausalLM, or a LoRAModel of one
         raise ValueError(f"`module` must be a CausalLM, got {type(module).__name__}")
     check_rank(prompt_ids, 2, "prompt_ids")
     check_same_shape(prompt_ids=prompt_ids, prompt_mask=prompt_mask)
+    check_left_padded(prompt_mask, "prompt_mask")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be a static int >= 1, got {max_new_tokens!r}")
-    if not isinstance(pad_token_id, int):
-        raise ValueError(f"`pad_token_id` must be a static int, got {pad_token_id!r}")
+    pad_token_id = _pad_id(pad_token_id)
     validate_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"`num_samples` must be a static int >= 1, got {num_samples!r}")
@@ -166,3 +189,17 @@ def generate(module: CausalLM, params, prompt_ids, prompt_mask, rng, *, max_new_
     mask = (eos_before == 0).astype(jnp.int32)
     kept = dict(kept_logprobs=buffers[1], kept_threshold=buffers[2]) if kept_set else {}
     return GenerationOutput(tokens=tokens, mask=mask, logprobs=buffers[0], finished=finished, **kept)
+
+
+_compiled_generate = jax.jit(generate, static_argnames=GENERATE_STATIC_ARGNAMES)
+
+
+def jitted_generate(module: CausalLM, params, prompt_ids, prompt_mask, rng, *, eos_token_id, pad_token_id,
+                    **options) -> GenerationOutput:
+    """`generate` compiled with `jax.jit(generate, static_argnames=GENERATE_STATIC_ARGNAMES)`,
+    taking the same arguments; `eos_token_id` may be a list and ids NumPy ints (converted to
+    hashable Python ints / tuples first), and a concrete `prompt_mask` is checked for left
+    padding before tracing. One compilation per set of static arguments and shapes."""
+    check_left_padded(prompt_mask, "prompt_mask")
+    return _compiled_generate(module, params, prompt_ids, prompt_mask, rng, eos_token_id=_eos_ids(eos_token_id),
+                              pad_token_id=_pad_id(pad_token_id), **options)

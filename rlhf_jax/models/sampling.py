@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.ops.checks import check_positive, check_rank
+from rlhf_jax.ops.checks import check_rank
 
 
 def top_k_filter(logits, top_k: int):
@@ -86,8 +86,15 @@ def categorical(rng, logits):
     return _draw(open_uniforms(rng, logits.shape[:1]), weights)[0]
 
 
+def check_temperature(temperature) -> None:
+    """Raise unless a static temperature is > 0, pointing to `greedy=True` for temperature 0."""
+    if isinstance(temperature, (int, float)) and not temperature > 0:
+        raise ValueError(f"`temperature` must be > 0, got {temperature}; for greedy decoding (what "
+                         "temperature 0 means elsewhere) pass `greedy=True` and keep temperature 1")
+
+
 def validate_sampling_options(*, temperature, top_k: int, top_p: float, greedy: bool) -> None:
-    check_positive(temperature, "temperature")
+    check_temperature(temperature)
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"`top_k` must be a static int >= 0 (0 disables it), got {top_k!r}")
     if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:

@@ -65,7 +65,7 @@ from rlhf_jax.models.kv_cache import (
     write_cache_positions,
 )
 from rlhf_jax.models.layers import INIT_STD, MLP, Attention, fold_matmul, make_norm, soft_cap, take_rows
-from rlhf_jax.ops.checks import check_rank, check_same_shape, check_token_ids
+from rlhf_jax.ops.checks import check_left_padded, check_rank, check_same_shape, check_token_ids
 from rlhf_jax.ops.chunked_head import OutputHead
 
 
@@ -234,6 +234,7 @@ def shared_prefix_forward(decoder: Decoder, config: ModelConfig, prompt_ids, pro
     check_rank(response_ids, 3, "response_ids")
     check_same_shape(prompt_ids=prompt_ids, prompt_mask=prompt_mask)
     check_same_shape(response_ids=response_ids, response_mask=response_mask)
+    check_left_padded(prompt_mask, "prompt_mask")
     batch, prompt_len = prompt_ids.shape
     num, response_len = response_ids.shape[1:]
     if response_ids.shape[0] != batch:

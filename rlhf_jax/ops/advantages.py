@@ -121,6 +121,9 @@ def gae(rewards, values, mask=None, *, gamma, gae_lambda, dones=None, bootstrap_
       `(advantages, returns)`, each `[B, T]` float32 (or wider if the inputs are).
     """
     check_in(method, SCAN_METHODS, "method")
+    if values is None:
+        raise ValueError("`values` is required by `gae` (value estimates [B, T]); for returns "
+                         "without a value function use `discounted_returns(rewards, mask, gamma=...)`")
     _check_time_inputs(rewards, values, mask, dones, bootstrap_value)
     _check_discount(gamma, "gamma")
     _check_discount(gae_lambda, "gae_lambda")

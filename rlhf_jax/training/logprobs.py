@@ -55,7 +55,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from rlhf_jax.ops.checks import check_positive, check_rank, check_same_shape, check_token_ids
+from rlhf_jax.ops.checks import (check_left_padded, check_positive, check_prompted_responses, check_rank,
+                                 check_same_shape, check_token_ids)
 from rlhf_jax.ops.chunked_head import chunked_head_stats
 from rlhf_jax.ops.kept_set import kept_set_logits
 from rlhf_jax.ops.logprobs import entropy_from_logits, token_logprobs
@@ -79,7 +80,9 @@ class LMBatch:
         return jnp.shape(self.response_ids)[1]
 
     def validate(self) -> None:
-        """Raise ValueError unless the arrays have the layout above (shapes and dtypes)."""
+        """Raise ValueError unless the arrays have the layout above: shapes and dtypes, and for
+        concrete arrays also the values (real ids >= 0, left-padded prompts, no response
+        tokens after an empty prompt)."""
         check_rank(self.prompt_ids, 2, "prompt_ids")
         check_rank(self.response_ids, 3, "response_ids")
         check_same_shape(prompt_ids=self.prompt_ids, prompt_mask=self.prompt_mask)
@@ -91,9 +94,12 @@ class LMBatch:
         if jnp.shape(self.response_ids)[0] != self.batch_size:
             raise ValueError(f"`response_ids` must have {self.batch_size} rows like `prompt_ids`, "
                              f"got shape {jnp.shape(self.response_ids)}")
-        # Concrete arrays only: real ids must be >= 0; padded ones are never read (may be -100).
+        # Concrete arrays only: real ids must be >= 0; padded ones are never read (may be -100);
+        # prompts are left-padded, and a row without prompt tokens (batch padding) has no response.
         check_token_ids(self.prompt_ids, self.prompt_mask, "prompt_ids")
         check_token_ids(self.response_ids, self.response_mask, "response_ids")
+        check_left_padded(self.prompt_mask, "prompt_mask")
+        check_prompted_responses(self.prompt_mask, self.response_mask)
 
     def joined(self):
         """`(input_ids, attention_mask)` `[B * N, P + R]`: each response after its own copy of

@@ -69,6 +69,7 @@ import numpy as np
 from flax import struct
 
 from rlhf_jax.models.generation import generate
+from rlhf_jax.models.sampling import check_temperature
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.ops.advantages import gae
 from rlhf_jax.ops.checks import check_in, check_positive, check_rank, check_same_shape
@@ -101,7 +102,7 @@ class SamplingConfig:
 
     def __post_init__(self):
         check_positive(self.max_new_tokens, "max_new_tokens")
-        check_positive(self.temperature, "temperature")
+        check_temperature(self.temperature)
         check_in(self.logprobs_source, LOGPROB_SOURCES, "logprobs_source")
         if self.kept_set_logprobs not in (None, True, False):
             raise ValueError(f"`kept_set_logprobs` must be None, True or False, got {self.kept_set_logprobs!r}")

@@ -120,3 +120,9 @@ def test_invalid_inputs_raise():
         kto_loss(policy, ref, desirable, kl_policy_logps=kl_policy, kl_ref_logps=kl_ref[:2])
     with pytest.raises(ValueError, match="beta"):
         kto_loss(policy, ref, desirable, beta=-0.1)
+
+
+def test_an_empty_batch_raises_instead_of_returning_nan():
+    empty = jnp.zeros(0, jnp.float32)
+    with pytest.raises(ValueError, match="`policy_logps` is empty"):
+        kto_loss(empty, empty, jnp.zeros(0, bool))

@@ -354,3 +354,11 @@ def test_invalid_options_and_shapes_raise():
         dpo_loss(*args, beta=0.0)
     with pytest.raises(ValueError, match="discopop_tau"):
         dpo_loss(*args, loss_type="discopop", discopop_tau=-1.0)
+
+
+def test_an_empty_batch_raises_instead_of_returning_nan():
+    empty = jnp.zeros(0, jnp.float32)
+    with pytest.raises(ValueError, match=r"`policy_chosen_logps` is empty \(shape \(0,\)\)"):
+        dpo_loss(empty, empty, empty, empty)
+    with pytest.raises(ValueError, match="is empty"):  # a static shape: also under jit
+        jax.jit(lambda a: dpo_loss(a, a, a, a))(empty)

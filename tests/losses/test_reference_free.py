@@ -165,3 +165,13 @@ def test_invalid_inputs_raise():
         orpo_loss(w, l, n.reshape(2, 3))
     with pytest.raises(ValueError, match="rejected_avg_logps"):
         orpo_loss(w, np.arange(BATCH), n)
+
+
+def test_an_empty_batch_raises_instead_of_returning_nan():
+    empty = jnp.zeros(0, jnp.float32)
+    with pytest.raises(ValueError, match="`chosen_avg_logps` is empty"):
+        simpo_loss(empty, empty)
+    with pytest.raises(ValueError, match="`chosen_avg_logps` is empty"):
+        orpo_loss(empty, empty, empty)
+    with pytest.raises(ValueError, match="`chosen_logps` is empty"):
+        jax.jit(lambda a: cpo_loss(a, a, a))(empty)

@@ -122,3 +122,10 @@ def test_invalid_inputs_raise():
     stacked = np.stack([chosen, rejected])
     with pytest.raises(ValueError, match="margin"):
         ensemble_reward_model_loss(stacked, stacked, margin=np.ones((3, BATCH), np.float32))
+
+
+def test_an_empty_batch_raises_instead_of_returning_nan():
+    with pytest.raises(ValueError, match="`chosen_rewards` is empty"):
+        reward_model_loss(jnp.zeros(0), jnp.zeros(0))
+    with pytest.raises(ValueError, match="`chosen_rewards` is empty"):
+        ensemble_reward_model_loss(jnp.zeros((3, 0)), jnp.zeros((3, 0)))

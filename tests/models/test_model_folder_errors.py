@@ -9,7 +9,7 @@ import pytest
 import safetensors.numpy
 from model_folder_edits import edit_tensors, truncate_weights
 
-from rlhf_jax.models.checkpoint_io import load_pretrained, read_safetensors, save_pretrained
+from rlhf_jax.models.checkpoint_io import is_adapter_folder, load_pretrained, read_safetensors, save_pretrained
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.errors import ModelError
 from rlhf_jax.models.transformer import CausalLM
@@ -91,3 +91,23 @@ def test_model_error_pickles():
 
     error = pickle.loads(pickle.dumps(ModelError("/a/b", "no config.json")))
     assert (error.folder, error.what, str(error)) == ("/a/b", "no config.json", "/a/b: no config.json")
+
+
+@pytest.mark.parametrize("base", ["org/base-model", None])
+def test_a_peft_adapter_folder_is_named_as_such(tmp_path, good_folder, base):
+    """An adapter folder (`adapter_config.json`, no `config.json`) given as a model folder."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base}))
+    assert is_adapter_folder(adapter) and not is_adapter_folder(good_folder)
+    with pytest.raises(ModelError, match=r"a PEFT adapter folder, not a model folder: load its base model"
+                                         r".*load_peft_adapter") as error:
+        load_pretrained(adapter)
+    assert str(error.value).startswith(f"{adapter}: ")
+    assert ("(org/base-model)" in str(error.value)) == (base is not None)
+    # a model folder that also holds adapter files still loads
+    both = tmp_path / "both"
+    shutil.copytree(good_folder, both)
+    (both / "adapter_config.json").write_text("{}")
+    assert not is_adapter_folder(both)
+    load_pretrained(both)

@@ -9,7 +9,7 @@ import torch
 
 from hf_oracles import PAD_ID, padded_batch
 from rlhf_jax.models.checkpoint_io import load_pretrained
-from rlhf_jax.models.generation import GENERATE_STATIC_ARGNAMES, generate
+from rlhf_jax.models.generation import GENERATE_STATIC_ARGNAMES, generate, jitted_generate
 from rlhf_jax.models.heads import RewardModel
 from rlhf_jax.models.sampling import top_k_filter
 from rlhf_jax.ops.kept_set import kept_set_logits
@@ -195,3 +195,60 @@ def test_invalid_arguments_raise(models):
     with pytest.raises(ValueError, match="CausalLM"):
         generate(RewardModel(module.config), params, jnp.asarray(ids), jnp.asarray(mask),
                  jax.random.PRNGKey(0), max_new_tokens=2, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        call(max_new_tokens=2, pad_token_id=None)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        call(max_new_tokens=2, pad_token_id=True)
+    with pytest.raises(ValueError, match=r"`temperature` must be > 0, got 0.0; .*pass `greedy=True`"):
+        call(max_new_tokens=2, temperature=0.0)
+
+
+def test_right_padded_prompts_raise_naming_the_row_and_the_fix(models):
+    module, params = models["llama"]
+    ids, mask = prompts()
+    right_ids, right_mask = padded_batch(0, batch=4, time=8, side="right")
+    assert not right_mask[:, -1].all()  # rows 1.. are shorter: padding at the end
+    for fn in (generate, jitted_generate):
+        with pytest.raises(ValueError, match=r"`prompt_mask` row 1 ends in padding .*padding_side = \"left\""):
+            fn(module, params, jnp.asarray(right_ids), jnp.asarray(right_mask), jax.random.PRNGKey(0),
+               max_new_tokens=2, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    holed = mask.copy()
+    holed[0, 3] = 0
+    with pytest.raises(ValueError, match="`prompt_mask` row 0 has padding at column 3 between real tokens"):
+        generate(module, params, jnp.asarray(ids), jnp.asarray(holed), jax.random.PRNGKey(0),
+                 max_new_tokens=2, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+
+
+def test_rows_of_batch_padding_are_accepted_and_leave_the_other_rows_alone(models):
+    """An all-zero prompt mask (the pipeline's padding of an incomplete batch) is valid."""
+    module, params = models["llama"]
+    ids, mask = prompts(seed=4)
+    padded_ids = np.concatenate([ids, np.full((1, ids.shape[1]), PAD_ID)])
+    padded_mask = np.concatenate([mask, np.zeros((1, mask.shape[1]), mask.dtype)])
+    out = generate(module, params, jnp.asarray(padded_ids), jnp.asarray(padded_mask), jax.random.PRNGKey(0),
+                   max_new_tokens=4, greedy=True, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    alone = run(module, params, ids, mask, greedy=True, max_new_tokens=4)
+    np.testing.assert_array_equal(np.asarray(out.tokens)[:-1], alone.tokens)
+
+
+def test_jitted_generate_takes_a_list_of_eos_ids_and_numpy_ints(models):
+    """A Hugging Face generation_config often holds a list of EOS ids, which `jax.jit` cannot
+    hash as a static argument; `jitted_generate` converts it (and NumPy ints) first."""
+    module, params = models["llama"]
+    ids, mask = prompts(seed=8)
+    free = np.asarray(run(module, params, ids, mask, greedy=True, eos_token_id=None).tokens)
+    eos = (int(free[0, 2]), int(free[1, 1]))
+    expected = run(module, params, ids, mask, greedy=True, eos_token_id=eos)
+    with pytest.raises(ValueError, match="Non-hashable static arguments"):  # why the helper exists
+        run(module, params, ids, mask, greedy=True, eos_token_id=list(eos))
+    for eos_token_id in (list(eos), [np.int64(i) for i in eos], np.array(eos).tolist()):
+        out = jitted_generate(module, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0),
+                              max_new_tokens=NEW_TOKENS, greedy=True, eos_token_id=eos_token_id,
+                              pad_token_id=np.int64(PAD_ID))
+        np.testing.assert_array_equal(out.tokens, expected.tokens)
+        np.testing.assert_array_equal(out.mask, expected.mask)
+    eager = generate(module, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0),
+                     max_new_tokens=NEW_TOKENS, greedy=True, eos_token_id=np.int32(eos[0]),
+                     pad_token_id=np.int64(PAD_ID))
+    single = run(module, params, ids, mask, greedy=True, eos_token_id=eos[0])
+    np.testing.assert_array_equal(eager.tokens, single.tokens)

@@ -242,6 +242,8 @@ def test_gae_rejects_bad_inputs():
         gae(rewards.astype(np.int32), values, gamma=1.0, gae_lambda=0.95)
     with pytest.raises(ValueError, match="time axis"):
         gae(np.float32(1.0), np.float32(1.0), gamma=1.0, gae_lambda=0.95)
+    with pytest.raises(ValueError, match="`values` is required by `gae`.*use `discounted_returns"):
+        gae(rewards, None, mask, gamma=1.0, gae_lambda=0.95)
 
 
 # ---------------------------------------------------------------- discounted returns

@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.ops.checks import check_floating, check_in, check_positive, check_rank, check_same_shape
+from rlhf_jax.ops.checks import (check_floating, check_in, check_left_padded, check_nonempty, check_positive,
+                                 check_prompted_responses, check_rank, check_same_shape)
 
 
 def test_check_rank_accepts_and_rejects():
@@ -63,3 +64,47 @@ def test_masked_mean_of_bfloat16_counts_in_float32():
     x = jnp.ones((1, 1000), jnp.bfloat16)
     assert masked_mean(x, jnp.ones((1, 1000))).dtype == jnp.float32
     assert float(masked_mean(x * 3, jnp.ones((1, 1000)))) == 3.0
+
+
+def test_check_left_padded_accepts_left_padding_and_rows_of_batch_padding():
+    check_left_padded(np.array([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 1]]), "prompt_mask")
+    check_left_padded(np.array([[[0, 1], [1, 1]]], bool), "prompt_mask")  # any leading shape
+    check_left_padded(np.ones((0, 4)), "prompt_mask")  # no rows
+
+
+@pytest.mark.parametrize("row, where", [
+    ([1, 1, 0, 0], r"row 1 ends in padding \(last column 0\)"),  # right-padded
+    ([0, 1, 0, 1], "row 1 has padding at column 2 between real tokens"),
+    ([1, 0, 0, 1], "row 1 has padding at column 1 between real tokens"),
+])
+def test_check_left_padded_names_the_first_bad_row_and_the_fix(row, where):
+    mask = jnp.array([[0, 1, 1, 1], row, [1, 1, 1, 0]])
+    with pytest.raises(ValueError, match=where) as error:
+        check_left_padded(mask, "prompt_mask")
+    assert "`prompt_mask` row 1" in str(error.value)
+    assert 'tokenizer.padding_side = "left"' in str(error.value)
+
+
+def test_check_left_padded_is_skipped_under_jit():
+    @jax.jit
+    def f(mask):
+        check_left_padded(mask, "prompt_mask")
+        return mask.sum()
+
+    assert int(f(jnp.array([[1, 1, 0]]))) == 2
+    with pytest.raises(ValueError, match="ends in padding"):
+        check_left_padded(jnp.array([[1, 1, 0]]), "prompt_mask")
+
+
+def test_check_prompted_responses_refuses_responses_after_an_empty_prompt():
+    prompt_mask = np.array([[0, 1], [0, 0]])
+    check_prompted_responses(prompt_mask, np.array([[[1, 0]], [[0, 0]]]))  # row 1: batch padding
+    with pytest.raises(ValueError, match="`prompt_mask` row 1 is all 0 but `response_mask` marks real tokens"):
+        check_prompted_responses(prompt_mask, np.array([[[1, 0]], [[1, 0]]]))
+    check_prompted_responses(np.zeros((0, 2)), np.zeros((0, 1, 3)))
+
+
+def test_check_nonempty_works_on_static_shapes_under_jit():
+    check_nonempty(np.ones(2), "logps")
+    with pytest.raises(ValueError, match=r"`logps` is empty \(shape \(0,\)\)"):
+        jax.jit(lambda x: check_nonempty(x, "logps"))(jnp.ones(0))

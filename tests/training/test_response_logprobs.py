@@ -166,6 +166,44 @@ def test_layout_errors_name_the_array():
         LMBatch(batch.prompt_ids[:2], batch.prompt_mask[:2], batch.response_ids, batch.response_mask).validate()
 
 
+def test_right_padded_prompts_are_refused():
+    """A Hugging Face tokenizer pads on the right by default; the first response token would
+    then be scored from a pad position."""
+    batch = random_batch(seed=1)
+    lengths = batch.prompt_mask.sum(axis=1)
+    assert lengths.min() < batch.prompt_mask.shape[1]  # some row is padded
+    right_mask = (np.arange(batch.prompt_mask.shape[1])[None] < lengths[:, None]).astype(np.int32)
+    right = LMBatch(batch.prompt_ids, right_mask, batch.response_ids, batch.response_mask)
+    bad_row = int(np.argmax(lengths < batch.prompt_mask.shape[1]))
+    with pytest.raises(ValueError, match=rf"`prompt_mask` row {bad_row} ends in padding .*padding_side"):
+        right.validate()
+    model = CausalLM(CONFIGS["llama"])
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    with pytest.raises(ValueError, match="LEFT-padded"):
+        response_logprobs(model.apply, params, right)
+    with pytest.raises(ValueError, match="LEFT-padded"):  # the model method checks too
+        model.apply({"params": params}, right.prompt_ids, right.prompt_mask, right.response_ids,
+                    right.response_mask, method="shared_prefix_hidden_states")
+
+
+def test_rows_of_batch_padding_pass_and_score_zero():
+    """The pipeline completes a last batch with rows whose masks are all 0 (`example_mask` 0)."""
+    batch = random_batch(seed=2)
+    zeros = lambda x: np.concatenate([x, np.zeros_like(x[:1])])
+    padded = LMBatch(*(zeros(np.asarray(x)) for x in (batch.prompt_ids, batch.prompt_mask,
+                                                      batch.response_ids, batch.response_mask)))
+    padded.validate()
+    model = CausalLM(CONFIGS["llama"])
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    logprobs = np.asarray(response_logprobs(model.apply, params, padded).logprobs)
+    np.testing.assert_allclose(logprobs[:-1], response_logprobs(model.apply, params, batch).logprobs, atol=1e-5)
+    assert (logprobs[-1] == 0).all()
+    # an empty prompt with real response tokens is not batch padding
+    answered = padded.replace(response_mask=np.concatenate([batch.response_mask, batch.response_mask[:1]]))
+    with pytest.raises(ValueError, match=r"`prompt_mask` row 3 is all 0 but `response_mask` marks real tokens"):
+        answered.validate()
+
+
 @pytest.mark.parametrize("num", [1, 3])
 def test_response_states_at_read_the_response_hidden_states(num):
     """`response_states_at` (last layer at one position per response) against

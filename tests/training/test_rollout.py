@@ -285,6 +285,12 @@ def test_bad_inputs_raise(rolled_grouped):
         generate_rollout(value_state, PROMPT_IDS, PROMPT_MASK, jax.random.key(0), sampling=SAMPLING)
     with pytest.raises(ValueError, match="logprobs_source"):
         SamplingConfig(logprobs_source="cache")
+    with pytest.raises(ValueError, match=r"`temperature` must be > 0, got 0.0; .*pass `greedy=True`"):
+        SamplingConfig(temperature=0.0)
+    right_mask = np.asarray(PROMPT_MASK)[:, ::-1]  # real tokens first: right-padded
+    assert not right_mask[:, -1].all()
+    with pytest.raises(ValueError, match=r"`prompt_mask` row \d+ ends in padding"):
+        generate_rollout(policy_state, PROMPT_IDS, right_mask, jax.random.key(0), sampling=SAMPLING)
 
 
 def test_pad_equal_to_eos_gives_the_same_rollout():

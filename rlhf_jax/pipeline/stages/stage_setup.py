@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from rlhf_jax.models.checkpoint_io import load_pretrained, save_pretrained
+from rlhf_jax.models.checkpoint_io import ADAPTER_FOLDER, is_adapter_folder, load_pretrained, save_pretrained
 from rlhf_jax.models.errors import ModelError
 from rlhf_jax.models.heads import RewardModel, ValueModel
 from rlhf_jax.models.peft_io import save_peft_adapter
@@ -189,8 +189,8 @@ def check_not_run_folder(folder, key: str) -> None:
     if (folder / MODEL_DIR / "config.json").is_file():
         raise ModelError(folder, f"a run's output folder, not a model folder: give `{key}` its exported "
                                  f"model, {folder / MODEL_DIR}")
-    if (folder / "adapter_config.json").is_file():
-        raise ModelError(folder, f"a PEFT adapter folder, not a model folder: give `{key}` a model folder "
+    if is_adapter_folder(folder):
+        raise ModelError(folder, f"{ADAPTER_FOLDER}: give `{key}` a model folder "
                                  f"(a LoRA run exports the merged model next to it, in {folder.parent / MODEL_DIR}), "
                                  f"or continue training the adapter with `lora.path`")
 
