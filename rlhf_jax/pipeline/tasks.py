@@ -66,7 +66,8 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def reward(self, prompt: str, completion: str, answer: str | None = None, *, kind: str = "exact",
                eos_token: str) -> float:
-        """The verifiable reward of `completion` (text with special tokens) for `prompt`."""
+        """The verifiable reward of `completion` for `prompt`: the completion's text before its
+        EOS without special tokens, then `eos_token` when it stopped (absent when it did not)."""
 
     def reward_functions(self) -> dict[str, Callable]:
         """TRL-style reward functions of the task, by name."""

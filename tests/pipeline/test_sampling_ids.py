@@ -78,3 +78,19 @@ def test_the_gold_scorer_stops_at_the_sampling_eos(tokenizer):
     response = np.asarray([tokenizer.encode("3", add_special_tokens=False) + [stop]])
     assert gold_scores(tokenizer, prompt, response, eos_token_id=stop) == [1.0]
     assert gold_scores(tokenizer, prompt, response) == [0.0]  # no tokenizer EOS: did not stop
+
+
+def test_the_gold_scorer_reads_the_answer_without_special_tokens(tmp_path):
+    """A chat model ends its turn with an end-of-turn special token before the EOS: the answer
+    before it is still the answer (it scored 0 when decoded with special tokens)."""
+    import numpy as np
+    from rlhf_jax.pipeline.stages.scoring import gold_scores
+    from rlhf_jax.pipeline.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path, "0123456789+=")
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|assistant|>")  # a special token, not the EOS
+    prompt = np.asarray([tokenizer.encode("1+2=", add_special_tokens=False)] * 3)
+    three = tokenizer.convert_tokens_to_ids("3")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    response = np.asarray([[three, end_of_turn, eos, pad], [three, end_of_turn, pad, pad], [three, eos, three, three]])
+    np.testing.assert_array_equal(gold_scores(tokenizer, prompt, response), [1.0, 0.0, 1.0])

@@ -36,6 +36,18 @@ def decode_rows(tokenizer, ids: np.ndarray, *, skip_special_tokens: bool) -> lis
     return [texts[i] for i in np.ravel(inverse)]
 
 
+def decode_responses(tokenizer, response_ids: np.ndarray, eos_token_id: int, eos_token: str) -> list[str]:
+    """Each response [B, N] as its scorer reads it: the tokens before the first `eos_token_id`
+    decoded without special tokens (so a chat template's end-of-turn token, say, is not part
+    of the answer), then `eos_token` when the response has the EOS (it stopped)."""
+    rows = np.asarray(response_ids)
+    stops = [np.flatnonzero(row == eos_token_id) for row in rows]
+    cut = [tuple(row[: stop[0]] if stop.size else row) for row, stop in zip(rows, stops)]
+    unique = list(dict.fromkeys(cut))
+    texts = dict(zip(unique, tokenizer.batch_decode([list(ids) for ids in unique], skip_special_tokens=True)))
+    return [texts[ids] + (eos_token if stop.size else "") for ids, stop in zip(cut, stops)]
+
+
 def gold_scores(tokenizer, prompt_ids, response_ids, *, kind: str = "exact", task: str | None = None,
                 answers=None, eos_token_id: int | None = None) -> np.ndarray:
     """Gold rewards [B] float32 of responses [B, N] to prompts [B, P] (token ids), by the
@@ -43,14 +55,16 @@ def gold_scores(tokenizer, prompt_ids, response_ids, *, kind: str = "exact", tas
     reference `answers` [B] when the prompt data has them.
 
     A response without the EOS token (the tokenizer's, or the sampling's `eos_token_id` when
-    given) did not stop (the task's scorer decides what that scores). A prompt the scorer
-    cannot read is a `RewardError` naming it.
+    given) did not stop (the task's scorer decides what that scores). The scorer reads the text
+    before the EOS without special tokens, then the EOS (`decode_responses`). A prompt the
+    scorer cannot read is a `RewardError` naming it.
     """
     scorer = load_task(task)
     prompts = decode_rows(tokenizer, prompt_ids, skip_special_tokens=True)
-    responses = decode_rows(tokenizer, response_ids, skip_special_tokens=False)
+    eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    eos_token = tokenizer.decode([eos_token_id])
+    responses = decode_responses(tokenizer, response_ids, eos_token_id, eos_token)
     answers = [None] * len(prompts) if answers is None else [None if a is None else str(a) for a in answers]
-    eos_token = tokenizer.eos_token if eos_token_id is None else tokenizer.decode([eos_token_id])
     cache: dict[tuple, float] = {}
     scores = np.empty(len(prompts), np.float32)
     for index, key in enumerate(zip(prompts, responses, answers)):
