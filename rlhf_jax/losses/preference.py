@@ -20,11 +20,30 @@ from rlhf_jax.losses.preference_types import (
 )
 from rlhf_jax.ops.checks import check_floating, check_in, check_nonempty, check_positive, check_rank, check_same_shape
 
-__all__ = ["DPO_LOSS_TYPES", "DIVERGENCES", "dpo_loss"]
+__all__ = ["DPO_LOSS_TYPES", "DIVERGENCES", "check_dpo_options", "dpo_loss"]
 
 
 def _is_static_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_dpo_options(loss_type: str, *, beta, label_smoothing, divergence: str, alpha, discopop_tau):
+    """Raise ValueError naming the first `dpo_loss` option out of range or not supported by
+    `loss_type` (static values only; traced ones are the caller's to vouch for); return the
+    label smoothing `dpo_loss` uses (`exo_pair`'s default when 0)."""
+    check_in(loss_type, DPO_LOSS_TYPES, "loss_type")
+    check_in(divergence, DIVERGENCES, "divergence")
+    check_positive(beta, "beta")
+    check_positive(discopop_tau, "discopop_tau")
+    eps = _check_label_smoothing(label_smoothing, loss_type)
+    if divergence == "alpha" and _is_static_number(alpha) and not 0.0 < alpha < 1.0:
+        raise ValueError(f"`alpha` must be in (0, 1) for divergence='alpha', got {alpha}")
+    if loss_type == "aot" and divergence != "reverse_kl":
+        raise ValueError(
+            "loss_type='aot' sorts policy and reference margins rather than log-ratios, so it "
+            f"supports only divergence='reverse_kl', got {divergence!r}"
+        )
+    return eps
 
 
 def _check_label_smoothing(label_smoothing, loss_type: str):
@@ -122,8 +141,8 @@ def dpo_loss(
       `dpo/accuracy` (mean `beta*c > beta*r`), `dpo/margin` (mean `beta*(c - r)`),
       `dpo/logps_chosen`, `dpo/logps_rejected` (mean policy log-probs).
     """
-    check_in(loss_type, DPO_LOSS_TYPES, "loss_type")
-    check_in(divergence, DIVERGENCES, "divergence")
+    eps = check_dpo_options(loss_type, beta=beta, label_smoothing=label_smoothing, divergence=divergence,
+                            alpha=alpha, discopop_tau=discopop_tau)
     logps = {
         "policy_chosen_logps": policy_chosen_logps,
         "policy_rejected_logps": policy_rejected_logps,
@@ -135,16 +154,6 @@ def dpo_loss(
         check_floating(value, name)
     check_same_shape(**logps)
     check_nonempty(policy_chosen_logps, "policy_chosen_logps")
-    check_positive(beta, "beta")
-    check_positive(discopop_tau, "discopop_tau")
-    eps = _check_label_smoothing(label_smoothing, loss_type)
-    if divergence == "alpha" and _is_static_number(alpha) and not 0.0 < alpha < 1.0:
-        raise ValueError(f"`alpha` must be in (0, 1) for divergence='alpha', got {alpha}")
-    if loss_type == "aot" and divergence != "reverse_kl":
-        raise ValueError(
-            "loss_type='aot' sorts policy and reference margins rather than log-ratios, so it "
-            f"supports only divergence='reverse_kl', got {divergence!r}"
-        )
     for name, value in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
         if value is None:
             if loss_type in LENGTH_NORMALISED_LOSS_TYPES:

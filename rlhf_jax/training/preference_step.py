@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.kto import kto_loss
-from rlhf_jax.losses.preference import DIVERGENCES, DPO_LOSS_TYPES, dpo_loss
+from rlhf_jax.losses.preference import DIVERGENCES, DPO_LOSS_TYPES, check_dpo_options, dpo_loss
 from rlhf_jax.losses.preference_types import SMOOTHED_LOSS_TYPES
 from rlhf_jax.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
 from rlhf_jax.ops.checks import check_in, check_positive
@@ -69,15 +69,36 @@ class PreferenceLossConfig:
     undesirable_weight: float = 1.0  # KTO w_u
 
     def __post_init__(self):
+        """Every value in range, and no setting changed from its default that the chosen loss
+        does not read (a sweep over `kind` with `loss_type=ipo` would train SimPO unnoticed)."""
         check_in(self.kind, PREFERENCE_KINDS, "kind")
         check_in(self.loss_type, DPO_LOSS_TYPES, "loss_type")
         check_in(self.divergence, DIVERGENCES, "divergence")
+        used = self.used_settings()
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name not in used and field.name != "kind" and value != field.default:
+                used_by = f"loss_type={self.loss_type!r}" if self.kind == "dpo" else f"kind={self.kind!r}"
+                raise ValueError(f"`{field.name}` is not used by {used_by}; got {value!r}")
+        if self.kind == "dpo":
+            check_dpo_options(self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
+                              divergence=self.divergence, alpha=self.alpha, discopop_tau=self.discopop_tau)
         check_positive(self.beta, "beta")
-        if self.label_smoothing and (
-            self.kind in ("orpo", "kto") or (self.kind == "dpo" and self.loss_type not in SMOOTHED_LOSS_TYPES)
-        ):
-            used_by = f"loss_type={self.loss_type!r}" if self.kind == "dpo" else f"kind={self.kind!r}"
-            raise ValueError(f"`label_smoothing` is not used by {used_by}; got {self.label_smoothing}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing}")
+        for name in ("target_margin", "nll_coef", "odds_ratio_coef", "desirable_weight", "undesirable_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+
+    def used_settings(self) -> set[str]:
+        """The fields the loss of `kind` (and `loss_type`, `divergence`) reads."""
+        if self.kind == "dpo":
+            used = {"loss_type", "beta", "divergence"}
+            used |= {"label_smoothing"} if self.loss_type in SMOOTHED_LOSS_TYPES else set()
+            used |= {"alpha"} if self.divergence == "alpha" else set()
+            return used | ({"discopop_tau"} if self.loss_type == "discopop" else set())
+        return {"simpo": {"beta", "target_margin", "label_smoothing"}, "cpo": {"beta", "nll_coef", "label_smoothing"},
+                "orpo": {"odds_ratio_coef"}, "kto": {"beta", "desirable_weight", "undesirable_weight"}}[self.kind]
 
     @property
     def needs_reference(self) -> bool:

@@ -102,9 +102,22 @@ def test_a_bad_override_next_to_a_good_file_names_the_command_line(tmp_path, cap
     ("dpo", "dpo.loss_type=sigmoidd", "`dpo.loss_type` must be one of"),
     ("grpo", "grpo.group_size=1", "`grpo.group_size` must be an int >= 2, got 1"),
     ("grpo", "grpo.sampling.temperature=-1", "`grpo.sampling.temperature` must be > 0"),
+    # ranges dpo_loss checks, now before any data is read
+    ("dpo", "dpo.loss_type=robust dpo.label_smoothing=0.5",
+     r"`dpo.label_smoothing` must be in [0, 0.5) for loss_type='robust', got 0.5"),
+    ("dpo", "dpo.label_smoothing=1.5", r"`dpo.label_smoothing` must be in [0, 1) for loss_type='sigmoid', got 1.5"),
+    ("dpo", "dpo.divergence=alpha dpo.alpha=1.0", "`dpo.alpha` must be in (0, 1) for divergence='alpha', got 1.0"),
+    ("dpo", "dpo.loss_type=aot dpo.divergence=js", "`dpo`: loss_type='aot' sorts policy and reference margins"),
+    ("dpo", "dpo.kind=simpo dpo.label_smoothing=-0.1", "`dpo.label_smoothing` must be in [0, 1), got -0.1"),
+    # settings the chosen loss does not read
+    ("dpo", "dpo.kind=simpo dpo.loss_type=ipo", "`dpo.loss_type` is not used by kind='simpo'; got 'ipo'"),
+    ("dpo", "dpo.kind=orpo dpo.beta=5", "`dpo.beta` is not used by kind='orpo'; got 5.0"),
+    ("dpo", "dpo.loss_type=hinge dpo.target_margin=3", "`dpo.target_margin` is not used by loss_type='hinge'; got 3.0"),
+    ("dpo", "dpo.alpha=0.3", "`dpo.alpha` is not used by loss_type='sigmoid'; got 0.3"),
+    ("dpo", "dpo.loss_type=ipo dpo.label_smoothing=0.1", "`dpo.label_smoothing` is not used by loss_type='ipo'; got 0.1"),
 ])
 def test_a_sections_own_check_names_the_full_key(capsys, stage, override, message):
-    assert cli.main([stage, "--print-config", override]) == 2
+    assert cli.main([stage, "--print-config", *override.split()]) == 2
     assert capsys.readouterr().err.startswith(f"rlhf-jax {stage}: config error: {message}")
 
 
