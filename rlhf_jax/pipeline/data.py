@@ -189,13 +189,14 @@ def load_data(
         logger.warning("skipped %d invalid rows of %d (first: %s)", stats.num_skipped, stats.num_rows, first)
     if stats.num_truncated:
         logger.warning(
-            "%d responses longer than max_response_length=%d were truncated",
+            "%d rows of %d have a response longer than max_response_length=%d, truncated",
             stats.num_truncated,
+            stats.num_used,
             config.max_response_length,
         )
     if stats.num_used == 0:
         raise DataError(f"{', '.join(map(str, paths))}: no valid rows ({stats.num_skipped} skipped)")
-    return TokenizedData(
+    data = TokenizedData(
         kind=kind,
         arrays={name: np.concatenate([part.arrays[name] for part in parts]) for name in parts[0].arrays},
         columns={
@@ -206,6 +207,21 @@ def load_data(
         stats=stats,
         pad_token_id=parts[0].pad_token_id,
     )
+    if kind == "preference":
+        _warn_identical_pairs(data)
+    return data
+
+
+def _warn_identical_pairs(data: TokenizedData) -> None:
+    """One warning line when pairs have the same chosen and rejected tokens (as written, or
+    once truncated): their log-ratios cancel, so they give no gradient yet count in the means."""
+    ids, mask = data.arrays["response_ids"], data.arrays["response_mask"]
+    same = np.all((ids[:, 0] == ids[:, 1]) | (mask[:, 0] == 0), axis=1) & np.all(mask[:, 0] == mask[:, 1], axis=1)
+    if same.any():
+        file, row = data.sources[int(np.argmax(same))]
+        logger.warning("%d pairs of %d have the same chosen and rejected response (as tokenised and truncated to "
+                       "max_response_length=%d), so they train nothing; first: %s row %d",
+                       int(same.sum()), len(data), ids.shape[-1], file, row)
 
 
 def _tokenize_file(path, rows, unreadable, tokenizer, config: DataConfig, kind: str) -> TokenizedData:

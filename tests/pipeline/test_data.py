@@ -510,3 +510,17 @@ def test_another_kind_of_data_is_named_as_such(load, rows, kind, message):
 def test_a_row_missing_a_field_of_the_right_kind_is_still_a_row_error(load):
     with pytest.raises(DataError, match="row 1: field 'chosen' is missing"):
         load([{"prompt": "1+2=", "rejected": "4"}], kind="preference")
+
+
+def test_identical_pairs_and_truncated_rows_are_counted_in_one_warning_each(load, caplog):
+    """Pair 2 is identical as written, pair 3 once cut to 6 tokens (its responses differ only
+    in the 7th character); pair 1 differs. Truncation counts rows, not responses."""
+    rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"},
+            {"prompt": "1+2=", "chosen": "3", "rejected": "3"},
+            {"prompt": "1+3=", "chosen": "abcdefg", "rejected": "abcdefh"}]
+    with caplog.at_level("WARNING", logger="rlhf_jax.pipeline.data"):
+        path, _ = load(rows)
+    messages = [record.getMessage() for record in caplog.records]
+    assert "1 rows of 3 have a response longer than max_response_length=6, truncated" in messages, messages
+    assert (f"2 pairs of 3 have the same chosen and rejected response (as tokenised and truncated to "
+            f"max_response_length=6), so they train nothing; first: {path} row 2") in messages, messages

@@ -107,14 +107,17 @@ def test_ppo_with_reward_functions(policy, tmp_path, monkeypatch):
     assert len(rows) == 2 and "reward/correct/mean" in rows[0] and "value/loss" in rows[0]
 
 
-def test_eval_with_reward_functions_replaces_the_gold_scorer(policy, tmp_path, monkeypatch):
+def test_eval_with_reward_functions_replaces_the_gold_scorer(policy, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     user_folder(tmp_path, REWARD_FILE + "\n\ndef always(prompts, completions, **kw):\n"
                 "    return [1.0] * len(completions)\n")
     args = ["eval", "output_dir=run", f"policies={{a: {policy}}}", "prompts_file=prompts.jsonl", "num_samples=2",
-            "max_new_tokens=4", "batch_size=16", "report=false",
+            "max_new_tokens=4", "batch_size=16", "report=false", "preferences_file=prompts.jsonl",
             "reward.functions=[{function: my_reward.py:always, weight: 0.25}, {function: my_reward.py:correct}]"]
     assert cli.main(args) == 0
+    # without a reward model the held-out pairs are not read, and the run says so
+    assert "warning: `preferences_file` gives the reward model's held-out accuracy and is not read without " \
+           "`reward_model`" in capsys.readouterr().err
     a = json.loads((tmp_path / "run" / "results.json").read_text())["policies"]["a"]
     assert a["reward/always/mean"] == 1.0 and a["reward"] == pytest.approx(0.25 + a["reward/correct/mean"])
     assert a["pass@1"] == pytest.approx(a["reward/correct/mean"])  # passes: 0.25 + 1 > 0.5 only when correct

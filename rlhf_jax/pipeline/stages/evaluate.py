@@ -35,6 +35,7 @@ markdown report with tables and plots is written (`stages/eval_report.py`).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -57,6 +58,7 @@ from rlhf_jax.training.logprobs import response_logprobs
 from rlhf_jax.training.rollout import sampled_batch
 
 _generate = jax.jit(generate, static_argnames=GENERATE_STATIC_ARGNAMES)
+logger = logging.getLogger(__name__)
 
 
 def pass_at_k_ks(num_samples: int) -> list[int]:
@@ -172,6 +174,10 @@ def evaluate_policies(config: EvalConfig) -> dict:
     """Sample, score and compare every policy of `config`; returns the results dict."""
     stage_setup.require(config.policies, "policies", "name at least one policy folder (name: path)")
     stage_setup.require(config.prompts_file, "prompts_file", "held-out prompts (e.g. the task's eval_prompts.jsonl)")
+    if config.preferences_file and not config.reward_model:
+        logger.warning("`preferences_file` gives the reward model's held-out accuracy and is not read without "
+                       "`reward_model`; a DPO policy's held-out preference accuracy is its training run's "
+                       "eval/dpo/accuracy (data.eval_files)")
     first_name = next(iter(config.policies))
     first_folder = config.reference or config.policies[first_name]
     tokenizer = stage_setup.stage_tokenizer(config.tokenizer, first_folder,

@@ -158,7 +158,7 @@ def stage_configs(config: QuickstartConfig, task, task_name: str | None = None) 
         config.eval, output_dir=str(out), seed=config.seed, tokenizer=tokenizer, task=task_name,
         policies={name: model_of(name) for name in trained}, reference=sft_model,
         reward_model=model_of("reward"), prompts_file=str(task.eval_prompts),
-        preferences_file=str(task.eval_preferences),
+        preferences_file=str(task.eval_preferences) if model_of("reward") else None,
         runs={name: str(out / name) for name in ("sft", "reward", "ppo", "dpo", "grpo")})
     return configs
 
