@@ -7,9 +7,9 @@ that ended in the last 10% of updates) and the first environment step where the 
 averaged over a sliding window of updates, reached 475. The REINFORCE-with-baseline config
 runs the same way and reports its starting and final returns.
 
-    python benchmarks/classic.py                 # print, and write the "## Classic RL"
+    python benchmarks/classic.py --write         # print, and write the "## Classic RL"
                                                  # section of benchmarks/RESULTS.md
-    python benchmarks/classic.py --no-write learning_rate=0.0005   # overrides apply to the PPO config
+    python benchmarks/classic.py learning_rate=0.0005   # print only; overrides apply to the PPO config
 """
 from __future__ import annotations
 
@@ -137,14 +137,14 @@ def section(ppo: dict, reinforce: dict | None, machine: list[str], command: str,
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "classic_ppo.yaml"))
     parser.add_argument("--reinforce-config", default=str(ROOT / "configs" / "classic_reinforce.yaml"))
     parser.add_argument("--no-reinforce", action="store_true", help="skip the REINFORCE run")
-    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    common.add_write_flags(parser)
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the PPO config")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     stamp = common.utc_stamp("%Y-%m-%d, %H:%M UTC")
     machine = machine_lines()
@@ -162,9 +162,9 @@ def main() -> None:
               [f"{a:.1f} -> {b:.1f}" for a, b in zip(reinforce["start_return"],
                                                        reinforce["final_return"])])
     machine_after = machine_lines()[2].replace("load average", "load average after")
-    command = "python benchmarks/classic.py" + "".join(f" {o}" for o in args.overrides)
+    command = common.command_line("classic.py", argv)
     text = section(ppo, reinforce, machine + [machine_after], command, stamp)
-    if not args.no_write:
+    if args.write:
         common.write_section(SECTION, text, RESULTS)
         print(f"wrote the {SECTION!r} section of {RESULTS}")
 

@@ -5,10 +5,13 @@ The scripts in this folder import it as `common` (they put their own folder on `
 """
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -120,6 +123,23 @@ def write_section(heading: str, body: str, path: Path = RESULTS) -> None:
     path.write_text(text)
 
 
+def add_write_flags(parser, *aliases: str, target: str = "benchmarks/RESULTS.md", note: str = "") -> None:
+    """`--write` (update `target`; `aliases` are older names of it; `note` ends its help) and
+    `--no-write` (print only, the default) on an argparse `parser`; the choice lands in `args.write`."""
+    parser.set_defaults(write=False)  # set first: the flags' own default stays SUPPRESS (no "(default: ...)")
+    group = parser.add_mutually_exclusive_group()
+    hide = dict(dest="write", default=argparse.SUPPRESS)
+    group.add_argument("--write", *aliases, action="store_true", help=f"also update {target}{note}", **hide)
+    group.add_argument("--no-write", action="store_false", help=f"print only, leave {target} alone (the default)",
+                       **hide)
+
+
+def command_line(script: str, argv: Sequence[str] | None = None) -> str:
+    """The command as run: `python benchmarks/<script> <argv>` (`argv` default: `sys.argv[1:]`),
+    each argument quoted where the shell needs it."""
+    return shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
 def character_alphabet(size: int) -> str:
     """`size` distinct characters (CJK ideographs, then Hangul syllables), each a token of a
     character tokenizer."""
@@ -159,6 +179,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], alig
 
 __all__ = [
     "RESULTS", "NUM_SPECIAL_TOKENS", "package_version", "load_average", "load_average_1min", "cpu_name", "machine_info",
-    "median", "mean_std", "timed", "time_calls", "utc_stamp", "write_section", "character_alphabet",
+    "median", "mean_std", "timed", "time_calls", "utc_stamp", "write_section", "add_write_flags", "command_line",
+    "character_alphabet",
     "build_character_tokenizer", "random_text", "markdown_table",
 ]

@@ -9,7 +9,7 @@ separately (it is paid once per shape). torch runs with the faster of 1 thread a
 cores (measured first), since oversubscribed OpenMP threads slow it badly on a busy machine.
 
     python benchmarks/generate.py                # prints a table, updates benchmarks/RESULTS.md
-    python benchmarks/generate.py --repeats 3 --no-write
+    python benchmarks/generate.py --repeats 3   # print only (--write: update RESULTS.md)
 """
 from __future__ import annotations
 
@@ -184,13 +184,13 @@ def pick_torch_threads(run_torch, new_tokens: int = 16) -> int:
     return min(timings, key=timings.get)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    common.add_write_flags(parser)
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch intra-op threads; 0 = the faster of 1 and all cores (measured)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     hf_model = LlamaForCausalLM(LlamaConfig(**MODEL, pad_token_id=PAD_ID, bos_token_id=None,
@@ -218,7 +218,7 @@ def main() -> None:
                    f"{MODEL['intermediate_size']}, vocab {MODEL['vocab_size']}, float32; batch {BATCH}, "
                    f"prompt {PROMPT_LEN} (left-padded, 16-32 real tokens), {NEW_TOKENS} new tokens, "
                    f"sampling T=1, top-k 0, top-p 1; medians of {args.repeats} alternating runs.")
-    section = (f"{SECTION}\n\n`python benchmarks/generate.py` ({common.utc_stamp()}): {config_line}\n\n"
+    section = (f"{SECTION}\n\n`{common.command_line('generate.py', argv)}` ({common.utc_stamp()}): {config_line}\n\n"
                f"Machine: {machine_info()}; a plain 512x512 float32 jax matmul ran at "
                f"{peak:.0f} GFLOP/s after the timed runs.\n\n{table}\n\n"
                f"Speed-up: **{speedup:.1f}x** new tokens/s (median wall time; target >= 3x); "
@@ -226,7 +226,7 @@ def main() -> None:
                f"{cpu['transformers'] / cpu['ours']:.1f}x in CPU time. Compile time is paid once "
                f"per shape and excluded from the runs.\n\n{NOTES}")
     print(section)
-    if not args.no_write:
+    if args.write:
         common.write_section(SECTION, section)
 
 

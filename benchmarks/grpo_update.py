@@ -18,7 +18,7 @@ forward; matmuls, attention and the LM head at the response positions) each sett
 and the share the shared prompt avoids. Compare ratios within a run: the machine may be
 shared.
 
-    python benchmarks/grpo_update.py [--prompts 2] [--repeats 9] [--write]
+    python benchmarks/grpo_update.py [--prompts 2] [--repeats 9] [--write]   # --write: update RESULTS.md
 """
 from __future__ import annotations
 
@@ -154,16 +154,14 @@ def report(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=2, help="prompt groups in the rollout")
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--write", action="store_true", help=f"write the {SECTION!r} section of RESULTS.md")
-    args = parser.parse_args()
+    common.add_write_flags(parser)
+    args = parser.parse_args(argv)
     result = run(args.prompts, args.repeats)
-    command = "python benchmarks/grpo_update.py" + "".join(
-        f" --{name} {value}" for name, value in (("prompts", args.prompts), ("repeats", args.repeats)))
-    text = report(result, command)
+    text = report(result, common.command_line("grpo_update.py", argv))
     print(text)
     if args.write:
         common.write_section(SECTION, text)

@@ -7,15 +7,20 @@ the evaluation samples); every run is then evaluated on held-out prompts and pai
     pass@1            share of sampled responses (temperature 1) whose answer is exactly right
     gold reward       mean graded gold reward of the samples (share of right digits, -1 when a
                       response never stops); with a user's data: exact match of `answer`
+                      (the tables and the plot say which)
     KL                mean over samples of sum_t log pi(y_t) - log pi_sft(y_t) (k1 sequence
                       estimate on the policy's own samples, nats)
-    win rate          vs the SFT model's sample for the same prompt and PRNG key, by graded
-                      gold reward, ties count half
+    win rate          vs the SFT model's sample for the same prompt and PRNG key, by gold
+                      reward, ties count half
     margin, accuracy  held-out pairs: mean of (log pi - log pi_sft)(chosen) - (same)(rejected)
                       in nats (no beta, so losses compare), and the share of pairs where it is > 0
 
 Results: a markdown table (mean +- std over seeds), a beta sweep table for DPO (sigmoid), IPO
-and hinge, and a plot of gold reward and pass@1 against KL (the frontier).
+and hinge when `--sweep-betas` has values, and a plot of gold reward and pass@1 against KL (the
+frontier). `--beta`, `--label-smoothing`, `--target-margin`, ... (one per `dpo.*` key) set a
+loss option for every loss that reads it (`VALUE`) or for one (`LOSS=VALUE`); `--help` lists
+them with their defaults. `--write` also records the run in benchmarks/RESULTS.md (built-in
+task and model only).
 
 Each run uses the library pieces end to end: reference log-probs computed once per dataset
 (`rlhf_jax.pipeline.stages.dpo.dataset_logps`), `preference_step` compiled once per loss (and shared
@@ -26,6 +31,7 @@ same 2 x batch sequences.
 
     python benchmarks/loss_variants.py                    # built-in task + quick SFT, all losses, 3 seeds
     python benchmarks/loss_variants.py --loss-types sigmoid ipo simpo kto --seeds 0 1 --steps 60
+    python benchmarks/loss_variants.py --loss-types sigmoid simpo orpo --beta 0.2 simpo=2.5 --target-margin 1
     python benchmarks/loss_variants.py --model my_sft_folder --train-data pairs.jsonl \\
         --eval-prompts prompts_with_answers.jsonl --eval-pairs heldout_pairs.jsonl \\
         --max-prompt-length 256 --max-response-length 128
@@ -75,10 +81,15 @@ from rlhf_jax.training.step_runner import make_train_step  # noqa: E402
 SECTION = "## Loss variants"
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
 VARIANTS = DPO_LOSS_TYPES + REFERENCE_FREE + ("kto",)
-DEFAULT_BETA = {"simpo": 2.0}  # SimPO's paper range is 2.0-2.5 (target_margin 0.5); every other loss 0.1
-LABEL_SMOOTHING = {"robust": 0.1}  # robust DPO with eps = 0 is plain DPO (exo_pair defaults to 1e-3)
+# The benchmark's settings where they differ from PreferenceLossConfig's defaults: SimPO's
+# paper range is beta 2.0-2.5 (target_margin 0.5); robust DPO with eps = 0 is plain DPO
+# (exo_pair's 0 means 1e-3 in `dpo_loss`).
+LOSS_DEFAULTS = {"simpo": {"beta": 2.0}, "robust": {"label_smoothing": 0.1}}
+# PreferenceLossConfig fields settable per loss (`--beta`, `--label-smoothing`, ...; the `dpo.*` keys)
+OPTIONS = tuple(f.name for f in dataclasses.fields(PreferenceLossConfig) if f.name not in ("kind", "loss_type"))
 SWEPT = ("sigmoid", "ipo", "hinge")
 METRICS = ("pass@1", "gold_reward", "kl", "win_rate", "margin", "accuracy")
+SCORE_LABELS = {"graded": "gold reward (graded)", "exact": "gold reward (exact match)"}
 
 
 @dataclasses.dataclass
@@ -93,7 +104,8 @@ class Settings:
     tokenizer_dir: str | None = None  # None: the model folder
     loss_types: tuple[str, ...] = VARIANTS
     seeds: tuple[int, ...] = (0, 1, 2)
-    sweep_betas: tuple[float, ...] = (0.03, 0.3)  # extra betas for SWEPT (the default 0.1 is reused)
+    sweep_betas: tuple[float, ...] = (0.03, 0.3)  # extra betas for SWEPT (each one's main beta is reused)
+    loss_options: dict = dataclasses.field(default_factory=dict)  # loss -> {config field: value}; see loss_options
     steps: int = 60
     batch_size: int = 32  # pairs per step (KTO: 2 x this many unpaired rows)
     learning_rate: float = 3e-4
@@ -105,20 +117,77 @@ class Settings:
     max_new_tokens: int = 8
     temperature: float = 1.0
 
+    def config(self, name: str, beta: float | None = None) -> PreferenceLossConfig:
+        """The loss config of `name` with its options (`beta` replaces its beta where given)."""
+        values = dict(self.loss_options.get(name, LOSS_DEFAULTS.get(name, {})))
+        if beta is not None and reads(name, "beta", values):
+            values["beta"] = beta
+        return loss_config(name, **values)
 
-def loss_config(name: str, beta: float) -> PreferenceLossConfig:
+    def beta(self, name: str) -> float:
+        """The main (un-swept) beta of `name`."""
+        return self.config(name).beta
+
+
+def loss_config(name: str, **values) -> PreferenceLossConfig:
+    """`PreferenceLossConfig` of loss `name` (a `dpo_loss` type or a kind) with `values` set."""
     if name in DPO_LOSS_TYPES:
-        return PreferenceLossConfig(kind="dpo", loss_type=name, beta=beta,
-                                    label_smoothing=LABEL_SMOOTHING.get(name, 0.0))
-    return PreferenceLossConfig(kind=name, beta=beta)
+        return PreferenceLossConfig(kind="dpo", loss_type=name, **values)
+    return PreferenceLossConfig(kind=name, **values)
+
+
+def reads(name: str, field: str, values: dict | None = None) -> bool:
+    """Whether loss `name`, with its `divergence` from `values`, reads config `field`."""
+    divergence = (values or {}).get("divergence") if name in DPO_LOSS_TYPES else None
+    probe = loss_config(name, **({"divergence": divergence} if divergence else {}))
+    return field in probe.used_settings()
+
+
+def parse_option(field: str, entries, loss_types) -> tuple[dict[str, object], set[str]]:
+    """`--<field>` entries (`VALUE`: every loss of `loss_types`; `LOSS=VALUE`: that one; later
+    entries win) -> ({loss: value}, the losses named). Raises ValueError for a loss not run."""
+    flag, kind = f"--{field.replace('_', '-')}", type(getattr(PreferenceLossConfig, field))
+    values, named = {}, set()
+    for entry in entries:
+        name, _, text = entry.rpartition("=")
+        if name and name not in loss_types:
+            raise ValueError(f"{flag} {entry}: {name!r} is not among the losses run ({', '.join(loss_types)})")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(f"{flag} {entry}: {text!r} is not a {kind.__name__}") from None
+        values.update({name: value} if name else dict.fromkeys(loss_types, value))
+        named |= {name} if name else set()
+    return values, named
+
+
+def loss_options(loss_types, given: dict[str, list[str]]) -> dict[str, dict]:
+    """Per loss, the config fields to set: `LOSS_DEFAULTS`, then each option of `given`
+    ({field: entries}, see `parse_option`) where the loss reads it. Raises ValueError when a
+    `LOSS=VALUE` names a loss that does not read the field, or no loss run reads an option."""
+    options = {name: dict(LOSS_DEFAULTS.get(name, {})) for name in loss_types}
+    for field in sorted(given, key=lambda f: f != "divergence"):  # divergence decides who reads alpha
+        if not given[field]:
+            continue
+        values, named = parse_option(field, given[field], loss_types)
+        flag = f"--{field.replace('_', '-')}"
+        for name in named:
+            if not reads(name, field, options[name]):
+                raise ValueError(f"{flag}: {name} does not read `{field}`")
+        readers = [name for name in values if reads(name, field, options[name])]
+        if not readers:
+            raise ValueError(f"{flag}: none of the losses run ({', '.join(loss_types)}) reads `{field}`")
+        for name in readers:
+            options[name][field] = values[name]
+    return {name: values for name, values in options.items() if values}
 
 
 def runs_to_do(settings: Settings) -> list[tuple[str, float]]:
-    """(loss, beta) pairs: every loss at its default beta, plus the sweep betas of SWEPT."""
-    runs = [(name, DEFAULT_BETA.get(name, 0.1)) for name in settings.loss_types]
+    """(loss, beta) pairs: every loss at its main beta, plus the sweep betas of SWEPT."""
+    runs = [(name, settings.beta(name)) for name in settings.loss_types]
     for name in SWEPT:
         if name in settings.loss_types:
-            runs += [(name, beta) for beta in settings.sweep_betas if beta != DEFAULT_BETA.get(name, 0.1)]
+            runs += [(name, beta) for beta in settings.sweep_betas if beta != settings.beta(name)]
     return runs
 
 
@@ -159,7 +228,7 @@ class Evaluator:
         repeat = lambda name: np.repeat(prompts.arrays[name][:count], settings.num_samples, axis=0)
         self.prompt_ids, self.prompt_mask = repeat("prompt_ids"), repeat("prompt_mask")
         texts = prompts.columns["prompt_text"][:count]
-        self.answers = None
+        self.answers, self.score = None, "graded"
         try:
             [parse_problem(text) for text in texts]
         except ValueError:
@@ -168,6 +237,7 @@ class Evaluator:
                 raise ValueError(f"{settings.eval_prompts_file}: prompts that are not the built-in "
                                  "task need an `answer` column") from None
             self.answers = [str(a) for a in answers[:count] for _ in range(settings.num_samples)]
+            self.score = "exact"
         self.logps = jax.jit(lambda params, ids, mask, response_mask: response_logprobs(
                 module.apply, params, sampled_batch(ids, mask, response_mask)).sequence_sum()[:, 0])
         self.pair_logps = make_pair_logps(module.apply)
@@ -208,7 +278,8 @@ class Evaluator:
         mask = jnp.asarray(np.concatenate([self.prompt_mask, samples["mask"]], axis=1))
         response_mask = jnp.asarray(samples["mask"])
         kl = np.asarray(self.logps(params, ids, mask, response_mask) - self.logps(self.sft_params, ids, mask, response_mask))
-        out = {"pass@1": float(samples["exact"].mean()), "gold_reward": float(samples["graded"].mean()),
+        out = {"score": self.score, "pass@1": float(samples["exact"].mean()),
+               "gold_reward": float(samples["graded"].mean()),
                "kl": float(kl.mean()), "win_rate": eval_metrics.win_rate(samples["graded"], reference["graded"]),
                "eos_rate": float(samples["finished"].mean()),
                "response_length": eval_metrics.mean_length(samples["mask"])}
@@ -230,7 +301,8 @@ def fresh_state(module, params, optimizer, mesh):
 
 def train_and_evaluate(settings: Settings, log=print) -> list[dict]:
     """Every (loss, beta) x seed of `settings`: train from the SFT checkpoint, evaluate.
-    Returns one row per run (plus one "sft" row per seed) with the metrics of `Evaluator`."""
+    Returns one row per run (plus one "sft" row per seed) with the metrics of `Evaluator`,
+    `main` (the loss's main beta, not a sweep) and `score` ("graded" or "exact")."""
     mesh = stage.stage_mesh(MeshConfig(data=1))
     tokenizer = stage.stage_tokenizer(settings.tokenizer_dir, settings.model_dir)
     module, sft_params = stage.load_folder(settings.model_dir, head="lm", key="model")
@@ -239,15 +311,16 @@ def train_and_evaluate(settings: Settings, log=print) -> list[dict]:
     pair_logps = make_pair_logps(module.apply)
     ref_chosen, ref_rejected = dataset_logps(pair_logps, sft_params, data, 64, mesh)
     evaluator = Evaluator(module, sft_params, tokenizer, settings, mesh)
+    configs = {run: settings.config(*run) for run in runs_to_do(settings)}  # checked before any training
     optim = with_schedule_length(OptimizerConfig(learning_rate=settings.learning_rate,
                                                  warmup_steps=settings.warmup_steps), settings.steps)
     optimizer = make_optimizer(optim)  # one object: the states' tree metadata must match across runs
     _, shardings = fresh_state(module, sft_params, optimizer, mesh)
     rows = []
     for seed in settings.seeds:
-        rows.append({"loss": "sft", "beta": 0.0, "seed": seed, **evaluator.evaluate(sft_params, seed)})
-    for name, beta in runs_to_do(settings):
-        step = make_train_step(preference_step, mesh=mesh, state_shardings=shardings, config=loss_config(name, beta))
+        rows.append({"loss": "sft", "beta": 0.0, "main": True, "seed": seed, **evaluator.evaluate(sft_params, seed)})
+    for (name, beta), config in configs.items():
+        step = make_train_step(preference_step, mesh=mesh, state_shardings=shardings, config=config)
         for seed in settings.seeds:
             began = time.perf_counter()
             state, _ = fresh_state(module, sft_params, optimizer, mesh)
@@ -269,7 +342,7 @@ def train_and_evaluate(settings: Settings, log=print) -> list[dict]:
                 description=name, compiled=(step,))
             metrics = evaluator.evaluate(result.carry["state"].params, seed)
             loss_key = next((k for k in result.last_metrics if k.endswith("/loss")), None)
-            rows.append({"loss": name, "beta": beta, "seed": seed, **metrics,
+            rows.append({"loss": name, "beta": beta, "main": beta == settings.beta(name), "seed": seed, **metrics,
                          "final_train_loss": float(result.last_metrics[loss_key]) if loss_key else float("nan"),
                          "seconds": round(time.perf_counter() - began, 2)})
             log(f"[{name} beta={beta:g} seed={seed}] " + "  ".join(
@@ -278,13 +351,15 @@ def train_and_evaluate(settings: Settings, log=print) -> list[dict]:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and std over seeds of every metric, per (loss, beta), in first-seen order."""
+    """Mean and std over seeds of every metric, per (loss, beta), in first-seen order (with the
+    rows' `main` and `score`)."""
     groups: dict[tuple[str, float], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["loss"], row["beta"]), []).append(row)
     summary = []
     for (name, beta), members in groups.items():
-        entry = {"loss": name, "beta": beta, "seeds": len(members)}
+        entry = {"loss": name, "beta": beta, "seeds": len(members), "main": members[0]["main"],
+                 "score": members[0]["score"]}
         for key in METRICS:
             if key in members[0]:
                 entry[key] = common.mean_std([m[key] for m in members])
@@ -299,42 +374,54 @@ def _cell(entry: dict, key: str, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def beta_cell(entry: dict) -> str:
+    """The beta column: "-" for the SFT row and for losses that do not read beta (ORPO)."""
+    if entry["loss"] == "sft" or not reads(entry["loss"], "beta"):
+        return "-"
+    return f"{entry['beta']:g}"
+
+
 def markdown_tables(summary: list[dict]) -> tuple[str, str]:
-    """(main table at each loss's default beta + the SFT row, beta sweep table)."""
-    header = ["loss", "beta", "pass@1", "gold reward", "KL (nats)", "win rate vs SFT", "held-out margin",
-              "held-out acc."]
+    """(main table: each loss at its main beta + the SFT row; beta sweep table, "" when no loss
+    of SWEPT ran at more than one beta)."""
+    header = ["loss", "beta", "pass@1", SCORE_LABELS[summary[0]["score"]], "KL (nats)", "win rate vs SFT",
+              "held-out margin", "held-out acc."]
     def row(e):
         cells = [_cell(e, k, 2 if k in ("kl", "margin") else 3) for k in METRICS]
         if e["loss"] == "sft":  # the reference itself: no margin to speak of
             cells[-2:] = ["-", "-"]
-        return [e["loss"], "-" if e["loss"] == "sft" else f"{e['beta']:g}", *cells]
-    defaults = [e for e in summary if e["loss"] == "sft" or e["beta"] == DEFAULT_BETA.get(e["loss"], 0.1)]
-    main = common.markdown_table(header, [row(e) for e in defaults], "lrrrrrrr")
-    swept = sorted((e for e in summary if e["loss"] in SWEPT), key=lambda e: (SWEPT.index(e["loss"]), e["beta"]))
-    sweep = common.markdown_table(header, [row(e) for e in swept], "lrrrrrrr") if swept else ""
+        return [e["loss"], beta_cell(e), *cells]
+    main = common.markdown_table(header, [row(e) for e in summary if e["main"]], "lrrrrrrr")
+    swept = [name for name in SWEPT if sum(e["loss"] == name for e in summary) > 1]
+    lines = sorted((e for e in summary if e["loss"] in swept), key=lambda e: (SWEPT.index(e["loss"]), e["beta"]))
+    sweep = common.markdown_table(header, [row(e) for e in lines], "lrrrrrrr") if lines else ""
     return main, sweep
 
 
-def frontier_plot(summary: list[dict], path: Path) -> Path:
-    """Gold reward and pass@1 against KL (symmetric-log KL axis, so far-off losses stay on the
-    page): one point per loss with std bars over seeds, lines through the beta sweeps."""
+def frontier_figure(summary: list[dict]):
+    """The figure of `frontier_plot`: one panel per quality metric against KL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(16, 7))
-    points = [e for e in summary if e["loss"] == "sft" or e["beta"] == DEFAULT_BETA.get(e["loss"], 0.1)]
-    offsets = [(4, 4), (4, -9), (-4, 6), (6, 0), (-6, -8)]
-    colors = plt.get_cmap("tab20")
-    for axis, key, label in ((axes[0], "gold_reward", "mean gold reward (graded)"), (axes[1], "pass@1", "pass@1")):
-        for index, entry in enumerate(points):
+    figure, axes = plt.subplots(1, 2, figsize=(17, 7))
+    points = [e for e in summary if e["main"]]
+    colors, markers = plt.get_cmap("tab10"), "osD^vP<>Xh"
+    styles = [(colors(i % 10), "*" if e["loss"] == "sft" else markers[(i // 10) % len(markers)])
+              for i, e in enumerate(points)]  # a distinct (colour, marker) per point
+    for axis, key, label in ((axes[0], "gold_reward", "mean " + SCORE_LABELS[summary[0]["score"]]),
+                             (axes[1], "pass@1", "pass@1")):
+        for index, (entry, (color, marker)) in enumerate(zip(points, styles)):
             (x, x_err), (y, y_err) = entry["kl"], entry[key]
-            is_sft = entry["loss"] == "sft"
-            axis.errorbar(x, y, xerr=x_err, yerr=y_err, fmt="*" if is_sft else "o", color=colors(index % 20),
-                          markersize=12 if is_sft else 5, capsize=2, alpha=0.85)
-            axis.annotate(entry["loss"], (x, y), fontsize=7, xytext=offsets[index % len(offsets)],
-                          textcoords="offset points", ha="right" if offsets[index % len(offsets)][0] < 0 else "left")
+            axis.errorbar(x, y, xerr=x_err, yerr=y_err, fmt=marker, color=color,
+                          markersize=12 if marker == "*" else 6, capsize=2, alpha=0.85, label=entry["loss"])
+            # fanned out around the point; the leader line ties each label to its own point
+            angle = 2 * np.pi * index / max(len(points), 1)
+            offset = (28 * np.cos(angle), 18 * np.sin(angle))
+            axis.annotate(entry["loss"], (x, y), xytext=offset, textcoords="offset points", fontsize=7,
+                          ha="left" if offset[0] >= 0 else "right", va="center", color=color,
+                          arrowprops=dict(arrowstyle="-", color=color, linewidth=0.6, shrinkA=0, shrinkB=2))
         for name, style in zip(SWEPT, ("-", "--", ":")):
             line = sorted((e for e in summary if e["loss"] == name), key=lambda e: e["beta"])
             if len(line) > 1:
@@ -344,10 +431,19 @@ def frontier_plot(summary: list[dict], path: Path) -> Path:
         axis.set_xlabel("KL to the SFT reference (nats per response, k1 on samples; symlog axis)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=8, loc="best")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.suptitle("Preference losses on equal budgets: quality against KL (mean ± std over seeds)")
     figure.tight_layout()
+    return figure
+
+
+def frontier_plot(summary: list[dict], path: Path) -> Path:
+    """Gold reward and pass@1 against KL (symmetric-log KL axis, so far-off losses stay on the
+    page): one point per loss with std bars over seeds, each labelled with a leader line and
+    listed in the legend, lines through the beta sweeps. Writes `path`."""
+    import matplotlib.pyplot as plt
+
+    figure = frontier_figure(summary)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -377,10 +473,32 @@ def default_model(out: Path, sft_steps: int, log=print) -> tuple[str, str, str, 
     return str(model), str(task.preferences), str(task.eval_prompts), str(task.eval_preferences)
 
 
+def loss_settings_text(settings: Settings) -> str:
+    """What each loss read, losses with the same settings grouped: "sigmoid, ipo: beta 0.1,
+    divergence reverse_kl; orpo: odds_ratio_coef 0.1"."""
+    groups: dict[str, list[str]] = {}
+    for name in settings.loss_types:
+        config = settings.config(name)
+        used = [f for f in OPTIONS if f in config.used_settings()]
+        groups.setdefault(", ".join(f"{f} {getattr(config, f):g}" if isinstance(getattr(config, f), float)
+                                    else f"{f} {getattr(config, f)}" for f in used), []).append(name)
+    return "; ".join(f"{', '.join(names)}: {values}" for values, names in groups.items())
+
+
+SCORE_TEXT = {
+    "graded": "Gold reward: the built-in task's graded score (share of right digits, -1 when a response never "
+              "ends); the win rate compares it.",
+    "exact": "Gold reward: exact match of the response with the prompt's `answer` (so it equals pass@1); the "
+             "win rate compares it.",
+}
+
+
 def results_section(settings: Settings, summary: list[dict], command: str, info: list[str], minutes: float,
                     plot_link: str, provenance: str = "") -> str:
     main, sweep = markdown_tables(summary)
     s = settings
+    sweep_note = (f" Beta sweep: {', '.join(map('{:g}'.format, s.sweep_betas))} for "
+                  f"{', '.join(n for n in SWEPT if n in s.loss_types)}." if sweep else "")
     return (
         f"{SECTION}\n\n"
         f"Command: `{command}` ({common.utc_stamp()}, {minutes:.1f} min in all)\n\n"
@@ -390,40 +508,81 @@ def results_section(settings: Settings, summary: list[dict], command: str, info:
         f"{s.steps} steps of {s.batch_size} pairs, AdamW lr {s.learning_rate:g} (warmup {s.warmup_steps}, cosine), "
         f"seeds {', '.join(map(str, s.seeds))} (data order and evaluation samples). Evaluation: "
         f"{s.num_eval_prompts} held-out prompts x {s.num_samples} samples at temperature {s.temperature:g}, "
-        f"up to {s.max_new_tokens} new tokens; held-out pairs for the margins. Beta: 0.1, SimPO 2.0 "
-        "(target_margin 0.5); ORPO's odds_ratio_coef 0.1 is fixed (its beta is unused); robust DPO with label smoothing 0.1, EXO "
-        "with 1e-3. Mean ± std over seeds.\n\n"
+        f"up to {s.max_new_tokens} new tokens"
+        + ("; held-out pairs for the margins" if s.eval_pairs_file else "; no held-out pairs (no margins)")
+        + f". Loss settings: {loss_settings_text(s)} (`dpo_loss` uses label smoothing 1e-3 for exo_pair's 0)."
+        f"{sweep_note} {SCORE_TEXT[summary[0]['score']]} Mean ± std over seeds.\n\n"
         + main + "\n\n"
         + (f"Beta sweep (DPO = sigmoid, IPO, hinge):\n\n{sweep}\n\n" if sweep else "")
-        + f"![gold reward and pass@1 against KL]({plot_link})\n"
+        + f"![{SCORE_LABELS[summary[0]['score']]} and pass@1 against KL]({plot_link})\n"
     )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" except where the help text says the default itself."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in action.help else super()._get_help_string(action)
+
+
+def option_help(field: str) -> str:
+    default = getattr(PreferenceLossConfig, field)
+    special = "; ".join(f"{name} {values[field]}" for name, values in LOSS_DEFAULTS.items() if field in values)
+    return (f"`dpo.{field}` of the losses that read it: VALUE for all of them, LOSS=VALUE for one "
+            f"(default: {default}" + (f"; {special}" if special else "") + ")")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--model", help="SFT checkpoint (Hugging Face folder with its tokenizer); default: "
                         "build the built-in task and run a quick SFT")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
-    parser.add_argument("--train-data", help="preference pairs (prompt/chosen/rejected JSONL/JSON/parquet)")
-    parser.add_argument("--eval-prompts", help="held-out prompts: the built-in task's, or with an `answer` column")
-    parser.add_argument("--eval-pairs", help="held-out pairs for the margins (optional)")
-    parser.add_argument("--loss-types", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--tokenizer", help="tokenizer folder (with --model; default: the model folder)")
+    parser.add_argument("--train-data", help="preference pairs (prompt/chosen/rejected JSONL/JSON/parquet; "
+                        "with --model)")
+    parser.add_argument("--eval-prompts", help="held-out prompts: the built-in task's, or with an `answer` column "
+                        "(with --model)")
+    parser.add_argument("--eval-pairs", help="held-out pairs for the margins (with --model; optional)")
+    parser.add_argument("--loss-types", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="LOSS",
+                        help=f"losses to train (default: all of them): {' '.join(VARIANTS)}")
+    for field in OPTIONS:
+        parser.add_argument(f"--{field.replace('_', '-')}", nargs="+", default=None, metavar="[LOSS=]VALUE",
+                            help=option_help(field))
     parser.add_argument("--sweep-betas", nargs="*", type=float, default=[0.03, 0.3],
-                        help="extra betas for sigmoid, ipo, hinge (their default 0.1 is always run)")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
+                        help=f"extra betas for {', '.join(SWEPT)} (each one's main beta is always run)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed and loss")
+    parser.add_argument("--steps", type=int, default=60, help="training steps of every run")
+    parser.add_argument("--batch-size", type=int, default=32, help="pairs per step (KTO: twice as many rows)")
+    parser.add_argument("--learning-rate", type=float, default=3e-4, help="AdamW peak learning rate")
+    parser.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up, then cosine decay")
     parser.add_argument("--sft-steps", type=int, default=3000, help="the quick SFT (built-in task only)")
-    parser.add_argument("--max-prompt-length", type=int, default=8)
-    parser.add_argument("--max-response-length", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--num-eval-prompts", type=int, default=128)
-    parser.add_argument("--num-samples", type=int, default=4)
+    parser.add_argument("--max-prompt-length", type=int, default=8, help="prompt tokens (training and evaluation)")
+    parser.add_argument("--max-response-length", type=int, default=8, help="response tokens of the pairs")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="sampled tokens per evaluation response")
+    parser.add_argument("--temperature", type=float, default=1.0, help="evaluation sampling temperature")
+    parser.add_argument("--num-eval-prompts", type=int, default=128, help="held-out prompts evaluated")
+    parser.add_argument("--num-samples", type=int, default=4, help="samples per held-out prompt")
     parser.add_argument("--out", default="runs/loss_variants", help="runs, results.json, table.md, frontier.png")
-    parser.add_argument("--write-results", action="store_true",
-                        help="also update benchmarks/RESULTS.md and benchmarks/results/loss_variants_frontier.png")
-    return parser.parse_args(argv)
+    common.add_write_flags(parser, "--write-results",
+                           target="benchmarks/RESULTS.md and the plot in benchmarks/results/", note="; refused with --model, whose results stay in --out")
+    args = parser.parse_args(argv)
+    own = [flag for flag in ("train_data", "eval_prompts", "eval_pairs", "tokenizer") if getattr(args, flag)]
+    if args.model and not (args.train_data and args.eval_prompts):
+        parser.error("--model needs --train-data and --eval-prompts")
+    if own and not args.model:
+        parser.error(f"--{own[0].replace('_', '-')} needs --model (without it the built-in task is used)")
+    if args.write and args.model:
+        parser.error("--write records the built-in benchmark (built-in task and model) in benchmarks/RESULTS.md; "
+                     f"a run on your own model and data keeps its results in --out ({args.out}: table.md, "
+                     "frontier.png, results.json)")
+    try:
+        args.loss_options = loss_options(tuple(args.loss_types), {f: getattr(args, f) for f in OPTIONS})
+        settings_check = Settings("", "", "", None, "", loss_types=tuple(args.loss_types),
+                                  sweep_betas=tuple(args.sweep_betas), loss_options=args.loss_options)
+        for run in runs_to_do(settings_check):
+            settings_check.config(*run)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def main(argv=None) -> dict:
@@ -434,8 +593,6 @@ def main(argv=None) -> dict:
     info = common.machine_info()
     print("\n".join(info), flush=True)
     if args.model:
-        if not (args.train_data and args.eval_prompts):
-            raise SystemExit("--model needs --train-data and --eval-prompts")
         model, train, prompts, pairs = args.model, args.train_data, args.eval_prompts, args.eval_pairs
     else:
         model, train, prompts, pairs = default_model(out, args.sft_steps)
@@ -446,25 +603,26 @@ def main(argv=None) -> dict:
     settings = Settings(
         model_dir=model, train_file=train, eval_prompts_file=prompts, eval_pairs_file=pairs,
         output_dir=str(out), tokenizer_dir=args.tokenizer, loss_types=tuple(args.loss_types),
-        seeds=tuple(args.seeds), sweep_betas=tuple(args.sweep_betas), steps=args.steps,
-        batch_size=args.batch_size, learning_rate=args.learning_rate,
-        max_prompt_length=args.max_prompt_length, max_response_length=args.max_response_length,
-        num_eval_prompts=args.num_eval_prompts, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens)
+        seeds=tuple(args.seeds), sweep_betas=tuple(args.sweep_betas), loss_options=args.loss_options,
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps, max_prompt_length=args.max_prompt_length,
+        max_response_length=args.max_response_length, num_eval_prompts=args.num_eval_prompts,
+        num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     rows = train_and_evaluate(settings, log=lambda line: print(line, flush=True))
     summary = summarise(rows)
     (out / "results.json").write_text(json.dumps({"settings": dataclasses.asdict(settings), "runs": rows},
                                                  indent=1) + "\n")
     plot = frontier_plot(summary, out / "frontier.png")
     info[2] = f"load average (1/5/15 min) at the end: {common.load_average()}"
-    command = "python benchmarks/loss_variants.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = common.command_line("loss_variants.py", argv)
     minutes = (time.time() - started) / 60
-    section = results_section(settings, summary, command.strip(), info, minutes, "frontier.png", provenance)
+    section = results_section(settings, summary, command, info, minutes, "frontier.png", provenance)
     (out / "table.md").write_text(section)
-    if args.write_results:
+    if args.write:
         target = common.RESULTS.parent / "results" / "loss_variants_frontier.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(plot, target)
-        common.write_section(SECTION, results_section(settings, summary, command.strip(), info, minutes,
+        common.write_section(SECTION, results_section(settings, summary, command, info, minutes,
                                                       "results/loss_variants_frontier.png", provenance))
     print(section, flush=True)
     return {"rows": rows, "summary": summary, "plot": str(plot)}

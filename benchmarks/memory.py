@@ -51,9 +51,9 @@ Attention (`ModelConfig.attention_impl`): "auto" (the default: blockwise attenti
 "plain" (`[B, H, T, S]` float32 scores). At batch 4 rows the probe's sequences are 256 /
 512 / 1,024 tokens at 1,024 / 2,048 / 4,096 tokens per step.
 
-    python benchmarks/memory.py                    # every case; updates RESULTS.md "## Memory"
-    python benchmarks/memory.py --models probe --heads chunked --attentions plain auto --no-write
-    python benchmarks/memory.py --models probe --steps sft dpo --finetunes full lora --no-write
+    python benchmarks/memory.py --write            # every case; updates RESULTS.md "## Memory"
+    python benchmarks/memory.py --models probe --heads chunked --attentions plain auto
+    python benchmarks/memory.py --models probe --steps sft dpo --finetunes full lora
     python benchmarks/memory.py --case sft chunked probe 4096 full auto   # one case, its JSON
     python benchmarks/memory.py --collect LOG...   # the section from earlier runs' JSON lines
 """
@@ -311,7 +311,7 @@ def main(argv=None):
     parser.add_argument("--attentions", nargs="+", default=["auto"], choices=list(ATTENTIONS))
     parser.add_argument("--tokens", nargs="+", type=int, help="only these tokens per step (default: per model)")
     parser.add_argument("--execute-limit-gb", type=float, default=2.5)
-    parser.add_argument("--no-write", action="store_true")
+    common.add_write_flags(parser)
     parser.add_argument("--collect", nargs="+", metavar="LOG",
                         help="build the section from the JSON lines of earlier runs' output instead of running")
     args = parser.parse_args(argv)
@@ -346,10 +346,12 @@ def main(argv=None):
                     result = run_in_child(case, args.execute_limit_gb)
                     print(json.dumps(result), flush=True)
                     results.append(result)
+    source = (f"the cases logged in {', '.join(args.collect)}; models {', '.join(args.models)}" if args.collect else
+              f"models {', '.join(args.models)}; cases under {args.execute_limit_gb} GB XLA estimate executed")
     body = "\n".join([
         "## Memory", "",
-        f"Run {common.utc_stamp()}: `python benchmarks/memory.py` ({' '.join(args.models)}; "
-        f"cases under {args.execute_limit_gb} GB XLA estimate executed). See the script's docstring for the "
+        f"Run {common.utc_stamp()}: `{common.command_line('memory.py', argv)}` ({source}). "
+        "See the script's docstring for the "
         "models, steps and measures: \"XLA estimate\" is compiled-program bytes (no execution); \"step peak "
         "RSS\" the resident high-water mark of the case's process from after compilation through building the "
         "arguments and two steps; \"RSS before step\" its resident set when that count starts (Python, JAX, "
@@ -360,7 +362,7 @@ def main(argv=None):
         *growth_lines(results), "",
     ])
     print(body)
-    if not args.no_write:
+    if args.write:
         common.write_section("## Memory", body)
 
 

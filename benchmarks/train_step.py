@@ -29,8 +29,8 @@ the CPU they got. Tokens / s is from the median step time.
 
 The machine may be shared: compare ratios within one run, not absolute numbers across runs.
 
-    python benchmarks/train_step.py              # prints, updates benchmarks/RESULTS.md
-    python benchmarks/train_step.py --repeats 3 --no-write
+    python benchmarks/train_step.py --write      # prints, updates benchmarks/RESULTS.md
+    python benchmarks/train_step.py --repeats 3  # prints only
 """
 from __future__ import annotations
 
@@ -66,34 +66,6 @@ CONFIG = ModelConfig.llama(vocab_size=8192, hidden_size=256, num_layers=4, num_h
 BATCH, PROMPT, RESPONSE = 8, 128, 128
 TIME = PROMPT + RESPONSE
 SECTION = "## Training steps"
-NOTES = """Reading it (analysis of the 2026-11-21 20:39 UTC run; a re-run replaces the table, not this text):
-
-- Measured on a quiet machine (load average ~2 from the benchmark's own two threads). The
-  fraction compares each step with the best of three 2048^3 f32 `jnp.dot` products timed
-  right after it (285-302 GFLOP/s here); tokens/s differences under ~10% between rows are
-  within run-to-run noise.
-- The DPO step reaches 0.53 of the matmul peak with the reference forward in the step
-  (0.55 in CPU time) and 0.49-0.50 with a precomputed reference (its forward-only share,
-  which runs closest to the peak, is gone). The previous run of this benchmark, before the
-  change below and on a machine loaded 8-17, gave 0.44-0.48.
-- The change that mattered: XLA:CPU differentiates a dense layer applied to `[B, T, D]`
-  (a `dot_general` with two batch-like axes) through transposing copies that feed the
-  weight-gradient matmuls; about a third of the DPO step's op time was such copies.
-  `rlhf_jax.models.layers.Dense` and the LM head now fold the leading axes first
-  (`[B*T, D] @ [D, F]`; same parameters, same numbers), so the backward pass is plain 2-D
-  matmuls. Measured with `benchmarks/vs_trl.py`'s model in one session: DPO step 494 -> 391
-  ms (-21%), reward step 427 -> 311 ms (-27%), PPO iteration 1.53 -> 1.40 s (-9%).
-  Grouped-query attention now contracts one axis per product (`[B, K, G*T, Dh]` queries),
-  which took the PPO iteration on to 1.34 s (-5%).
-- Tried and dropped (no gain, same session): computing SwiGLU's gate and up projections,
-  or q/k/v, as one matmul against concatenated kernels (+0-5% time); XLA flags that move
-  dots from YNNPACK to Eigen or oneDNN (`--xla_cpu_experimental_ynn_fusion_type=reduce`,
-  `--xla_cpu_use_onednn`): equal or slower.
-- Response-only logits skip the vocabulary projection (and its backward) for prompt and
-  padding positions (V = 8192 is large next to D = 256); a precomputed reference removes
-  one forward pass per step (25% of the FLOPs). (Rows measured before the LM batch layout;
-  the rows are now sft, reward, dpo with the prompt run once per pair.)
-"""
 
 
 class MatmulPeak:
@@ -243,28 +215,35 @@ def generic_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def section(rows: list[dict], ppo: list[dict], info: list[str], command: str, seconds: float) -> str:
+    """The RESULTS.md section: the command, the machine and the measured tables, nothing else."""
+    text = (
+        f"{SECTION}\n\n"
+        f"Command: `{command}` ({common.utc_stamp('%Y-%m-%d, %H:%M UTC')}, {seconds:.0f} s in all)\n\n"
+        "```\n" + "\n".join(info) + "\n```\n\n" + table(rows) + "\n"
+    )
+    if ppo:
+        text += "\nPPO iteration (`benchmarks/ppo_iteration.py`):\n\n" + generic_table(ppo) + "\n"
+    return text
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--steps", type=int, default=1, help="steps per timed repeat")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per case (and PPO phase)")
+    common.add_write_flags(parser)
+    args = parser.parse_args(argv)
     info = common.machine_info(packages=("jax",))
     print("\n".join(info), flush=True)
     started = time.time()
     rows = benchmark(args.steps, args.repeats)
-    extra = ppo_rows(args.repeats)
-    section = (
-        f"{SECTION}\n\n"
-        f"Command: `python benchmarks/train_step.py --steps {args.steps} --repeats {args.repeats}` "
-        f"({common.utc_stamp('%Y-%m-%d, %H:%M UTC')}, {time.time() - started:.0f} s in all)\n\n"
-        "```\n" + "\n".join(info) + "\n```\n\n" + table(rows) + "\n\n" + NOTES
-    )
-    if extra:
-        section += "\nPPO iteration (`benchmarks/ppo_iteration.py`):\n\n" + generic_table(extra) + "\n"
-    print(section)
-    if not args.no_write:
-        common.write_section(SECTION, section)
+    ppo = ppo_rows(args.repeats)
+    info.insert(3, f"load average (1/5/15 min) at the end: {common.load_average()}")
+    text = section(rows, ppo, info, common.command_line("train_step.py", argv), time.time() - started)
+    print(text)
+    if args.write:
+        common.write_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ number on both sides, / median step seconds. The step-0 loss is the loss of the 
 (rows 0..B-1 of the file) before any update, on each side.
 
     pip install -e ".[bench]"          # trl (with PPO: trl<1.13) and torch pinned to the CPU wheel
-    python benchmarks/vs_trl.py                       # all three, updates benchmarks/RESULTS.md
-    python benchmarks/vs_trl.py --only dpo reward --rounds 2 --no-write
+    python benchmarks/vs_trl.py --write               # all three, updates benchmarks/RESULTS.md
+    python benchmarks/vs_trl.py --only dpo reward --rounds 2   # print only
     python benchmarks/vs_trl.py --preset gpu-0.5b --dtype bfloat16 --peak-tflops 989 --only dpo ppo  # H100
 """
 from __future__ import annotations
@@ -247,9 +247,28 @@ ROW_LABELS = {"sft": "SFT step (prompt + completion, loss on the completion)",
               "ppo": "PPO iteration (rollout + scoring + 4 epochs x 4 minibatches)"}
 
 
+def model_sentence(kinds, hp: Hyperparameters, setup: Setup, args) -> str:
+    """The model, and the settings and timed rounds of the rows in `kinds` only."""
+    c = setup.config
+    pair_kinds = [name for name, kind in (("DPO", "dpo"), ("reward", "reward")) if kind in kinds]
+    text = (f"Model: random Llama, vocabulary {c.vocab_size}, hidden {c.hidden_size}, {c.num_layers} layers, "
+            f"{c.num_heads} heads, MLP {c.intermediate_size}, {hp.dtype}.")
+    timed = []
+    if pair_kinds:
+        text += (f" {' / '.join(pair_kinds)}: {hp.batch_size} pairs per step, prompts of "
+                 f"{3 * setup.prompt_length // 4}-{setup.prompt_length} and responses of "
+                 f"{3 * setup.response_length // 4}-{setup.response_length} tokens (+ BOS, EOS).")
+        timed.append(f"{args.steps} timed steps")
+    if "ppo" in kinds:
+        text += (f" PPO: {hp.ppo_batch_size} prompts of {setup.ppo_prompt_ids.shape[1]} tokens, "
+                 f"{hp.ppo_response_length} new tokens, {hp.ppo_epochs} epochs x {hp.ppo_minibatches} minibatches.")
+        timed.append(f"{args.ppo_steps} timed PPO iterations")
+    return (text + f" {args.rounds} alternating rounds of {' and '.join(timed)} per side (TRL: after "
+            f"{args.warmup} warm-up step(s) in each fresh trainer).")
+
+
 def report(results: dict, info: list[str], command: str, hp: Hyperparameters, setup: Setup, args,
            threads: dict, minutes: float) -> str:
-    c = setup.config
     rows = []
     for kind, r in results.items():
         if kind == "ppo":
@@ -287,14 +306,7 @@ def report(results: dict, info: list[str], command: str, hp: Hyperparameters, se
         f"Command: `{command}` ({common.utc_stamp()}, {minutes:.1f} min in all; TRL {args.trl_version}, "
         f"torch {common.package_version('torch')}, transformers {common.package_version('transformers')})\n\n"
         "```\n" + "\n".join(info) + "\n```\n\n"
-        f"Model: random Llama, vocabulary {c.vocab_size}, hidden {c.hidden_size}, {c.num_layers} layers, "
-        f"{c.num_heads} heads, MLP {c.intermediate_size}, {hp.dtype}. DPO / reward: {hp.batch_size} pairs per "
-        f"step, prompts of {3 * setup.prompt_length // 4}-{setup.prompt_length} and responses of "
-        f"{3 * setup.response_length // 4}-{setup.response_length} tokens (+ BOS, EOS). PPO: {hp.ppo_batch_size} "
-        f"prompts of {setup.ppo_prompt_ids.shape[1]} tokens, {hp.ppo_response_length} new tokens, "
-        f"{hp.ppo_epochs} epochs x {hp.ppo_minibatches} minibatches. {args.rounds} alternating rounds of "
-        f"{args.steps} timed steps ({args.ppo_steps} PPO iterations) per side (TRL: after {args.warmup} "
-        f"warm-up step(s) in each fresh trainer). "
+        + model_sentence(list(results), hp, setup, args) + " "
         f"TRL ran with torch.set_num_threads({threads['threads']})"
         + (f" (probe, TRL DPO step: {probe})" if probe else "") + "; rlhf_jax with XLA's default threads.\n\n"
         + table + "\n\n" + reading + gpu
@@ -315,7 +327,7 @@ def parse_args(argv=None):
                         help="torch threads for TRL: a number, or auto (probe the default and 1)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="accelerator peak for MFU (H100 bf16: 989)")
     parser.add_argument("--workdir", default=None, help="where the weights and data go (default: a temp dir)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    common.add_write_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -341,10 +353,10 @@ def main(argv=None) -> dict:
             results[kind] = compare(setup, hp, args, trl_runners)
             print(f"[{kind}] {json.dumps(results[kind], default=float)}", flush=True)
         info[2] = f"load average (1/5/15 min) at the end: {common.load_average()}"
-        command = "python benchmarks/vs_trl.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        section = report(results, info, command.strip(), hp, setup, args, threads, (time.time() - started) / 60)
+        command = common.command_line("vs_trl.py", argv)
+        section = report(results, info, command, hp, setup, args, threads, (time.time() - started) / 60)
     print(section)
-    if not args.no_write:
+    if args.write:
         common.write_section(SECTION if jax.default_backend() == "cpu" else GPU_SECTION, section)
     return results
 

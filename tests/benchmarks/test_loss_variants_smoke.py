@@ -52,8 +52,9 @@ def test_runs_to_do_and_kto_batch():
                                       sweep_betas=(0.03, 0.1, 0.3))
     assert loss_variants.runs_to_do(settings) == [("sigmoid", 0.1), ("simpo", 2.0), ("kto", 0.1),
                                                   ("sigmoid", 0.03), ("sigmoid", 0.3)]
-    assert loss_variants.loss_config("ipo", 0.3).loss_type == "ipo"
-    assert loss_variants.loss_config("orpo", 0.1).kind == "orpo"
+    assert settings.config("sigmoid", 0.3).beta == 0.3 and settings.config("simpo").beta == 2.0
+    assert loss_variants.loss_config("ipo", beta=0.3).loss_type == "ipo"
+    assert loss_variants.loss_config("orpo").kind == "orpo"
 
     from rlhf_jax.training.batches import PreferenceBatch
 
@@ -91,10 +92,12 @@ def test_train_and_evaluate_smoke(tiny_task, tmp_path):
         assert row["margin"] != 0.0  # three updates moved the policy away from the SFT model
         assert (tmp_path / "runs" / f"{row['loss']}_beta0.1" / "seed0" / "metrics.jsonl").exists()
 
+    assert all(row["score"] == "graded" and row["main"] for row in rows)
     summary = loss_variants.summarise(rows)
     main, sweep = loss_variants.markdown_tables(summary)
     assert "| sigmoid | 0.1 |" in main and "| kto | 0.1 |" in main and "| sft | - |" in main
-    assert "| sigmoid | 0.1 |" in sweep
+    assert "gold reward (graded)" in main
+    assert sweep == ""  # no sweep betas: no sweep table
     plot = loss_variants.frontier_plot(summary, tmp_path / "frontier.png")
     assert plot.stat().st_size > 0
     json.dumps(rows)  # results.json must be writable
@@ -135,3 +138,24 @@ def test_exact_answers_need_the_eos_and_ignore_special_tokens(tmp_path):
     ])
     np.testing.assert_array_equal(loss_variants.exact_answers(tokenizer, tokens, ["13", "13", "13", " 13"]),
                                   [1.0, 0.0, 0.0, 1.0])
+
+
+def test_main_on_a_given_model_with_loss_options(tiny_task, tmp_path, monkeypatch):
+    """The command line end to end: options reach the runs, the text says what ran, and
+    RESULTS.md is left alone (no --write)."""
+    root, task, model = tiny_task
+    monkeypatch.setattr(loss_variants.common, "write_section", lambda *a, **k: pytest.fail("RESULTS.md written"))
+    out = tmp_path / "out"
+    result = loss_variants.main([
+        "--model", str(model), "--train-data", str(task.preferences), "--eval-prompts", str(task.eval_prompts),
+        "--loss-types", "sigmoid", "orpo", "--beta", "sigmoid=0.2", "--odds-ratio-coef", "0.3", "--sweep-betas",
+        "--seeds", "0", "--steps", "2", "--warmup-steps", "1", "--batch-size", "8", "--max-prompt-length", "6",
+        "--max-response-length", "4", "--num-eval-prompts", "4", "--num-samples", "1", "--max-new-tokens", "2",
+        "--out", str(out)])
+    assert [(row["loss"], row["beta"]) for row in result["rows"]] == [("sft", 0.0), ("sigmoid", 0.2), ("orpo", 0.1)]
+    table = (out / "table.md").read_text()
+    assert "| sigmoid | 0.2 |" in table and "| orpo | - |" in table and "Beta sweep" not in table
+    assert "sigmoid: beta 0.2, label_smoothing 0, divergence reverse_kl; orpo: odds_ratio_coef 0.3" in table
+    assert "warmup 1, cosine" in table and "gold reward (graded)" in table
+    saved = json.loads((out / "results.json").read_text())["settings"]
+    assert saved["loss_options"] == {"sigmoid": {"beta": 0.2}, "orpo": {"odds_ratio_coef": 0.3}}
