@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any, Callable, Literal
 
 import jax
@@ -108,8 +109,10 @@ class SamplingConfig:
             raise ValueError(f"`kept_set_logprobs` must be None, True or False, got {self.kept_set_logprobs!r}")
         for name in ("eos_token_id", "pad_token_id"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
                 raise ValueError(f"`{name}` must be a token id (an int >= 0) or None, got {value!r}")
+            if value is not None:  # a NumPy int (e.g. read from an array) is stored as a hashable Python int
+                object.__setattr__(self, name, int(value))
 
     @property
     def replays_kept_set(self) -> bool:
