@@ -62,7 +62,7 @@ from rlhf_jax.pipeline.loop import run_loop  # noqa: E402
 from rlhf_jax.pipeline.stage_configs import (  # noqa: E402
     CheckpointSection, EvalConfig, LoggingSection, ModelSection, SFTConfig, TrainSection, with_schedule_length,
 )
-from rlhf_jax.pipeline.stages.scoring import decode_rows, gold_scores  # noqa: E402
+from rlhf_jax.pipeline.stages.scoring import decode_until_eos, gold_scores  # noqa: E402
 from rlhf_jax.pipeline.stages import stage_setup as stage  # noqa: E402
 from rlhf_jax.pipeline.stages.dpo import dataset_logps, make_pair_logps, with_reference  # noqa: E402
 from rlhf_jax.pipeline.stages.evaluate import sample_policy  # noqa: E402
@@ -208,12 +208,9 @@ def exact_answers(tokenizer, tokens, answers) -> np.ndarray:
     """`[M]` 1.0 where sampled response `tokens[i]` ends (holds the EOS) and its text before
     the EOS, decoded without special tokens (so a chat template's end-of-turn token goes too),
     is `answers[i]` (whitespace stripped), else 0.0."""
-    eos = tokenizer.eos_token_id
-    tokens = np.asarray(tokens)
-    after_eos = np.cumsum(tokens == eos, axis=1) > 0
-    texts = decode_rows(tokenizer, np.where(after_eos, eos, tokens), skip_special_tokens=True)
-    return np.array([float(ended and text.strip() == answer.strip())
-                     for text, answer, ended in zip(texts, answers, after_eos[:, -1])], np.float32)
+    texts, ended = decode_until_eos(tokenizer, tokens, tokenizer.eos_token_id)
+    return np.array([float(stop and text.strip() == answer.strip())
+                     for text, answer, stop in zip(texts, answers, ended)], np.float32)
 
 
 class Evaluator:

@@ -122,6 +122,11 @@ class TokenizedData:
     def __len__(self) -> int:
         return len(self.sources)
 
+    @property
+    def files(self) -> str:
+        """The files the rows were read from, comma-separated (for messages)."""
+        return ", ".join(dict.fromkeys(str(file) for file, _ in self.sources))
+
 
 def check_data_config(config: DataConfig) -> None:
     """Raise ValueError naming the first DataConfig field that is out of range."""

@@ -51,7 +51,7 @@ def unpaired_data(data: TokenizedData) -> TokenizedData:
         prompts = {name: arrays[name] for name in ("prompt_ids", "prompt_mask")}
         shift, columns, sources = 1, dict(data.columns), list(data.sources)
     else:
-        raise DataError(f"{_files(data)}: KTO (dpo.kind: kto) takes preference pairs (prompt/chosen/rejected) or "
+        raise DataError(f"{data.files}: KTO (dpo.kind: kto) takes preference pairs (prompt/chosen/rejected) or "
                         f"labelled completions (prompt/completion/label), got {data.kind} data")
     mismatched = {name: np.roll(value, -shift, axis=0) for name, value in responses.items()}
     kto_arrays = {
@@ -62,14 +62,10 @@ def unpaired_data(data: TokenizedData) -> TokenizedData:
     return TokenizedData("kto", kto_arrays, columns, sources, data.stats, data.pad_token_id)
 
 
-def _files(data: TokenizedData) -> str:
-    return ", ".join(dict.fromkeys(str(file) for file, _ in data.sources))
-
-
 def _labels(data: TokenizedData) -> np.ndarray:
     labels = data.columns.get("label")
     if labels is None:
-        raise DataError(f"{_files(data)}: KTO rows of prompt/completion need a bool `label` (true: desirable, "
+        raise DataError(f"{data.files}: KTO rows of prompt/completion need a bool `label` (true: desirable, "
                         f"false: undesirable), as in TRL's unpaired preference format; or give "
                         f"prompt/chosen/rejected pairs")
     for (file, row), label in zip(data.sources, labels):

@@ -194,15 +194,20 @@ def test_a_run_or_adapter_folder_given_as_a_model_names_the_model_inside(task, g
     assert_one_error_line(*result, "dpo", "model", f"{folder}: {what}")
 
 
+def reward_stage_args(stage: str, model, prompts, functions: str, tmp_path) -> list[str]:
+    """Overrides of a grpo or eval run of `model` on `prompts` scored by `functions`."""
+    args = ([f"policy.path={model}", f"data.train_files=[{prompts}]", *LENGTHS, "train.batch_size=2",
+             "mesh.data=1"] if stage == "grpo" else [f"policies.a={model}", f"prompts_file={prompts}"])
+    return [f"output_dir={tmp_path / 'out'}", f"reward.functions={functions}", *args]
+
+
 @pytest.mark.parametrize("stage", ["grpo", "eval"])
 def test_a_column_the_reward_function_needs_is_missing(task, good_model, tmp_path, capsys, stage):
     """Found before any sampling, naming the function, the column and the file."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "1+2=", "id": 1}\n{"prompt": "2+2=", "id": 2}\n')
     functions = '[{function: "rlhf_jax.rewards:think_format"}, {function: "rlhf_jax.rewards:math_answer"}]'
-    args = ([f"policy.path={good_model}", f"data.train_files=[{prompts}]", *LENGTHS, "train.batch_size=2",
-             "mesh.data=1"] if stage == "grpo" else [f"policies.a={good_model}", f"prompts_file={prompts}"])
-    result = run_cli(capsys, stage, f"output_dir={tmp_path / 'out'}", f"reward.functions={functions}", *args)
+    result = run_cli(capsys, stage, *reward_stage_args(stage, good_model, prompts, functions, tmp_path))
     assert_one_error_line(*result, stage, "reward", "reward function 'math_answer' needs the column 'answer'",
                           f"which {prompts} does not have (its columns besides 'prompt': id)")
 
@@ -213,9 +218,7 @@ def test_a_column_the_reward_function_needs_is_null_in_one_row(task, good_model,
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "2+2="}\n')
     functions = '[{function: "rlhf_jax.rewards:math_answer"}]'
-    args = ([f"policy.path={good_model}", f"data.train_files=[{prompts}]", *LENGTHS, "train.batch_size=2",
-             "mesh.data=1"] if stage == "grpo" else [f"policies.a={good_model}", f"prompts_file={prompts}"])
-    result = run_cli(capsys, stage, f"output_dir={tmp_path / 'out'}", f"reward.functions={functions}", *args)
+    result = run_cli(capsys, stage, *reward_stage_args(stage, good_model, prompts, functions, tmp_path))
     assert_one_error_line(*result, stage, "reward", "reward function 'math_answer' needs the column 'answer', "
                           f"which is missing (or null) in {prompts} row 2")
 

@@ -59,14 +59,16 @@ def dataset_logps(pair_logps, params, data, batch_size: int, mesh, max_batches=N
     return skeletons.pair_values(pair_logps, params, data, batch_size, mesh, max_batches)
 
 
+def rows_of(batch: dict, values: np.ndarray) -> np.ndarray:
+    """`values[row]` for each row of `batch` (by its `row_index`), 0 on pad rows; float32."""
+    rows = batch["row_index"]
+    return np.where(rows >= 0, values[np.maximum(rows, 0)], 0.0).astype(np.float32)
+
+
 def with_reference(batch: dict, ref_chosen: np.ndarray, ref_rejected: np.ndarray) -> PreferenceBatch:
     """A training batch with the precomputed reference log-probs of its rows (0 on pad rows)."""
-    rows = batch["row_index"]
-    real = rows >= 0
-    safe = np.where(real, rows, 0)
-    ref = np.stack([ref_chosen[safe], ref_rejected[safe]], axis=1)
-    return PreferenceBatch.from_arrays(batch).replace(
-        ref_logps=np.where(real[:, None], ref, 0.0).astype(np.float32))
+    ref = np.stack([rows_of(batch, ref_chosen), rows_of(batch, ref_rejected)], axis=1)
+    return PreferenceBatch.from_arrays(batch).replace(ref_logps=ref)
 
 
 def kto_batch(batch: dict, ref_logps: np.ndarray | None, ref_kl_logps: np.ndarray | None) -> KTOBatch:
@@ -78,11 +80,7 @@ def kto_batch(batch: dict, ref_logps: np.ndarray | None, ref_kl_logps: np.ndarra
                   kl_response_ids=batch["response_ids"][:, 1:], kl_response_mask=batch["response_mask"][:, 1:],
                   is_desirable=batch["is_desirable"])
     if ref_logps is not None:
-        rows = batch["row_index"]
-        real = rows >= 0
-        safe = np.where(real, rows, 0)
-        fields["ref_logps"] = np.where(real, ref_logps[safe], 0.0).astype(np.float32)
-        fields["ref_kl_logps"] = np.where(real, ref_kl_logps[safe], 0.0).astype(np.float32)
+        fields["ref_logps"], fields["ref_kl_logps"] = rows_of(batch, ref_logps), rows_of(batch, ref_kl_logps)
     return KTOBatch(**fields)
 
 

@@ -36,16 +36,23 @@ def decode_rows(tokenizer, ids: np.ndarray, *, skip_special_tokens: bool) -> lis
     return [texts[i] for i in np.ravel(inverse)]
 
 
-def decode_responses(tokenizer, response_ids: np.ndarray, eos_token_id: int, eos_token: str) -> list[str]:
-    """Each response [B, N] as its scorer reads it: the tokens before the first `eos_token_id`
+def decode_until_eos(tokenizer, response_ids: np.ndarray, eos_token_id: int) -> tuple[list[str], np.ndarray]:
+    """`(texts, ended)` of responses [B, N]: each row's tokens before its first `eos_token_id`
     decoded without special tokens (so a chat template's end-of-turn token, say, is not part
-    of the answer), then `eos_token` when the response has the EOS (it stopped)."""
+    of the answer; identical rows decoded once), and `[B]` bool, whether the row has the EOS."""
     rows = np.asarray(response_ids)
-    stops = [np.flatnonzero(row == eos_token_id) for row in rows]
-    cut = [tuple(row[: stop[0]] if stop.size else row) for row, stop in zip(rows, stops)]
+    ended = np.any(rows == eos_token_id, axis=1)
+    cut = [tuple(row[: np.argmax(row == eos_token_id)] if stop else row) for row, stop in zip(rows, ended)]
     unique = list(dict.fromkeys(cut))
     texts = dict(zip(unique, tokenizer.batch_decode([list(ids) for ids in unique], skip_special_tokens=True)))
-    return [texts[ids] + (eos_token if stop.size else "") for ids, stop in zip(cut, stops)]
+    return [texts[ids] for ids in cut], ended
+
+
+def decode_responses(tokenizer, response_ids: np.ndarray, eos_token_id: int, eos_token: str) -> list[str]:
+    """Each response [B, N] as its scorer reads it: `decode_until_eos`'s text, then
+    `eos_token` when the response has the EOS (it stopped)."""
+    texts, ended = decode_until_eos(tokenizer, response_ids, eos_token_id)
+    return [text + (eos_token if stop else "") for text, stop in zip(texts, ended)]
 
 
 def gold_scores(tokenizer, prompt_ids, response_ids, *, kind: str = "exact", task: str | None = None,
@@ -94,11 +101,6 @@ def check_gold_prompts(task: str | None, prompt_texts, answers, row_names) -> No
                 f"`reward.path` (a reward model), or give each row the `answer` to compare with") from None
 
 
-def data_files(data) -> str:
-    """The files `data` (a `TokenizedData`) was read from, for messages."""
-    return ", ".join(dict.fromkeys(str(file) for file, _ in data.sources))
-
-
 def reward_functions(specs) -> list[RewardFunction]:
     """Load `reward.functions` entries (`RewardFunctionSpec`s); raises `RewardError`."""
     functions = []
@@ -132,7 +134,7 @@ class HostScorer:
         functions = reward_functions(reward.functions)
         columns = {name: values for name, values in data.columns.items() if name not in NOT_PASSED}
         row_names = [f"{file} row {number}" for file, number in data.sources]
-        check_columns(functions, columns, data_files(data), row_names)
+        check_columns(functions, columns, data.files, row_names)
         if reward.uses_gold:
             check_gold_prompts(reward.task, data.columns["prompt_text"], columns.get("answer"), row_names)
         prompts = data.columns.get("prompt") or data.columns["prompt_text"]
@@ -196,4 +198,4 @@ class HostScorer:
         return scores.astype(np.float32), metrics
 
 
-__all__ = ["decode_rows", "gold_scores", "check_gold_prompts", "reward_functions", "data_files", "HostScorer", "NOT_PASSED"]
+__all__ = ["decode_rows", "decode_until_eos", "decode_responses", "gold_scores", "check_gold_prompts", "reward_functions", "HostScorer", "NOT_PASSED"]

@@ -48,7 +48,7 @@ def check_one_batch(data, batch_size: int, *, drop_last: bool = True, unit: str 
     """A ConfigError naming `train.batch_size` when `data` (a `TokenizedData`) holds fewer
     rows than one full batch and incomplete batches are dropped."""
     if drop_last and len(data) < batch_size:
-        files = ", ".join(dict.fromkeys(str(file) for file, _ in data.sources))
+        files = data.files
         hint = "" if unit == "prompts" else ", or set `data.drop_last: false` to pad the last batch"
         raise ConfigError(f"`train.batch_size` ({batch_size}) is more than the {len(data)} {unit} of {files}; "
                           f"set it to at most {len(data)}{hint}")
