@@ -124,7 +124,9 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
         check_kto_balance(data.arrays["is_desirable"], config.dpo)
     module, params = stage_setup.build_model(config.model, setup.tokenizer, stage_setup.rng_key(config.seed, 0))
     pair_logps = make_pair_logps(module.apply)
-    ref_chosen = ref_rejected = eval_ref = None
+    # reference log-probs of each row's two responses: (chosen, rejected) of a pair, or a KTO
+    # row's (completion, mismatched completion)
+    train_ref = eval_ref = None
     if config.dpo.needs_reference:
         reference_path = config.reference or config.model.path
         if config.lora is not None:  # the base with its adapters disabled: the loaded weights themselves
@@ -137,7 +139,7 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
         else:  # a fresh model is its own reference
             ref_params = params
         batch_size = config.eval.batch_size
-        ref_chosen, ref_rejected = dataset_logps(pair_logps, ref_params, data, batch_size, mesh)
+        train_ref = dataset_logps(pair_logps, ref_params, data, batch_size, mesh)
         if eval_data is not None:
             eval_ref = dataset_logps(pair_logps, ref_params, eval_data, batch_size, mesh, config.eval.max_batches)
         del ref_params
@@ -151,10 +153,10 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> dict:
 
     def prepare(batch):
         if kto:
-            return stage_setup.place(kto_batch(batch, ref_chosen, ref_rejected), mesh)
-        if ref_chosen is None:
+            return stage_setup.place(kto_batch(batch, *train_ref), mesh)
+        if train_ref is None:
             return stage_setup.place(PreferenceBatch.from_arrays(batch), mesh)
-        return stage_setup.place(with_reference(batch, ref_chosen, ref_rejected), mesh)
+        return stage_setup.place(with_reference(batch, *train_ref), mesh)
 
     evaluate = None
     if eval_data is not None:
