@@ -136,18 +136,18 @@ def mean_length(mask) -> float:
     return float(mask.astype(np.float64).sum(axis=1).mean())
 
 
-def eos_rate(tokens, mask, eos_token_id: int) -> float:
+def eos_rate(tokens, mask, eos_token_id) -> float:
     """Share of responses whose last response token is EOS (finished rather than cut off).
 
     Args:
       tokens: `[batch, time]` token ids.
       mask: `[batch, time]` 0/1 response mask (tokens after EOS already masked out).
-      eos_token_id: the end-of-sequence id.
+      eos_token_id: the end-of-sequence id, or a tuple of stop ids (any of them counts).
     """
     tokens, mask = np.asarray(tokens), np.asarray(mask).astype(bool)
     if tokens.shape != mask.shape or tokens.ndim != 2 or tokens.shape[0] == 0:
         raise ValueError(f"eos_rate: tokens and mask must both be [batch, time], got {tokens.shape} and {mask.shape}")
     lengths = mask.sum(axis=1)
     last = np.where(lengths > 0, tokens.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1), 0)
-    ended = (lengths > 0) & (tokens[np.arange(tokens.shape[0]), last] == eos_token_id)
+    ended = (lengths > 0) & np.isin(tokens[np.arange(tokens.shape[0]), last], np.asarray(eos_token_id).reshape(-1))
     return float(ended.mean())

@@ -11,8 +11,11 @@ sampling defaults) from this file next to `config.json`. An exported folder gets
   for a model without one (`GenerationConfig.from_model_config`).
 
 An RL stage that sampled with an EOS other than the tokenizer's (`<algo>.sampling.eos_token_id`,
-e.g. a chat model's end-of-turn token) trained its policy to stop there: that id comes first
-in the exported EOS list, followed by the ids above, and its pad id is the file's.
+e.g. a chat model's end-of-turn token) trained its policy to stop there: its stop ids come
+first in the exported EOS list, followed by the ids above, and its pad id is the file's.
+
+`stop_ids` reads the other way: the ids a model folder's responses stop at, which the RL
+stages sample with and `rlhf-jax eval` generates with by default.
 """
 from __future__ import annotations
 
@@ -46,13 +49,32 @@ def _source_settings(source) -> dict | None:
     return settings if isinstance(settings, dict) else None
 
 
+def _as_list(ids) -> list:
+    return [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
+def stop_ids(tokenizer, folder=None) -> int | tuple[int, ...]:
+    """The ids a model's responses stop at: the tokenizer's EOS, then the other EOS ids of
+    `<folder>/generation_config.json` (transformers' `generate` stops at any of them; chat
+    models list their end-of-turn token there, e.g. Gemma's `<end_of_turn>`). One id is
+    returned as an int. Ids outside the tokenizer's vocabulary are left out with a warning."""
+    stops = [tokenizer.eos_token_id]
+    settings = _source_settings(folder) or {}
+    for stop in _as_list(settings.get("eos_token_id")):
+        if isinstance(stop, bool) or not isinstance(stop, int) or not 0 <= stop < len(tokenizer):
+            warnings.warn(f"{Path(folder) / GENERATION_CONFIG}: EOS id {stop!r} is not an id of the tokenizer's "
+                          f"vocabulary (0..{len(tokenizer) - 1}); responses do not stop at it", stacklevel=2)
+        elif stop not in stops:
+            stops.append(stop)
+    return stops[0] if len(stops) == 1 else tuple(stops)
+
+
 def _with_sampling_ids(ids: dict, sampling) -> dict:
-    """`ids` with the EOS an RL stage sampled with first in the EOS list and its pad id."""
+    """`ids` with the stop ids an RL stage sampled with first in the EOS list and its pad id."""
     eos, pad = getattr(sampling, "eos_token_id", None), getattr(sampling, "pad_token_id", None)
     if eos is not None:
-        stops = ids.get("eos_token_id")
-        stops = [] if stops is None else stops if isinstance(stops, list) else [stops]
-        stops = [eos] + [stop for stop in stops if stop != eos]
+        first = _as_list(eos)
+        stops = first + [stop for stop in _as_list(ids.get("eos_token_id")) if stop not in first]
         ids["eos_token_id"] = stops[0] if len(stops) == 1 else stops
     if pad is not None:
         ids["pad_token_id"] = pad
@@ -79,4 +101,4 @@ def write_generation_config(folder, tokenizer, source=None, sampling=None) -> Pa
     return folder / GENERATION_CONFIG
 
 
-__all__ = ["GENERATION_CONFIG", "write_generation_config"]
+__all__ = ["GENERATION_CONFIG", "stop_ids", "write_generation_config"]

@@ -280,9 +280,10 @@ class PPOStageConfig(RLStageConfig):
     """KL-regularised PPO: policy, value model (from the reward model), frozen reference.
 
     `ppo` is `rlhf_jax.training.ppo.PPOConfig` (its `sampling` section sets the response
-    length and temperature; `sampling.eos_token_id` / `pad_token_id` unset (null, the
-    default) are the tokenizer's, a set id must be one of its vocabulary and overrides it;
-    the output folder's config.yaml records the ids used).
+    length and temperature; `sampling.eos_token_id` unset (null, the default) stops at the
+    tokenizer's EOS and the other EOS ids of the policy folder's generation_config.json,
+    `pad_token_id` unset is the tokenizer's pad; set ids (the stop ids: one or a list) must be
+    of its vocabulary and replace them; the output folder's config.yaml records the ids used).
     """
 
     output_dir: str = "runs/ppo"

@@ -83,6 +83,17 @@ from rlhf_jax.training.lora_state import inference_model, is_lora_state
 LOGPROB_SOURCES = ("forward", "generate")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _token_id(value, name: str) -> int:
+    """`value` as a Python int token id (>= 0), or a ValueError naming `name`."""
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"`{name}` must be a token id (an int >= 0) or None, got {value!r}")
+    return int(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How responses are sampled (frozen, so it can be a static jit argument)."""
@@ -92,9 +103,12 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     greedy: bool = False
-    # The tokenizer's EOS and pad ids. None: not given; `generate_rollout` needs both (the
-    # pipeline fills them from the tokenizer, see `rlhf_jax.pipeline.stages.skeletons`).
-    eos_token_id: int | None = None
+    # The ids a response stops at and the pad id. None: not given; `generate_rollout` needs
+    # both (the pipeline fills them from the tokenizer and the model's generation_config.json,
+    # see `rlhf_jax.pipeline.stages.skeletons`). Several stop ids (a tuple; a list is stored
+    # as a tuple): any of them ends a response, as for a chat model that ends its turn with
+    # its own token (Gemma's `<end_of_turn>`, Llama 3's `<|eot_id|>`) besides the EOS.
+    eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None  # fills the slots after EOS; may equal eos_token_id (masks say what is real)
     logprobs_source: Literal["forward", "generate"] = "forward"  # see the module docstring
     # Score tokens under the kept set they were drawn from (module docstring); None = on
@@ -102,17 +116,35 @@ class SamplingConfig:
     kept_set_logprobs: bool | None = None
 
     def __post_init__(self):
+        # NumPy integers (e.g. read from an array) are stored as Python ints: the config is a
+        # static jit argument, so it must hash and compare as plain values
+        for name in ("max_new_tokens", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                object.__setattr__(self, name, int(value))
         check_positive(self.max_new_tokens, "max_new_tokens")
         check_temperature(self.temperature)
         check_in(self.logprobs_source, LOGPROB_SOURCES, "logprobs_source")
         if self.kept_set_logprobs not in (None, True, False):
             raise ValueError(f"`kept_set_logprobs` must be None, True or False, got {self.kept_set_logprobs!r}")
-        for name in ("eos_token_id", "pad_token_id"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
-                raise ValueError(f"`{name}` must be a token id (an int >= 0) or None, got {value!r}")
-            if value is not None:  # a NumPy int (e.g. read from an array) is stored as a hashable Python int
-                object.__setattr__(self, name, int(value))
+        if self.pad_token_id is not None:
+            object.__setattr__(self, "pad_token_id", _token_id(self.pad_token_id, "pad_token_id"))
+        eos = self.eos_token_id
+        if eos is not None and not _is_int(eos):
+            if isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__"):
+                raise ValueError(f"`eos_token_id` must be a token id (an int >= 0), a tuple of them or None, got {eos!r}")
+            ids = tuple(_token_id(i, "eos_token_id") for i in eos)
+            if not ids:
+                raise ValueError("`eos_token_id` is an empty list; give at least one stop id, or None")
+            object.__setattr__(self, "eos_token_id", tuple(dict.fromkeys(ids)))  # first occurrences, in order
+        elif eos is not None:
+            object.__setattr__(self, "eos_token_id", _token_id(eos, "eos_token_id"))
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a response (`eos_token_id` as a tuple; empty when None)."""
+        eos = self.eos_token_id
+        return () if eos is None else eos if isinstance(eos, tuple) else (eos,)
 
     @property
     def replays_kept_set(self) -> bool:

@@ -149,6 +149,8 @@ def test_lengths_and_eos_rate():
     assert mean_length(mask) == pytest.approx((2 + 4 + 1 + 2 + 3) / 5)
     # Rows ending in EOS: 0, 2, 4.
     assert eos_rate(tokens, mask, eos) == pytest.approx(3 / 5)
+    # several stop ids: a row ending in any of them ended (row 3 ends in 8)
+    assert eos_rate(tokens, mask, (eos, 8)) == pytest.approx(4 / 5)
     empty = np.zeros_like(mask)
     assert eos_rate(tokens, empty, eos) == 0.0
     with pytest.raises(ValueError, match="batch, time"):

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import RewardModel
 from rlhf_jax.models.transformer import CausalLM
-from rlhf_jax.pipeline.generation_config import write_generation_config
+from rlhf_jax.pipeline.generation_config import stop_ids, write_generation_config
 from rlhf_jax.pipeline.stages.stage_setup import export_model
 from rlhf_jax.pipeline.tokenizer import build_tokenizer
 from rlhf_jax.training.rollout import SamplingConfig
@@ -86,3 +86,9 @@ def test_an_rl_stages_sampling_eos_comes_first_and_its_pad_is_used(tokenizer, tm
     write_generation_config(folder, tokenizer, None, same)
     generation = GenerationConfig.from_pretrained(folder)
     assert (generation.eos_token_id, generation.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    # several stop ids come first, in their order, then the others
+    several = SamplingConfig(max_new_tokens=4, eos_token_id=(9, stop), pad_token_id=pad)
+    write_generation_config(folder, tokenizer, source, several)
+    assert GenerationConfig.from_pretrained(folder).eos_token_id == [9, stop, tokenizer.eos_token_id]
+    # and a folder written so reads back as the stop ids the policy was trained with
+    assert stop_ids(tokenizer, folder) == (tokenizer.eos_token_id, 9, stop)

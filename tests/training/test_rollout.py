@@ -291,7 +291,7 @@ def test_bad_inputs_raise(rolled_grouped):
     from_numpy = SamplingConfig(eos_token_id=np.int64(EOS), pad_token_id=np.int32(0))
     assert from_numpy == SamplingConfig(eos_token_id=EOS, pad_token_id=0) and type(from_numpy.eos_token_id) is int
     hash(from_numpy)
-    with pytest.raises(ValueError, match=r"`eos_token_id` must be a token id \(an int >= 0\) or None, got True"):
+    with pytest.raises(ValueError, match=r"`eos_token_id` must be a token id \(an int >= 0\), a tuple of them or None, got True"):
         SamplingConfig(eos_token_id=True)
     right_mask = np.asarray(PROMPT_MASK)[:, ::-1]  # real tokens first: right-padded
     assert not right_mask[:, -1].all()

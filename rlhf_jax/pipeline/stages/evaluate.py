@@ -4,7 +4,9 @@ rows' `answer` column as reference) or with reward functions (`reward.functions`
     rlhf-jax eval --config configs/eval.yaml policies.sft=runs/sft/model policies.ppo=runs/ppo/model
 
 For each policy, `num_samples` responses per prompt are sampled (temperature `temperature`,
-fixed-shape chunks of `batch_size` sequences, one compilation per architecture). The same PRNG
+fixed-shape chunks of `batch_size` sequences, one compilation per architecture); a sample
+ends at the tokenizer's EOS or at any other EOS id of the policy folder's
+`generation_config.json` (a chat model's end-of-turn token), as transformers' `generate` stops. The same PRNG
 keys are used for every policy (common random numbers), so differences between policies are
 not sampling noise of different draws, and a policy compared with itself ties exactly. Metrics
 per policy (`results.json`):
@@ -46,6 +48,7 @@ import numpy as np
 from rlhf_jax.models.generation import GENERATE_STATIC_ARGNAMES, generate
 from rlhf_jax.pipeline import eval_metrics
 from rlhf_jax.pipeline.data import DataConfig, load_data
+from rlhf_jax.pipeline.generation_config import stop_ids
 from rlhf_jax.pipeline.stage_configs import EvalConfig, load_stage_config
 from rlhf_jax.pipeline.stages import stage_setup
 from rlhf_jax.pipeline.stages.companion_models import check_vocabulary
@@ -90,8 +93,9 @@ class _Scorers:
         return self._cache[key]
 
 
-def sample_policy(module, params, prompt_ids, prompt_mask, config: EvalConfig, tokenizer):
-    """Samples for every row of `prompt_ids` [M, P] in chunks of `batch_size` rows.
+def sample_policy(module, params, prompt_ids, prompt_mask, config: EvalConfig, tokenizer, stops=None):
+    """Samples for every row of `prompt_ids` [M, P] in chunks of `batch_size` rows; a sample
+    ends at any of the ids `stops` (None: the tokenizer's EOS).
 
     Returns a dict of host arrays: `tokens`, `mask` [M, N] and `finished` [M]. Chunk c uses
     the key `fold_in(seed, c)` whatever the policy.
@@ -103,7 +107,8 @@ def sample_policy(module, params, prompt_ids, prompt_mask, config: EvalConfig, t
         rows = np.arange(start, start + size) % total  # the last chunk wraps: same shape
         out = _generate(module, params, jnp.asarray(prompt_ids[rows]), jnp.asarray(prompt_mask[rows]),
                         stage_setup.rng_key(config.seed, 2, chunk), max_new_tokens=config.max_new_tokens,
-                        temperature=config.temperature, eos_token_id=tokenizer.eos_token_id,
+                        temperature=config.temperature,
+                        eos_token_id=tokenizer.eos_token_id if stops is None else stops,
                         pad_token_id=pad_id(tokenizer))
         keep = min(size, total - start)
         for name in outputs:
@@ -122,7 +127,8 @@ def _chunked(fn, arrays, size: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def policy_metrics(samples, gold, graded, num_prompts: int, num_samples: int, tokenizer) -> dict:
+def policy_metrics(samples, gold, graded, num_prompts: int, num_samples: int, stops) -> dict:
+    """The sample metrics of one policy (module docstring); `stops`: its stop ids."""
     correct = gold.reshape(num_prompts, num_samples) > 0.5
     ks, values = eval_metrics.pass_at_k_curve(correct, pass_at_k_ks(num_samples))
     mask = samples["mask"]
@@ -134,7 +140,7 @@ def policy_metrics(samples, gold, graded, num_prompts: int, num_samples: int, to
         "gold_reward": float(gold.mean()),
         "gold_graded": float(graded.mean()),
         "response_length": eval_metrics.mean_length(mask),
-        "eos_rate": eval_metrics.eos_rate(samples["tokens"], mask, tokenizer.eos_token_id),
+        "eos_rate": eval_metrics.eos_rate(samples["tokens"], mask, stops),
         "distinct_1": eval_metrics.distinct_n(samples["tokens"], 1, mask=mask),
         "distinct_2": eval_metrics.distinct_n(samples["tokens"], 2, mask=mask),
         "repetition_4": eval_metrics.repetition_rate(samples["tokens"], 4, mask=mask),
@@ -226,17 +232,20 @@ def evaluate_policies(config: EvalConfig) -> dict:
         folder = config.reference if name is None else config.policies[name]
         module, params = (reference if name is None else
                           stage_setup.load_folder(folder, head="lm", key=f"policies.{name}"))
-        samples = sample_policy(module, params, prompt_ids, prompt_mask, config, tokenizer)
+        stops = stop_ids(tokenizer, folder)  # the tokenizer's EOS + the folder's generation_config.json
+        samples = sample_policy(module, params, prompt_ids, prompt_mask, config, tokenizer, stops)
         if function_scorer is None:
-            gold = gold_scores(tokenizer, prompt_ids, samples["tokens"], kind="exact", **gold_inputs)
-            graded = gold_scores(tokenizer, prompt_ids, samples["tokens"], kind="graded", **gold_inputs)
+            gold = gold_scores(tokenizer, prompt_ids, samples["tokens"], kind="exact", eos_token_id=stops,
+                               **gold_inputs)
+            graded = gold_scores(tokenizer, prompt_ids, samples["tokens"], kind="graded", eos_token_id=stops,
+                                 **gold_inputs)
         else:  # the reward functions replace the gold scorer: pass = reward above the threshold
             graded, reward_metrics = function_scorer(samples["tokens"], samples["mask"], **function_inputs)
             gold = (graded > config.reward.pass_threshold).astype(np.float32)
         samples_by_folder[folder], graded_by_folder[folder] = samples, graded
         if name is None:
             continue
-        metrics = policy_metrics(samples, gold, graded, count, config.num_samples, tokenizer)
+        metrics = policy_metrics(samples, gold, graded, count, config.num_samples, stops)
         if function_scorer is not None:
             metrics["reward"] = float(graded.mean())
             metrics.update(reward_metrics)

@@ -36,40 +36,44 @@ def decode_rows(tokenizer, ids: np.ndarray, *, skip_special_tokens: bool) -> lis
     return [texts[i] for i in np.ravel(inverse)]
 
 
-def decode_until_eos(tokenizer, response_ids: np.ndarray, eos_token_id: int) -> tuple[list[str], np.ndarray]:
-    """`(texts, ended)` of responses [B, N]: each row's tokens before its first `eos_token_id`
-    decoded without special tokens (so a chat template's end-of-turn token, say, is not part
-    of the answer; identical rows decoded once), and `[B]` bool, whether the row has the EOS."""
+def decode_until_eos(tokenizer, response_ids: np.ndarray, eos_token_id) -> tuple[list[str], np.ndarray]:
+    """`(texts, ended)` of responses [B, N]: each row's tokens before its first stop id
+    (`eos_token_id`: one id or a tuple of them) decoded without special tokens (so a chat
+    template's end-of-turn token, say, is not part of the answer; identical rows decoded
+    once), and `[B]` bool, whether the row has a stop id."""
     rows = np.asarray(response_ids)
-    ended = np.any(rows == eos_token_id, axis=1)
-    cut = [tuple(row[: np.argmax(row == eos_token_id)] if stop else row) for row, stop in zip(rows, ended)]
+    hits = np.isin(rows, np.asarray(eos_token_id).reshape(-1))
+    ended = np.any(hits, axis=1)
+    cut = [tuple(row[: np.argmax(hit)] if stop else row) for row, hit, stop in zip(rows, hits, ended)]
     unique = list(dict.fromkeys(cut))
     texts = dict(zip(unique, tokenizer.batch_decode([list(ids) for ids in unique], skip_special_tokens=True)))
     return [texts[ids] for ids in cut], ended
 
 
-def decode_responses(tokenizer, response_ids: np.ndarray, eos_token_id: int, eos_token: str) -> list[str]:
+def decode_responses(tokenizer, response_ids: np.ndarray, eos_token_id, eos_token: str) -> list[str]:
     """Each response [B, N] as its scorer reads it: `decode_until_eos`'s text, then
-    `eos_token` when the response has the EOS (it stopped)."""
+    `eos_token` when the response has a stop id (it stopped)."""
     texts, ended = decode_until_eos(tokenizer, response_ids, eos_token_id)
     return [text + (eos_token if stop else "") for text, stop in zip(texts, ended)]
 
 
 def gold_scores(tokenizer, prompt_ids, response_ids, *, kind: str = "exact", task: str | None = None,
-                answers=None, eos_token_id: int | None = None) -> np.ndarray:
+                answers=None, eos_token_id: int | tuple[int, ...] | None = None) -> np.ndarray:
     """Gold rewards [B] float32 of responses [B, N] to prompts [B, P] (token ids), by the
     scorer of `task` (`rlhf_jax.pipeline.tasks`; None: the default task), with the rows'
     reference `answers` [B] when the prompt data has them.
 
-    A response without the EOS token (the tokenizer's, or the sampling's `eos_token_id` when
-    given) did not stop (the task's scorer decides what that scores). The scorer reads the text
-    before the EOS without special tokens, then the EOS (`decode_responses`). A prompt the
-    scorer cannot read is a `RewardError` naming it.
+    A response without the EOS token (the tokenizer's, or any of the sampling's stop ids
+    `eos_token_id` when given) did not stop (the task's scorer decides what that scores). The
+    scorer reads the text before the stop id without special tokens, then the EOS text of the
+    first stop id (`decode_responses`). A prompt the scorer cannot read is a `RewardError`
+    naming it.
     """
     scorer = load_task(task)
     prompts = decode_rows(tokenizer, prompt_ids, skip_special_tokens=True)
     eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    eos_token = tokenizer.decode([eos_token_id])
+    first = eos_token_id[0] if isinstance(eos_token_id, tuple) else eos_token_id
+    eos_token = tokenizer.decode([first])
     responses = decode_responses(tokenizer, response_ids, eos_token_id, eos_token)
     answers = [None] * len(prompts) if answers is None else [None if a is None else str(a) for a in answers]
     cache: dict[tuple, float] = {}
@@ -127,10 +131,10 @@ class HostScorer:
     prompts: list  # the prompt data's `prompt` column (strings or message lists)
     columns: dict[str, list]  # the other columns, passed to reward functions
     row_names: list[str]  # "file row n" of each data row
-    eos_token_id: int | None = None  # the id responses stop at (None: the tokenizer's EOS)
+    eos_token_id: int | tuple[int, ...] | None = None  # the ids responses stop at (None: the tokenizer's EOS)
 
     @classmethod
-    def from_config(cls, reward, tokenizer, data, eos_token_id: int | None = None) -> "HostScorer":
+    def from_config(cls, reward, tokenizer, data, eos_token_id: int | tuple[int, ...] | None = None) -> "HostScorer":
         functions = reward_functions(reward.functions)
         columns = {name: values for name, values in data.columns.items() if name not in NOT_PASSED}
         row_names = [f"{file} row {number}" for file, number in data.sources]

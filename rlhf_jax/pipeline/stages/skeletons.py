@@ -21,6 +21,7 @@ from rlhf_jax.typed_config import ConfigError
 from rlhf_jax.pipeline.batching import BatchIterator
 from rlhf_jax.pipeline.data import load_data
 from rlhf_jax.pipeline.frozen_base import model_source
+from rlhf_jax.pipeline.generation_config import stop_ids
 from rlhf_jax.pipeline.loop import run_loop
 from rlhf_jax.pipeline.stage_configs import schedule_length, with_schedule_length
 from rlhf_jax.pipeline.stages.stage_setup import (
@@ -217,23 +218,26 @@ def run_supervised_stage(stage: str, config, setup: SupervisedSetup, module, sta
 # ----------------------------------------------------------------------------- RL stages
 
 
-def sampling_with_tokenizer(sampling, tokenizer, key: str = "sampling"):
-    """The sampling config with its EOS and pad ids resolved against the tokenizer.
+def sampling_with_tokenizer(sampling, tokenizer, key: str = "sampling", model_folder=None):
+    """The sampling config with its stop (EOS) and pad ids resolved against the tokenizer.
 
-    An id left unset (None, the default) is the tokenizer's: its EOS id, and its pad id, or
-    EOS when it has no pad token (as in TRL; the response masks, not the ids, say where a
-    response ends). An id set in the config (`<key>.eos_token_id`, `<key>.pad_token_id`)
-    overrides the tokenizer's, as a generation config's ids do in transformers, and must be
-    an id of the tokenizer's vocabulary (a ConfigError naming the key otherwise)."""
+    Unset ids (None, the default) are the model's: the stop ids are the tokenizer's EOS and
+    the other EOS ids of `<model_folder>/generation_config.json` (as transformers' `generate`
+    stops; `generation_config.stop_ids`), the pad id is the tokenizer's, or its EOS when it
+    has no pad token (as in TRL; the response masks, not the ids, say where a response ends).
+    Ids set in the config (`<key>.eos_token_id`: one id or a list, `<key>.pad_token_id`)
+    replace these, as a generation config's ids do in transformers, and must be ids of the
+    tokenizer's vocabulary (a ConfigError naming the key otherwise)."""
     vocab = len(tokenizer)
-    defaults = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": pad_id(tokenizer)}
+    defaults = {"eos_token_id": lambda: stop_ids(tokenizer, model_folder), "pad_token_id": lambda: pad_id(tokenizer)}
     resolved = {}
     for name, default in defaults.items():
         value = getattr(sampling, name)
-        if value is not None and not 0 <= value < vocab:
-            raise ConfigError(f"`{key}.{name}` ({value}) is not an id of the tokenizer's vocabulary "
-                              f"(0..{vocab - 1}); leave it unset (null) to use the tokenizer's ({default})")
-        resolved[name] = default if value is None else value
+        for one in () if value is None else value if isinstance(value, tuple) else (value,):
+            if not 0 <= one < vocab:
+                raise ConfigError(f"`{key}.{name}` ({one}) is not an id of the tokenizer's vocabulary "
+                                  f"(0..{vocab - 1}); leave it unset (null) to use the model's ({default()})")
+        resolved[name] = default() if value is None else value
     return dataclasses.replace(sampling, **resolved)
 
 
@@ -264,8 +268,8 @@ def open_rollout_stage(config, section: str, *, rows: int, rows_key: str, resume
     folder's checkpoints must be ones this stage can continue."""
     tokenizer = stage_tokenizer(config.tokenizer, config.policy.path, model_key="policy.path")
     algorithm = getattr(config, section)
-    algorithm = dataclasses.replace(algorithm, sampling=sampling_with_tokenizer(algorithm.sampling, tokenizer,
-                                                                               f"{section}.sampling"))
+    algorithm = dataclasses.replace(algorithm, sampling=sampling_with_tokenizer(
+        algorithm.sampling, tokenizer, f"{section}.sampling", config.policy.path))
     # config.yaml records the EOS / pad ids the stage samples with
     config = dataclasses.replace(config, **{section: algorithm})
     output_dir = prepare_output_dir(config, resume_stage=section if resume else None)
@@ -293,7 +297,8 @@ def place_prompt_batch(batch, mesh) -> dict:
 
 def print_rollout_start(stage: str, setup: RolloutSetup, scoring: list[str]) -> None:
     """The block a user sees when an RL stage starts: the prompt data (rows, columns, one
-    prompt as the model sees it, prompts cut or skipped) and what scores the responses."""
+    prompt as the model sees it, prompts cut or skipped), the ids responses stop at and what
+    scores the responses."""
     if jax.process_index() != 0:
         return
     data = setup.batches.data
@@ -303,8 +308,14 @@ def print_rollout_start(stage: str, setup: RolloutSetup, scoring: list[str]) -> 
     lines = [f"[{stage}] prompts: {stats.num_used} rows of {stats.num_rows} "
              f"({stats.num_skipped} skipped, {stats.num_truncated} truncated); columns: {', '.join(columns)}",
              f"[{stage}] first prompt as the model sees it: {example!r}",
+             f"[{stage}] responses stop at: {stop_names(setup.tokenizer, setup.algorithm.sampling.stop_ids)}",
              f"[{stage}] scored by: {'; '.join(scoring)}"]
     print("\n".join(lines), flush=True)
+
+
+def stop_names(tokenizer, ids) -> str:
+    """`'<eos>' (1), '<end_of_turn>' (106)`: each stop id with its token."""
+    return ", ".join(f"{tokenizer.convert_ids_to_tokens(i)!r} ({i})" for i in ids)
 
 
 def reward_keys(host) -> tuple[str, ...]:
