@@ -212,6 +212,27 @@ def test_a_column_the_reward_function_needs_is_missing(task, good_model, tmp_pat
                           f"which {prompts} does not have (its columns besides 'prompt': id)")
 
 
+def test_a_run_that_fails_at_start_up_leaves_the_earlier_config(task, good_model, tmp_path, capsys):
+    """config.yaml is written when the loop starts: a start-up error (here a reward function's
+    missing column) in an earlier run's folder leaves its config.yaml (and, with --resume, its
+    config.<n>.yaml history) describing the steps that ran."""
+    from rlhf_jax.pipeline.stage_configs import GRPOStageConfig, load_stage_config
+    from rlhf_jax.pipeline.stages.stage_setup import prepare_output_dir
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+2=", "id": 1}\n{"prompt": "2+2=", "id": 2}\n')
+    good = reward_stage_args("grpo", good_model, prompts, '["rlhf_jax.rewards:think_format"]', tmp_path)
+    bad = reward_stage_args("grpo", good_model, prompts, '["rlhf_jax.rewards:math_answer"]', tmp_path)
+    prepare_output_dir(load_stage_config(GRPOStageConfig, None, good))  # the earlier run's record
+    (tmp_path / "out" / "checkpoints" / "2").mkdir(parents=True)
+    earlier = (tmp_path / "out" / "config.yaml").read_text()
+    for resume in ([], ["--resume"]):
+        result = run_cli(capsys, "grpo", *resume, *bad)
+        assert_one_error_line(*result, "grpo", "reward", "reward function 'math_answer' needs the column 'answer'")
+        assert (tmp_path / "out" / "config.yaml").read_text() == earlier
+        assert not (tmp_path / "out" / "config.1.yaml").exists()
+
+
 @pytest.mark.parametrize("stage", ["grpo", "eval"])
 def test_a_column_the_reward_function_needs_is_null_in_one_row(task, good_model, tmp_path, capsys, stage):
     """Found before any sampling, naming the file and row (the function would get None)."""

@@ -59,12 +59,14 @@ def test_config_yaml_records_the_ids_used_and_resume_reads_it(tmp_path, cls, sec
     config = load_stage_config(cls, None, overrides)
     assert getattr(config, section).sampling.eos_token_id is None
     setup = open_rollout_stage(config, section, rows=2, rows_key="train.batch_size")
+    setup.record.write()  # as the stage does when its loop starts
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())[section]["sampling"]
     assert (saved["eos_token_id"], saved["pad_token_id"]) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert setup.algorithm.sampling.eos_token_id == tokenizer.eos_token_id
     # a set id is used and recorded
     setup = open_rollout_stage(load_stage_config(cls, None, overrides + [f"{section}.sampling.pad_token_id=3"]),
                                section, rows=2, rows_key="train.batch_size")
+    setup.record.write()
     assert setup.algorithm.sampling.pad_token_id == 3
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())[section]["sampling"]["pad_token_id"] == 3
     # --resume against the saved config.yaml (with checkpoints present) is accepted
@@ -151,6 +153,7 @@ def test_config_yaml_records_several_stop_ids(tmp_path):
                  "train.batch_size=2", "mesh.data=1"]
     setup = open_rollout_stage(load_stage_config(GRPOStageConfig, None, overrides), "grpo", rows=2,
                                rows_key="train.batch_size")
+    setup.record.write()
     expected = tuple(dict.fromkeys([tokenizer.eos_token_id, 1, 4]))
     assert setup.algorithm.sampling.eos_token_id == expected
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["grpo"]["sampling"]

@@ -25,8 +25,8 @@ from rlhf_jax.pipeline.generation_config import stop_ids
 from rlhf_jax.pipeline.loop import run_loop
 from rlhf_jax.pipeline.stage_configs import schedule_length, with_schedule_length
 from rlhf_jax.pipeline.stages.stage_setup import (
-    check_batch_shards, check_positions, finish_stage, load_folder, load_reference, place, prepare_output_dir, require,
-    stage_mesh, stage_rng, stage_tokenizer,
+    ConfigRecord, check_batch_shards, check_positions, finish_stage, load_folder, load_reference, open_output_dir,
+    place, require, stage_mesh, stage_rng, stage_tokenizer,
 )
 from rlhf_jax.pipeline.tokenizer import pad_id
 from rlhf_jax.pipeline.unpaired import unpaired_data
@@ -104,6 +104,7 @@ class SupervisedSetup:
     data: Any  # the training rows (`TokenizedData`)
     eval_data: Any  # the held-out rows, None without `data.eval_files`
     mesh: Any
+    record: ConfigRecord  # config.yaml, written when the loop starts (`open_output_dir`)
 
 
 def load_stage_data(files, tokenizer, data_config, kind: str):
@@ -118,7 +119,7 @@ def open_supervised_stage(config, *, kind: str, why: str, stage: str, resume: bo
     """The output folder, tokenizer, `kind` data ("sft", "preference" or "kto", see
     `load_stage_data`) and mesh of `stage`; `why` says what the stage needs `data.train_files`
     for; with `resume`, the output folder's checkpoints must be ones `stage` can continue."""
-    output_dir = prepare_output_dir(config, resume_stage=stage if resume else None)
+    record = open_output_dir(config, resume_stage=stage if resume else None)
     tokenizer = stage_tokenizer(config.tokenizer, config.model.path)
     require(config.data.train_files, "data.train_files", why)
     data = load_stage_data(config.data.train_files, tokenizer, config.data, kind)
@@ -133,7 +134,7 @@ def open_supervised_stage(config, *, kind: str, why: str, stage: str, resume: bo
         sizes["eval.batch_size"] = config.eval.batch_size
     check_batch_shards(mesh, sizes)
     print_data_start(stage, data, eval_data, tokenizer)
-    return SupervisedSetup(output_dir, tokenizer, data, eval_data, mesh)
+    return SupervisedSetup(record.output_dir, tokenizer, data, eval_data, mesh, record)
 
 
 def print_data_start(stage: str, data, eval_data, tokenizer) -> None:
@@ -200,6 +201,7 @@ def run_supervised_stage(stage: str, config, setup: SupervisedSetup, module, sta
         new_state, metrics = step(carry["state"], batch)
         return {"state": new_state, "rng": carry["rng"]}, metrics
 
+    setup.record.write()  # the start-up passed: config.yaml now describes this run
     result = run_loop(
         output_dir=setup.output_dir, carry={"state": state, "rng": stage_rng(config.seed, setup.mesh)},
         step_fn=step_fn, batches=train_batches(setup.data, config), prepare_batch=prepare_batch,
@@ -259,6 +261,7 @@ class RolloutSetup:
     algorithm: Any  # the stage's algorithm config, its sampling with the tokenizer's EOS/pad ids
     batches: BatchIterator  # prompt batches
     mesh: Any
+    record: ConfigRecord  # config.yaml, written when the loop starts (`open_output_dir`)
 
 
 def open_rollout_stage(config, section: str, *, rows: int, rows_key: str, resume: bool = False) -> RolloutSetup:
@@ -270,16 +273,16 @@ def open_rollout_stage(config, section: str, *, rows: int, rows_key: str, resume
     algorithm = getattr(config, section)
     algorithm = dataclasses.replace(algorithm, sampling=sampling_with_tokenizer(
         algorithm.sampling, tokenizer, f"{section}.sampling", config.policy.path))
-    # config.yaml records the EOS / pad ids the stage samples with
+    # config.yaml records the stop / pad ids the stage samples with
     config = dataclasses.replace(config, **{section: algorithm})
-    output_dir = prepare_output_dir(config, resume_stage=section if resume else None)
+    record = open_output_dir(config, resume_stage=section if resume else None)
     if rows % algorithm.num_minibatches:
         raise ConfigError(f"`{rows_key}` ({rows}) must be a multiple of "
                           f"`{section}.num_minibatches` ({algorithm.num_minibatches})")
     batches = prompt_batches(config, tokenizer, seed=config.seed)
     mesh = stage_mesh(config.mesh)
     check_batch_shards(mesh, {"train.batch_size": config.train.batch_size})
-    return RolloutSetup(output_dir, tokenizer, algorithm, batches, mesh)
+    return RolloutSetup(record.output_dir, tokenizer, algorithm, batches, mesh, record)
 
 
 def check_rollout_positions(config, section: str, policy_module) -> None:
@@ -357,6 +360,7 @@ def run_rollout_stage(stage: str, config, setup: RolloutSetup, policy_module, ca
         new_carry, metrics = iterate(carry, batch, key)
         return {**new_carry, "rng": rng}, metrics
 
+    setup.record.write()  # the start-up passed: config.yaml now describes this run
     result = run_loop(
         output_dir=setup.output_dir, carry={**carry, "rng": stage_rng(config.seed, setup.mesh)},
         step_fn=step_fn, batches=setup.batches,

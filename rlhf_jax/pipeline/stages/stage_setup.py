@@ -19,11 +19,13 @@ Every stage writes into its `output_dir`:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -128,28 +130,54 @@ def _keep_earlier_config(config_file: Path) -> Path:
     return kept
 
 
-def prepare_output_dir(config, *, resume_stage: str | None = None) -> Path:
-    """Create `config.output_dir` and write the resolved config to `config.yaml` in it, with the
-    optimizer schedules the stage trains with (`optim.total_steps`: `with_schedule_lengths`).
+@dataclasses.dataclass
+class ConfigRecord:
+    """A run's `config.yaml`, to be written once its start-up has passed (`open_output_dir`)."""
 
-    This is a stage's first write, so an output directory that cannot be written (a file in
-    the way, no permission, a full disk) is an OutputError naming the path before any work
-    is done; so is a file where the stage will put a folder (checkpoints/, model/, ...), and an
-    output directory that is (or is inside) a source model or tokenizer folder (`check_output_dir`).
-    `resume_stage`: the stage that will `--resume` here; checkpoints it cannot continue (of
-    another stage, or of other LoRA / architecture settings) are a CheckpointError before
-    config.yaml is replaced (`rlhf_jax.pipeline.resume_check`). Other settings that changed
-    since the checkpointed run (`changed_settings`; `train.stop_after` aside) are accepted
-    with one warning line on stderr naming each (old -> new), and the earlier config.yaml is
-    kept as `config.<n>.yaml` (the first free n = 1, 2, ...) before the new one is written.
+    output_dir: Path
+    text: str  # the resolved config as YAML
+    changes: list  # settings a --resume changes (old -> new); empty for a fresh run
+
+    def write(self) -> None:
+        """Keep the earlier config.yaml as `config.<n>.yaml` when a --resume changes settings
+        (a warning line on stderr names them), then write this one (process 0); an OSError (a
+        full disk) is an OutputError naming config.yaml."""
+        if jax.process_index() != 0:
+            return
+        config_file = self.output_dir / "config.yaml"
+        kept = _keep_earlier_config(config_file) if self.changes else None
+        try:
+            config_file.write_text(self.text)
+        except OSError as err:  # no permission, a full disk (ENOSPC carries no file name)
+            raise _unwritable(config_file, err) from None
+        if self.changes:
+            print(f"warning: --resume changes {', '.join(self.changes)} from {config_file} (kept as {kept})",
+                  file=sys.stderr, flush=True)
+
+
+def open_output_dir(config, *, resume_stage: str | None = None) -> ConfigRecord:
+    """Check and create `config.output_dir`; return the `ConfigRecord` of the resolved config
+    (with the optimizer schedules the stage trains with: `with_schedule_lengths`), which the
+    stage writes to `config.yaml` once its start-up checks (data, models, reward functions)
+    have passed: a run that fails before its first step leaves an earlier run's config.yaml
+    (and its config.<n>.yaml history) as they were.
+
+    An output directory that cannot be written (a file in the way, no permission) is an
+    OutputError naming the path before any work is done (a probe file is created and
+    removed; a full disk shows when config.yaml is written); so is a file where the stage will put a folder (checkpoints/, model/, ...),
+    and an output directory that is (or is inside) a source model or tokenizer folder
+    (`check_output_dir`). `resume_stage`: the stage that will `--resume` here; checkpoints it
+    cannot continue (of another stage, or of other LoRA / architecture settings) are a
+    CheckpointError (`rlhf_jax.pipeline.resume_check`). Other settings that changed since the
+    checkpointed run (`changed_settings`; `train.stop_after` aside) are accepted; the record
+    names them (`ConfigRecord.write`).
     """
     output_dir = Path(config.output_dir)
     resolved = to_dict(with_schedule_lengths(config))
     check_output_dir(resolved)
+    text = yaml.safe_dump(resolved, sort_keys=False)
+    changes = []
     if jax.process_index() == 0:
-        text = yaml.safe_dump(resolved, sort_keys=False)
-        config_file = output_dir / "config.yaml"
-        changes = []
         if resume_stage is not None:
             check_resume(output_dir, resolved, resume_stage)
             saved = checkpointed_config(output_dir)
@@ -158,19 +186,24 @@ def prepare_output_dir(config, *, resume_stage: str | None = None) -> Path:
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise _unwritable(err.filename or output_dir, err) from None
-        kept = _keep_earlier_config(config_file) if changes else None
         try:
-            config_file.write_text(text)
-        except OSError as err:  # no permission, a full disk (ENOSPC carries no file name)
-            raise _unwritable(config_file, err) from None
-        if changes:
-            print(f"warning: --resume changes {', '.join(changes)} from {config_file} (kept as {kept})",
-                  file=sys.stderr, flush=True)
+            with tempfile.NamedTemporaryFile("w", dir=output_dir, prefix=".write_probe."):
+                pass
+        except OSError as err:
+            raise _unwritable(output_dir / "config.yaml", err) from None
         for name in OUTPUT_FOLDERS:
             if (output_dir / name).exists() and not (output_dir / name).is_dir():
                 raise OutputError(f"`output_dir`: {output_dir / name} is a file, but the stage writes "
                                   f"a folder there; move it away")
-    return output_dir
+    return ConfigRecord(output_dir, text, changes)
+
+
+def prepare_output_dir(config, *, resume_stage: str | None = None) -> Path:
+    """`open_output_dir` and write its config.yaml at once (stages with no start-up to wait
+    for: eval, the quickstart's own folder); returns the output directory."""
+    record = open_output_dir(config, resume_stage=resume_stage)
+    record.write()
+    return record.output_dir
 
 
 def require(value, key: str, why: str):
@@ -466,7 +499,8 @@ def finish_stage(stage: str, output_dir, result, module, state, tokenizer, extra
 
 
 __all__ = [
-    "MODEL_DIR", "prepare_output_dir", "check_output_dir", "source_folders", "SOURCE_FOLDER_KEYS",
+    "MODEL_DIR", "ConfigRecord", "open_output_dir", "prepare_output_dir", "check_output_dir", "source_folders",
+    "SOURCE_FOLDER_KEYS",
     "require", "check_not_run_folder", "check_same_vocabulary", "stage_tokenizer", "fresh_model_config",
     "build_model", "check_positions", "load_folder", "load_reference", "load_reward_model", "stage_mesh",
     "check_batch_shards", "make_state", "place", "rng_key", "stage_rng",
