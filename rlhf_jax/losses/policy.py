@@ -236,8 +236,8 @@ def grpo_loss(
       aggregation, importance_level, max_len, global_token_count: as in `ppo_policy_loss`.
 
     Returns:
-      `(loss, metrics)` with `grpo/loss`, `grpo/clipfrac`, `grpo/kl` (token mean of k3) and
-      `grpo/ratio_mean`.
+      `(loss, metrics)` with `grpo/loss`, `grpo/clipfrac`, `grpo/kl` (token mean of k3; absent
+      when `ref_logp` is None: no KL was computed) and `grpo/ratio_mean`.
     """
     _check_token_inputs(logp, mask, old_logp=old_logp, ref_logp=ref_logp)
     if ref_logp is None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
@@ -248,9 +248,8 @@ def grpo_loss(
     )
     per_token = terms.per_token
     counted = mask.astype(bool)
-    if ref_logp is None:
-        kl = jnp.zeros(logp.shape, jnp.float32)
-    else:
+    kl = None
+    if ref_logp is not None:
         # Zero both sides on padding so garbage there cannot reach exp() or the gradient.
         safe_logp = jnp.where(counted, logp.astype(jnp.float32), 0.0)
         safe_ref_logp = jnp.where(counted, jax.lax.stop_gradient(ref_logp), 0.0)
@@ -259,10 +258,7 @@ def grpo_loss(
     loss = aggregate(
         per_token, mask, aggregation, max_len=max_len, global_token_count=global_token_count
     )
-    metrics = {
-        "grpo/loss": loss,
-        "grpo/clipfrac": terms.clipfrac,
-        "grpo/kl": masked_mean(kl, terms.weights),
-        "grpo/ratio_mean": terms.ratio_mean,
-    }
+    metrics = {"grpo/loss": loss, "grpo/clipfrac": terms.clipfrac, "grpo/ratio_mean": terms.ratio_mean}
+    if kl is not None:
+        metrics["grpo/kl"] = masked_mean(kl, terms.weights)
     return loss, jax.lax.stop_gradient(metrics)

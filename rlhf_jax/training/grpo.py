@@ -68,7 +68,7 @@ class GRPOConfig:
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     group_size: int = 4  # G responses per prompt
     advantage_estimator: Literal["group", "rloo"] = "group"  # GRPO baseline or leave-one-out
-    scale: Literal["group", "batch", "none"] = "group"  # std used by the "group" estimator
+    scale: Literal["group", "batch", "none"] = "group"  # std used by the "group" estimator (rloo: unset)
     kl_coef: float = 0.04  # k3 KL coefficient (0: no reference forward pass)
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2  # 0.28 for DAPO's clip-higher
@@ -92,6 +92,9 @@ class GRPOConfig:
             check_positive(getattr(self, name), name)
         if self.kl_coef < 0:
             raise ValueError(f"`kl_coef` must be >= 0, got {self.kl_coef}")
+        if self.advantage_estimator == "rloo" and self.scale != "group":
+            raise ValueError(f"`scale` ({self.scale!r}) applies to advantage_estimator 'group' only; RLOO's "
+                             f"leave-one-out advantages are not scaled (leave `scale` unset)")
 
 
 def sequence_advantages(scores, has_eos, *, config: GRPOConfig):

@@ -66,3 +66,25 @@ def test_preference_pairs_show_both_responses(tokenizer, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == (f"[dpo] first example as the model sees it: prompt {decoded(tokenizer, '<bos>3+4=')} "
                         f"-> chosen {decoded(tokenizer, '7<eos>')} | rejected {decoded(tokenizer, '8<eos>')}")
+
+
+def test_rl_stages_show_the_prompt_from_its_token_ids_and_the_stop_ids(tokenizer, tmp_path, capsys):
+    """ppo / grpo print the first prompt decoded from its ids (what the model reads after the
+    tokenizer's own normalisation: here an unknown character), not the rendered text."""
+    import types
+    from rlhf_jax.pipeline.stages.skeletons import print_rollout_start
+    from rlhf_jax.training.rollout import SamplingConfig
+
+    data = load(tokenizer, tmp_path, [{"prompt": "1+1=?"}, {"prompt": "2+2="}], "prompt")
+    assert "?" in data.columns["prompt_text"][0]  # the rendered text has it
+    stop = tokenizer.convert_tokens_to_ids("=")
+    setup = types.SimpleNamespace(batches=types.SimpleNamespace(data=data), tokenizer=tokenizer,
+                                  algorithm=types.SimpleNamespace(sampling=SamplingConfig(
+                                      eos_token_id=(tokenizer.eos_token_id, stop))))
+    print_rollout_start("grpo", setup, ["my_reward (weight 1)"])
+    lines = capsys.readouterr().out.splitlines()
+    shown = repr(tokenizer.decode(tokenizer("1+1=?", add_special_tokens=True)["input_ids"]))
+    assert "?" not in shown  # the character-level vocabulary has no '?'
+    assert lines[1] == f"[grpo] first prompt as the model sees it: {shown}"
+    assert lines[2] == f"[grpo] responses stop at: {tokenizer.eos_token!r} ({tokenizer.eos_token_id}), '=' ({stop})"
+    assert lines[3] == "[grpo] scored by: my_reward (weight 1)"

@@ -248,6 +248,26 @@ def test_ppo_with_the_gold_scorer_and_grpo_with_a_reward_model(task, sft_run, re
         "dynamic_sampling.enabled=true", "mask_truncated=true"])
     rows = read_metrics(tmp_path / "grpo_dynamic")
     assert result["finished"] and rows[0]["dynamic_sampling/refills"] == 0.0  # model scores never tie
+    # nothing dropped: the groups trained on are the groups sampled
+    assert rows[0]["dynamic_sampling/selected_scores"] == pytest.approx(rows[0]["objective/scores"])
+
+
+def test_grpo_logs_the_responses_as_sampled_whatever_masks_them(task, sft_run, tmp_path):
+    """`mask_truncated` takes responses without EOS out of the loss, not out of the logged
+    length and EOS rate: the same first rollout logs the same `rollout/*` with and without it;
+    and `grpo.kl_coef=0` computes no KL, so logs none (a 0 would read as "at the reference")."""
+    policy = sft_run[0] / "model"
+    rows = {}
+    for name, extra in {"plain": [], "masked": ["mask_truncated=true"]}.items():
+        grpo.run(None, _rl_overrides(task, tmp_path / name, policy) + [
+            "train.iterations=1", "reward.kind=gold", "train.batch_size=2", "grpo.group_size=4",
+            "grpo.sampling.max_new_tokens=2", "grpo.kl_coef=0", "checkpoint.interval=0", *extra])
+        rows[name] = read_metrics(tmp_path / name)[0]
+    assert rows["plain"]["rollout/eos_rate"] < 1.0  # some responses were cut: masking changes the loss
+    for key in ("rollout/response_length", "rollout/eos_rate", "objective/scores"):
+        assert rows["masked"][key] == rows["plain"][key], key
+    assert rows["masked"]["grpo/entropy"] != rows["plain"]["grpo/entropy"]  # over the tokens left in the loss
+    assert "grpo/kl" not in rows["plain"] and "objective/kl" not in rows["plain"]
 
 
 def test_eval_stage_reports_pass_at_k_win_rate_and_kl(task, sft_run, tmp_path):

@@ -177,6 +177,14 @@ def test_bad_config_raises(field, value):
         GRPOConfig(**{field: value})
 
 
+def test_rloo_takes_no_scale():
+    """RLOO's leave-one-out advantages are not scaled: a `scale` other than the default is
+    refused rather than silently ignored (a config error naming `grpo.scale` in the CLI)."""
+    GRPOConfig(advantage_estimator="rloo")
+    with pytest.raises(ValueError, match=r"`scale` \('batch'\) applies to advantage_estimator 'group' only"):
+        GRPOConfig(advantage_estimator="rloo", scale="batch")
+
+
 def test_reference_required_when_kl_coef_positive():
     state = fresh_policy_state(optax.sgd(0.1))
     with pytest.raises(ValueError, match="ref_params"):

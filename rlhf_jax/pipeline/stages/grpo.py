@@ -15,7 +15,10 @@ the scoring on the host between them:
 `grpo_generate` (jit) -> decode + reward functions (host) -> `grpo_train` (jit). Between the
 phases the host can also drop groups whose rewards all tie and refill the batch from further
 prompts (`dynamic_sampling`, DAPO) and take responses without EOS out of the loss
-(`mask_truncated`).
+(`mask_truncated`). The logged `objective/scores`, `rollout/response_length` and
+`rollout/eos_rate` then still describe the responses as sampled (the first draw, all its
+tokens), so runs with and without these options compare; `dynamic_sampling/selected_scores`
+is the mean score of the groups the update trained on.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from rlhf_jax.pipeline.stages.scoring import HostScorer
 from rlhf_jax.training.grpo import (GRPO_STATIC_ARGNAMES, GRPO_TRAIN_STATIC_ARGNAMES, grpo_generate,
                                     grpo_iteration, grpo_train)
 from rlhf_jax.training import multihost
+from rlhf_jax.training.rollout import rollout_metrics
 from rlhf_jax.training.sharding import replicated
 
 
@@ -104,6 +108,9 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
                         donate_argnames=("policy_state",), out_shardings=(policy_shardings, everywhere))
         group_size, prompts = algorithm.group_size, config.train.batch_size
         dynamic = config.dynamic_sampling
+        # length and EOS rate of the responses as sampled (before selection and masking)
+        as_sampled = jax.jit(lambda data: rollout_metrics(data.replace(scores=None, ref_logp=None, rewards=None)),
+                             out_shardings=everywhere)
 
         def draw(policy, batch, key):
             data = generate(policy, ref_params, batch["prompt_ids"], batch["prompt_mask"], key,
@@ -116,6 +123,9 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
         def iterate(carry, batch, key):
             sample_key, shuffle_key = jax.random.split(key)
             data, scores, metrics = draw(carry["policy"], batch, sample_key)
+            sampled = {}
+            if dynamic.enabled or config.mask_truncated:
+                sampled = {**as_sampled(data), "objective/scores": float(np.mean(scores))}
             if dynamic.enabled:
                 draws = [(data, scores)]
                 while (len(draws) <= dynamic.max_refills
@@ -127,11 +137,12 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
                 data, scores = _gather_groups(draws, selection, group_size)
                 metrics.update({"dynamic_sampling/refills": float(selection.refills),
                                 "dynamic_sampling/dropped_fraction": selection.dropped_fraction,
-                                "dynamic_sampling/filled_fraction": selection.filled_fraction})
+                                "dynamic_sampling/filled_fraction": selection.filled_fraction,
+                                "dynamic_sampling/selected_scores": float(np.mean(scores))})
             if config.mask_truncated:
                 data = without_truncated(data)
             policy, train_metrics = train(carry["policy"], data, scores, shuffle_key, config=algorithm)
-            return {"policy": policy}, {**train_metrics, **metrics}
+            return {"policy": policy}, {**train_metrics, **sampled, **metrics}
 
         compiled = (generate, train)
     return skeletons.run_rollout_stage("grpo", config, setup, policy_module, {"policy": policy_state}, iterate,

@@ -10,6 +10,7 @@ with `run_rollout_stage`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,12 @@ def open_supervised_stage(config, *, kind: str, why: str, stage: str, resume: bo
     return SupervisedSetup(record.output_dir, tokenizer, data, eval_data, mesh, record)
 
 
+def decoded(tokenizer, ids, mask) -> str:
+    """`repr` of the real tokens (`mask` 1) of `ids` decoded with their special tokens: the
+    text the model reads, after the tokenizer's own normalisation."""
+    return repr(tokenizer.decode([int(i) for i in np.asarray(ids)[np.asarray(mask) > 0]], skip_special_tokens=False))
+
+
 def print_data_start(stage: str, data, eval_data, tokenizer) -> None:
     """The block a user sees when a supervised stage starts: the rows used (skipped, truncated),
     the held-out rows, and the first row's token ids decoded back to text, split into prompt
@@ -154,10 +161,7 @@ def print_data_start(stage: str, data, eval_data, tokenizer) -> None:
              f"{stats.num_truncated} truncated){unpaired}{held_out}"]
     arrays = data.arrays
 
-    def text(ids, mask):
-        return repr(tokenizer.decode([int(i) for i in np.asarray(ids)[np.asarray(mask) > 0]],
-                                     skip_special_tokens=False))
-
+    text = functools.partial(decoded, tokenizer)
     prompt = text(arrays["prompt_ids"][0], arrays["prompt_mask"][0])
     responses = [text(ids, mask) for ids, mask in zip(arrays["response_ids"][0], arrays["response_mask"][0])]
     if data.kind == "preference":
@@ -307,10 +311,10 @@ def print_rollout_start(stage: str, setup: RolloutSetup, scoring: list[str]) -> 
     data = setup.batches.data
     stats = data.stats
     columns = [name for name in data.columns if name != "prompt_text"]
-    example = data.columns["prompt_text"][0] if len(data) else ""
+    example = decoded(setup.tokenizer, data.arrays["prompt_ids"][0], data.arrays["prompt_mask"][0]) if len(data) else "''"
     lines = [f"[{stage}] prompts: {stats.num_used} rows of {stats.num_rows} "
              f"({stats.num_skipped} skipped, {stats.num_truncated} truncated); columns: {', '.join(columns)}",
-             f"[{stage}] first prompt as the model sees it: {example!r}",
+             f"[{stage}] first prompt as the model sees it: {example}",
              f"[{stage}] responses stop at: {stop_names(setup.tokenizer, setup.algorithm.sampling.stop_ids)}",
              f"[{stage}] scored by: {'; '.join(scoring)}"]
     print("\n".join(lines), flush=True)
