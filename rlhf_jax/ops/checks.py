@@ -7,6 +7,7 @@ read values, and only of concrete (not traced) arrays.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -55,6 +56,14 @@ def check_positive(value, name: str) -> None:
     """Raise unless a static Python number is > 0 (skipped for traced values)."""
     if isinstance(value, (int, float)) and not value > 0:
         raise ValueError(f"`{name}` must be > 0, got {value}")
+
+
+def check_finite_score(value, name: str) -> None:
+    """A ValueError naming `name` unless `value` is None or a finite number (a score setting
+    such as `missing_eos_score`: NaN or inf would make every update non-finite)."""
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be a finite number or None, got {value!r}")
 
 
 def check_in(value, allowed: Sequence[str], name: str) -> None:

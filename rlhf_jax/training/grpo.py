@@ -42,7 +42,7 @@ import optax
 from rlhf_jax.losses.aggregation import check_aggregation
 from rlhf_jax.losses.policy import IMPORTANCE_LEVELS, grpo_loss
 from rlhf_jax.ops.advantages import GROUP_SCALES, group_advantages, rloo_advantages
-from rlhf_jax.ops.checks import check_in, check_positive
+from rlhf_jax.ops.checks import check_finite_score, check_in, check_positive
 from rlhf_jax.ops.masking import masked_mean
 from rlhf_jax.training.rollout import (
     Rollout,
@@ -92,6 +92,7 @@ class GRPOConfig:
             check_positive(getattr(self, name), name)
         if self.kl_coef < 0:
             raise ValueError(f"`kl_coef` must be >= 0, got {self.kl_coef}")
+        check_finite_score(self.missing_eos_score, "missing_eos_score")
         if self.advantage_estimator == "rloo" and self.scale != "group":
             raise ValueError(f"`scale` ({self.scale!r}) applies to advantage_estimator 'group' only; RLOO's "
                              f"leave-one-out advantages are not scaled (leave `scale` unset)")

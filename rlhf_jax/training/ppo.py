@@ -45,7 +45,7 @@ import optax
 from rlhf_jax.losses.aggregation import aggregate, check_aggregation
 from rlhf_jax.losses.policy import ppo_policy_loss
 from rlhf_jax.losses.value import value_loss
-from rlhf_jax.ops.checks import check_in, check_positive
+from rlhf_jax.ops.checks import check_finite_score, check_in, check_positive
 from rlhf_jax.ops.kl import KL_ESTIMATORS
 from rlhf_jax.ops.kl_controller import KLController, adaptive_kl_controller, fixed_kl_controller
 from rlhf_jax.ops.masking import masked_mean
@@ -108,6 +108,13 @@ class PPOConfig:
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}")
+        # optional settings, checked here (as the losses would after the first rollout)
+        for name in ("clip_eps_low", "clip_eps_high", "value_clip_eps", "score_clip"):
+            if getattr(self, name) is not None:
+                check_positive(getattr(self, name), name)
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ValueError(f"`dual_clip` must be > 1 (or None: off), got {self.dual_clip}")
+        check_finite_score(self.missing_eos_score, "missing_eos_score")
 
 
 def kl_controller(config: PPOConfig) -> KLController:

@@ -70,7 +70,7 @@ import numpy as np
 from flax import struct
 
 from rlhf_jax.models.generation import generate
-from rlhf_jax.models.sampling import check_temperature
+from rlhf_jax.models.sampling import validate_sampling_options
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.ops.advantages import gae
 from rlhf_jax.ops.checks import check_in, check_positive, check_rank, check_same_shape
@@ -123,7 +123,7 @@ class SamplingConfig:
             if isinstance(value, numbers.Integral) and not isinstance(value, bool):
                 object.__setattr__(self, name, int(value))
         check_positive(self.max_new_tokens, "max_new_tokens")
-        check_temperature(self.temperature)
+        validate_sampling_options(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, greedy=self.greedy)
         check_in(self.logprobs_source, LOGPROB_SOURCES, "logprobs_source")
         if self.kept_set_logprobs not in (None, True, False):
             raise ValueError(f"`kept_set_logprobs` must be None, True or False, got {self.kept_set_logprobs!r}")

@@ -170,7 +170,7 @@ def test_update_matches_hand_assembled_gradient_step():
 @pytest.mark.parametrize("field, value", [
     ("group_size", 1), ("advantage_estimator", "ppo"), ("scale", "max"), ("kl_coef", -0.1),
     ("importance_level", "word"), ("epochs", 0), ("num_minibatches", 0),
-    ("aggregation", "median"),
+    ("aggregation", "median"), ("missing_eos_score", float("nan")),
 ])
 def test_bad_config_raises(field, value):
     with pytest.raises(ValueError, match=field):

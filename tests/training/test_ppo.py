@@ -207,6 +207,9 @@ def test_kl_controller_choice():
 @pytest.mark.parametrize("field, value", [
     ("num_minibatches", 0), ("epochs", 0), ("gamma", 1.5), ("gae_lambda", -0.1), ("kl_estimator", "k4"),
     ("aggregation", "median"), ("vf_coef", -1.0), ("clip_eps", 0.0),
+    # optional settings the losses check: refused when the config is made, not after a rollout
+    ("clip_eps_low", -0.1), ("clip_eps_high", 0.0), ("dual_clip", 0.5), ("value_clip_eps", -1.0),
+    ("score_clip", 0.0), ("missing_eos_score", float("nan")), ("missing_eos_score", float("inf")),
 ])
 def test_bad_config_raises(field, value):
     with pytest.raises(ValueError, match=field):

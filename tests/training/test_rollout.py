@@ -287,6 +287,10 @@ def test_bad_inputs_raise(rolled_grouped):
         SamplingConfig(logprobs_source="cache")
     with pytest.raises(ValueError, match=r"`temperature` must be > 0, got 0.0; .*pass `greedy=True`"):
         SamplingConfig(temperature=0.0)
+    with pytest.raises(ValueError, match=r"`top_p` must be a static float in \(0, 1\]"):
+        SamplingConfig(top_p=1.5)
+    with pytest.raises(ValueError, match=r"`top_k` must be a static int >= 0"):
+        SamplingConfig(top_k=-1)
     # ids read from arrays (NumPy ints) are stored as Python ints, so the config stays hashable
     from_numpy = SamplingConfig(eos_token_id=np.int64(EOS), pad_token_id=np.int32(0))
     assert from_numpy == SamplingConfig(eos_token_id=EOS, pad_token_id=0) and type(from_numpy.eos_token_id) is int
