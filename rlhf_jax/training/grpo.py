@@ -37,6 +37,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rlhf_jax.losses.aggregation import check_aggregation
@@ -98,6 +99,15 @@ class GRPOConfig:
                              f"leave-one-out advantages are not scaled (leave `scale` unset)")
 
 
+def effective_scores(scores, has_eos, *, config: GRPOConfig):
+    """The scores the advantages use: `missing_eos_score` (when set) for responses without
+    EOS, the score otherwise; NumPy in, NumPy out (the host's dynamic sampling), else jnp."""
+    if config.missing_eos_score is None:
+        return scores
+    xp = np if isinstance(scores, np.ndarray) and isinstance(has_eos, np.ndarray) else jnp
+    return xp.where(xp.asarray(has_eos), scores, xp.float32(config.missing_eos_score))
+
+
 def sequence_advantages(scores, has_eos, *, config: GRPOConfig):
     """Advantages of groups of `config.group_size` responses, shaped like `scores`.
 
@@ -110,9 +120,7 @@ def sequence_advantages(scores, has_eos, *, config: GRPOConfig):
     if len(shape) == 2 and shape[1] != config.group_size:
         raise ValueError(f"`scores` of shape {shape} must hold `group_size` = {config.group_size} "
                          "responses per row")
-    scores, has_eos = jnp.reshape(scores, (-1,)), jnp.reshape(has_eos, (-1,))
-    if config.missing_eos_score is not None:
-        scores = jnp.where(has_eos, scores, jnp.float32(config.missing_eos_score))
+    scores = effective_scores(jnp.reshape(scores, (-1,)), jnp.reshape(has_eos, (-1,)), config=config)
     if config.advantage_estimator == "rloo":
         return rloo_advantages(scores, config.group_size).reshape(shape)
     return group_advantages(scores, config.group_size, scale=config.scale).reshape(shape)
@@ -196,7 +204,10 @@ def grpo_update(policy_state, data: Rollout, rng, *, config: GRPOConfig):
     groups afresh and cuts them into `num_minibatches` minibatches of whole groups.
 
     Returns `(policy_state, metrics)`: means over steps of `grpo/loss`, `grpo/clipfrac`,
-    `grpo/kl`, `grpo/ratio_mean`, `grpo/entropy`, `optim/grad_norm`, plus `rollout_metrics`.
+    `grpo/kl`, `grpo/ratio_mean`, `grpo/entropy`, `optim/grad_norm`, plus `rollout_metrics`,
+    `grpo/reward_std` (mean within-group std of the scores the advantages use:
+    `effective_scores`) and `grpo/zero_std_fraction` (share of groups whose scores all tie:
+    zero advantages, no gradient from their policy term).
     """
     if data.advantages is None:
         raise ValueError("`grpo_update` needs a rollout with `advantages` (use `grpo_rollout`)")
@@ -216,7 +227,7 @@ def grpo_update(policy_state, data: Rollout, rng, *, config: GRPOConfig):
     policy_state, metrics = jax.lax.scan(minibatch_step, policy_state, minibatch_groups)
     metrics = {name: jnp.mean(value) for name, value in metrics.items()}
     metrics.update(rollout_metrics(data))
-    group_std = jnp.std(data.scores, axis=1, ddof=1)
+    group_std = jnp.std(effective_scores(data.scores, data.has_eos, config=config), axis=1, ddof=1)
     metrics["grpo/reward_std"] = jnp.mean(group_std)
     metrics["grpo/zero_std_fraction"] = jnp.mean((group_std == 0).astype(jnp.float32))
     return policy_state, metrics
@@ -261,6 +272,6 @@ def grpo_iteration(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, co
 
 __all__ = [
     "GRPO_STATIC_ARGNAMES", "GRPO_TRAIN_STATIC_ARGNAMES", "ADVANTAGE_ESTIMATORS", "GRPOConfig",
-    "sequence_advantages", "check_group_minibatches", "grpo_generate", "grpo_rollout", "grpo_update", "grpo_train",
+    "effective_scores", "sequence_advantages", "check_group_minibatches", "grpo_generate", "grpo_rollout", "grpo_update", "grpo_train",
     "grpo_iteration",
 ]

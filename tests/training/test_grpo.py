@@ -1,5 +1,6 @@
 """GRPO / RLOO: learning on a tiny verifiable task, group layout, advantages and a
 hand-assembled gradient oracle for the update."""
+import dataclasses
 import functools
 
 import jax
@@ -9,6 +10,7 @@ import optax
 import pytest
 
 from rlhf_jax.training.grpo import (
+    effective_scores,
     GRPO_STATIC_ARGNAMES,
     GRPOConfig,
     grpo_iteration,
@@ -163,6 +165,18 @@ def test_update_matches_hand_assembled_gradient_step():
     assert float(metrics["grpo/loss"]) == pytest.approx(float(loss), abs=1e-5)
     assert float(metrics["grpo/clipfrac"]) == 0.0
     assert float(metrics["grpo/kl"]) > 0
+    # equal scores but responses without EOS: with missing_eos_score the groups do not tie
+    has_eos = np.asarray([[True, False, True, True], [True, True, True, True]])[:, :GROUP]
+    tied = data.replace(scores=np.ones((groups, GROUP), np.float32), has_eos=has_eos)
+    effective = np.where(has_eos, 1.0, -1.0)
+    for missing, stds in ((None, np.zeros(groups)), (-1.0, effective.std(axis=1, ddof=1))):
+        options = dataclasses.replace(config, missing_eos_score=missing)
+        np.testing.assert_array_equal(effective_scores(tied.scores, has_eos, config=options),
+                                      tied.scores if missing is None else effective)
+        _, metrics = jax.jit(functools.partial(grpo_update, config=options))(
+            fresh_policy_state(optax.sgd(lr)), tied, jax.random.key(0))
+        assert float(metrics["grpo/reward_std"]) == pytest.approx(stds.mean(), abs=1e-6)
+        assert float(metrics["grpo/zero_std_fraction"]) == np.mean(stds == 0)
 
 
 # --- configuration ------------------------------------------------------------------------

@@ -31,8 +31,8 @@ from rlhf_jax.pipeline.stage_configs import GRPOStageConfig, load_stage_config, 
 from rlhf_jax.pipeline.stages import skeletons, stage_setup
 from rlhf_jax.pipeline.stages.lora import stage_state
 from rlhf_jax.pipeline.stages.scoring import HostScorer
-from rlhf_jax.training.grpo import (GRPO_STATIC_ARGNAMES, GRPO_TRAIN_STATIC_ARGNAMES, grpo_generate,
-                                    grpo_iteration, grpo_train)
+from rlhf_jax.training.grpo import (GRPO_STATIC_ARGNAMES, GRPO_TRAIN_STATIC_ARGNAMES, effective_scores,
+                                    grpo_generate, grpo_iteration, grpo_train)
 from rlhf_jax.training import multihost
 from rlhf_jax.training.rollout import rollout_metrics
 from rlhf_jax.training.sharding import replicated
@@ -120,6 +120,10 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
             scores, metrics = host.score_rollout(data, batch["row_index"], repeat=group_size)
             return data, scores, metrics
 
+        def effective(data, scores):
+            has_eos = np.asarray(multihost.fetch(data.has_eos)).reshape(-1)
+            return effective_scores(np.asarray(scores), has_eos, config=algorithm)
+
         def iterate(carry, batch, key):
             sample_key, shuffle_key = jax.random.split(key)
             data, scores, metrics = draw(carry["policy"], batch, sample_key)
@@ -127,13 +131,15 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
             if dynamic.enabled or config.mask_truncated:
                 sampled = {**as_sampled(data), "objective/scores": float(np.mean(scores))}
             if dynamic.enabled:
-                draws = [(data, scores)]
+                # groups tie on the scores the advantages use (`missing_eos_score` applied)
+                draws, ties = [(data, scores)], [effective(data, scores)]
                 while (len(draws) <= dynamic.max_refills
-                       and dynamic_sampling.needs_refill([s for _, s in draws], prompts, group_size)):
+                       and dynamic_sampling.needs_refill(ties, prompts, group_size)):
                     more = skeletons.place_prompt_batch(next(setup.batches), mesh)
                     extra, extra_scores, _ = draw(carry["policy"], more, jax.random.fold_in(sample_key, len(draws)))
                     draws.append((extra, extra_scores))
-                selection = dynamic_sampling.select_groups([s for _, s in draws], prompts, group_size)
+                    ties.append(effective(extra, extra_scores))
+                selection = dynamic_sampling.select_groups(ties, prompts, group_size)
                 data, scores = _gather_groups(draws, selection, group_size)
                 metrics.update({"dynamic_sampling/refills": float(selection.refills),
                                 "dynamic_sampling/dropped_fraction": selection.dropped_fraction,
