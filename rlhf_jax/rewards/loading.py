@@ -80,7 +80,29 @@ def load_reward_function(spec: str) -> Callable:
         raise RewardError(f"reward function {spec!r}: {where} has no attribute {name!r}")
     if not callable(fn):
         raise RewardError(f"reward function {spec!r}: {name} is a {type(fn).__name__}, not a function")
+    check_keyword_arguments(fn, spec)
     return fn
+
+
+def check_keyword_arguments(fn: Callable, spec: str) -> None:
+    """A RewardError when `fn` cannot take the keyword arguments every reward function gets,
+    `prompts` and `completions` (as TRL passes them): a parameter of each name, or `**kwargs`
+    (then also `completion_ids` and every data column). Callables whose signature cannot be
+    read pass."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    named = {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                      inspect.Parameter.KEYWORD_ONLY)}
+    missing = [name for name in ("prompts", "completions") if name not in named]
+    if missing:
+        raise RewardError(f"reward function {spec!r} takes no {', '.join(missing)} argument, which every reward "
+                          f"function is given (with the data's columns) as a keyword: add `**kwargs` to its "
+                          f"parameters, as TRL's reward functions have: def {function_name(fn, spec)}(completions, "
+                          f"**kwargs)")
 
 
 def function_name(fn: Callable, spec: str | None = None) -> str:

@@ -92,8 +92,13 @@ def test_loading_from_a_file_and_a_module(tmp_path):
     ("ok.py:X", "X = 3\n", r"X is a int, not a function"),
     ("no_colon", None, r"expected 'path/to/file.py:name'"),
     ("not_a_package_xyz.mod:f", None, r"cannot import not_a_package_xyz.mod"),
+    # every function is called with prompts= and completions= (TRL's convention)
+    ("nokw.py:f", "def f(completions): return []\n",
+     r"^reward function 'nokw.py:f' takes no prompts argument, .*add `\*\*kwargs` .*def f\(completions, \*\*kwargs\)$"),
+    ("nokw.py:f", "def f(answer, *args): return []\n", r"takes no prompts, completions argument"),
 ])
 def test_loading_errors_are_one_line(tmp_path, monkeypatch, spec, content, message):
+    """One line naming the spec; a function that takes both by name, or `**kwargs`, loads."""
     monkeypatch.chdir(tmp_path)
     if content is not None:
         (tmp_path / spec.split(":")[0]).write_text(content)

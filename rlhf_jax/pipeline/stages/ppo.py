@@ -48,6 +48,9 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
         HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data, algorithm.sampling.eos_token_id)
     skeletons.print_rollout_start("ppo", setup, host.describe() if host else ["reward model"])
+    if jax.process_index() == 0:
+        source = f"the decoder of {value_path} (`{value_key}`)" if value_path else "a fresh decoder"
+        print(f"[ppo] value model: {source} with a zeroed value head", flush=True)
 
     updates = schedule_length(config)  # iterations x epochs x num_minibatches
     policy_state, policy_shardings = stage_state(policy_module, policy_params,
