@@ -253,7 +253,8 @@ def ppo_train(policy_state, value_state, kl_state, data: Rollout, scores, rng, *
     data = with_scores(data, scores)
     if data.values is None:
         data = data.replace(values=jnp.zeros(data.response_mask.shape, jnp.float32))
-    if data.ref_logp is None:
+    no_reference = data.ref_logp is None  # no KL to shape with (kl_coef 0): none is logged
+    if no_reference:
         data = data.replace(ref_logp=data.logp)
     data = ppo_advantages(
         data, kl_coef=kl_state.coef, kl_estimator=config.kl_estimator, gamma=config.gamma,
@@ -263,8 +264,8 @@ def ppo_train(policy_state, value_state, kl_state, data: Rollout, scores, rng, *
     )
     policy_state, value_state, metrics = ppo_update(policy_state, value_state, data, rng, config=config)
     metrics["objective/kl_coef"] = jnp.asarray(kl_state.coef, jnp.float32)
-    kl_state = kl_controller(config).update(kl_state, metrics["objective/kl"],
-                                            n_steps=data.prompt_ids.shape[0])
+    kl = metrics.pop("objective/kl") if no_reference else metrics["objective/kl"]
+    kl_state = kl_controller(config).update(kl_state, kl, n_steps=data.prompt_ids.shape[0])
     return policy_state, value_state, kl_state, metrics
 
 
@@ -276,7 +277,8 @@ def ppo_iteration(policy_state, value_state, kl_state, ref_params, prompt_ids, p
     Args:
       policy_state, value_state: train states of the `CausalLM` policy and the `ValueModel`.
       kl_state: `KLControllerState` of `kl_controller(config)`; its `coef` shapes the rewards.
-      ref_params: frozen reference-policy parameters (same module as the policy).
+      ref_params: frozen reference-policy parameters (same module as the policy); None runs
+        no reference (no KL in the rewards, no `objective/kl`: for `kl_coef` 0).
       prompt_ids, prompt_mask: `[B, P]` left-padded prompt batch.
       rng: PRNG key (split into the sampling key and the shuffle key).
       config: `PPOConfig` (static).

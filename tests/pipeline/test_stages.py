@@ -252,6 +252,16 @@ def test_ppo_with_the_gold_scorer_and_grpo_with_a_reward_model(task, sft_run, re
     assert rows[0]["dynamic_sampling/selected_scores"] == pytest.approx(rows[0]["objective/scores"])
 
 
+def test_ppo_with_kl_coef_zero_runs_no_reference(task, sft_run, tmp_path):
+    """No KL penalty: the reference is never loaded (a folder that does not exist is not read)
+    and no KL is logged."""
+    result = ppo.run(None, _rl_overrides(task, tmp_path / "ppo", sft_run[0] / "model") + [
+        "train.iterations=1", "reward.kind=gold", "ppo.sampling.max_new_tokens=2", "ppo.kl_coef=0",
+        f"reference={tmp_path / 'no_such_folder'}", "ppo.num_minibatches=1", "ppo.epochs=1", "checkpoint.interval=0"])
+    row = read_metrics(tmp_path / "ppo")[0]
+    assert result["finished"] and "objective/kl" not in row and row["objective/kl_coef"] == 0.0
+
+
 def test_grpo_logs_the_responses_as_sampled_whatever_masks_them(task, sft_run, tmp_path):
     """`mask_truncated` takes responses without EOS out of the loss, not out of the logged
     length and EOS rate: the same first rollout logs the same `rollout/*` with and without it;

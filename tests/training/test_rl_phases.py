@@ -76,3 +76,26 @@ def test_ppo_phases_with_host_scores_equal_ppo_iteration():
     assert data.scores is None and data.values is not None
     out_b = train(policy, value, kl_state, data, numpy_target_fraction(data), shuffle_key, config=config)
     assert_trees_close(out_a, out_b)
+
+
+def test_ppo_without_a_reference_is_ppo_with_a_zero_kl_coefficient():
+    """`kl_coef` 0 never reads the reference, so PPO runs without one (`ref_params=None`): the
+    same update as with a reference at coefficient 0, and no `objective/kl` is logged."""
+    import dataclasses
+    config = PPOConfig(sampling=SAMPLING, kl_coef=0.0, epochs=1, num_minibatches=2)
+    prompts = left_padded_prompts(5, 8, 4)
+    value_params = value_params_from_reward_model(init_params(REWARD, 1))
+    policy = fresh_policy_state(optax.adam(1e-2))
+    value = create_train_state(VALUE, jax.tree.map(np.array, value_params), optax.adam(1e-2))
+    generate = jax.jit(ppo_generate, static_argnames=PPO_STATIC_ARGNAMES)
+    train = jax.jit(ppo_train, static_argnames=PPO_TRAIN_STATIC_ARGNAMES)
+    data = generate(policy, value, None, *prompts, jax.random.key(3), config=config)
+    assert data.ref_logp is None
+    scores = numpy_target_fraction(data)
+    kl_state = kl_controller(config).init()
+    with_ref = train(policy, value, kl_state, dataclasses.replace(data, ref_logp=data.logp - 0.5), scores,
+                     jax.random.key(4), config=config)
+    without = train(policy, value, kl_state, data, scores, jax.random.key(4), config=config)
+    assert "objective/kl" in with_ref[3] and "objective/kl" not in without[3]
+    assert_trees_close(without[:3], with_ref[:3])
+    assert_trees_close(without[3], {k: v for k, v in with_ref[3].items() if k != "objective/kl"})

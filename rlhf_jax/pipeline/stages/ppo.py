@@ -4,7 +4,7 @@ both, or the gold scorer.
     rlhf-jax ppo --config configs/ppo.yaml policy.path=runs/sft/model reward.path=runs/reward/model
 
 Models: the policy (`policy.path`, trained), the frozen reference (`reference`, default the
-policy folder), the value model (`value`, default the reward-model folder: its decoder with a
+policy folder; not loaded with `ppo.kl_coef: 0`), the value model (`value`, default the reward-model folder: its decoder with a
 zeroed head, docs/numerics.md) and the scorer (`reward`: a reward-model folder, reward functions
 with weights, both, or `kind: gold`, the built-in task's verifiable reward). With a reward
 model alone the iteration is one compiled `ppo_iteration`; with reward functions or the gold
@@ -38,7 +38,9 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
     policy_module, policy_params = stage_setup.build_model(config.policy, setup.tokenizer,
                                                       stage_setup.rng_key(config.seed, 0), key="policy")
     skeletons.check_rollout_positions(config, "ppo", policy_module)
-    ref_params = skeletons.frozen_reference(config, policy_module, policy_params, setup.tokenizer, mesh)
+    # kl_coef 0 (fixed, or adaptive: its multiplicative updates keep 0) never reads the reference
+    ref_params = (skeletons.frozen_reference(config, policy_module, policy_params, setup.tokenizer, mesh)
+                  if algorithm.kl_coef > 0 else None)
     value_key, value_path = next(((key, path) for key, path in (
         ("value", config.value), ("reward.path", config.reward.path if config.reward.uses_model else None),
         ("policy.path", config.policy.path)) if path), ("value", None))
