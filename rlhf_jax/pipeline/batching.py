@@ -27,7 +27,11 @@ class BatchIterator:
     order when `shuffle=False`). `batch_size` is the GLOBAL batch: process `p` of `P` gets
     rows `[p * batch_size / P, (p + 1) * batch_size / P)` of each global batch, so the global
     batch does not depend on the number of processes. With `drop_last=False` the last batch of
-    an epoch is completed with empty rows (all masks 0, `example_mask` 0, `row_index` -1).
+    an epoch is completed (`fill`) with empty rows (`"empty"`: all masks 0, `example_mask` 0,
+    `row_index` -1; for one pass over every row, e.g. evaluation, which drops them) or with the
+    epoch's first rows again (`"repeat"`, for training: every row of a batch is real, so a
+    pair loss and its accuracy average real pairs, not ties of empty ones; a few rows count
+    twice in that epoch).
 
     Each batch is a dict of NumPy arrays: the data's arrays for the rows, plus `row_index`
     [b] int32 (row in the data, for its text columns) and `example_mask` [b] float32.
@@ -47,6 +51,7 @@ class BatchIterator:
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
+        fill: str = "empty",
         bucket_multiple: int = 0,
         process_index: int = 0,
         process_count: int = 1,
@@ -60,6 +65,8 @@ class BatchIterator:
             )
         if batch_size % process_count:
             raise ValueError(f"batch_size {batch_size} must be divisible by process_count {process_count}")
+        if fill not in ("empty", "repeat"):
+            raise ValueError(f"fill must be 'empty' or 'repeat', got {fill!r}")
         if bucket_multiple < 0:
             raise ValueError(f"bucket_multiple must be >= 0, got {bucket_multiple}")
         if drop_last and len(data) < batch_size:
@@ -71,6 +78,7 @@ class BatchIterator:
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.fill = fill
         self.bucket_multiple = bucket_multiple
         self.process_index = process_index
         self.process_count = process_count
@@ -78,13 +86,15 @@ class BatchIterator:
 
     @classmethod
     def from_config(cls, data: TokenizedData, config: DataConfig, batch_size: int, **options):
-        """An iterator using `config.shuffle`, `config.drop_last` and `config.bucket_multiple`;
-        `options` are the remaining keyword arguments (seed, process_index, ...)."""
+        """A training iterator using `config.shuffle`, `config.drop_last` (the last batch
+        completed with repeated rows) and `config.bucket_multiple`; `options` are the remaining
+        keyword arguments (seed, process_index, ...)."""
         return cls(
             data,
             batch_size,
             shuffle=config.shuffle,
             drop_last=config.drop_last,
+            fill="repeat",
             bucket_multiple=config.bucket_multiple,
             **options,
         )
@@ -120,7 +130,10 @@ class BatchIterator:
         start = self._index * self.batch_size
         global_rows = self._order[start : start + self.batch_size]
         self._index += 1
-        global_rows = np.concatenate([global_rows, np.full(self.batch_size - len(global_rows), -1)])
+        missing = self.batch_size - len(global_rows)
+        filler = (self._order[np.arange(missing) % len(self._order)] if self.fill == "repeat"
+                  else np.full(missing, -1))
+        global_rows = np.concatenate([global_rows, filler])
         share = self.batch_size // self.process_count
         rows = global_rows[self.process_index * share : (self.process_index + 1) * share]
         batch = {

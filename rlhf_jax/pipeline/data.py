@@ -83,7 +83,7 @@ class DataConfig:
     max_response_length: int = 64  # longer responses are truncated
     skip_invalid: bool = False  # skip and count malformed rows instead of failing
     shuffle: bool = True  # reshuffle every epoch (seeded)
-    drop_last: bool = True  # drop the last incomplete batch (else pad it, example_mask = 0)
+    drop_last: bool = True  # drop the last incomplete batch (else complete it with the epoch's first rows)
     bucket_multiple: int = 0  # 0: fixed max lengths; k: trim batches to a multiple of k
 
 

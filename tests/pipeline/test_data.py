@@ -409,6 +409,24 @@ def test_last_batch_is_padded_when_not_dropped(numbered):
     assert next(iterator)["row_index"].tolist() == list(range(8))
 
 
+def test_training_completes_the_last_batch_with_the_epochs_first_rows(numbered):
+    """`fill="repeat"` (training with `data.drop_last: false`): every row of the last batch is
+    real, the epoch's first rows again; a batch larger than the data cycles through it."""
+    iterator = BatchIterator(numbered, 8, seed=2, drop_last=False, fill="repeat")
+    batches = list(iterator.epoch_batches())
+    order = np.concatenate([batch["row_index"] for batch in batches[:-1]])
+    last = batches[-1]
+    assert last["row_index"].tolist() == [*np.random.default_rng([2, 0]).permutation(30)[24:].tolist(),
+                                          *order[:2].tolist()]
+    assert last["example_mask"].tolist() == [1.0] * 8
+    np.testing.assert_array_equal(last["response_ids"][6:], numbered.arrays["response_ids"][order[:2]])
+    small = BatchIterator(numbered, 64, shuffle=False, drop_last=False, fill="repeat")
+    assert next(small)["row_index"].tolist() == [row % 30 for row in range(64)]
+    assert BatchIterator.from_config(numbered, DataConfig(drop_last=False), 8).fill == "repeat"
+    with pytest.raises(ValueError, match="fill"):
+        BatchIterator(numbered, 8, fill="pad")
+
+
 def test_bucketing_trims_only_padding(numbered):
     full = take(BatchIterator(numbered, 6, seed=1), 5)
     trimmed = take(BatchIterator(numbered, 6, seed=1, bucket_multiple=4), 5)

@@ -51,7 +51,7 @@ def check_one_batch(data, batch_size: int, *, drop_last: bool = True, unit: str 
     rows than one full batch and incomplete batches are dropped."""
     if drop_last and len(data) < batch_size:
         files = data.files
-        hint = "" if unit == "prompts" else ", or set `data.drop_last: false` to pad the last batch"
+        hint = "" if unit == "prompts" else ", or set `data.drop_last: false` to complete it with repeated rows"
         raise ConfigError(f"`train.batch_size` ({batch_size}) is more than the {len(data)} {unit} of {files}; "
                           f"set it to at most {len(data)}{hint}")
 
