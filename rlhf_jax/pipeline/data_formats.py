@@ -294,6 +294,10 @@ def _check_response(value: str | list[dict], name: str) -> None:
         raise RowError(f"field '{name}' has no assistant message")
     if any(message["content"] == "" for message in assistant):
         raise RowError(f"field '{name}' has an empty assistant message")
+    if value[-1]["role"] != "assistant":  # the EOS appended after it would be trained there
+        raise RowError(f"field '{name}' ends with a {value[-1]['role']} message; end it with the assistant "
+                       f"message to train (a response ends with the EOS, and the model would learn to stop "
+                       f"after the {value[-1]['role']}'s turn)")
 
 
 def _same_kind(row_fields: dict[str, str | list]) -> bool:
@@ -331,7 +335,7 @@ def render_row(
         prompt = _text_or_messages(row, "prompt")
         if isinstance(prompt, str):
             return RenderedRow(prompt)
-        return RenderedRow(render(prompt, True), conversational=True)
+        return RenderedRow(_render_checked(render, prompt, True), conversational=True)
     if kind == "sft":
         if row.get("messages") is not None and row.get("completion") is None:
             messages = _text_or_messages(row, "messages")

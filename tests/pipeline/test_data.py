@@ -223,6 +223,8 @@ def chat(prompt, chosen, rejected):
         ({**GOOD_CHAT, "chosen": ["2"]}, "message 0 must be a mapping", GOOD_CHAT),
         ({**GOOD_CHAT, "chosen": assistant("")}, "field 'chosen' has an empty assistant message", GOOD_CHAT),
         ({**GOOD_CHAT, "chosen": user("2")}, "field 'chosen' has no assistant message", GOOD_CHAT),
+        ({**GOOD_CHAT, "chosen": assistant("2") + user("3")}, "field 'chosen' ends with a user message; end it "
+         "with the assistant message to train", GOOD_CHAT),
         ({**GOOD_CHAT, "prompt": [{"role": "tool", "content": "1"}]}, "chat template failed", GOOD_CHAT),
         (chat(None, user("1") + assistant("2"), user("2") + assistant("3")), "share no leading", GOOD_CHAT),
         (chat(None, user("1") + assistant("2"), user("1")), "'rejected' has no messages after", GOOD_CHAT),
@@ -250,6 +252,12 @@ def test_malformed_parquet_row_names_file_and_row(load, tmp_path):
 def test_messages_row_errors(load):
     with pytest.raises(DataError, match="row 1: field 'messages' has no assistant message"):
         load([{"messages": user("1")}])
+    # a prompt row the chat template refuses (an RL or eval prompt file) names its row too
+    with pytest.raises(DataError, match="row 1: the chat template failed"):
+        load([{"prompt": [{"role": "tool", "content": "1"}]}], kind="prompt")
+    # a trailing user turn: the EOS appended after it would teach the model to stop there
+    with pytest.raises(DataError, match="row 1: field 'messages' ends with a user message"):
+        load([{"messages": user("1") + assistant("2") + user("3")}], kind="sft")
     with pytest.raises(DataError, match="row 1: field 'messages' must be a list"):
         load([{"messages": "hello"}])
 
