@@ -139,7 +139,7 @@ def generate(module: CausalLM, params, prompt_ids, prompt_mask, rng, *, max_new_
     prompt_mask = prompt_mask.astype(jnp.int32)
 
     # Prefill: the whole prompt in one pass, vocabulary logits at the last position only.
-    cache = init_cache(config, prompts, total_len)
+    cache = init_cache(config, prompts, total_len, window_slots=True)  # sliding layers: W ring slots
     last = jnp.full((prompts, 1), prompt_len - 1, jnp.int32)  # the last layer's queries: here only
     hidden, cache = module.apply(
         variables, prompt_ids, prompt_mask, cache=cache, method="hidden_states", output_positions=last

@@ -14,6 +14,20 @@ attend to written slots at or before their own slot whose mask is 1, so left-pad
 stay masked for the whole generation. On sliding-window layers a query at position p also
 needs a key position q > p - W (`sliding_window_mask`): the window counts token positions,
 not slots, so padding never shifts it. The caller keeps `index + T <= S` (XLA clamps out-of-range writes).
+
+Window slots (`init_cache(..., window_slots=True)`, what `generate` uses): a sliding-window
+layer needs only the keys of the last W = `sliding_window` positions, so when W < S it keeps
+W slots used as a ring ({"window_key": [B, K, Dh, W], "window_value": [B, K, W, Dh]}: the
+token of slot s sits in ring slot s mod W) and the cache holds their bookkeeping,
+"window": {"mask": [B, W], "positions": [B, W]}. A forward call writes the last min(T, W) of
+its T new tokens into the ring (`ring_slots`); a decode step (T = 1) attends to the ring so
+written, a longer call to the ring as it was followed by its T tokens (`window_attend_mask`). The cache of such a layer is W / S
+of the full one (Gemma 3: five layers of six; Mistral: every layer), and a decode step reads
+W + 1 keys instead of S. Only for passes that write (not `append`). The ring holds the last W
+slots, so a row's real tokens must be contiguous there, as in generation (a left-padded
+prompt, then one token per step): padding between real tokens would take ring slots and
+shorten that row's window (transformers' sliding caches count slots the same way), where the
+full layout keeps counting positions.
 Keys are stored transposed ([..., Dh, S]) so that both attention matmuls of a decode step
 are plain batched products; on CPU that is several times faster than q @ k^T.
 """
@@ -22,28 +36,74 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.config import SLIDING_ATTENTION, ModelConfig
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> dict:
-    """An empty cache for `batch_size` rows of up to `max_length` tokens (dtype: config.dtype)."""
+def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None, *,
+               window_slots: bool = False) -> dict:
+    """An empty cache for `batch_size` rows of up to `max_length` tokens (dtype: config.dtype);
+    with `window_slots`, sliding-window layers keep `sliding_window` ring slots when that is
+    fewer than `max_length` (module docstring)."""
     if batch_size <= 0 or max_length <= 0:
         raise ValueError(f"`batch_size` and `max_length` must be > 0, got {batch_size}, {max_length}")
     dtype = jnp.dtype(dtype or config.dtype)
     heads, head_dim = config.kv_heads, config.dims_per_head
-    layers = tuple(
-        {
-            "key": jnp.zeros((batch_size, heads, head_dim, max_length), dtype),  # transposed
-            "value": jnp.zeros((batch_size, heads, max_length, head_dim), dtype),
-        }
-        for _ in range(config.num_layers)
-    )
-    return {
+    window = config.sliding_window
+    ring = window_slots and window is not None and window < max_length
+
+    def layer_cache(layer: int) -> dict:
+        if ring and config.layer_type(layer) == SLIDING_ATTENTION:
+            return {"window_key": jnp.zeros((batch_size, heads, head_dim, window), dtype),
+                    "window_value": jnp.zeros((batch_size, heads, window, head_dim), dtype)}
+        return {"key": jnp.zeros((batch_size, heads, head_dim, max_length), dtype),  # transposed
+                "value": jnp.zeros((batch_size, heads, max_length, head_dim), dtype)}
+
+    cache = {
         "index": jnp.zeros((), jnp.int32),
         "mask": jnp.zeros((batch_size, max_length), jnp.int32),
         "positions": jnp.zeros((batch_size, max_length), jnp.int32),
-        "layers": layers,
+        "layers": tuple(layer_cache(layer) for layer in range(config.num_layers)),
     }
+    if ring and any(config.layer_type(layer) == SLIDING_ATTENTION for layer in range(config.num_layers)):
+        cache["window"] = {"mask": jnp.zeros((batch_size, window), jnp.int32),
+                           "positions": jnp.zeros((batch_size, window), jnp.int32)}
+    return cache
+
+
+def ring_slots(index, time: int, slots: int):
+    """`(where [n], first)`: the ring slots that the last n = min(T, W) of T tokens written
+    from cache slot `index` take (slot s -> s mod W; n <= W, so no two collide), and the
+    position `first = T - n` of the first of them among the T."""
+    count = min(time, slots)
+    first = time - count
+    return (index + first + jnp.arange(count)) % slots, first
+
+
+def window_attend_mask(window: dict, written: dict, attention_mask, positions, size: int):
+    """What the T new tokens (mask [B, T], positions [B, T]) attend to on a sliding layer with
+    ring slots, each key real and within `size` positions (`sliding_window_mask`):
+
+    - T = 1 (a decode step), [B, 1, W]: the ring after the token is written (`written`); the
+      slot it took held a key `size` positions back, outside the window anyway, and reading
+      only the updated ring lets XLA update it in place;
+    - T > 1, [B, T, W + T]: the ring before (`window`, every slot written earlier), then the
+      T tokens causally (a later token of the T may overwrite a slot an earlier one needs).
+    """
+    slots, time = window["mask"].shape[1], attention_mask.shape[1]
+    if time == 1:
+        return sliding_window_mask(written["mask"].astype(bool)[:, None, :], positions, written["positions"], size)
+    valid = jnp.concatenate([window["mask"], attention_mask.astype(jnp.int32)], axis=1).astype(bool)
+    key_positions = jnp.concatenate([window["positions"], positions.astype(jnp.int32)], axis=1)
+    order = jnp.concatenate([jnp.full((slots,), -1, jnp.int32), jnp.arange(time, dtype=jnp.int32)])
+    causal = order[None, :] <= jnp.arange(time, dtype=jnp.int32)[:, None]  # [T, W + T]
+    return sliding_window_mask(causal[None] & valid[:, None, :], positions, key_positions, size)
+
+
+def write_window(window: dict, attention_mask, positions, index) -> dict:
+    """`window` bookkeeping with the last min(T, W) new tokens' mask and positions written."""
+    where, first = ring_slots(index, attention_mask.shape[1], window["mask"].shape[1])
+    return {"mask": window["mask"].at[:, where].set(attention_mask[:, first:].astype(jnp.int32)),
+            "positions": window["positions"].at[:, where].set(positions[:, first:].astype(jnp.int32))}
 
 
 def append_slots(cache: dict, extra: int) -> dict:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models.config import FULL_ATTENTION, ModelConfig
+from rlhf_jax.models.kv_cache import ring_slots
 from rlhf_jax.ops.blockwise_attention import blockwise_attention
 from rlhf_jax.ops.blockwise_prefix_attention import blockwise_prefix_attention
 from rlhf_jax.ops.chunked_head import soft_cap
@@ -206,7 +207,11 @@ class Attention(nn.Module):
         """x [B, T, D]; positions [B, T]; attend_mask [B, T, S] bool (True = may attend).
 
         With `layer_cache = {"key": [B, K, Dh, S], "value": [B, K, S, Dh]}` the new keys/values are
-        written at slots [cache_index, cache_index + T) and attention reads all S slots; with
+        written at slots [cache_index, cache_index + T) and attention reads all S slots (a
+        sliding layer's `{"window_key", "window_value"}` ring of W slots: the last min(T, W)
+        are written into the ring; a decode step (T = 1) reads the written ring,
+        `attend_mask` [B, 1, W], a longer call the ring before then the T new tokens,
+        [B, T, W + T], see `rlhf_jax.models.kv_cache`); with
         `cache_index=None` the T tokens continue the S cached ones without being written (a
         prefix computed once, continued by a training pass; the cache may hold B / N rows,
         each continued by N consecutive rows of `x`, see `ops.prefix_attention`, and
@@ -267,7 +272,21 @@ class Attention(nn.Module):
         # (no transposed operand, no copy of the cache): keys [B, K, Dh, S], values [B, K, S, Dh].
         k = k.transpose(0, 2, 3, 1)  # [B, K, Dh, T]
         v = v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
-        if layer_cache is not None:
+        ring = None  # a sliding layer's W ring slots as they were before this call (kv_cache docstring)
+        if layer_cache is not None and "window_key" in layer_cache:
+            ring_k, ring_v = layer_cache["window_key"], layer_cache["window_value"]
+            k, v = k.astype(ring_k.dtype), v.astype(ring_v.dtype)
+            where, first = ring_slots(cache_index, time, ring_k.shape[-1])
+            new_cache = {"window_key": ring_k.at[:, :, :, where].set(k[..., first:]),
+                         "window_value": ring_v.at[:, :, where, :].set(v[:, :, first:, :])}
+            if time == 1:  # a decode step reads the ring it wrote (updated in place)
+                k, v = new_cache["window_key"], new_cache["window_value"]
+            elif c.uses_blockwise_attention(queries, ring_k.shape[-1] + time):  # a long prefill: join them
+                k = jnp.concatenate([ring_k, k], axis=-1)  # [B, K, Dh, W + T]: attend_mask's order
+                v = jnp.concatenate([ring_v, v], axis=-2)  # [B, K, W + T, Dh]
+            else:  # scores of the ring and of the new tokens side by side: no copy of the ring
+                ring = ring_k, ring_v
+        elif layer_cache is not None:
             cache_dtype = layer_cache["key"].dtype
             k = jax.lax.dynamic_update_slice(
                 layer_cache["key"], k.astype(cache_dtype), (0, 0, 0, cache_index)
@@ -287,13 +306,20 @@ class Attention(nn.Module):
                 softcap=c.attn_logit_softcap, block_q=c.attention_block_size, block_k=c.attention_block_size,
             )  # [B, K, G, T, Dh], no [.., T, S] scores in the forward or backward pass
         else:
-            scores = jnp.einsum(
-                "bkqd,bkds->bkqs", q, k.astype(q.dtype), preferred_element_type=jnp.float32
-            ).reshape(batch, kv_heads, groups, queries, -1)  # [B, K, G, T, S]
+            qk = lambda keys: jnp.einsum("bkqd,bkds->bkqs", q, keys.astype(q.dtype),
+                                         preferred_element_type=jnp.float32)
+            scores = qk(k) if ring is None else jnp.concatenate([qk(ring[0]), qk(k)], axis=-1)
+            scores = scores.reshape(batch, kv_heads, groups, queries, -1)  # [B, K, G, T, S]
             scores = soft_cap(scores, c.attn_logit_softcap)
             scores = jnp.where(attend_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(batch, kv_heads, groups * queries, -1)
-            out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(batch, kv_heads, groups, queries, head_dim)
+            if ring is None:
+                out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+            else:
+                slots = ring[1].shape[2]
+                out = (jnp.einsum("bkqs,bksd->bkqd", probs[..., :slots], ring[1])
+                       + jnp.einsum("bkqs,bksd->bkqd", probs[..., slots:], v))
+            out = out.reshape(batch, kv_heads, groups, queries, head_dim)
         out = out.transpose(0, 3, 1, 2, 4).reshape(batch, queries, heads * head_dim)
         out = out.astype(jnp.dtype(c.dtype))
         return self.o_proj(out), new_cache

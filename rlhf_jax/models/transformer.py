@@ -61,8 +61,8 @@ import jax.numpy as jnp
 
 from rlhf_jax.models.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
 from rlhf_jax.models.kv_cache import (
-    append_slots, causal_mask, init_cache, positions_from_mask, sliding_window_mask, write_cache_mask,
-    write_cache_positions,
+    append_slots, causal_mask, init_cache, positions_from_mask, sliding_window_mask, window_attend_mask,
+    write_cache_mask, write_cache_positions, write_window,
 )
 from rlhf_jax.models.layers import INIT_STD, MLP, Attention, fold_matmul, make_norm, soft_cap, take_rows
 from rlhf_jax.ops.checks import check_left_padded, check_rank, check_same_shape, check_token_ids
@@ -152,7 +152,12 @@ class Decoder(nn.Module):
             key_positions = write_cache_positions(cache, positions)  # [B, S]
         # One mask per attention span in use; each layer reads its own type's.
         masks = {FULL_ATTENTION: attend_mask}
-        if c.layer_types is not None and SLIDING_ATTENTION in c.layer_types:
+        windowed = cache is not None and not append and "window" in cache  # ring slots (kv_cache)
+        if windowed:  # over the ring slots (and the new tokens when T > 1)
+            window = write_window(cache["window"], attention_mask, positions, cache["index"])
+            masks[SLIDING_ATTENTION] = window_attend_mask(cache["window"], window, attention_mask, positions,
+                                                          c.sliding_window)
+        elif c.layer_types is not None and SLIDING_ATTENTION in c.layer_types:
             masks[SLIDING_ATTENTION] = sliding_window_mask(
                 attend_mask, positions, key_positions, c.sliding_window
             )
@@ -185,6 +190,8 @@ class Decoder(nn.Module):
             "positions": key_positions,
             "layers": tuple(new_layers),
         }
+        if windowed:
+            new_cache["window"] = window
         return hidden, new_cache
 
     def attend(self, hidden):

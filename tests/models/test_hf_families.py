@@ -111,15 +111,23 @@ def test_greedy_generation_matches_transformers_generate(family, hf_lm, loaded):
     assert len(np.unique(tokens)) > 3  # not a degenerate repetition
 
 
+@pytest.mark.parametrize("window_slots", [False, True])
 @pytest.mark.parametrize("family", NEW_FAMILIES)
-def test_kv_cache_decoding_past_the_window_matches_full_forward(family, loaded):
+def test_kv_cache_decoding_past_the_window_matches_full_forward(family, loaded, window_slots):
     """Prefill, a 2-token chunk and single-token steps up to 3 windows: every step's logits
-    equal the full pass over the whole left-padded sequence."""
+    equal the full pass over the whole left-padded sequence; with `window_slots` (what
+    `generate` uses) the sliding layers keep only WINDOW ring slots, the prefill longer than
+    them."""
     module, params, forward = loaded[family]
     variables = {"params": params}
     ids, mask = map(jnp.asarray, padded_batch(seed=14, time=TIME, side="left"))
     full = forward(variables, ids, mask)
-    cache = init_cache(module.config, ids.shape[0], TIME + 2)
+    cache = init_cache(module.config, ids.shape[0], TIME + 2, window_slots=window_slots)
+    sliding = [module.config.layer_type(i) == SLIDING_ATTENTION for i in range(module.config.num_layers)]
+    for layer, is_sliding in zip(cache["layers"], sliding):
+        slots = layer["window_key"].shape[-1] if window_slots and is_sliding else layer["key"].shape[-1]
+        assert slots == (WINDOW if window_slots and is_sliding else TIME + 2)
+    assert ("window" in cache) == (window_slots and any(sliding))
     step = jax.jit(lambda v, i, m, c: module.apply(v, i, m, cache=c, method="forward_with_cache"))
     pieces = []
     for start, stop in [(0, 5), (5, 7)] + [(t, t + 1) for t in range(7, TIME)]:
