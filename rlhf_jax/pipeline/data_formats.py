@@ -277,7 +277,8 @@ def _messages(value: Sequence, name: str) -> list[dict]:
             raise RowError(f"field '{name}' message {index} must be a mapping, got {type(message).__name__}")
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
-                got = "missing" if message.get(key) is None else f"a {type(message[key]).__name__}"
+                got = ("missing" if key not in message else "null" if message[key] is None
+                       else f"a {type(message[key]).__name__}")
                 raise RowError(f"field '{name}' message {index}: '{key}' must be a string, got {got}")
         # Parquet/arrow give every message all keys seen in the column; drop the empty ones.
         messages.append({key: item for key, item in message.items() if item is not None})
@@ -390,6 +391,10 @@ def _render_implicit_prompt(row: dict, render: Render) -> RenderedRow:
     for name, messages in (("chosen", chosen), ("rejected", rejected)):
         if shared == len(messages):
             raise RowError(f"field '{name}' has no messages after the prompt shared with the other response")
+        if messages[shared]["role"] != "assistant":
+            raise RowError(f"'chosen' and 'rejected' first differ at message {shared}, a {messages[shared]['role']} "
+                           f"message in '{name}': their shared leading messages are the prompt, so the two must "
+                           f"first differ in the assistant's answer (one prompt per pair)")
     return _render_prompt_responses(
         {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]},
         ("chosen", "rejected"),

@@ -96,7 +96,8 @@ def test_a_reference_of_another_vocabulary_is_refused(task, folders, tmp_path, c
                    "grpo", "model", "vocab_size")
     one_error_line(capsys, ["dpo", *preference_overrides(task, tmp_path / "dpo", folders["policy"],
                                                           extra=(f"reference={folders['swapped']}",))],
-                   "dpo", "config", f"`reference` ({folders['swapped']}): its tokenizer", "is not the policy's")
+                   "dpo", "config", f"`reference` ({folders['swapped']}): its tokenizer", "is not the policy's tokenizer",
+                   "here, ", "in the run's): the reference would read")
 
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
@@ -114,6 +115,15 @@ def test_a_reward_model_or_eval_policy_of_another_tokenizer_is_refused(task, fol
                    "grpo", "config", f"`reward.path` ({folders['swapped_reward']}): its tokenizer")
     eval_args = ["eval", f"output_dir={tmp_path / 'eval'}", f"policies={{a: {folders['policy']}, b: {folders['swapped']}}}",
                  f"prompts_file={task.eval_prompts}", "num_samples=1", "max_new_tokens=2"]
-    one_error_line(capsys, eval_args, "eval", "config", f"`policies.b` ({folders['swapped']}): its tokenizer")
+    one_error_line(capsys, eval_args, "eval", "config", f"`policies.b` ({folders['swapped']}): its tokenizer",
+                   f"is not the tokenizer of `policies.a` ({folders['policy']})", "use a policy trained with the "
+                   f"tokenizer of `policies.a`")
     one_error_line(capsys, [*eval_args[:2], f"policies={{a: {folders['policy']}}}", *eval_args[3:],
                             f"reward_model={folders['policy']}"], "eval", "model", "without a reward head")
+
+
+def test_the_vocabulary_error_names_the_first_token_that_differs():
+    from rlhf_jax.pipeline.stages.companion_models import vocabulary_difference
+    assert vocabulary_difference({"a": 0, "b": 1, "c": 2}, {"a": 0, "b": 2, "c": 1}) == "'b' is 1 here, 2 in the run's"
+    assert vocabulary_difference({"a": 0, "x": 1}, {"a": 0}) == "'x' is 1 here, missing in the run's"
+    assert vocabulary_difference({"a": 0}, {"a": 0, "c": 1}) == "'c' (1) is missing here"

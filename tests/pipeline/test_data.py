@@ -228,6 +228,11 @@ def chat(prompt, chosen, rejected):
         ({**GOOD_CHAT, "prompt": [{"role": "tool", "content": "1"}]}, "chat template failed", GOOD_CHAT),
         (chat(None, user("1") + assistant("2"), user("2") + assistant("3")), "share no leading", GOOD_CHAT),
         (chat(None, user("1") + assistant("2"), user("1")), "'rejected' has no messages after", GOOD_CHAT),
+        (chat(None, user("1") + assistant("2") + user("3") + assistant("4"),
+              user("1") + assistant("2") + user("5") + assistant("6")),
+         "'chosen' and 'rejected' first differ at message 2, a user message in 'chosen'", GOOD_CHAT),
+        ({**GOOD_CHAT, "chosen": [{"role": "assistant", "content": None}]}, "'content' must be a string, got null",
+         GOOD_CHAT),
         ({**GOOD_CHAT, "chosen": []}, "empty list of messages", GOOD_CHAT),
     ],
 )

@@ -49,15 +49,27 @@ def architecture_differences(config, expected) -> list[str]:
             if field.name not in _NOT_ARCHITECTURE and getattr(config, field.name) != getattr(expected, field.name)]
 
 
-def check_vocabulary(folder, tokenizer, key: str, role: str) -> None:
+def vocabulary_difference(own: dict, run: dict) -> str:
+    """The first token (in id order) whose id differs between two vocabularies (token -> id),
+    as `'a' is 7 here, 9 in the run's` (or missing from one of them)."""
+    for token, index in sorted(own.items(), key=lambda item: item[1]):
+        if run.get(token) != index:
+            there = "missing" if token not in run else run[token]
+            return f"{token!r} is {index} here, {there} in the run's"
+    token, index = min(((t, i) for t, i in run.items() if t not in own), key=lambda item: item[1])
+    return f"{token!r} ({index}) is missing here"
+
+
+def check_vocabulary(folder, tokenizer, key: str, role: str, source: str = "the policy's tokenizer") -> None:
     """A ConfigError when `folder` (config key `key`) holds a tokenizer whose vocabulary is not
-    `tokenizer`'s: the model (`role`) would read the policy's ids as other tokens."""
+    `tokenizer`'s (the run's, described by `source`): the model (`role`) would read the run's
+    token ids as other tokens. The error names the first token that differs."""
     own = folder_tokenizer(folder)
     if own is not None and own.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(
-            f"`{key}` ({folder}): its tokenizer ({len(own)} tokens) is not the policy's ({len(tokenizer)} tokens): "
-            f"the {role} would read the policy's token ids as other tokens; use a {role} trained with the "
-            f"policy's tokenizer")
+            f"`{key}` ({folder}): its tokenizer ({len(own)} tokens) is not {source} ({len(tokenizer)} tokens; "
+            f"{vocabulary_difference(own.get_vocab(), tokenizer.get_vocab())}): the {role} would read the run's "
+            f"token ids as other tokens; use a {role} trained with {source}")
 
 
 def check_reference(folder, module, policy_module, tokenizer, key: str = "reference") -> None:
@@ -71,10 +83,11 @@ def check_reference(folder, module, policy_module, tokenizer, key: str = "refere
     check_vocabulary(folder, tokenizer, key, "reference")
 
 
-def check_reward_model(folder, module, tokenizer, key: str) -> None:
+def check_reward_model(folder, module, tokenizer, key: str, source: str = "the policy's tokenizer") -> None:
     """A ConfigError naming `key` when the reward model `folder` (loaded as `module`) cannot
-    read the policy's token ids: another tokenizer, or an embedding table smaller than it."""
-    check_vocabulary(folder, tokenizer, key, "reward model")
+    read the run's token ids (`tokenizer`, described by `source`): another tokenizer, or an
+    embedding table smaller than it."""
+    check_vocabulary(folder, tokenizer, key, "reward model", source)
     if module.config.vocab_size < len(tokenizer):
         raise ConfigError(f"`{key}` ({folder}) embeds {module.config.vocab_size} token ids, fewer than the "
                           f"policy's tokenizer's {len(tokenizer)}: it was not trained with that tokenizer")

@@ -213,14 +213,17 @@ def evaluate_policies(config: EvalConfig) -> dict:
                                                                      config.num_samples)}
     scorers = _Scorers()
     # every model reads the ids of one tokenizer: a folder with another vocabulary is refused
+    source = (f"`tokenizer` ({config.tokenizer})" if config.tokenizer else
+              f"the tokenizer of `reference` ({config.reference})" if config.reference else
+              f"the tokenizer of `policies.{first_name}` ({first_folder})")
     for name, folder in config.policies.items():
-        check_vocabulary(folder, tokenizer, f"policies.{name}", "policy")
-    reward = (stage_setup.load_reward_model(config.reward_model, tokenizer, "reward_model")
+        check_vocabulary(folder, tokenizer, f"policies.{name}", "policy", source)
+    reward = (stage_setup.load_reward_model(config.reward_model, tokenizer, "reward_model", source=source)
               if config.reward_model else None)
     reference = None
     if config.reference:
         reference = stage_setup.load_folder(config.reference, head="lm", key="reference")
-        check_vocabulary(config.reference, tokenizer, "reference", "reference")
+        check_vocabulary(config.reference, tokenizer, "reference", "reference", source)
     results = {"num_prompts": count, "num_samples": config.num_samples, "policies": {}}
 
     samples_by_folder, graded_by_folder = {}, {}

@@ -321,11 +321,13 @@ def load_reference(path: str, policy_module, tokenizer, key: str = "reference"):
     return module, params
 
 
-def load_reward_model(path: str, tokenizer, key: str, attention_impl: str = "auto"):
+def load_reward_model(path: str, tokenizer, key: str, attention_impl: str = "auto",
+                      source: str = "the policy's tokenizer"):
     """A reward model folder as `(module, params)`: its trained score head (a folder without
-    one is a ModelError) and the policy's vocabulary (`companion_models.check_reward_model`)."""
+    one is a ModelError) and the run's vocabulary (`tokenizer`, described by `source`;
+    `companion_models.check_reward_model`)."""
     module, params = load_folder(path, head="reward", key=key, attention_impl=attention_impl, fresh_head=False)
-    check_reward_model(path, module, tokenizer, key)
+    check_reward_model(path, module, tokenizer, key, source)
     return module, params
 
 
