@@ -9,12 +9,16 @@ folder's tokenizer:
   BOS), `response_ids = tokenizer(response, add_special_tokens=False) + [eos]` (EOS is not
   appended twice when the text already ends with it). Prompt and response are tokenised
   separately and concatenated, so the response boundary is exact.
-- conversational rows: the chat template renders the text (see `data_formats`); it is
-  tokenised without extra special tokens; EOS is appended only when the rendered response
-  holds none. For SFT rows, a template with `{% generation %}` blocks marks the trained text
-  (the character spans of transformers' `render_jinja_template(...,
-  return_assistant_tokens_mask=True)`, which `apply_chat_template` turns into its
-  `assistant_masks`); the trained and untrained segments are tokenised the same way.
+- conversational rows: the chat template renders the text (see `data_formats`), with
+  `data.chat_template_kwargs` and the row's own `chat_template_kwargs` (TRL's column, e.g.
+  `{"enable_thinking": false}` for Qwen3; not passed to reward functions); it is tokenised
+  without extra special tokens; EOS is appended (and trained) only when the rendered response
+  holds none, so every response ends with it (a chat model's end-of-turn token, e.g. Gemma's
+  `<end_of_turn>`, is then followed by the EOS). For SFT rows, a template with
+  `{% generation %}` blocks marks the trained text (the character spans of transformers'
+  `render_jinja_template(..., return_assistant_tokens_mask=True)`, which
+  `apply_chat_template` turns into its `assistant_masks`), plus that appended EOS; the
+  trained and untrained segments are tokenised the same way.
 
 Lengths and padding (shapes never depend on the data, so jit compiles once): the arrays
 are in the one LM batch layout of `rlhf_jax.training.logprobs.LMBatch`:
@@ -85,6 +89,12 @@ class DataConfig:
     shuffle: bool = True  # reshuffle every epoch (seeded)
     drop_last: bool = True  # drop the last incomplete batch (else complete it with the epoch's first rows)
     bucket_multiple: int = 0  # 0: fixed max lengths; k: trim batches to a multiple of k
+    # keyword arguments of the chat template for every conversational row (e.g. Qwen3's
+    # {enable_thinking: false}); a row's own `chat_template_kwargs` (TRL's column) adds to them
+    chat_template_kwargs: dict = field(default_factory=dict)
+
+
+TEMPLATE_KWARGS = "chat_template_kwargs"  # the per-row column of chat-template arguments (TRL's)
 
 
 @dataclass
@@ -243,24 +253,28 @@ def _tokenize_file(path, rows, unreadable, tokenizer, config: DataConfig, kind: 
     for number, problem in unreadable:
         reject(number, problem)
 
-    def render(messages, add_generation_prompt):
+    def render(messages, add_generation_prompt, options):
         if getattr(tokenizer, "chat_template", None) is None:
             raise RowError(f"conversational rows need a tokenizer with a chat template; the tokenizer of "
                            f"{tokenizer.name_or_path or 'this run'} has none (add `chat_template` to its "
                            f"tokenizer_config.json, or point `tokenizer` at a folder that has one)")
         return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **options
         )
 
     render_marked = _marked_renderer(tokenizer) if kind == "sft" else None
     names = response_names(kind)
     # prompt rows keep their `prompt` as given (a string or a message list) for reward functions
-    used_fields = {"messages", *names} if kind == "prompt" else {"prompt", "messages", *names}
+    used_fields = {"messages", TEMPLATE_KWARGS, *names} if kind == "prompt" else {
+        "prompt", "messages", TEMPLATE_KWARGS, *names}
     rendered_rows = []
     for row in rows:
         number = row.pop("__row__")
         try:
-            rendered_rows.append((number, row, render_row(row, kind, render, render_marked)))
+            options = template_options(row, config)
+            rendered_rows.append((number, row, render_row(
+                row, kind, lambda messages, generation: render(messages, generation, options),
+                None if render_marked is None else lambda messages: render_marked(messages, options))))
         except RowError as error:
             reject(number, str(error))
     encoded = _encode_texts(tokenizer, [rendered for _, _, rendered in rendered_rows])
@@ -286,6 +300,17 @@ def _tokenize_file(path, rows, unreadable, tokenizer, config: DataConfig, kind: 
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
+def template_options(row: dict, config: DataConfig) -> dict:
+    """The chat-template keyword arguments of `row`: `data.chat_template_kwargs`, then the
+    row's own `chat_template_kwargs` mapping (TRL's column; its null entries, which parquet
+    adds for keys other rows have, left out)."""
+    own = row.get(TEMPLATE_KWARGS)
+    if own is not None and not isinstance(own, dict):
+        raise RowError(f"field '{TEMPLATE_KWARGS}' must be a mapping of chat-template arguments, "
+                       f"got {type(own).__name__}")
+    return {**config.chat_template_kwargs, **{key: value for key, value in (own or {}).items() if value is not None}}
+
+
 def _marked_renderer(tokenizer):
     """A function rendering messages with the tokenizer's chat template and returning the
     character spans of its `{% generation %}` blocks (what transformers'
@@ -301,10 +326,10 @@ def _marked_renderer(tokenizer):
         return None
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    def render_marked(messages):
+    def render_marked(messages, options):
         texts, spans = render_jinja_template(
             conversations=[messages], chat_template=template, return_assistant_tokens_mask=True,
-            add_generation_prompt=False, **tokenizer.special_tokens_map,
+            add_generation_prompt=False, **{**tokenizer.special_tokens_map, **options},
         )
         return texts[0], [tuple(span) for span in spans[0]]
 

@@ -341,6 +341,7 @@ class EvalConfig:
     temperature: float = 1.0
     batch_size: int = 4096  # sequences per generation call
     max_prompt_length: int = 64
+    chat_template_kwargs: dict = field(default_factory=dict)  # as data.chat_template_kwargs of the training stages
     report: bool = True  # write report.md with tables and plots
     runs: dict[str, str] = field(default_factory=dict)  # stage name -> output dir, for curves
 

@@ -188,7 +188,8 @@ def evaluate_policies(config: EvalConfig) -> dict:
     first_folder = config.reference or config.policies[first_name]
     tokenizer = stage_setup.stage_tokenizer(config.tokenizer, first_folder,
                                             model_key="reference" if config.reference else f"policies.{first_name}")
-    data_config = DataConfig(max_prompt_length=config.max_prompt_length, max_response_length=1)
+    data_config = DataConfig(max_prompt_length=config.max_prompt_length, max_response_length=1,
+                             chat_template_kwargs=config.chat_template_kwargs)
     prompts = load_data(config.prompts_file, tokenizer, data_config, kind="prompt")
     count = len(prompts) if config.max_prompts is None else min(config.max_prompts, len(prompts))
     prompt_ids = np.repeat(prompts.arrays["prompt_ids"][:count], config.num_samples, axis=0)
