@@ -224,7 +224,26 @@ def load_data(
     )
     if kind == "preference":
         _warn_identical_pairs(data)
+    _warn_double_bos(data, tokenizer.bos_token_id)
     return data
+
+
+def _warn_double_bos(data: TokenizedData, bos: int | None) -> None:
+    """One warning line when prompts start with the BOS twice: a string prompt that already
+    holds a chat template's BOS gets the tokenizer's own as well (TRL does the same)."""
+    if bos is None:
+        return
+    ids, mask = data.arrays["prompt_ids"], data.arrays["prompt_mask"]
+    first = ids.shape[1] - mask.sum(axis=1)  # left-padded: the first real column
+    rows = np.arange(len(ids))
+    doubled = (mask.sum(axis=1) >= 2) & (ids[rows, np.minimum(first, ids.shape[1] - 1)] == bos) & (
+        ids[rows, np.minimum(first + 1, ids.shape[1] - 1)] == bos)
+    if doubled.any():
+        file, row = data.sources[int(np.argmax(doubled))]
+        logger.warning("%d prompts of %d start with the BOS token twice (a prompt string that holds its own BOS, "
+                       "e.g. already rendered by a chat template, also gets the tokenizer's); give such rows as "
+                       "messages, or their text without the BOS; first: %s row %d", int(doubled.sum()), len(data),
+                       file, row)
 
 
 def _warn_identical_pairs(data: TokenizedData) -> None:

@@ -555,3 +555,18 @@ def test_identical_pairs_and_truncated_rows_are_counted_in_one_warning_each(load
     assert "1 rows of 3 have a response longer than max_response_length=6, truncated" in messages, messages
     assert (f"2 pairs of 3 have the same chosen and rejected response (as tokenised and truncated to "
             f"max_response_length=6), so they train nothing; first: {path} row 2") in messages, messages
+
+
+def test_a_prompt_with_its_own_bos_warns_once(load, caplog):
+    """A string prompt already rendered by a chat template holds the BOS, and the tokenizer
+    adds its own: one warning line naming the count and the first row (the data still loads)."""
+    rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"},
+            {"prompt": "<bos>1+2=", "chosen": "3", "rejected": "4"},
+            {"prompt": "<bos>1+3=", "chosen": "4", "rejected": "5"}]
+    with caplog.at_level("WARNING", logger="rlhf_jax.pipeline.data"):
+        path, data = load(rows)
+    assert data.arrays["prompt_ids"][1][data.arrays["prompt_mask"][1] > 0][:2].tolist() == [2, 2]
+    warnings = [record.getMessage() for record in caplog.records if "BOS" in record.getMessage()]
+    assert warnings == [f"2 prompts of 3 start with the BOS token twice (a prompt string that holds its own BOS, "
+                        f"e.g. already rendered by a chat template, also gets the tokenizer's); give such rows as "
+                        f"messages, or their text without the BOS; first: {path} row 2"]
