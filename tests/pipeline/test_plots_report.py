@@ -110,3 +110,16 @@ def test_eval_policy_table_shows_what_scored_the_samples():
     assert "gold reward (graded)" not in functions and "correct/std" not in functions
     many = policy_table({"num_samples": 16, "policies": {"a": _policy(**{"pass@k": {1: 0.1, 8: 0.6, 16: 0.7}})}})[0]
     assert (many["pass@8"], many["pass@16"]) == (0.6, 0.7)
+
+
+def test_a_run_named_freely_gets_its_stages_curves(tmp_path):
+    """`runs: {dapo: folder}`: the curves are chosen by the stage that wrote the folder's
+    config.yaml (grpo here), not by the name; a folder without one falls back to the name."""
+    from rlhf_jax.pipeline.stages.eval_report import _curve_keys, run_stage
+    run = tmp_path / "grpo_dapo"
+    run.mkdir()
+    (run / "config.yaml").write_text("output_dir: x\ngrpo:\n  group_size: 4\n")
+    assert run_stage(run, "dapo") == "grpo" and run_stage(tmp_path / "elsewhere", "dapo") == "dapo"
+    rows = [{"step": 1, "grpo/clipfrac": 0.1, "grpo/loss": 0.2, "dynamic_sampling/dropped_fraction": 0.5,
+             "reward/correct/mean": 0.3}]
+    assert _curve_keys("grpo", rows) == ["grpo/loss", "grpo/clipfrac", "dynamic_sampling/dropped_fraction"]

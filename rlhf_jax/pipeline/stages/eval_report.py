@@ -1,5 +1,7 @@
 """The evaluation report: `report.md` with tables of the evaluation results, the pass@k curves
-of every policy on one plot, and the training curves (loss, reward, KL) of each stage run.
+of every policy on one plot, and the training curves (loss, reward, KL) of each stage run
+(`runs: {name: output_dir}`; the curves drawn are those of the stage that wrote the run's
+config.yaml, whatever its name, e.g. `runs: {dapo: runs/grpo_dapo}` draws grpo's).
 """
 from __future__ import annotations
 
@@ -7,7 +9,10 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import yaml
+
 from rlhf_jax.pipeline.metrics_log import METRICS_FILE, read_metrics
+from rlhf_jax.pipeline.resume_check import stage_of
 from rlhf_jax.plots import plot_curves, plot_pass_at_k
 from rlhf_jax.pipeline.report import Section, write_report
 
@@ -19,9 +24,19 @@ CURVE_KEYS = {
             "value/loss", "ppo/clipfrac", "ppo/entropy", "rollout/response_length"),
     "dpo": ("dpo/loss", "dpo/accuracy", "dpo/margin", "eval/dpo/accuracy"),
     "grpo": ("objective/scores", "grpo/kl", "grpo/loss", "grpo/clipfrac", "grpo/entropy",
-             "grpo/zero_std_fraction", "rollout/response_length"),
+             "grpo/zero_std_fraction", "rollout/response_length", "dynamic_sampling/dropped_fraction"),
 }
 _FALLBACK_PREFIXES = ("loss", "accuracy", "score", "kl", "reward")
+
+
+def run_stage(run_dir, name: str) -> str:
+    """The stage that wrote the run in `run_dir` (from its config.yaml), else `name`."""
+    try:
+        with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as handle:
+            config = yaml.safe_load(handle)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return name
+    return (stage_of(config) if isinstance(config, dict) else None) or name
 
 
 def _curve_keys(stage: str, rows: Sequence[Mapping]) -> list[str]:
@@ -114,7 +129,7 @@ def write_eval_report(output_dir, results: dict, runs: Mapping[str, str],
         if not os.path.exists(path):
             continue
         rows = read_metrics(path)
-        keys = _curve_keys(stage, rows)
+        keys = _curve_keys(run_stage(run_dir, stage), rows)
         if not rows or not keys:
             continue
         image = plot_curves(rows, keys, plots / f"{stage}_curves.png", title=f"{stage} training")
