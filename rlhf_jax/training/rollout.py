@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from typing import Any, Callable, Literal
 
 import jax
@@ -69,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from rlhf_jax.models.generation import generate
+from rlhf_jax.models.generation import _is_token_id, generate
 from rlhf_jax.models.sampling import validate_sampling_options
 from rlhf_jax.models.transformer import CausalLM
 from rlhf_jax.ops.advantages import gae
@@ -83,13 +82,9 @@ from rlhf_jax.training.lora_state import inference_model, is_lora_state
 LOGPROB_SOURCES = ("forward", "generate")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _token_id(value, name: str) -> int:
     """`value` as a Python int token id (>= 0), or a ValueError naming `name`."""
-    if not _is_int(value) or value < 0:
+    if not _is_token_id(value) or value < 0:
         raise ValueError(f"`{name}` must be a token id (an int >= 0) or None, got {value!r}")
     return int(value)
 
@@ -120,7 +115,7 @@ class SamplingConfig:
         # static jit argument, so it must hash and compare as plain values
         for name in ("max_new_tokens", "top_k"):
             value = getattr(self, name)
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            if _is_token_id(value):  # an integer that is not a bool
                 object.__setattr__(self, name, int(value))
         check_positive(self.max_new_tokens, "max_new_tokens")
         validate_sampling_options(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, greedy=self.greedy)
@@ -130,7 +125,7 @@ class SamplingConfig:
         if self.pad_token_id is not None:
             object.__setattr__(self, "pad_token_id", _token_id(self.pad_token_id, "pad_token_id"))
         eos = self.eos_token_id
-        if eos is not None and not _is_int(eos):
+        if eos is not None and not _is_token_id(eos):
             if isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__"):
                 raise ValueError(f"`eos_token_id` must be a token id (an int >= 0), a tuple of them or None, got {eos!r}")
             ids = tuple(_token_id(i, "eos_token_id") for i in eos)
