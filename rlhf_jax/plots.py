@@ -57,6 +57,12 @@ def plot_curves(metrics_rows, keys: Sequence[str], path: str | os.PathLike,
       x_key: the row field used as the x axis.
       columns: subplots per row.
     """
+    return _save(curves_figure(metrics_rows, keys, title, x_key=x_key, columns=columns), path)
+
+
+def curves_figure(metrics_rows, keys: Sequence[str], title: str | None = None, *,
+                  x_key: str = "step", columns: int = 3) -> Figure:
+    """The figure `plot_curves` saves (same arguments, no path)."""
     keys = list(keys)
     if not keys:
         raise ValueError("plot_curves: `keys` must name at least one metric")
@@ -69,10 +75,11 @@ def plot_curves(metrics_rows, keys: Sequence[str], path: str | os.PathLike,
     axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
     for axis, key in zip(axes, keys):
         drawn = False
-        for name, rows in runs.items():
+        for index, (name, rows) in enumerate(runs.items()):  # a run keeps its colour in every subplot
             x, y = _series(rows, key, x_key)
             if x.size:
-                axis.plot(x, y, marker="." if x.size < 30 else None, label=name or None)
+                axis.plot(x, y, marker="." if x.size < 30 else None, label=name or None,
+                          color=f"C{index % 10}")
                 drawn = True
         if not drawn:
             axis.text(0.5, 0.5, "no data", ha="center", va="center", transform=axis.transAxes)
@@ -85,7 +92,7 @@ def plot_curves(metrics_rows, keys: Sequence[str], path: str | os.PathLike,
         axis.set_visible(False)
     if title:
         figure.suptitle(title)
-    return _save(figure, path)
+    return figure
 
 
 def plot_pass_at_k(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],

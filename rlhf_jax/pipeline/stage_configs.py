@@ -343,7 +343,7 @@ class EvalConfig:
     max_prompt_length: int = 64
     chat_template_kwargs: dict = field(default_factory=dict)  # as data.chat_template_kwargs of the training stages
     report: bool = True  # write report.md with tables and plots
-    runs: dict[str, str] = field(default_factory=dict)  # stage name -> output dir, for curves
+    runs: dict[str, str] = field(default_factory=dict)  # run name -> output dir: curves; one stage's runs compared
 
 
 # ----------------------------------------------------------------------------- quickstart

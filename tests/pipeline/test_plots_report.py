@@ -123,3 +123,45 @@ def test_a_run_named_freely_gets_its_stages_curves(tmp_path):
     rows = [{"step": 1, "grpo/clipfrac": 0.1, "grpo/loss": 0.2, "dynamic_sampling/dropped_fraction": 0.5,
              "reward/correct/mean": 0.3}]
     assert _curve_keys("grpo", rows) == ["grpo/loss", "grpo/clipfrac", "dynamic_sampling/dropped_fraction"]
+
+
+def _write_run(folder, stage_yaml, rows):
+    import json
+    folder.mkdir()
+    (folder / "config.yaml").write_text(stage_yaml)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(folder)
+
+
+def test_runs_of_one_stage_are_compared(tmp_path):
+    """Two grpo runs (named freely) get one overlay plot and a table of each curve's mean over
+    its last 10% of logged rows; a stage with one run (sft) gets no comparison."""
+    from rlhf_jax.pipeline.stages.eval_report import write_eval_report
+    grpo = "output_dir: x\ngrpo:\n  group_size: 4\n"
+    rows_a = [{"step": s, "grpo/loss": float(s), "objective/scores": 0.1 * s} for s in range(1, 21)]
+    rows_b = [{"step": s, "grpo/loss": -1.0, "grpo/clipfrac": 0.5} for s in range(2, 12, 2)]
+    runs = {"dapo": _write_run(tmp_path / "a", grpo, rows_a),
+            "gspo": _write_run(tmp_path / "b", grpo, rows_b),
+            "sft": _write_run(tmp_path / "c", "output_dir: y\nsft: {}\n", [{"step": 1, "sft/loss": 2.0}])}
+    results = {"num_prompts": 2, "num_samples": 2,
+               "policies": {"p": _policy(**{"pass@k": {1: 0.5, 2: 0.75}})}}
+    text = open(write_eval_report(tmp_path / "eval", results, runs)).read()
+    assert text.count("## Compared:") == 1 and "## Compared: grpo runs" in text
+    section = text.split("## Compared: grpo runs")[1]
+    # dapo: the last 2 of 20 rows (19, 20): loss 19.5, scores 1.95; gspo: its last row only.
+    assert "| run | last step | objective/scores | grpo/loss | grpo/clipfrac |" in section
+    assert "| dapo | 20 | 1.95 | 19.5 |  |" in section
+    assert "| gspo | 10 |  | -1 | 0.5 |" in section
+    _assert_png(tmp_path / "eval" / "plots" / "compare_grpo.png")
+    for name in runs:
+        assert f"## Training curves: {name}" in text
+
+
+def test_a_run_keeps_its_colour_in_every_subplot():
+    """Overlaid runs: the second run is drawn in the second colour also where the first run
+    logs nothing (a metric only one variant has)."""
+    from rlhf_jax.plots import curves_figure
+    runs = {"a": [{"step": 1, "loss": 1.0}], "b": [{"step": 1, "loss": 2.0, "clipfrac": 0.1}]}
+    loss_axis, clip_axis = curves_figure(runs, ["loss", "clipfrac"]).axes
+    assert [line.get_color() for line in loss_axis.get_lines()] == ["C0", "C1"]
+    assert [(line.get_label(), line.get_color()) for line in clip_axis.get_lines()] == [("b", "C1")]

@@ -1,10 +1,13 @@
 """The evaluation report: `report.md` with tables of the evaluation results, the pass@k curves
 of every policy on one plot, and the training curves (loss, reward, KL) of each stage run
 (`runs: {name: output_dir}`; the curves drawn are those of the stage that wrote the run's
-config.yaml, whatever its name, e.g. `runs: {dapo: runs/grpo_dapo}` draws grpo's).
+config.yaml, whatever its name, e.g. `runs: {dapo: runs/grpo_dapo}` draws grpo's). Runs of
+one stage (e.g. grpo, dapo and gspo variants) are also compared: their curves overlaid in one
+plot per metric and a table of each metric's mean over the run's last logged steps.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -45,6 +48,28 @@ def _curve_keys(stage: str, rows: Sequence[Mapping]) -> list[str]:
     if not keys:  # an unknown stage: its loss/accuracy/score/KL-like metrics
         keys = sorted(key for key in present if any(part in key for part in _FALLBACK_PREFIXES))[:6]
     return keys
+
+
+def _final_value(rows: Sequence[Mapping], key: str, fraction: float = 0.1):
+    """The mean of `key` over the last `fraction` of the rows that log it (at least one row),
+    which smooths the step-to-step noise of a final value; None when no row logs it."""
+    values = [float(row[key]) for row in rows if isinstance(row.get(key), (int, float))
+              and not isinstance(row.get(key), bool) and math.isfinite(row[key])]
+    if not values:
+        return None
+    tail = values[-max(1, math.ceil(fraction * len(values))):]
+    return sum(tail) / len(tail)
+
+
+def comparison_table(runs: Mapping[str, Sequence[Mapping]], keys: Sequence[str]) -> list[dict]:
+    """One row per run: its last logged step and each key's mean over its last 10% of rows."""
+    table = []
+    for name, rows in runs.items():
+        steps = [row["step"] for row in rows if isinstance(row.get("step"), int)]
+        row = {"run": name, "last step": max(steps) if steps else None}
+        row.update({key: _fmt(_final_value(rows, key), 4) for key in keys})
+        table.append(row)
+    return table
 
 
 def _fmt(value, digits: int = 3):
@@ -124,15 +149,35 @@ def write_eval_report(output_dir, results: dict, runs: Mapping[str, str],
         "pass@k", "A curve that starts low but ends high samples diverse answers; RL usually lifts "
                   "pass@1 more than pass@k at large k.",
         tables=[pass_at_k_table(results)], images=[("pass@k", pass_plot)]))
-    for stage, run_dir in runs.items():
+    by_stage: dict[str, dict[str, list]] = {}
+    for name, run_dir in runs.items():
         path = os.path.join(run_dir, METRICS_FILE)
         if not os.path.exists(path):
             continue
         rows = read_metrics(path)
-        keys = _curve_keys(run_stage(run_dir, stage), rows)
+        stage = run_stage(run_dir, name)
+        keys = _curve_keys(stage, rows)
         if not rows or not keys:
             continue
-        image = plot_curves(rows, keys, plots / f"{stage}_curves.png", title=f"{stage} training")
-        sections.append(Section(f"Training curves: {stage}", f"`{path}`",
-                                images=[(f"{stage} training curves", image)]))
+        by_stage.setdefault(stage, {})[name] = rows
+        image = plot_curves(rows, keys, plots / f"{name}_curves.png", title=f"{name} training")
+        sections.append(Section(f"Training curves: {name}", f"`{path}`",
+                                images=[(f"{name} training curves", image)]))
+    sections.extend(_comparison_sections(by_stage, plots))
     return Path(write_report(output_dir / "report.md", title, sections))
+
+
+def _comparison_sections(by_stage: Mapping[str, Mapping[str, list]], plots: Path) -> list[Section]:
+    """For each stage with two or more runs: their curves overlaid and their final values."""
+    sections = []
+    for stage, stage_runs in by_stage.items():
+        if len(stage_runs) < 2:
+            continue
+        keys = list(dict.fromkeys(key for rows in stage_runs.values() for key in _curve_keys(stage, rows)))
+        image = plot_curves(stage_runs, keys, plots / f"compare_{stage}.png",
+                            title=f"{stage} runs: " + ", ".join(stage_runs))
+        text = (f"The {stage} runs {', '.join(f'`{name}`' for name in stage_runs)} side by side; the table "
+                f"gives each metric's mean over the run's last 10% of logged steps (at least one).")
+        sections.append(Section(f"Compared: {stage} runs", text, tables=[comparison_table(stage_runs, keys)],
+                                images=[(f"{stage} runs compared", image)]))
+    return sections
