@@ -253,11 +253,13 @@ def test_ppo_with_the_gold_scorer_and_grpo_with_a_reward_model(task, sft_run, re
 
 
 def test_ppo_with_kl_coef_zero_runs_no_reference(task, sft_run, tmp_path):
-    """No KL penalty: the reference is never loaded (a folder that does not exist is not read)
-    and no KL is logged."""
-    result = ppo.run(None, _rl_overrides(task, tmp_path / "ppo", sft_run[0] / "model") + [
-        "train.iterations=1", "reward.kind=gold", "ppo.sampling.max_new_tokens=2", "ppo.kl_coef=0",
-        f"reference={tmp_path / 'no_such_folder'}", "ppo.num_minibatches=1", "ppo.epochs=1", "checkpoint.interval=0"])
+    """No KL penalty: the reference is never loaded (a folder that does not exist is not read,
+    with a warning that says so) and no KL is logged."""
+    with pytest.warns(UserWarning, match=r"reference=.*no_such_folder is not read: ppo.kl_coef is 0"):
+        result = ppo.run(None, _rl_overrides(task, tmp_path / "ppo", sft_run[0] / "model") + [
+            "train.iterations=1", "reward.kind=gold", "ppo.sampling.max_new_tokens=2", "ppo.kl_coef=0",
+            f"reference={tmp_path / 'no_such_folder'}", "ppo.num_minibatches=1", "ppo.epochs=1",
+            "checkpoint.interval=0"])
     row = read_metrics(tmp_path / "ppo")[0]
     assert result["finished"] and "objective/kl" not in row and row["objective/kl_coef"] == 0.0
 

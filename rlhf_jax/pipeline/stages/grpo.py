@@ -80,8 +80,8 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
     policy_module, policy_params = stage_setup.build_model(config.policy, setup.tokenizer,
                                                       stage_setup.rng_key(config.seed, 0), key="policy")
     skeletons.check_rollout_positions(config, "grpo", policy_module)
-    ref_params = (skeletons.frozen_reference(config, policy_module, policy_params, setup.tokenizer, mesh)
-                  if algorithm.kl_coef > 0 else None)
+    ref_params = skeletons.kl_reference(config, "grpo", algorithm.kl_coef, policy_module, policy_params,
+                                        setup.tokenizer, mesh)
     in_jit = model_scorer(config.reward, setup.tokenizer, attention_impl=config.policy.attention_impl)
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
         HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data, algorithm.sampling.eos_token_id)

@@ -38,9 +38,8 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
     policy_module, policy_params = stage_setup.build_model(config.policy, setup.tokenizer,
                                                       stage_setup.rng_key(config.seed, 0), key="policy")
     skeletons.check_rollout_positions(config, "ppo", policy_module)
-    # kl_coef 0 (fixed, or adaptive: its multiplicative updates keep 0) never reads the reference
-    ref_params = (skeletons.frozen_reference(config, policy_module, policy_params, setup.tokenizer, mesh)
-                  if algorithm.kl_coef > 0 else None)
+    ref_params = skeletons.kl_reference(config, "ppo", algorithm.kl_coef, policy_module, policy_params,
+                                        setup.tokenizer, mesh)
     value_key, value_path = next(((key, path) for key, path in (
         ("value", config.value), ("reward.path", config.reward.path if config.reward.uses_model else None),
         ("policy.path", config.policy.path)) if path), ("value", None))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +348,18 @@ def frozen_reference(config, policy_module, policy_params, tokenizer, mesh):
     else:
         ref_params = jax.tree.map(lambda x: x.copy(), policy_params)
     return jax.device_put(ref_params, replicated(mesh))
+
+
+def kl_reference(config, stage: str, kl_coef: float, policy_module, policy_params, tokenizer, mesh):
+    """`frozen_reference` when the stage has a KL penalty; with `<stage>.kl_coef` 0 (fixed, or
+    adaptive: its multiplicative updates keep 0) None, and a warning when `reference` is set,
+    since that folder is then never read (not even checked)."""
+    if kl_coef > 0:
+        return frozen_reference(config, policy_module, policy_params, tokenizer, mesh)
+    if config.reference:
+        warnings.warn(f"reference={config.reference} is not read: {stage}.kl_coef is 0, so no KL to a "
+                      f"reference is computed or logged", stacklevel=2)
+    return None
 
 
 def run_rollout_stage(stage: str, config, setup: RolloutSetup, policy_module, carry, iterate, *,
