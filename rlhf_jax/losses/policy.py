@@ -212,12 +212,13 @@ def grpo_loss(
     importance_level: str = "token",
     max_len: int | None = None,
     global_token_count=None,
+    kl_logp=None,
 ):
     """GRPO loss (Shao et al., 2024, arXiv:2402.03300) and its DAPO / Dr. GRPO / GSPO variants.
 
     Per token: `-min(rho*A, clip(rho, 1 - eps_low, 1 + eps_high)*A) + kl_coef*k3`, with
-    `k3 = exp(ref_logp - logp) - 1 - (ref_logp - logp)` (unbiased, non-negative estimate of
-    KL(pi || pi_ref)), reduced with `aggregate(..., aggregation)`.
+    `k3 = exp(ref_logp - kl_logp) - 1 - (ref_logp - kl_logp)` (unbiased, non-negative estimate
+    of KL(pi || pi_ref); `kl_logp` defaults to `logp`), reduced with `aggregate(..., aggregation)`.
 
     Variants: DAPO (arXiv:2503.14476) = `aggregation="dapo"`, `clip_eps_high=0.28`, `kl_coef=0`;
     Dr. GRPO (arXiv:2503.20783) = `aggregation="dr_grpo"` with unscaled advantages;
@@ -234,12 +235,15 @@ def grpo_loss(
       clip_eps: symmetric clip range; `clip_eps_low` / `clip_eps_high` override each side.
       kl_coef: KL coefficient.
       aggregation, importance_level, max_len, global_token_count: as in `ppo_policy_loss`.
+      kl_logp: optional `[B, T]` current-policy log-probs for the KL term only (gradient flows);
+        None = `logp`. With top-k / top-p rollouts `logp` are the kept set's (the ratios) and
+        `kl_logp` the unfiltered softmax's, so the KL is 0 at the reference.
 
     Returns:
       `(loss, metrics)` with `grpo/loss`, `grpo/clipfrac`, `grpo/kl` (token mean of k3; absent
       when `ref_logp` is None: no KL was computed) and `grpo/ratio_mean`.
     """
-    _check_token_inputs(logp, mask, old_logp=old_logp, ref_logp=ref_logp)
+    _check_token_inputs(logp, mask, old_logp=old_logp, ref_logp=ref_logp, kl_logp=kl_logp)
     if ref_logp is None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
         raise ValueError("`ref_logp` may be None only when `kl_coef` is 0")
     terms = _clipped_terms(
@@ -251,7 +255,7 @@ def grpo_loss(
     kl = None
     if ref_logp is not None:
         # Zero both sides on padding so garbage there cannot reach exp() or the gradient.
-        safe_logp = jnp.where(counted, logp.astype(jnp.float32), 0.0)
+        safe_logp = jnp.where(counted, (logp if kl_logp is None else kl_logp).astype(jnp.float32), 0.0)
         safe_ref_logp = jnp.where(counted, jax.lax.stop_gradient(ref_logp), 0.0)
         kl = kl_estimate(safe_logp, safe_ref_logp, "k3")
         per_token = per_token + kl_coef * kl

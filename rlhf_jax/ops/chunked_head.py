@@ -22,7 +22,10 @@ the kept distribution the token was drawn from,
 
 while mean_logit stays the mean of z over the whole vocabulary (so `mean_logprob` is
 mean_v z_v minus the kept set's logsumexp) and is_argmax is unchanged (the argmax is always
-kept). Without thresholds the blocks trace no mask: the program is the plain one.
+kept). `full_logsumexp` is always `log sum_v exp(z_v)` over the whole vocabulary, so
+`full_logprob = z_y - full_logsumexp` scores the unfiltered `softmax(z)` (what a KL to an
+unfiltered reference compares) in the same pass. Without thresholds the blocks trace no
+mask and `full_logsumexp` is `logsumexp`: the program is the plain one.
 
 The positions are flattened and processed in blocks of `chunk_size` rows with `lax.scan`;
 a block's `[chunk_size, V]` logits live only inside one loop iteration. The gradient is a
@@ -30,6 +33,7 @@ custom VJP that recomputes each block's logits from the saved `h`, `W` and the p
 `logsumexp` and `E_p[z]`, and forms, per block (g_* the cotangents of the outputs):
 
     dz = p * (g_lse - g_logprob - g_entropy * (z - E_p[z])) + g_mean / V + g_logprob * onehot(y)
+         + softmax(z) * g_full_lse
     da = dz / T * (1 - (s(a) / c)^2)            (no factor without a soft-cap)
     dh = da W^T,   dW += h^T da                 (dW accumulated in float32 over the blocks)
 
@@ -94,11 +98,18 @@ class HeadStats(NamedTuple):
     mean_logit: jax.Array  # mean_v z_v
     entropy: jax.Array  # -sum_v p_v log p_v
     is_argmax: jax.Array  # 1.0 where y = argmax_v z_v (no gradient)
+    full_logsumexp: jax.Array  # log sum_v exp(z_v) over the whole vocabulary (= logsumexp without a kept set)
 
     @property
     def mean_logprob(self) -> jax.Array:
         """`mean_v log p_v`, the uniform-target term of label-smoothed cross-entropy."""
         return self.mean_logit - self.logsumexp
+
+    @property
+    def full_logprobs(self) -> jax.Array:
+        """`z_y - log sum_v exp(z_v)`: log p_y under the unfiltered `softmax(z)` (= `logprobs`
+        without a kept set)."""
+        return self.logprobs + self.logsumexp - self.full_logsumexp
 
 
 def soft_cap(x, cap: float | None):
@@ -133,17 +144,20 @@ def _block_logits(hidden_block, kernel, vocab_major, softcap, temperature):
 
 def _block_stats(z, tokens, threshold=None):
     """Forward statistics of one block of scaled logits z [C, V] and tokens [C] (of the kept
-    distribution when `threshold` [C] is given)."""
+    distribution when `threshold` [C] is given): the `HeadStats` fields, then `E_p[z]`."""
     top = jnp.max(z, axis=-1, keepdims=True)  # always kept: z_max >= z_y >= min(t, z_y)
     exp = jnp.exp(z - top)
     picked = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
+    full_lse = None
     if threshold is not None:
+        full_lse = top[:, 0] + jnp.log(jnp.sum(exp, axis=-1))
         exp = jnp.where(kept_mask(z, picked, threshold), exp, 0.0)
     total = jnp.sum(exp, axis=-1)
     lse = top[:, 0] + jnp.log(total)
     expected = jnp.sum(exp * z, axis=-1) / total  # E_p[z]
     is_argmax = (jnp.argmax(z, axis=-1) == tokens).astype(jnp.float32)
-    return picked - lse, lse, jnp.mean(z, axis=-1), lse - expected, is_argmax, expected
+    full_lse = lse if full_lse is None else full_lse
+    return picked - lse, lse, jnp.mean(z, axis=-1), lse - expected, is_argmax, full_lse, expected
 
 
 def _blocks(x, chunk_size):
@@ -180,29 +194,39 @@ def _flat_forward(hidden, kernel, tokens, temperature, threshold, vocab_major, s
     blocks = (_blocks(hidden, chunk_size), _blocks(tokens, chunk_size), _maybe_blocks(threshold, chunk_size))
     _, stats = jax.lax.scan(body, None, blocks)
     stats = tuple(_unblock(s, count) for s in stats)
-    return stats[:5], stats[1::4]  # outputs; (logsumexp, E_p[z]) for the backward pass
+    return stats[:6], (stats[1], stats[6], stats[5])  # outputs; (logsumexp, E_p[z], full) for the VJP
 
 
 def _flat_fwd(hidden, kernel, tokens, temperature, threshold, vocab_major, softcap, chunk_size):
-    outputs, (lse, expected) = _flat_forward(hidden, kernel, tokens, temperature, threshold, vocab_major,
-                                             softcap, chunk_size)
-    return outputs, (hidden, kernel, tokens, temperature, threshold, lse, expected)
+    outputs, (lse, expected, full_lse) = _flat_forward(hidden, kernel, tokens, temperature, threshold,
+                                                       vocab_major, softcap, chunk_size)
+    return outputs, (hidden, kernel, tokens, temperature, threshold, lse, expected,
+                     None if threshold is None else full_lse)
 
 
 def _flat_bwd(vocab_major, softcap, chunk_size, residuals, cotangents):
-    hidden, kernel, tokens, temperature, threshold, lse, expected = residuals
-    g_logprob, g_lse, g_mean, g_entropy, _ = (jnp.asarray(g, jnp.float32) for g in cotangents)
+    hidden, kernel, tokens, temperature, threshold, lse, expected, full_lse = residuals
+    g_logprob, g_lse, g_mean, g_entropy, _, g_full = (jnp.asarray(g, jnp.float32) for g in cotangents)
     count, vocab = hidden.shape[0], kernel.shape[0 if vocab_major else 1]
+    if threshold is None:  # full_logsumexp is logsumexp: one softmax carries both cotangents
+        g_lse, full = g_lse + g_full, None
+    else:
+        full = (full_lse, g_full)
     per_position = (tokens, lse, expected, g_logprob, g_lse, g_mean, g_entropy)
 
     def body(kernel_grad, block):
-        hidden_block, threshold_block, token_block, lse_b, expected_b, g_lp, g_ls, g_mn, g_en = block
+        hidden_block, threshold_block, full_block, token_block, lse_b, expected_b, g_lp, g_ls, g_mn, g_en = block
         z, capped = _block_logits(hidden_block, kernel, vocab_major, softcap, temperature)
         probs = jnp.exp(z - lse_b[:, None])
+        extra = None
         if threshold_block is not None:  # p_v = 0 outside the kept set; no gradient through the mask
             picked = jnp.take_along_axis(z, token_block[:, None], axis=-1)[:, 0]
+            full_lse_b, g_fl = full_block  # softmax(z) = the unmasked exp(z - lse) * exp(lse - full_lse)
+            extra = probs * (jnp.exp(lse_b - full_lse_b) * g_fl)[:, None]
             probs = jnp.where(kept_mask(z, picked, threshold_block), probs, 0.0)
         dz = probs * ((g_ls - g_lp)[:, None] - g_en[:, None] * (z - expected_b[:, None])) + (g_mn / vocab)[:, None]
+        if extra is not None:
+            dz = dz + extra
         dz = dz.at[jnp.arange(dz.shape[0]), token_block].add(g_lp)
         da = dz / temperature
         if softcap is not None:
@@ -213,7 +237,8 @@ def _flat_bwd(vocab_major, softcap, chunk_size, residuals, cotangents):
                                           preferred_element_type=jnp.float32)
         return _add_kernel_grad(kernel_grad, h, da, vocab_major), hidden_grad.astype(hidden.dtype)
 
-    blocks = ((_blocks(hidden, chunk_size), _maybe_blocks(threshold, chunk_size))
+    blocks = ((_blocks(hidden, chunk_size), _maybe_blocks(threshold, chunk_size),
+               None if full is None else tuple(_blocks(x, chunk_size) for x in full))
               + tuple(_blocks(x, chunk_size) for x in per_position))
     kernel_grad, hidden_grad = jax.lax.scan(body, jnp.zeros(kernel.shape, jnp.float32), blocks)
     return (_unblock(hidden_grad, count), kernel_grad.astype(kernel.dtype), None,

@@ -176,7 +176,7 @@ def _grpo_loss(params, apply_fn, batch: Rollout, config: GRPOConfig):
     mask = flat(batch.response_mask)
     loss, metrics = grpo_loss(
         flat(current.logprobs), flat(batch.logp), None if batch.ref_logp is None else flat(batch.ref_logp),
-        flat(batch.advantages), mask,
+        flat(batch.advantages), mask, kl_logp=flat(current.full_logprobs),
         clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high, kl_coef=config.kl_coef,
         aggregation=config.aggregation, importance_level=config.importance_level,
         max_len=config.sampling.max_new_tokens,

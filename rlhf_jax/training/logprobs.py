@@ -40,7 +40,9 @@ slower (steps at V = 512 / 8,192 / 32,000: 0.85x / 0.98x / 0.80x the full head's
 position with `lm_logits` (full float32 logits, their gradient and softmax temporaries: about
 12 bytes x tokens x V). Both agree to 1e-5 in values and gradients (tested). With
 `kept_threshold` (top-k / top-p rollouts, `rlhf_jax.ops.kept_set`) both heads score the kept
-set renormalised: the blocks mask each block's logits, the full head uses `kept_set_logits`.
+set renormalised: the blocks mask each block's logits, the full head uses `kept_set_logits`;
+`full_logprobs` then holds the same tokens' log-probs under the unfiltered `softmax(logits / T)`
+(what a KL to an unfiltered reference compares), from the same pass.
 Value and reward models read the same hidden states (`response_hidden_states`); a reward
 model's score of a response is read at its last real token (`response_states_at`, which runs
 the last layer's queries and MLP at that token only, or `response_end_states` on states
@@ -128,6 +130,9 @@ class ResponseLogprobs(NamedTuple):
     # with_vocab_stats (label-smoothed cross-entropy and accuracy, e.g. SFT):
     mean_logprob: jax.Array | None = None  # [B, N, R] mean_v log p(v) (0 on padding)
     is_argmax: jax.Array | None = None  # [B, N, R] 1.0 where the token is the argmax (no gradient)
+    # [B, N, R] log-probs under the unfiltered softmax(logits / T): `logprobs` itself without
+    # kept_threshold; with it, the full softmax's (the KL's), while `logprobs` are the kept set's
+    full_logprobs: jax.Array | None = None
 
     def sequence_sum(self) -> jax.Array:
         """`sum_j logprobs[b, n, j]` [B, N]."""
@@ -186,7 +191,8 @@ def response_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, with
         set renormalised, `z_y - logsumexp_{z_v >= min(t, z_y)} z_v`, on either head (blocks:
         `chunked_head_stats(kept_threshold=)`; full logits: `kept_set_logits`). `mean_logprob`
         is then `mean_v z_v` minus the kept set's logsumexp; `is_argmax` is unchanged (the
-        argmax is always kept). Ignored on padding.
+        argmax is always kept). Ignored on padding. `full_logprobs` are always those of the
+        unfiltered `softmax(logits / T)` (with gradients).
     """
     check_positive(temperature, "temperature")
     if head_chunk_size is not None and head_chunk_size != "auto" and (
@@ -205,13 +211,15 @@ def response_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, with
         scored = logits if kept_threshold is None else kept_set_logits(logits, tokens, kept_threshold,
                                                                         temperature=temperature)
         logprobs = keep(token_logprobs(scored, tokens, temperature=temperature))
+        full_logprobs = logprobs if kept_threshold is None else keep(token_logprobs(logits, tokens,
+                                                                                    temperature=temperature))
         entropy = keep(entropy_from_logits(scored, temperature=temperature)) if with_entropy else None
         mean_logprob = is_argmax = None
         if with_vocab_stats:
             scale = lambda x: x / jnp.asarray(temperature, jnp.float32)
             mean_logprob = keep(jnp.mean(scale(logits), -1) - jax.nn.logsumexp(scale(scored), -1))
             is_argmax = keep((jnp.argmax(logits, -1) == tokens).astype(jnp.float32))
-        return ResponseLogprobs(logprobs, mask, entropy, mean_logprob, is_argmax)
+        return ResponseLogprobs(logprobs, mask, entropy, mean_logprob, is_argmax, full_logprobs)
     head = apply_fn({"params": params}, method="output_head")
     if head_chunk_size == "auto" and tokens.size <= head.hidden_size:
         return response_logprobs(apply_fn, params, batch, temperature=temperature, with_entropy=with_entropy,
@@ -220,11 +228,13 @@ def response_logprobs(apply_fn, params, batch: LMBatch, *, temperature=1.0, with
     chunk = None if head_chunk_size == "auto" else head_chunk_size
     stats = chunked_head_stats(hidden.predicting, head, tokens, temperature=temperature, chunk_size=chunk,
                                kept_threshold=kept_threshold)
+    logprobs = keep(stats.logprobs)
     return ResponseLogprobs(
-        keep(stats.logprobs), mask,
+        logprobs, mask,
         keep(stats.entropy) if with_entropy else None,
         keep(stats.mean_logprob) if with_vocab_stats else None,
         keep(jax.lax.stop_gradient(stats.is_argmax)) if with_vocab_stats else None,
+        logprobs if kept_threshold is None else keep(stats.full_logprobs),
     )
 
 

@@ -255,7 +255,7 @@ def ppo_train(policy_state, value_state, kl_state, data: Rollout, scores, rng, *
         data = data.replace(values=jnp.zeros(data.response_mask.shape, jnp.float32))
     no_reference = data.ref_logp is None  # no KL to shape with (kl_coef 0): none is logged
     if no_reference:
-        data = data.replace(ref_logp=data.logp)
+        data = data.replace(ref_logp=data.kl_logp)
     data = ppo_advantages(
         data, kl_coef=kl_state.coef, kl_estimator=config.kl_estimator, gamma=config.gamma,
         gae_lambda=config.gae_lambda, whiten_rewards=config.whiten_rewards,

@@ -35,9 +35,13 @@ rollout stores each token's kept-set threshold (`kept_threshold [B, N, R]`, midw
 the smallest kept and the largest excluded `logit / T`) and every policy log-prob of the rollout and of the update is
 `z_y - logsumexp_{z_v >= t} z_v` (`rlhf_jax.ops.kept_set`): the ratios compare the
 distribution the tokens came from. It runs on the same blocked LM head as the plain log-probs
-(`response_logprobs(kept_threshold=)`), never holding `[B, N, R, V]` logits. Reference log-probs stay those of the full
-`softmax(logits / T)` of the reference model. Off (or without filters), log-probs are those of
-`softmax(logits / T)`.
+(`response_logprobs(kept_threshold=)`), never holding `[B, N, R, V]` logits. The KL to the
+reference compares full distributions: the reference's log-probs are those of its
+`softmax(logits / T)`, and the policy's side of every KL (PPO's reward shaping and
+`objective/kl`, GRPO's k3 term) reads `full_logp`, the same tokens under the policy's
+unfiltered `softmax(logits / T)` from the same pass, so the KL is 0 at the reference whatever
+the filters (TRL's and verl's KL). Off (or without filters), log-probs are those of
+`softmax(logits / T)` and `full_logp` is None (it is `logp`).
 
 Where scoring runs. Inside one jit (`score_rollout`, `rollout`, `grpo_iteration`,
 `ppo_iteration`), scores come from exactly one of:
@@ -164,6 +168,7 @@ class Rollout:
     has_eos: Any  # [B, N] bool: the response ended with an EOS token
     logp: Any  # [B, N, R] float32: rollout-policy log-probs (0 on padding)
     kept_threshold: Any = None  # [B, N, R] float32: kept-set thresholds (module docstring)
+    full_logp: Any = None  # [B, N, R] float32: with kept_threshold, logp under the unfiltered softmax
     ref_logp: Any = None  # [B, N, R] float32: reference log-probs (0 on padding)
     values: Any = None  # [B, N, R] float32: V(state before response token j)
     scores: Any = None  # [B, N] float32: reward-model / score_fn / host scores
@@ -174,6 +179,12 @@ class Rollout:
     @property
     def batch(self) -> LMBatch:
         return LMBatch(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)
+
+    @property
+    def kl_logp(self):
+        """The rollout policy's log-probs that a KL to the reference compares: `full_logp`
+        (the unfiltered softmax's) when the kept set is replayed, else `logp`."""
+        return self.logp if self.full_logp is None else self.full_logp
 
     @property
     def num_responses(self) -> int:
@@ -308,6 +319,7 @@ def generate_rollout(policy_state, prompt_ids, prompt_mask, rng, *, sampling: Sa
         has_eos=grouped(out.finished),
         logp=grouped(jnp.where(response_mask != 0, logp, 0.0)),
         kept_threshold=grouped(jnp.where(response_mask != 0, out.kept_threshold, -jnp.inf)) if kept else None,
+        full_logp=grouped(jnp.where(response_mask != 0, out.logprobs, 0.0)) if kept else None,
     )
 
 
@@ -328,9 +340,10 @@ def rollout_logprobs(data: Rollout, policy_state, ref_params, *, sampling: Sampl
     """
     batch, temperature = data.batch, sampling.temperature
     if sampling.logprobs_source == "forward":
-        data = data.replace(logp=policy_logprobs(policy_state.apply_fn, policy_state.params, batch,
-                                                 temperature=temperature,
-                                                 kept_threshold=data.kept_threshold).logprobs)
+        scored = policy_logprobs(policy_state.apply_fn, policy_state.params, batch, temperature=temperature,
+                                 kept_threshold=data.kept_threshold)
+        data = data.replace(logp=scored.logprobs,
+                            full_logp=None if data.kept_threshold is None else scored.full_logprobs)
     if ref_params is not None:
         data = data.replace(ref_logp=response_logprobs(policy_state.apply_fn, ref_params, batch,
                                                        temperature=temperature).logprobs)
@@ -399,7 +412,7 @@ def ppo_advantages(data: Rollout, *, kl_coef, kl_estimator="k1", gamma=1.0, gae_
     flat = flatten_responses
     mask = flat(data.response_mask)
     rewards = shape_rewards(
-        flat(data.scores), flat(data.logp), flat(data.ref_logp), mask, kl_coef=kl_coef,
+        flat(data.scores), flat(data.kl_logp), flat(data.ref_logp), mask, kl_coef=kl_coef,
         kl_estimator=kl_estimator, has_eos=flat(data.has_eos), missing_eos_score=missing_eos_score,
         score_clip=score_clip,
     )
@@ -429,7 +442,7 @@ def rollout(policy_state, ref_params, prompt_ids, prompt_mask, rng, *, sampling:
     if data.values is None:
         data = data.replace(values=jnp.zeros(data.response_mask.shape, jnp.float32))
     if data.ref_logp is None:
-        data = data.replace(ref_logp=data.logp)
+        data = data.replace(ref_logp=data.kl_logp)
     return ppo_advantages(
         data, kl_coef=kl_coef, kl_estimator=kl_estimator, gamma=gamma, gae_lambda=gae_lambda,
         whiten_rewards=whiten_rewards, whiten_advantages=whiten_advantages,
@@ -441,7 +454,7 @@ def rollout_metrics(data: Rollout) -> dict[str, jax.Array]:
     """Scalar summaries of a rollout (stable names), means over its `B * N` responses:
 
     `objective/scores` mean score; `objective/kl` mean of the summed per-token
-    `logp - ref_logp` (the k1 sequence KL the adaptive controller tracks); `objective/rlhf_reward`
+    `kl_logp - ref_logp` (the k1 sequence KL the adaptive controller tracks); `objective/rlhf_reward`
     mean of the summed shaped rewards; `rollout/response_length` mean counted tokens;
     `rollout/eos_rate` fraction of responses that ended with EOS.
     """
@@ -453,7 +466,7 @@ def rollout_metrics(data: Rollout) -> dict[str, jax.Array]:
     if data.scores is not None:
         metrics["objective/scores"] = jnp.mean(data.scores)
     if data.ref_logp is not None:
-        metrics["objective/kl"] = jnp.mean(masked_sum(data.logp - data.ref_logp, mask, axis=-1))
+        metrics["objective/kl"] = jnp.mean(masked_sum(data.kl_logp - data.ref_logp, mask, axis=-1))
     if data.rewards is not None:
         metrics["objective/rlhf_reward"] = jnp.mean(masked_sum(data.rewards, mask, axis=-1))
     return metrics

@@ -61,11 +61,13 @@ def np_ppo(logp, old_logp, adv, mask, *, eps_low, eps_high, dual_clip=None, leve
     return np_aggregate(per_token, mask, mode, **agg), metrics
 
 
-def np_grpo(logp, old_logp, ref_logp, adv, mask, *, eps_low, eps_high, kl_coef, level="token", mode="grpo", **agg):
+def np_grpo(logp, old_logp, ref_logp, adv, mask, *, eps_low, eps_high, kl_coef, level="token", mode="grpo",
+            kl_logp=None, **agg):
     adv = np.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, logp.shape)
     ratio = np_ratio(logp, old_logp, mask, level)
     surrogate = -np.minimum(ratio * adv, np.clip(ratio, 1 - eps_low, 1 + eps_high) * adv)
-    k3 = np.exp(ref_logp - logp) - 1 - (ref_logp - logp)
+    kl_logp = logp if kl_logp is None else kl_logp
+    k3 = np.exp(ref_logp - kl_logp) - 1 - (ref_logp - kl_logp)
     per_token = surrogate + kl_coef * k3
     count = mask.sum()
     metrics = {
@@ -288,6 +290,25 @@ def test_grpo_matches_oracle(options, advantage_shape):
     np.testing.assert_allclose(metrics["grpo/loss"], expected, rtol=1e-5, atol=1e-6)
     for key, value in expected_metrics.items():
         np.testing.assert_allclose(metrics[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_grpo_kl_term_reads_kl_logp():
+    """`kl_logp` (the unfiltered softmax's log-probs of a top-k / top-p rollout) replaces `logp`
+    in the k3 term only: the ratios still read `logp`; the KL's gradient flows to `kl_logp`."""
+    logp, old_logp, ref_logp, adv, mask = make_batch(13, "sequence")
+    kl_logp = logp - np.random.default_rng(14).uniform(0.0, 0.5, logp.shape).astype(np.float32)
+    loss, metrics = grpo_loss(*as_jnp(logp, old_logp, ref_logp, adv, mask), kl_coef=0.1, kl_logp=jnp.asarray(kl_logp))
+    expected, expected_metrics = np_grpo(logp, old_logp, ref_logp, adv, mask, eps_low=0.2, eps_high=0.2,
+                                         kl_coef=0.1, kl_logp=kl_logp)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    for key, value in expected_metrics.items():
+        np.testing.assert_allclose(metrics[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    grad = jax.grad(lambda k: grpo_loss(*as_jnp(logp, old_logp, ref_logp, adv, mask), kl_coef=0.1, kl_logp=k)[0])(
+        jnp.asarray(kl_logp))
+    per_token = 0.1 * (1 - np.exp(ref_logp - kl_logp)) * mask / mask.sum(1, keepdims=True) / B  # d k3 / d kl_logp
+    np.testing.assert_allclose(grad, per_token, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="kl_logp"):
+        grpo_loss(*as_jnp(logp, old_logp, ref_logp, adv, mask), kl_logp=jnp.asarray(kl_logp[:, :-1]))
 
 
 def test_grpo_without_reference_when_kl_coef_is_zero():

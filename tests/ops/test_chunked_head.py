@@ -280,6 +280,9 @@ def test_kept_set_values_match_numpy(vocab_major, softcap, temperature, chunk_si
     gain = np.asarray(stats.logprobs)[cut] - full["logprobs"][cut]  # renormalised: log(1 / kept mass) >= 0
     assert gain.min() > -1e-5 and gain.max() > 1e-2
     np.testing.assert_allclose(np.asarray(stats.logprobs)[~cut], full["logprobs"][~cut], atol=1e-5)
+    # the unfiltered softmax's log-probs and logsumexp come out of the same pass
+    np.testing.assert_allclose(np.asarray(stats.full_logsumexp), full["logsumexp"], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats.full_logprobs), full["logprobs"], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("vocab_major,softcap,temperature,chunk_size", CASES)
@@ -332,3 +335,35 @@ def test_kept_set_program_holds_no_tokens_by_vocab_array(vocab_major):
 
     logits_bytes = tokens_count * vocab * 4
     assert temp_bytes(blocks) < logits_bytes / 2 < logits_bytes <= temp_bytes(full)
+
+
+@pytest.mark.parametrize("vocab_major,softcap,temperature,chunk_size", CASES[:4])
+def test_full_logprobs_gradient_with_a_kept_set(vocab_major, softcap, temperature, chunk_size):
+    """With kept-set thresholds, a loss reading both the kept log-probs (ratios) and the full
+    softmax's (a KL) differentiates as autodiff of full logits does (`log_softmax` for the
+    second); without thresholds `full_logprobs` is `logprobs`, gradient included."""
+    hidden, kernel, tokens, thresholds, _ = kept_inputs(14, vocab_major, softcap, temperature)
+    rng = np.random.default_rng(15)
+    w_kept, w_full = (jnp.asarray(rng.normal(size=tokens.shape), jnp.float32) for _ in range(2))
+
+    def reference(h, w):
+        logits = head_logits(h, OutputHead(w, vocab_major=vocab_major, softcap=softcap))
+        kept = token_logprobs(kept_set_logits(logits, tokens, thresholds, temperature=temperature), tokens,
+                              temperature=temperature)
+        full = jnp.take_along_axis(jax.nn.log_softmax(logits / temperature), tokens[..., None], -1)[..., 0]
+        return jnp.sum(w_kept * kept) + jnp.sum(w_full * full)
+
+    def blocks(h, w, t=thresholds):
+        stats = chunked(h, w, tokens, vocab_major, softcap, temperature, chunk_size, t)
+        return jnp.sum(w_kept * stats.logprobs) + jnp.sum(w_full * stats.full_logprobs)
+
+    grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(hidden, kernel)
+    (value_ref, grads_ref), (value, grads) = grad(reference), grad(blocks)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-5, atol=1e-5)
+    for got, want, name in zip(grads, grads_ref, ("hidden", "kernel")):
+        np.testing.assert_allclose(got, want, atol=1e-5 * float(np.abs(want).max()), rtol=1e-5, err_msg=name)
+    plain = jax.jit(jax.grad(lambda h: jnp.sum(chunked(h, kernel, tokens, vocab_major, softcap, temperature,
+                                                          chunk_size).full_logprobs)))(hidden)
+    twice = jax.jit(jax.grad(lambda h: jnp.sum(chunked(h, kernel, tokens, vocab_major, softcap, temperature,
+                                                          chunk_size).logprobs)))(hidden)
+    np.testing.assert_allclose(plain, twice, atol=1e-6)

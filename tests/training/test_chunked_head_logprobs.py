@@ -99,7 +99,8 @@ def kept_thresholds(model, params, batch, temperature, seed):
 ])
 def test_kept_set_chunked_head_matches_full_logits(family, softcap, temperature, chunk):
     """With kept-set thresholds the blocks agree with the full-logits replay (`kept_set_logits`)
-    in values and parameter gradients, and differ from the full softmax."""
+    in values and parameter gradients, and differ from the full softmax; `full_logprobs` on both
+    heads are the full softmax's (the log-probs without thresholds)."""
     model = CausalLM(config(family, softcap))
     params = scaled_params(model, 6)
     batch = random_batch(seed=7)
@@ -113,9 +114,13 @@ def test_kept_set_chunked_head_matches_full_logits(family, softcap, temperature,
 
     def objective(p, head_chunk_size):
         out = run(p, head_chunk_size)
-        return sum(jnp.sum(w * x) for w, x in zip(weights, (out.logprobs, out.entropy, out.mean_logprob)))
+        return sum(jnp.sum(w * x) for w, x in zip(weights + weights[:1], (
+            out.logprobs, out.entropy, out.mean_logprob, out.full_logprobs)))
 
     full, blocks, plain = run(params, None), run(params, chunk), run(params, chunk, None)
+    for out in (full, blocks):
+        np.testing.assert_allclose(out.full_logprobs, plain.logprobs, atol=1e-5, rtol=1e-5)
+    assert plain.full_logprobs is plain.logprobs
     for name in ("logprobs", "entropy", "mean_logprob", "is_argmax"):
         assert np.all(np.isfinite(getattr(blocks, name))), name
         np.testing.assert_allclose(getattr(blocks, name), getattr(full, name), atol=1e-5, rtol=1e-5, err_msg=name)

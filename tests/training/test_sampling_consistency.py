@@ -76,9 +76,13 @@ def test_rollout_logprobs_are_those_of_the_sampling_distribution(name):
         assert plain.kept_threshold is None
         np.testing.assert_array_equal(plain.response_ids, forward.response_ids)
         np.testing.assert_allclose(plain.logp, full, atol=1e-6)
+        for data in (forward, sampler):  # the unfiltered softmax's, for the KL, from either source
+            np.testing.assert_allclose(data.full_logp, full, atol=1e-5)
+            np.testing.assert_array_equal(data.kl_logp, data.full_logp)
     else:
-        assert forward.kept_threshold is None
+        assert forward.kept_threshold is None and forward.full_logp is None
         np.testing.assert_array_equal(full, forward.logp)
+        np.testing.assert_array_equal(forward.kl_logp, forward.logp)
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
@@ -105,6 +109,28 @@ def test_ppo_first_minibatch_ratio_is_exactly_one(name):
     assert float(metrics["ppo/approx_kl"]) <= 0.5 * ULP2 ** 2  # every token's |log-ratio| <= 2 ulp
     assert abs(float(metrics["ppo/ratio_max"]) - 1.0) <= ULP2
     assert float(metrics["ppo/clipfrac"]) == 0.0
+
+
+@pytest.mark.parametrize("name", ["top_k_and_top_p", "top_p_temperature"])
+def test_kl_to_the_reference_is_zero_at_the_reference_whatever_the_filter(name):
+    """The reference is the policy itself: every KL (GRPO's k3 and objective/kl, PPO's shaping
+    and objective/kl) is 0, although the ratios use kept-set log-probs (> 1e-2 nats above the
+    full softmax's here). Comparing kept-set log-probs with the unfiltered reference would give
+    -log(kept mass) > 0 per token."""
+    state = fresh_policy_state(optax.adam(1e-2))
+    config = GRPOConfig(sampling=sampling(name), group_size=4, kl_coef=0.02, num_minibatches=1)
+    data = GENERATE_GRPO(state, state.params, *left_padded_prompts(2, 6, 4), jax.random.key(4), config=config)
+    assert np.abs(np.asarray(data.logp) - np.asarray(data.ref_logp)).max() > 1e-2
+    _, metrics = TRAIN_GRPO(state, data, host_scores(data), jax.random.key(5), config=config)
+    assert abs(float(metrics["grpo/kl"])) < 1e-6 and abs(float(metrics["objective/kl"])) < 1e-5
+    config = PPOConfig(sampling=sampling(name), kl_coef=0.05, epochs=1, num_minibatches=1)
+    value = create_train_state(VALUE, value_params_from_reward_model(init_params(REWARD, 1)), optax.adam(1e-2))
+    data = GENERATE_PPO(state, value, state.params, *left_padded_prompts(3, 8, 4), jax.random.key(6), config=config)
+    scores = host_scores(data)
+    *_, metrics = TRAIN_PPO(state, value, kl_controller(config).init(), data, scores, jax.random.key(7), config=config)
+    assert abs(float(metrics["objective/kl"])) < 1e-5
+    # the shaped return is the score alone: no KL penalty at the reference
+    np.testing.assert_allclose(float(metrics["objective/rlhf_reward"]), float(np.mean(scores)), atol=1e-5)
 
 
 def test_bad_kept_set_options_raise():
