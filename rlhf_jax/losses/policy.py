@@ -109,9 +109,11 @@ class _ClippedTerms(NamedTuple):
     ratio: jax.Array  # [B, T] importance ratio rho, 1 on padding
     token_log_ratio: jax.Array  # [B, T] per-token logp - old_logp, 0 on padding
     weights: jax.Array  # [B, T] float32 mask
-    clipfrac: jax.Array  # fraction of counted tokens where the clipped branch is larger
-    dual_clipfrac: jax.Array  # fraction of counted tokens capped by the dual clip
-    ratio_mean: jax.Array  # mean ratio over counted tokens
+    # ratio statistics over the units the ratio is taken over: counted tokens, or with
+    # importance_level "sequence" responses (the mean over responses of each one's token mean)
+    clipfrac: jax.Array  # fraction where the clipped branch is larger
+    dual_clipfrac: jax.Array  # fraction capped by the dual clip
+    ratio_mean: jax.Array  # mean ratio
 
 
 def _clipped_terms(
@@ -126,14 +128,17 @@ def _clipped_terms(
         ratio, advantages, eps_low, eps_high, dual_clip
     )
     weights = mask.astype(jnp.float32)
+    # GSPO: one ratio per response, so its statistics weigh responses alike (1 / length per token)
+    units = weights if importance_level == "token" else \
+        weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
     return _ClippedTerms(
         per_token=per_token,
         ratio=ratio,
         token_log_ratio=token_log_ratio,
         weights=weights,
-        clipfrac=masked_mean(clip_active.astype(jnp.float32), weights),
-        dual_clipfrac=masked_mean(dual_active.astype(jnp.float32), weights),
-        ratio_mean=masked_mean(ratio, weights),
+        clipfrac=masked_mean(clip_active.astype(jnp.float32), units),
+        dual_clipfrac=masked_mean(dual_active.astype(jnp.float32), units),
+        ratio_mean=masked_mean(ratio, units),
     )
 
 
@@ -174,7 +179,9 @@ def ppo_policy_loss(
     Returns:
       `(loss, metrics)` with `ppo/policy_loss`, `ppo/clipfrac` (fraction of counted tokens
       where the clipped branch is strictly larger), `ppo/dual_clipfrac`, `ppo/approx_kl`
-      (`0.5 * mean((logp - old_logp)**2)` over tokens), `ppo/ratio_mean`, `ppo/ratio_max`.
+      (`0.5 * mean((logp - old_logp)**2)` over tokens), `ppo/ratio_mean`, `ppo/ratio_max`;
+      with `importance_level="sequence"` clipfrac, dual_clipfrac and ratio_mean are means over
+      responses (of each response's token mean), as its ratio is one per response.
     """
     _check_token_inputs(logp, mask, old_logp=old_logp)
     eps_low = clip_eps if clip_eps_low is None else clip_eps_low
@@ -241,7 +248,8 @@ def grpo_loss(
 
     Returns:
       `(loss, metrics)` with `grpo/loss`, `grpo/clipfrac`, `grpo/kl` (token mean of k3; absent
-      when `ref_logp` is None: no KL was computed) and `grpo/ratio_mean`.
+      when `ref_logp` is None: no KL was computed) and `grpo/ratio_mean` (clipfrac and
+      ratio_mean: over counted tokens, or over responses with `importance_level="sequence"`).
     """
     _check_token_inputs(logp, mask, old_logp=old_logp, ref_logp=ref_logp, kl_logp=kl_logp)
     if ref_logp is None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0):

@@ -203,7 +203,8 @@ def grpo_update(policy_state, data: Rollout, rng, *, config: GRPOConfig):
     `logprobs_source="forward"`, whatever the sampling filters). Each pass shuffles the prompt
     groups afresh and cuts them into `num_minibatches` minibatches of whole groups.
 
-    Returns `(policy_state, metrics)`: means over steps of `grpo/loss`, `grpo/clipfrac`,
+    Returns `(policy_state, metrics)`: means over steps (those whose minibatch has counted
+    tokens; with `mask_truncated` one may have none) of `grpo/loss`, `grpo/clipfrac`,
     `grpo/kl`, `grpo/ratio_mean`, `grpo/entropy`, `optim/grad_norm`, plus `rollout_metrics`,
     `grpo/reward_std` (mean within-group std of the scores the advantages use:
     `effective_scores`) and `grpo/zero_std_fraction` (share of groups whose scores all tie:
@@ -222,10 +223,13 @@ def grpo_update(policy_state, data: Rollout, rng, *, config: GRPOConfig):
         batch = jax.tree.map(lambda x: x[groups], data)
         (_, metrics), grads = grad_fn(state.params, state.apply_fn, batch, config)
         metrics["optim/grad_norm"] = optax.global_norm(grads)
-        return state.apply_gradients(grads=grads), metrics
+        return state.apply_gradients(grads=grads), (metrics, jnp.any(batch.response_mask != 0))
 
-    policy_state, metrics = jax.lax.scan(minibatch_step, policy_state, minibatch_groups)
-    metrics = {name: jnp.mean(value) for name, value in metrics.items()}
+    policy_state, (metrics, counted) = jax.lax.scan(minibatch_step, policy_state, minibatch_groups)
+    # a minibatch with no counted tokens (mask_truncated, no response ended) reports 0 for every
+    # token statistic: the means are over the steps that had tokens (0 when none had)
+    steps = counted.astype(jnp.float32)
+    metrics = {name: jnp.sum(value * steps) / jnp.maximum(jnp.sum(steps), 1.0) for name, value in metrics.items()}
     metrics.update(rollout_metrics(data))
     group_std = jnp.std(effective_scores(data.scores, data.has_eos, config=config), axis=1, ddof=1)
     metrics["grpo/reward_std"] = jnp.mean(group_std)

@@ -43,6 +43,15 @@ def np_ratio(logp, old_logp, mask, level):
     return np.exp(log_ratio)
 
 
+def np_unit_mean(x, mask, level):
+    """Token level: the mean over counted tokens. Sequence level (GSPO, one ratio per response):
+    the mean over responses with tokens of each response's token mean."""
+    if level == "token":
+        return (x * mask).sum() / mask.sum()
+    rows = mask.sum(1) > 0
+    return ((x * mask).sum(1)[rows] / mask.sum(1)[rows]).mean()
+
+
 def np_ppo(logp, old_logp, adv, mask, *, eps_low, eps_high, dual_clip=None, level="token", mode="token_mean", **agg):
     adv = np.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, logp.shape)
     ratio = np_ratio(logp, old_logp, mask, level)
@@ -53,9 +62,9 @@ def np_ppo(logp, old_logp, adv, mask, *, eps_low, eps_high, dual_clip=None, leve
         per_token = np.where(adv < 0, np.minimum(per_token, -dual_clip * adv), per_token)
     count = mask.sum()
     metrics = {
-        "ppo/clipfrac": ((clipped > unclipped) * mask).sum() / count,
+        "ppo/clipfrac": np_unit_mean((clipped > unclipped).astype(np.float64), mask, level),
         "ppo/approx_kl": 0.5 * (((logp - old_logp) ** 2) * mask).sum() / count,
-        "ppo/ratio_mean": (ratio * mask).sum() / count,
+        "ppo/ratio_mean": np_unit_mean(ratio, mask, level),
         "ppo/ratio_max": ratio[mask > 0].max(),
     }
     return np_aggregate(per_token, mask, mode, **agg), metrics
@@ -72,8 +81,9 @@ def np_grpo(logp, old_logp, ref_logp, adv, mask, *, eps_low, eps_high, kl_coef, 
     count = mask.sum()
     metrics = {
         "grpo/kl": (k3 * mask).sum() / count,
-        "grpo/ratio_mean": (ratio * mask).sum() / count,
-        "grpo/clipfrac": ((np.clip(ratio, 1 - eps_low, 1 + eps_high) * adv < ratio * adv) * mask).sum() / count,
+        "grpo/ratio_mean": np_unit_mean(ratio, mask, level),
+        "grpo/clipfrac": np_unit_mean((np.clip(ratio, 1 - eps_low, 1 + eps_high) * adv < ratio * adv)
+                                      .astype(np.float64), mask, level),
     }
     return np_aggregate(per_token, mask, mode, **agg), metrics
 

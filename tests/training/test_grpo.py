@@ -177,6 +177,18 @@ def test_update_matches_hand_assembled_gradient_step():
             fresh_policy_state(optax.sgd(lr)), tied, jax.random.key(0))
         assert float(metrics["grpo/reward_std"]) == pytest.approx(stds.mean(), abs=1e-6)
         assert float(metrics["grpo/zero_std_fraction"]) == np.mean(stds == 0)
+    # mask_truncated can leave a minibatch without counted tokens: the update metrics are
+    # those of the steps with tokens (SGD: the empty step changes nothing), not halved by a 0
+    emptied = data.replace(response_mask=data.response_mask * np.asarray([1, 0])[:, None, None])
+    split = dataclasses.replace(config, num_minibatches=2)
+    _, metrics = jax.jit(functools.partial(grpo_update, config=split))(
+        fresh_policy_state(optax.sgd(lr)), emptied, jax.random.key(0))
+    alone = jax.tree.map(lambda x: x[:1], emptied)
+    _, expected = jax.jit(functools.partial(grpo_update, config=config))(
+        fresh_policy_state(optax.sgd(lr)), alone, jax.random.key(0))
+    for key in ("grpo/loss", "grpo/kl", "grpo/ratio_mean", "grpo/entropy", "optim/grad_norm"):
+        assert float(metrics[key]) == pytest.approx(float(expected[key]), rel=1e-5), key
+    assert float(metrics["grpo/ratio_mean"]) == pytest.approx(1.0, abs=1e-6)
 
 
 # --- configuration ------------------------------------------------------------------------
