@@ -220,12 +220,17 @@ def grpo_loss(
     max_len: int | None = None,
     global_token_count=None,
     kl_logp=None,
+    kl_importance_weighted: bool = False,
 ):
     """GRPO loss (Shao et al., 2024, arXiv:2402.03300) and its DAPO / Dr. GRPO / GSPO variants.
 
     Per token: `-min(rho*A, clip(rho, 1 - eps_low, 1 + eps_high)*A) + kl_coef*k3`, with
     `k3 = exp(ref_logp - kl_logp) - 1 - (ref_logp - kl_logp)` (unbiased, non-negative estimate
     of KL(pi || pi_ref); `kl_logp` defaults to `logp`), reduced with `aggregate(..., aggregation)`.
+    With `kl_importance_weighted`, the KL term is `rho * k3` (rho the same ratio as the surrogate's,
+    with its gradient): the tokens were drawn from pi_old, so this is the unbiased estimate of
+    KL(pi || pi_ref) and of its gradient (DeepSeek-AI 2025, DeepSeek-V3.2, arXiv:2512.02556;
+    TRL's `use_bias_correction_kl`). Its gradient differs from plain k3's even at rho = 1.
 
     Variants: DAPO (arXiv:2503.14476) = `aggregation="dapo"`, `clip_eps_high=0.28`, `kl_coef=0`;
     Dr. GRPO (arXiv:2503.20783) = `aggregation="dr_grpo"` with unscaled advantages;
@@ -245,6 +250,7 @@ def grpo_loss(
       kl_logp: optional `[B, T]` current-policy log-probs for the KL term only (gradient flows);
         None = `logp`. With top-k / top-p rollouts `logp` are the kept set's (the ratios) and
         `kl_logp` the unfiltered softmax's, so the KL is 0 at the reference.
+      kl_importance_weighted: weight each token's k3 by the importance ratio (see above).
 
     Returns:
       `(loss, metrics)` with `grpo/loss`, `grpo/clipfrac`, `grpo/kl` (token mean of k3; absent
@@ -266,6 +272,8 @@ def grpo_loss(
         safe_logp = jnp.where(counted, (logp if kl_logp is None else kl_logp).astype(jnp.float32), 0.0)
         safe_ref_logp = jnp.where(counted, jax.lax.stop_gradient(ref_logp), 0.0)
         kl = kl_estimate(safe_logp, safe_ref_logp, "k3")
+        if kl_importance_weighted:
+            kl = kl * terms.ratio
         per_token = per_token + kl_coef * kl
     loss = aggregate(
         per_token, mask, aggregation, max_len=max_len, global_token_count=global_token_count

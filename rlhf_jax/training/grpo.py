@@ -71,6 +71,8 @@ class GRPOConfig:
     advantage_estimator: Literal["group", "rloo"] = "group"  # GRPO baseline or leave-one-out
     scale: Literal["group", "batch", "none"] = "group"  # std used by the "group" estimator (rloo: unset)
     kl_coef: float = 0.04  # k3 KL coefficient (0: no reference forward pass)
+    # k3 times the importance ratio pi / pi_old (DeepSeek-V3.2; TRL's use_bias_correction_kl)
+    kl_importance_weighted: bool = False
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2  # 0.28 for DAPO's clip-higher
     aggregation: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | token_mean | ...
@@ -93,6 +95,8 @@ class GRPOConfig:
             check_positive(getattr(self, name), name)
         if self.kl_coef < 0:
             raise ValueError(f"`kl_coef` must be >= 0, got {self.kl_coef}")
+        if not isinstance(self.kl_importance_weighted, bool):
+            raise ValueError(f"`kl_importance_weighted` must be true or false, got {self.kl_importance_weighted!r}")
         check_finite_score(self.missing_eos_score, "missing_eos_score")
         if self.advantage_estimator == "rloo" and self.scale != "group":
             raise ValueError(f"`scale` ({self.scale!r}) applies to advantage_estimator 'group' only; RLOO's "
@@ -177,6 +181,7 @@ def _grpo_loss(params, apply_fn, batch: Rollout, config: GRPOConfig):
     loss, metrics = grpo_loss(
         flat(current.logprobs), flat(batch.logp), None if batch.ref_logp is None else flat(batch.ref_logp),
         flat(batch.advantages), mask, kl_logp=flat(current.full_logprobs),
+        kl_importance_weighted=config.kl_importance_weighted,
         clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high, kl_coef=config.kl_coef,
         aggregation=config.aggregation, importance_level=config.importance_level,
         max_len=config.sampling.max_new_tokens,

@@ -71,12 +71,14 @@ def np_ppo(logp, old_logp, adv, mask, *, eps_low, eps_high, dual_clip=None, leve
 
 
 def np_grpo(logp, old_logp, ref_logp, adv, mask, *, eps_low, eps_high, kl_coef, level="token", mode="grpo",
-            kl_logp=None, **agg):
+            kl_logp=None, kl_importance_weighted=False, **agg):
     adv = np.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, logp.shape)
     ratio = np_ratio(logp, old_logp, mask, level)
     surrogate = -np.minimum(ratio * adv, np.clip(ratio, 1 - eps_low, 1 + eps_high) * adv)
     kl_logp = logp if kl_logp is None else kl_logp
     k3 = np.exp(ref_logp - kl_logp) - 1 - (ref_logp - kl_logp)
+    if kl_importance_weighted:  # rho * k3: the tokens were drawn from pi_old
+        k3 = ratio * k3
     per_token = surrogate + kl_coef * k3
     count = mask.sum()
     metrics = {
@@ -283,6 +285,8 @@ def test_ppo_bad_inputs_raise():
         dict(importance_level="sequence", kl_coef=0.0),
         dict(clip_eps=0.1),  # symmetric, as in ppo_policy_loss
         dict(clip_eps=0.1, clip_eps_high=0.28),  # one side overridden
+        dict(kl_coef=0.1, kl_importance_weighted=True),  # TRL's use_bias_correction_kl
+        dict(importance_level="sequence", kl_importance_weighted=True, aggregation="dapo"),
     ],
 )
 @pytest.mark.parametrize("advantage_shape", ["sequence", "token"])
@@ -294,7 +298,8 @@ def test_grpo_matches_oracle(options, advantage_shape):
         logp, old_logp, ref_logp, adv, mask,
         eps_low=options.get("clip_eps_low", options.get("clip_eps", 0.2)),
         eps_high=options.get("clip_eps_high", options.get("clip_eps", 0.2)), kl_coef=options.get("kl_coef", 0.04), level=options.get("importance_level", "token"),
-        mode=options.get("aggregation", "grpo"), **agg,
+        mode=options.get("aggregation", "grpo"), kl_importance_weighted=options.get("kl_importance_weighted", False),
+        **agg,
     )
     np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(metrics["grpo/loss"], expected, rtol=1e-5, atol=1e-6)
@@ -341,6 +346,12 @@ def test_grpo_single_update_gradient_matches_analytic_form():
     expected = per_token * mask / mask.sum(1, keepdims=True) / B
     np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
     assert np.all(np.sign(grad[mask > 0]) == np.sign(expected[mask > 0]))
+    # importance-weighted KL (rho * k3): at rho = 1 the ratio's gradient adds k3 itself
+    grad = grad_wrt_logp(grpo_loss, *as_jnp(logp, logp, ref_logp, adv, mask), kl_coef=kl_coef,
+                         kl_importance_weighted=True)
+    k3 = np.exp(ref_logp - logp) - 1 - (ref_logp - logp)
+    per_token = -adv[:, None] + kl_coef * (k3 + 1 - np.exp(ref_logp - logp))
+    np.testing.assert_allclose(grad, per_token * mask / mask.sum(1, keepdims=True) / B, rtol=1e-4, atol=1e-6)
 
 
 def test_grpo_kl_pulls_towards_reference():
