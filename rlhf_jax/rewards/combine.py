@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from rlhf_jax.rewards.loading import RewardError, RewardFunction, _one_line, accepted_columns
+from rlhf_jax.rewards.trainer_arguments import MetricLog, TrainerState
 
 
 def _check_value(value, name: str, row: int, describe) -> float:
@@ -41,10 +42,13 @@ def _where(error: BaseException) -> str:
 
 
 def call_reward_functions(functions: Sequence[RewardFunction], prompts: list, completions: list,
-                          columns: dict | None = None, *, row_names: Sequence[str] | None = None) -> np.ndarray:
+                          columns: dict | None = None, *, row_names: Sequence[str] | None = None,
+                          trainer_state: TrainerState | None = None, metric_log: MetricLog | None = None
+                          ) -> np.ndarray:
     """`[B, F]` float32: function f's reward for row b, NaN where it returned None.
 
-    `columns` (lists of length B) are passed as keyword arguments (see `accepted_columns`).
+    `columns` (lists of length B) are passed as keyword arguments (see `accepted_columns`), and
+    so are TRL's trainer arguments `trainer_state` and `log_metric` (into `metric_log`) when given.
     `row_names[b]` describes row b in errors (e.g. `"prompts.jsonl row 12"`). Raises
     `RewardError` naming the function (and the first offending row) when a function raises,
     returns a length other than B, a non-number, or a NaN / infinite value.
@@ -60,8 +64,11 @@ def call_reward_functions(functions: Sequence[RewardFunction], prompts: list, co
     values = np.empty((batch, len(functions)), np.float32)
     for index, function in enumerate(functions):
         try:
+            trainer = {} if trainer_state is None else {"trainer_state": trainer_state}
+            if metric_log is not None:
+                trainer["log_metric"] = metric_log.logger(function.name)
             out = function.fn(prompts=prompts, completions=completions,
-                              **accepted_columns(function.fn, columns))
+                              **accepted_columns(function.fn, {**columns, **trainer}))
         except RewardError:
             raise
         except Exception as error:
@@ -87,14 +94,15 @@ def weighted_sum(values: np.ndarray, weights: Sequence[float]) -> np.ndarray:
 
 def reward_metrics(values: np.ndarray, names: Sequence[str]) -> dict[str, float]:
     """`reward/<name>/mean`, `reward/<name>/std` over the rows each function scored (a function
-    that scored no row is left out), and `reward/unscored_fraction`: rows no function scored."""
+    that scored no row is left out; the std is the sample std, ddof 1, as TRL's
+    `rewards/<name>/std`, 0 for one row), and `reward/unscored_fraction`: rows no function scored."""
     metrics = {}
     for index, name in enumerate(names):
         column = values[:, index]
         column = column[~np.isnan(column)]
         if column.size:
             metrics[f"reward/{name}/mean"] = float(column.mean())
-            metrics[f"reward/{name}/std"] = float(column.std())
+            metrics[f"reward/{name}/std"] = float(column.std(ddof=1)) if column.size > 1 else 0.0
     if values.shape[1]:
         metrics["reward/unscored_fraction"] = float(np.mean(np.all(np.isnan(values), axis=1)))
     return metrics

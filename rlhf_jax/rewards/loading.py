@@ -9,7 +9,8 @@ it): plain strings, or for conversational rows the prompt's message list and
 `[{"role": "assistant", "content": text}]`. `columns` are the prompt dataset's other fields for
 the same rows (e.g. `answer=[...]`) plus `completion_ids` (each response's token ids up to and
 including its EOS). `None` means "does not apply to this row". A function whose signature has
-no `**kwargs` receives only the columns it names.
+no `**kwargs` receives only the columns it names. The PPO and GRPO stages also pass TRL's
+trainer arguments `trainer_state` and `log_metric` (`rlhf_jax.rewards.trainer_arguments`).
 
 In a config a function is `path/to/file.py:name` (relative to the working directory) or
 `package.module:name`. `RewardError` carries the one-line message of anything that goes wrong
@@ -25,6 +26,8 @@ import inspect
 import sys
 from pathlib import Path
 from typing import Callable, Mapping
+
+from rlhf_jax.rewards.trainer_arguments import TRAINER_ARGUMENTS
 
 
 class RewardError(ValueError):
@@ -138,8 +141,33 @@ def required_columns(fn: Callable) -> list[str]:
     except (TypeError, ValueError):
         return []
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in parameters
-            if p.kind in named and p.default is inspect.Parameter.empty and p.name not in ALWAYS_PASSED]
+    return [p.name for p in parameters if p.kind in named and p.default is inspect.Parameter.empty
+            and p.name not in ALWAYS_PASSED and p.name not in TRAINER_ARGUMENTS]
+
+
+def required_trainer_arguments(fn: Callable) -> list[str]:
+    """TRL's trainer arguments (`trainer_state`, `log_metric`, `log_extra`) that `fn` takes
+    without a default."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in parameters if p.name in TRAINER_ARGUMENTS and p.default is inspect.Parameter.empty
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+
+
+def check_trainer_arguments(functions: list[RewardFunction], passed: tuple[str, ...], who: str) -> None:
+    """Raise `RewardError` naming the first function that needs one of TRL's trainer arguments
+    that `who` (e.g. "rlhf-jax grpo") does not pass (`passed` are the ones it does)."""
+    for function in functions:
+        for name in required_trainer_arguments(function.fn):
+            if name not in passed:
+                why = ("it keeps no completions table" if name == "log_extra"
+                       else "it trains nothing" if not passed else "")
+                raise RewardError(
+                    f"reward function {function.name!r} needs TRL's trainer argument {name!r}, which {who} "
+                    f"does not pass{f' ({why})' if why else ''}; give it a default ({name}=None) to run "
+                    f"without it (passed: {', '.join(passed) or 'none'})")
 
 
 def check_columns(functions: list[RewardFunction], columns, where: str, row_names=None) -> None:

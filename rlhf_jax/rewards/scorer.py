@@ -59,8 +59,9 @@ class RewardScorer:
         return completions, completion_ids
 
     def values(self, response_ids, response_mask, prompts: Sequence, columns: dict | None = None, *,
-               repeat: int = 1, row_names: Sequence[str] | None = None) -> np.ndarray:
-        """`[B, F]` rewards of each function (NaN where it returned None)."""
+               repeat: int = 1, row_names: Sequence[str] | None = None, **trainer) -> np.ndarray:
+        """`[B, F]` rewards of each function (NaN where it returned None); `trainer`: TRL's
+        `trainer_state` and `metric_log` (`call_reward_functions`)."""
         prompts = [prompt for prompt in prompts for _ in range(repeat)]
         columns = {name: [value for value in values for _ in range(repeat)]
                    for name, values in (columns or {}).items()}
@@ -68,14 +69,15 @@ class RewardScorer:
             row_names = [name for name in row_names for _ in range(repeat)]
         completions, completion_ids = self.completions(response_ids, response_mask, prompts)
         return call_reward_functions(self.functions, prompts, completions,
-                                     {**columns, "completion_ids": completion_ids}, row_names=row_names)
+                                     {**columns, "completion_ids": completion_ids}, row_names=row_names, **trainer)
 
     def __call__(self, response_ids, response_mask, prompts: Sequence, columns: dict | None = None, *,
-                 repeat: int = 1, row_names: Sequence[str] | None = None) -> tuple[np.ndarray, dict]:
+                 repeat: int = 1, row_names: Sequence[str] | None = None, **trainer) -> tuple[np.ndarray, dict]:
         """`(scores [B] float32, metrics)`: the weighted sum and `reward/<name>/mean|std`. The
         first batch in which every function returns None for every row logs a warning: all
         its scores are 0, so an update learns nothing from it."""
-        values = self.values(response_ids, response_mask, prompts, columns, repeat=repeat, row_names=row_names)
+        values = self.values(response_ids, response_mask, prompts, columns, repeat=repeat, row_names=row_names,
+                             **trainer)
         if values.size and np.isnan(values).all() and not self._warned_unscored:
             self._warned_unscored = True
             logger.warning("every reward function (%s) returned None for all %d completions of a batch: "

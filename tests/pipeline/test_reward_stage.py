@@ -34,6 +34,12 @@ BAD_FUNCTIONS = {
             r"reward function 'f' returned nan for row 0 \(.*prompts.jsonl row \d+\)"),
     "import": ("import a_module_that_is_not_installed\ndef f(prompts, completions, **kw):\n    return []\n",
                r"reward function 'my_reward.py:f': cannot import my_reward.py: ModuleNotFoundError"),
+    "log_extra": ("def f(completions, log_extra, **kw):\n    return [0.0] * len(completions)\n",
+                  r"reward function 'f' needs TRL's trainer argument 'log_extra', which rlhf-jax grpo does not "
+                  r"pass \(it keeps no completions table\); give it a default \(log_extra=None\)"),
+    "log_metric_name": ("def f(completions, log_metric, **kw):\n    log_metric('grpo/loss', 1.0)\n"
+                        "    return [0.0] * len(completions)\n",
+                        r"reward function 'f': log_metric\('grpo/loss', ...\) would overwrite a metric the stage logs"),
 }
 
 
@@ -92,6 +98,29 @@ def test_each_bad_reward_function_is_one_line_and_exit_2(policy, tmp_path, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rlhf-jax grpo: reward error: ")
     assert re.search(message, err[0]), err[0]
+
+
+TRAINER_ARGUMENTS_FILE = '''
+def curriculum(completions, trainer_state, log_metric, **kwargs):
+    """TRL's trainer arguments: the step so far and a metric of the function's own."""
+    log_metric("curriculum/step", trainer_state.global_step)
+    log_metric("curriculum/max_steps", trainer_state.max_steps)
+    log_metric("curriculum/batch", len(completions))
+    return [float(trainer_state.global_step)] * len(completions)
+'''
+
+
+def test_trl_trainer_arguments_reach_reward_functions(policy, tmp_path, monkeypatch):
+    """`trainer_state.global_step` counts the optimizer steps before each rollout (2 per
+    iteration here) out of `max_steps`; what `log_metric` logs is a metric of the row."""
+    monkeypatch.chdir(tmp_path)
+    user_folder(tmp_path, TRAINER_ARGUMENTS_FILE)
+    assert cli.main(grpo_args(policy, "[my_reward.py:curriculum]", "train.iterations=2", "grpo.epochs=2",
+                              "grpo.kl_coef=0")) == 0
+    rows = read_metrics(tmp_path / "run")
+    assert [row["curriculum/step"] for row in rows] == [0.0, 2.0]
+    assert [row["objective/scores"] for row in rows] == [0.0, 2.0]
+    assert all(row["curriculum/max_steps"] == 4.0 and row["curriculum/batch"] == 4.0 for row in rows)
 
 
 @pytest.mark.slow

@@ -50,8 +50,45 @@ def test_trl_style_function_with_kwargs_and_none_rows():
     np.testing.assert_allclose(weighted_sum(values, [1.0, 0.5]), [1.05, 0.1, 0.15], rtol=1e-6)
     metrics = reward_metrics(values, ["trl_style", "length"])
     assert metrics["reward/trl_style/mean"] == pytest.approx(0.5)
-    assert metrics["reward/trl_style/std"] == pytest.approx(0.5)
+    assert metrics["reward/trl_style/std"] == pytest.approx(2 ** -0.5)  # sample std of [1, 0] (TRL's)
+    assert reward_metrics(np.asarray([[3.0]], np.float32), ["one"])["reward/one/std"] == 0.0
     assert metrics["reward/length/mean"] == pytest.approx(0.2)
+
+
+def test_trl_trainer_arguments():
+    """`trainer_state` and `log_metric` go to functions that take them (by name or **kwargs);
+    a function that needs one a caller does not pass is refused naming it; log_metric checks
+    its name and value."""
+    from rlhf_jax.rewards.loading import RewardError, check_trainer_arguments
+    from rlhf_jax.rewards.trainer_arguments import MetricLog, TrainerState
+    seen = {}
+
+    def named(prompts, completions, trainer_state, log_metric):
+        log_metric("mine/a", 1.0)
+        log_metric("mine/a", np.float32(3.0))
+        return [float(trainer_state.global_step)] * len(completions)
+
+    def keywords(completions, **kwargs):
+        seen.update(kwargs)
+        return [0.0] * len(completions)
+
+    def plain(prompts, completions):
+        return [1.0] * len(completions)
+
+    functions = [RewardFunction("named", named), RewardFunction("keywords", keywords), RewardFunction("plain", plain)]
+    log = MetricLog()
+    values = call_reward_functions(functions, ["p", "q"], ["x", "y"], trainer_state=TrainerState(7, 10), metric_log=log)
+    assert values[:, 0].tolist() == [7.0, 7.0] and log.means() == {"mine/a": 2.0}
+    assert seen["trainer_state"].max_steps == 10 and callable(seen["log_metric"])
+    check_trainer_arguments(functions, ("trainer_state", "log_metric"), "rlhf-jax grpo")
+    with pytest.raises(RewardError, match=r"'named' needs TRL's trainer argument 'trainer_state', which rlhf-jax "
+                                          r"eval does not pass \(it trains nothing\); give it a default"):
+        check_trainer_arguments(functions, (), "rlhf-jax eval")
+    check_trainer_arguments([RewardFunction("optional", lambda completions, log_extra=None: [])], (), "rlhf-jax eval")
+    for name, value, message in (("reward/x", 1.0, "would overwrite"), ("", 1.0, "non-empty string"),
+                                 ("mine/b", "high", "takes a number"), ("mine/b", float("inf"), "finite")):
+        with pytest.raises(RewardError, match=message):
+            MetricLog().logger("f")(name, value)
 
 
 def test_a_row_no_function_scores_gets_zero():

@@ -56,7 +56,7 @@ from rlhf_jax.pipeline.stages.scoring import NOT_PASSED, gold_scores, reward_fun
 from rlhf_jax.pipeline.tokenizer import pad_id
 from rlhf_jax.pipeline.tasks import load_task
 from rlhf_jax.rewards import RewardError, RewardScorer
-from rlhf_jax.rewards.loading import check_columns
+from rlhf_jax.rewards.loading import check_columns, check_trainer_arguments
 from rlhf_jax.training.logprobs import response_logprobs
 from rlhf_jax.training.rollout import sampled_batch
 
@@ -195,6 +195,7 @@ def evaluate_policies(config: EvalConfig) -> dict:
     prompt_ids = np.repeat(prompts.arrays["prompt_ids"][:count], config.num_samples, axis=0)
     prompt_mask = np.repeat(prompts.arrays["prompt_mask"][:count], config.num_samples, axis=0)
     functions = reward_functions(config.reward.functions)
+    check_trainer_arguments(functions, (), "rlhf-jax eval")
     check_columns(functions, {name: values[:count] for name, values in prompts.columns.items()
                               if name not in NOT_PASSED},
                   config.prompts_file, [f"{file} row {number}" for file, number in prompts.sources[:count]])

@@ -84,7 +84,8 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
                                         setup.tokenizer, mesh)
     in_jit = model_scorer(config.reward, setup.tokenizer, attention_impl=config.policy.attention_impl)
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
-        HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data, algorithm.sampling.eos_token_id)
+        HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data, algorithm.sampling.eos_token_id,
+                               stage="grpo", max_steps=schedule_length(config))
     skeletons.print_rollout_start("grpo", setup, host.describe() if host else ["reward model"])
     updates = schedule_length(config)  # iterations x epochs x num_minibatches
     policy_state, policy_shardings = stage_state(policy_module, policy_params,
@@ -117,7 +118,7 @@ def train_grpo(config: GRPOStageConfig, *, resume: bool = False) -> dict:
                             config=algorithm, **in_jit)
             if host is None:  # the reward model alone, scored inside the generate phase
                 return data, multihost.fetch(data.scores).reshape(-1), {}
-            scores, metrics = host.score_rollout(data, batch["row_index"], repeat=group_size)
+            scores, metrics = host.score_rollout(data, batch["row_index"], repeat=group_size, step=policy.step)
             return data, scores, metrics
 
         def effective(data, scores):

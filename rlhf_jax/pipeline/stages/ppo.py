@@ -47,7 +47,8 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
                                                          attention_impl=config.policy.attention_impl)
     in_jit = model_scorer(config.reward, setup.tokenizer, attention_impl=config.policy.attention_impl)
     host = None if not (config.reward.functions or config.reward.uses_gold) else \
-        HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data, algorithm.sampling.eos_token_id)
+        HostScorer.from_config(config.reward, setup.tokenizer, setup.batches.data, algorithm.sampling.eos_token_id,
+                               stage="ppo", max_steps=schedule_length(config))
     skeletons.print_rollout_start("ppo", setup, host.describe() if host else ["reward model"])
     if jax.process_index() == 0:
         source = f"the decoder of {value_path} (`{value_key}`)" if value_path else "a fresh decoder"
@@ -84,7 +85,7 @@ def train_ppo(config: PPOStageConfig, *, resume: bool = False) -> dict:
             sample_key, shuffle_key = jax.random.split(key)
             data = generate(carry["policy"], carry["value"], ref_params, batch["prompt_ids"], batch["prompt_mask"],
                             sample_key, config=algorithm, **in_jit)
-            scores, metrics = host.score_rollout(data, batch["row_index"])
+            scores, metrics = host.score_rollout(data, batch["row_index"], step=carry["policy"].step)
             policy, value, kl_state, train_metrics = train(carry["policy"], carry["value"], carry["kl"], data,
                                                            scores, shuffle_key, config=algorithm)
             return {"policy": policy, "value": value, "kl": kl_state}, {**train_metrics, **metrics}

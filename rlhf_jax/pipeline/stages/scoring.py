@@ -21,7 +21,8 @@ import numpy as np
 
 from rlhf_jax.pipeline.tasks import load_task
 from rlhf_jax.rewards import RewardError, RewardFunction, RewardScorer, function_name, load_reward_function
-from rlhf_jax.rewards.loading import check_columns
+from rlhf_jax.rewards.loading import check_columns, check_trainer_arguments
+from rlhf_jax.rewards.trainer_arguments import MetricLog, TrainerState
 from rlhf_jax.training import multihost
 
 # Columns of prompt data that are not passed to reward functions as keyword arguments.
@@ -120,7 +121,9 @@ class HostScorer:
 
     `scores(...)` returns `[B]` float32 scores: the weighted reward functions (plus
     `model_weight *` the reward model's in-jit score, passed as `model_scores`), or the gold
-    scorer; and the metrics `reward/<name>/mean|std`.
+    scorer; and the metrics `reward/<name>/mean|std`. Reward functions also get TRL's
+    `trainer_state` (with `global_step`, the `step` given to `score_rollout`, and `max_steps`)
+    and `log_metric` (its values join the metrics; `rlhf_jax.rewards.trainer_arguments`).
     """
 
     tokenizer: Any
@@ -132,12 +135,15 @@ class HostScorer:
     columns: dict[str, list]  # the other columns, passed to reward functions
     row_names: list[str]  # "file row n" of each data row
     eos_token_id: int | tuple[int, ...] | None = None  # the ids responses stop at (None: the tokenizer's EOS)
+    max_steps: int = 0  # the run's optimizer steps (trainer_state.max_steps)
 
     @classmethod
-    def from_config(cls, reward, tokenizer, data, eos_token_id: int | tuple[int, ...] | None = None) -> "HostScorer":
+    def from_config(cls, reward, tokenizer, data, eos_token_id: int | tuple[int, ...] | None = None, *,
+                    stage: str = "grpo", max_steps: int = 0) -> "HostScorer":
         functions = reward_functions(reward.functions)
         columns = {name: values for name, values in data.columns.items() if name not in NOT_PASSED}
         row_names = [f"{file} row {number}" for file, number in data.sources]
+        check_trainer_arguments(functions, ("trainer_state", "log_metric"), f"rlhf-jax {stage}")
         check_columns(functions, columns, data.files, row_names)
         if reward.uses_gold:
             check_gold_prompts(reward.task, data.columns["prompt_text"], columns.get("answer"), row_names)
@@ -152,6 +158,7 @@ class HostScorer:
             columns=columns,
             row_names=row_names,
             eos_token_id=eos_token_id,
+            max_steps=int(max_steps),
         )
 
     def describe(self) -> list[str]:
@@ -167,22 +174,24 @@ class HostScorer:
                          f"`reward.kind: gold`)")
         return lines
 
-    def score_rollout(self, data, rows, *, repeat: int = 1) -> tuple[np.ndarray, dict]:
+    def score_rollout(self, data, rows, *, repeat: int = 1, step=None) -> tuple[np.ndarray, dict]:
         """`scores` of a rollout `data` (device arrays, possibly sharded over several
         processes) to the data rows `rows` (a device array placed like the prompts). Every
         process gathers the rollout and scores it; process 0's scores and metrics are the
         ones every process returns, so reward functions need not be deterministic (they run
-        on every process)."""
-        prompt_ids, response_ids, response_mask, rows, model_scores = multihost.fetch(
-            (*data.flat_responses(), rows, data.scores))
+        on every process). `step` (the policy state's optimizer step, a device scalar, fetched
+        with the rollout) is `trainer_state.global_step`."""
+        prompt_ids, response_ids, response_mask, rows, model_scores, step = multihost.fetch(
+            (*data.flat_responses(), rows, data.scores, step))
         model_scores = None if model_scores is None else np.asarray(model_scores).reshape(-1)
         return multihost.from_main_process(self.scores(prompt_ids, response_ids, response_mask, rows,
-                                                       repeat=repeat, model_scores=model_scores))
+                                                       repeat=repeat, model_scores=model_scores,
+                                                       step=None if step is None else int(step)))
 
     def scores(self, prompt_ids, response_ids, response_mask, rows: np.ndarray, *, repeat: int = 1,
-               model_scores=None) -> tuple[np.ndarray, dict]:
+               model_scores=None, step: int | None = None) -> tuple[np.ndarray, dict]:
         """Scores of responses `[B, N]` to the data rows `rows` `[B / repeat]` (each row's
-        `repeat` responses contiguous)."""
+        `repeat` responses contiguous); `step` is `trainer_state.global_step` (None: 0)."""
         response_ids, response_mask = np.asarray(response_ids), np.asarray(response_mask)
         rows = np.asarray(rows)
         if self.gold_kind is not None:
@@ -190,14 +199,17 @@ class HostScorer:
             answers = None if answers is None else [answers[row] for row in rows for _ in range(repeat)]
             return gold_scores(self.tokenizer, np.asarray(prompt_ids), response_ids, kind=self.gold_kind,
                                task=self.gold_task, answers=answers, eos_token_id=self.eos_token_id), {}
+        logged = MetricLog()
         scores, metrics = self.functions(
             response_ids, response_mask, [self.prompts[row] for row in rows],
             {name: [values[row] for row in rows] for name, values in self.columns.items()},
-            repeat=repeat, row_names=[self.row_names[row] for row in rows])
+            repeat=repeat, row_names=[self.row_names[row] for row in rows],
+            trainer_state=TrainerState(global_step=step or 0, max_steps=self.max_steps), metric_log=logged)
+        metrics.update(logged.means())
         if self.model_weight is not None:
             model_scores = np.asarray(model_scores, np.float32)
             metrics["reward/reward_model/mean"] = float(model_scores.mean())
-            metrics["reward/reward_model/std"] = float(model_scores.std())
+            metrics["reward/reward_model/std"] = float(model_scores.std(ddof=1)) if model_scores.size > 1 else 0.0
             scores = scores + np.float32(self.model_weight) * model_scores
         return scores.astype(np.float32), metrics
 
