@@ -224,27 +224,15 @@ def config_source(path, overrides: Sequence[str], load_file_alone) -> str:
     return f"{path}: "
 
 
-def _field_default(cls, name: str) -> Any:
-    """The default value of field `name` of dataclass `cls` (a fresh one from its factory)."""
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return None if field.default is dataclasses.MISSING else field.default
-
-
-def _merge_defaults(cls: type[T], data: dict, prefix: str = "", base=None) -> T:
+def _merge_defaults(cls: type[T], data: dict, prefix: str = "") -> T:
     """Like from_dict, but nested dataclass fields absent from `data` keep their defaults
-    while present ones are merged field by field into the section's own default (e.g. grpo's
-    `reward` defaults to `kind: gold`, not `RewardSource`'s class default): `base` is the
-    instance whose values the fields absent from `data` keep (None: the class defaults)."""
+    while present ones are merged field by field."""
     types_by_name = _known_field_types(cls, data, prefix)
-    kwargs = {} if base is None else {f.name: getattr(base, f.name) for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
     for name, value in data.items():
         annotation = types_by_name[name]
         if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
-            default = getattr(base, name) if base is not None else _field_default(cls, name)
-            kwargs[name] = _merge_defaults(annotation, value, _join(prefix, name),
-                                           default if isinstance(default, annotation) else None)
+            kwargs[name] = _merge_defaults(annotation, value, _join(prefix, name))
         else:
             kwargs[name] = _coerce(value, annotation, _join(prefix, name))
     return _construct(cls, kwargs, prefix)

@@ -35,25 +35,6 @@ def test_yaml_and_overrides_merge_nested_defaults(tmp_path):
     assert to_dict(cfg)["optim"]["lr"] == 0.5
 
 
-@dataclasses.dataclass
-class Tuned(Run):
-    optim: Optim = dataclasses.field(default_factory=lambda: Optim(schedule="linear", lr=0.1))
-
-
-def test_a_section_keeps_its_own_default_when_one_key_is_set(tmp_path):
-    """A section whose default differs from its class's (grpo's `reward` is `kind: gold`)
-    keeps that default's other values when a file or an override sets one of its keys."""
-    assert load_config(Tuned, None, ["optim.betas=[0.5]"]).optim == Optim(lr=0.1, schedule="linear", betas=(0.5,))
-    path = tmp_path / "c.yaml"
-    path.write_text("optim:\n  lr: 0.2\n")
-    assert load_config(Tuned, path).optim == Optim(lr=0.2, schedule="linear")
-    assert load_config(Run, path).optim == Optim(lr=0.2)  # the class default where that is the section's
-    from rlhf_jax.pipeline.stage_configs import GRPOStageConfig, PPOStageConfig
-    grpo = load_config(GRPOStageConfig, None, ["reward.gold_kind=graded"]).reward
-    assert (grpo.kind, grpo.gold_kind) == ("gold", "graded")
-    assert load_config(PPOStageConfig, None, ["reward.gold_kind=graded"]).reward.kind == "reward_model"
-
-
 def test_int_is_accepted_for_float_but_not_the_reverse():
     assert load_config(Run, None, ["optim.lr=1"]).optim.lr == 1.0
     assert load_config(Run, None, ["optim.lr=3e-4"]).optim.lr == 3e-4  # YAML 1.1 reads this as a string
