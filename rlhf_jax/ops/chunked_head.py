@@ -144,7 +144,8 @@ def _block_logits(hidden_block, kernel, vocab_major, softcap, temperature):
 
 def _block_stats(z, tokens, threshold=None):
     """Forward statistics of one block of scaled logits z [C, V] and tokens [C] (of the kept
-    distribution when `threshold` [C] is given): the `HeadStats` fields, then `E_p[z]`."""
+    distribution when `threshold` [C] is given): the first five `HeadStats` fields, `E_p[z]`,
+    and with `threshold` the whole vocabulary's logsumexp."""
     top = jnp.max(z, axis=-1, keepdims=True)  # always kept: z_max >= z_y >= min(t, z_y)
     exp = jnp.exp(z - top)
     picked = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
@@ -156,8 +157,8 @@ def _block_stats(z, tokens, threshold=None):
     lse = top[:, 0] + jnp.log(total)
     expected = jnp.sum(exp * z, axis=-1) / total  # E_p[z]
     is_argmax = (jnp.argmax(z, axis=-1) == tokens).astype(jnp.float32)
-    full_lse = lse if full_lse is None else full_lse
-    return picked - lse, lse, jnp.mean(z, axis=-1), lse - expected, is_argmax, full_lse, expected
+    stats = (picked - lse, lse, jnp.mean(z, axis=-1), lse - expected, is_argmax)
+    return stats + (expected,) if full_lse is None else stats + (expected, full_lse)
 
 
 def _blocks(x, chunk_size):
@@ -194,7 +195,9 @@ def _flat_forward(hidden, kernel, tokens, temperature, threshold, vocab_major, s
     blocks = (_blocks(hidden, chunk_size), _blocks(tokens, chunk_size), _maybe_blocks(threshold, chunk_size))
     _, stats = jax.lax.scan(body, None, blocks)
     stats = tuple(_unblock(s, count) for s in stats)
-    return stats[:6], (stats[1], stats[6], stats[5])  # outputs; (logsumexp, E_p[z], full) for the VJP
+    # without a kept set the whole vocabulary's logsumexp is the logsumexp (no second scan output)
+    full_lse = stats[1] if threshold is None else stats[6]
+    return stats[:5] + (full_lse,), (stats[1], stats[5], full_lse)  # outputs; (lse, E_p[z], full) for the VJP
 
 
 def _flat_fwd(hidden, kernel, tokens, temperature, threshold, vocab_major, softcap, chunk_size):
