@@ -133,27 +133,26 @@ def accepted_columns(fn: Callable, columns: dict) -> dict:
 ALWAYS_PASSED = ("prompts", "completions", "completion_ids")  # given to every reward function
 
 
-def required_columns(fn: Callable) -> list[str]:
-    """The parameters of `fn` that must come from the data's columns: those without a default,
-    other than `prompts`, `completions` and `completion_ids` (and `*args` / `**kwargs`)."""
+def _required_parameters(fn: Callable) -> list[str]:
+    """The named parameters of `fn` without a default (not `*args` / `**kwargs`)."""
     try:
         parameters = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return []
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in parameters if p.kind in named and p.default is inspect.Parameter.empty
-            and p.name not in ALWAYS_PASSED and p.name not in TRAINER_ARGUMENTS]
+    return [p.name for p in parameters if p.kind in named and p.default is inspect.Parameter.empty]
+
+
+def required_columns(fn: Callable) -> list[str]:
+    """The parameters of `fn` that must come from the data's columns: those without a default,
+    other than `prompts`, `completions` and `completion_ids` (and `*args` / `**kwargs`)."""
+    return [name for name in _required_parameters(fn) if name not in ALWAYS_PASSED and name not in TRAINER_ARGUMENTS]
 
 
 def required_trainer_arguments(fn: Callable) -> list[str]:
     """TRL's trainer arguments (`trainer_state`, `log_metric`, `log_extra`) that `fn` takes
     without a default."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    return [p.name for p in parameters if p.name in TRAINER_ARGUMENTS and p.default is inspect.Parameter.empty
-            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return [name for name in _required_parameters(fn) if name in TRAINER_ARGUMENTS]
 
 
 def check_trainer_arguments(functions: list[RewardFunction], passed: tuple[str, ...], who: str) -> None:
