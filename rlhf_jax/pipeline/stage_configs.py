@@ -215,12 +215,14 @@ class RewardSource:
 
     With `functions`, the score is `sum_f weight_f * f(...)` (a None left out of its row's
     sum), plus `model_weight * reward model` when `path` is set; `kind` is then not used.
-    Without `functions`, `kind` picks the reward model (`path`) or the gold scorer. Reward
-    functions and the gold scorer run on the host between the jitted generate and update
-    phases of each iteration; a reward model alone scores inside the compiled iteration.
+    Without `functions`, `kind` picks the reward model (`path`) or the gold scorer; `auto`
+    (the default) is the reward model when `path` is set, else the gold scorer, so setting
+    another key (`task`, `gold_kind`) never changes which one scores. Reward functions and
+    the gold scorer run on the host between the jitted generate and update phases of each
+    iteration; a reward model alone scores inside the compiled iteration.
     """
 
-    kind: Literal["reward_model", "gold"] = "reward_model"
+    kind: Literal["auto", "reward_model", "gold"] = "auto"  # auto: reward_model if `path`, else gold
     task: str | None = None  # the task whose scorer is `gold` (None: the default task)
     path: str | None = None  # reward-model folder (kind = reward_model, or next to functions)
     gold_kind: Literal["exact", "graded"] = "exact"  # the gold scorer's variant (kind = gold)
@@ -228,12 +230,19 @@ class RewardSource:
     model_weight: float = 1.0  # weight of the reward model's score next to `functions`
 
     @property
+    def scorer(self) -> Literal["reward_model", "gold"]:
+        """The scorer `kind` names without functions (`auto` resolved by `path`)."""
+        if self.kind != "auto":
+            return self.kind
+        return "reward_model" if self.path is not None else "gold"
+
+    @property
     def uses_model(self) -> bool:
-        return self.path is not None if self.functions else self.kind == "reward_model"
+        return self.path is not None if self.functions else self.scorer == "reward_model"
 
     @property
     def uses_gold(self) -> bool:
-        return not self.functions and self.kind == "gold"
+        return not self.functions and self.scorer == "gold"
 
 
 @dataclass
@@ -303,7 +312,7 @@ class GRPOStageConfig(RLStageConfig):
     """
 
     output_dir: str = "runs/grpo"
-    reward: RewardSource = field(default_factory=lambda: RewardSource(kind="gold"))
+    reward: RewardSource = field(default_factory=RewardSource)  # auto: gold without a path
     grpo: GRPOAlgorithmConfig = field(default_factory=GRPOAlgorithmConfig)
     dynamic_sampling: DynamicSamplingSection = field(default_factory=DynamicSamplingSection)
     mask_truncated: bool = False  # responses without EOS count no token in the loss

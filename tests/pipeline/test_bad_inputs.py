@@ -246,14 +246,36 @@ def test_a_column_the_reward_function_needs_is_null_in_one_row(task, good_model,
 
 def test_the_default_gold_scorer_on_prompts_of_another_task_is_refused_before_sampling(
         task, good_model, tmp_path, capsys):
-    """`reward.kind: gold` (the default) scores the built-in task's prompts; other prompts
-    without an `answer` to compare with are named, with the keys that score them instead."""
+    """The gold scorer (the default without `reward.path`) scores the built-in task's
+    prompts; other prompts without an `answer` to compare with are named, with the keys that
+    score them instead."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "1+2="}\n{"prompt": "12=3"}\n')
     result = run_cli(capsys, "grpo", f"output_dir={tmp_path / 'out'}", f"policy.path={good_model}",
                      f"data.train_files=[{prompts}]", *LENGTHS, "train.batch_size=2", "mesh.data=1")
-    assert_one_error_line(*result, "grpo", "reward", "the arithmetic task's gold scorer (`reward.kind: gold`, the "
-                          f"default) cannot score {prompts} row 2:", "`reward.functions`", "`answer`")
+    assert_one_error_line(*result, "grpo", "reward", "the arithmetic task's gold scorer (the default without "
+                          f"`reward.path`) cannot score {prompts} row 2:", "`reward.functions`", "`answer`")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_setting_another_reward_key_keeps_the_gold_scorer(task, good_model, tmp_path, capsys, stage):
+    """Without `reward.path`, `reward.gold_kind` / `reward.task` leave the scorer at gold
+    (auto): the run reaches the gold scorer's check of the prompts, not a reward model."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+2="}\n{"prompt": "12=3"}\n')
+    result = run_cli(capsys, stage, f"output_dir={tmp_path / 'out'}", f"policy.path={good_model}",
+                     f"data.train_files=[{prompts}]", *LENGTHS, "train.batch_size=2", "mesh.data=1",
+                     f"{stage}.num_minibatches=1", "reward.gold_kind=graded", "reward.task=arithmetic")
+    assert_one_error_line(*result, stage, "reward", "the arithmetic task's gold scorer (the default without "
+                          f"`reward.path`) cannot score {prompts} row 2:")
+
+
+def test_a_reward_model_kind_without_its_folder_is_refused(task, good_model, tmp_path, capsys):
+    result = run_cli(capsys, "grpo", f"output_dir={tmp_path / 'out'}", f"policy.path={good_model}",
+                     f"data.train_files=[{task.prompts}]", *LENGTHS, "train.batch_size=2", "mesh.data=1",
+                     "reward.kind=reward_model")
+    assert_one_error_line(*result, "grpo", "config", "`reward.kind: reward_model` needs `reward.path`")
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.pipeline import dynamic_sampling
+from rlhf_jax.typed_config import ConfigError
 from rlhf_jax.pipeline.stage_configs import GRPOStageConfig, load_stage_config, schedule_length, with_schedule_length
 from rlhf_jax.pipeline.stages import skeletons, stage_setup
 from rlhf_jax.pipeline.stages.lora import stage_state
@@ -43,6 +44,9 @@ def model_scorer(reward, tokenizer, key: str = "reward", attention_impl: str = "
     one; it must read `tokenizer`'s ids), its attention run as `attention_impl` (the policy's)."""
     if not reward.uses_model:
         return {}
+    if reward.path is None:
+        raise ConfigError(f"`{key}.kind: reward_model` needs `{key}.path`, a reward-model folder "
+                          f"(or leave `{key}.kind` at auto to score with the task's gold scorer)")
     module, params = stage_setup.load_reward_model(reward.path, tokenizer, f"{key}.path", attention_impl)
     return {"reward_module": module, "reward_params": params}
 

@@ -10,7 +10,8 @@ Steps, each in `<output_dir>/<stage>`:
             the gold scorer, prompts, held-out prompts and pairs) into `<output_dir>/task`;
 2. sft      a fresh tiny model (`model`, vocabulary from the task tokenizer) on the demos;
 3. reward   a reward model from the SFT model, on the preference pairs;
-4. ppo      policy and reference = SFT, value model = the reward model, scored by the reward model;
+4. ppo      policy and reference = SFT, value model = the reward model, scored by the reward model
+            (`ppo.reward.kind: gold` scores with the gold scorer);
 5. dpo      policy and reference = SFT, on the preference pairs;
 6. grpo     policy and reference = SFT, scored by the gold scorer (a verifiable reward, the
             setting GRPO is used in; `grpo.reward.kind: reward_model` uses the reward model);
@@ -141,7 +142,7 @@ def stage_configs(config: QuickstartConfig, task, task_name: str | None = None) 
                        policy=replace(config.ppo.policy, path=sft_model, init=None),
                        value=model_of("reward"),
                        reward=replace(config.ppo.reward, task=task_name, path=model_of("reward")
-                                      if config.ppo.reward.kind == "reward_model" else None),
+                                      if config.ppo.reward.kind != "gold" else None),
                        data=_data(config.ppo.data, task.prompts)),
         "dpo": replace(config.dpo, output_dir=str(out / "dpo"), seed=seed, tokenizer=None, reference=sft_model,
                        model=replace(config.dpo.model, path=sft_model, init=None),
@@ -261,7 +262,7 @@ def _intro(config: QuickstartConfig, task_description: str) -> str:
     return (f"{task_description} "
             f"Model: a fresh {model.num_layers}-layer, d_model {model.hidden_size} {model.model_type} "
             f"transformer. PPO is scored by the reward model, GRPO by the "
-            f"{'gold scorer' if config.grpo.reward.kind == 'gold' else 'reward model'}. Times are "
+            f"{'reward model' if config.grpo.reward.kind == 'reward_model' else 'gold scorer'}. Times are "
             f"wall-clock seconds on this machine, compilation included.")
 
 

@@ -93,7 +93,7 @@ def gold_scores(tokenizer, prompt_ids, response_ids, *, kind: str = "exact", tas
 def check_gold_prompts(task: str | None, prompt_texts, answers, row_names) -> None:
     """A RewardError naming the first prompt row (as the model sees it; with its `answer`,
     when the data has one) that the gold scorer of `task` cannot score, before any sampling:
-    `reward.kind: gold` (the default) on prompts of another task."""
+    the gold scorer (the default without `reward.path`) on prompts of another task."""
     scorer = load_task(task)
     answers = [None] * len(prompt_texts) if answers is None else answers
     for text, answer, row in zip(prompt_texts, answers, row_names):
@@ -101,7 +101,7 @@ def check_gold_prompts(task: str | None, prompt_texts, answers, row_names) -> No
             scorer.reward(text, "", None if answer is None else str(answer), kind="exact", eos_token="\x00")
         except ValueError as error:
             raise RewardError(
-                f"the {scorer.name} task's gold scorer (`reward.kind: gold`, the default) cannot score {row}: "
+                f"the {scorer.name} task's gold scorer (the default without `reward.path`) cannot score {row}: "
                 f"{error}; score these prompts with `reward.functions` (your own reward functions) or "
                 f"`reward.path` (a reward model), or give each row the `answer` to compare with") from None
 
