@@ -8,9 +8,26 @@ scripts) inherit them through the environment.
 CPU: the tests' models are tiny, so compiling dominates their time and the unoptimised code
 runs fast enough (about 35% less CPU time in the compile-bound tests). XLA's own passes
 (fusion, layouts, the expansion of each op) still run; only the machine code is less tuned.
-`benchmarks/accelerator_check.py --dry-run` uses the same flag for the same reason.
+`benchmarks/accelerator_check.py --dry-run` uses the same flag for the same reason. Unoptimised
+code is mapped into memory kernel by kernel, though, so every test module ends by dropping the
+compiled programs (below).
 """
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import jax  # noqa: E402  (after the flags above)
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs_after_each_module():
+    """Drop every compiled program when a test module ends. With the unoptimised backend
+    XLA:CPU maps each compiled kernel into memory separately (hundreds of mappings per program,
+    about 10x the optimised count), and a test worker that runs half the suite would otherwise
+    pass Linux's default limit of 65,530 mappings per process (`vm.max_map_count`), where the
+    next compilation crashes with a segmentation fault."""
+    yield
+    jax.clear_caches()
