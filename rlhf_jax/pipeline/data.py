@@ -8,7 +8,8 @@ folder's tokenizer:
 - string rows: `prompt_ids = tokenizer(prompt)` (with the tokenizer's own special tokens, e.g.
   BOS), `response_ids = tokenizer(response, add_special_tokens=False) + [eos]` (EOS is not
   appended twice when the text already ends with it). Prompt and response are tokenised
-  separately and concatenated, so the response boundary is exact.
+  separately and concatenated, so the response boundary is exact. A `text` row (language
+  modeling) is a string row with an empty prompt: `tokenizer("")` (the BOS alone, or nothing).
 - conversational rows: the chat template renders the text (see `data_formats`), with
   `data.chat_template_kwargs` and the row's own `chat_template_kwargs` (TRL's column, e.g.
   `{"enable_thinking": false}` for Qwen3; not passed to reward functions); it is tokenised
@@ -92,6 +93,10 @@ class DataConfig:
     # keyword arguments of the chat template for every conversational row (e.g. Qwen3's
     # {enable_thinking: false}); a row's own `chat_template_kwargs` (TRL's column) adds to them
     chat_template_kwargs: dict = field(default_factory=dict)
+    # SFT rows: train only the assistant's text (`messages`: its turns; a template's
+    # {% generation %} blocks when it has them). false: TRL's default, a `messages` row's whole
+    # conversation and a `prompt` + `completion` row's whole completion
+    assistant_only_loss: bool = True
 
 
 TEMPLATE_KWARGS = "chat_template_kwargs"  # the per-row column of chat-template arguments (TRL's)
@@ -285,7 +290,7 @@ def _tokenize_file(path, rows, unreadable, tokenizer, config: DataConfig, kind: 
     names = response_names(kind)
     # prompt rows keep their `prompt` as given (a string or a message list) for reward functions
     used_fields = {"messages", TEMPLATE_KWARGS, *names} if kind == "prompt" else {
-        "prompt", "messages", TEMPLATE_KWARGS, *names}
+        "prompt", "messages", "text", TEMPLATE_KWARGS, *names}
     rendered_rows = []
     for row in rows:
         number = row.pop("__row__")
@@ -293,7 +298,8 @@ def _tokenize_file(path, rows, unreadable, tokenizer, config: DataConfig, kind: 
             options = template_options(row, config)
             rendered_rows.append((number, row, render_row(
                 row, kind, lambda messages, generation: render(messages, generation, options),
-                None if render_marked is None else lambda messages: render_marked(messages, options))))
+                None if render_marked is None else lambda messages: render_marked(messages, options),
+                assistant_only=config.assistant_only_loss)))
         except RowError as error:
             reject(number, str(error))
     encoded = _encode_texts(tokenizer, [rendered for _, _, rendered in rendered_rows])

@@ -11,7 +11,8 @@ Three kinds of dataset, each as plain strings or as conversations (lists of
                 or `prompt` messages + `chosen`/`rejected` assistant messages;
                 or full `chosen`/`rejected` conversations sharing a prefix (no `prompt`)
     prompt      `prompt` string or messages (PPO / GRPO / evaluation)
-    sft         prompt/completion strings; `prompt` + `completion` messages; or `messages`
+    sft         prompt/completion strings; `prompt` + `completion` messages; `messages`; or
+                `text` (language modeling: the whole string is trained)
 
 A row becomes a `RenderedRow`: the prompt text and, per response, a list of text segments
 each marked as trained (counted by the loss) or not. String rows are used as they are (the
@@ -21,7 +22,10 @@ template: the prompt is the rendering of the prompt messages with `add_generatio
 and the response is what the full conversation's rendering adds after it (this needs a
 template whose renderings of a conversation's prefixes are prefixes of its rendering).
 In `messages` rows every assistant message is trained; the prompt is everything before the
-first one.
+first one (with `data.assistant_only_loss: false`, TRL's default, the whole conversation is
+trained). A `text` row (TRL's language-modeling rows) has an empty prompt and the whole string
+as its trained response: every token is trained but the first one that nothing predicts (the
+tokenizer's BOS when it adds one, else the text's first token; `rlhf_jax.pipeline.data`).
 
 Conversational SFT rows and templates that change earlier turns: some templates render an
 assistant message differently once later messages follow (Qwen3's drops the `<think>...</think>`
@@ -80,21 +84,23 @@ def detect_format(columns: Sequence[str]) -> str:
         return "sft"
     if "prompt" in names:
         return "prompt"
+    if "text" in names:
+        return "sft"
     raise RowError(
         f"cannot tell the format from the columns {sorted(names)}: expected prompt/chosen/rejected "
-        "(preference), prompt/completion or messages (sft), or prompt (prompt-only)"
+        "(preference), prompt/completion, messages or text (sft), or prompt (prompt-only)"
     )
 
 
 _DESCRIPTIONS = {"preference": "preference data (prompt/chosen/rejected)",
-                 "sft": "SFT data (prompt/completion or messages)", "prompt": "prompt data (prompt)"}
+                 "sft": "SFT data (prompt/completion, messages or text)", "prompt": "prompt data (prompt)"}
 
 
 def check_kind(columns: Sequence[str], kind: str) -> None:
     """Raise RowError when the columns lack what a `kind` row needs and are recognisably
     another kind's (e.g. preference pairs given to SFT), naming both kinds."""
     names = set(columns)
-    needed = {"preference": [{"chosen", "rejected"}], "sft": [{"completion"}, {"messages"}],
+    needed = {"preference": [{"chosen", "rejected"}], "sft": [{"completion"}, {"messages"}, {"text"}],
               "prompt": [{"prompt"}]}[kind]
     if any(group <= names for group in needed):
         return
@@ -325,12 +331,15 @@ _REMEDY = (
 
 
 def render_row(
-    row: dict, kind: str, render: Render, render_marked: RenderMarked | None = None
+    row: dict, kind: str, render: Render, render_marked: RenderMarked | None = None,
+    assistant_only: bool = True,
 ) -> RenderedRow:
     """Validate `row` as a `kind` row and render it to text (raises RowError).
 
     `render_marked` is given when the chat template has `{% generation %}` blocks: conversational
-    SFT rows then train exactly the text inside them (see the module docstring).
+    SFT rows then train exactly the text inside them (see the module docstring). With
+    `assistant_only` False (TRL's `assistant_only_loss=False`), a `messages` row trains its whole
+    rendering and a `prompt` + `completion` row its whole completion, blocks or not.
     """
     if kind == "prompt":
         prompt = _text_or_messages(row, "prompt")
@@ -338,8 +347,15 @@ def render_row(
             return RenderedRow(prompt)
         return RenderedRow(_render_checked(render, prompt, True), conversational=True)
     if kind == "sft":
+        if all(row.get(name) is None for name in ("prompt", "completion", "messages")) and \
+                row.get("text") is not None:
+            return _render_text(row)
+        if not assistant_only:
+            render_marked = None
         if row.get("messages") is not None and row.get("completion") is None:
             messages = _text_or_messages(row, "messages")
+            if not assistant_only:
+                return _render_whole_conversation(messages, render)
             if render_marked is not None and not isinstance(messages, str):
                 _check_response(messages, "messages")
                 return _render_marked(messages, 0, render_marked, "messages")
@@ -356,6 +372,15 @@ def render_row(
             return _render_implicit_prompt(row, render)
         return _render_prompt_responses(row, ("chosen", "rejected"), render)
     raise ValueError(f"kind must be one of {FORMATS}, got {kind!r}")
+
+
+def _render_text(row: dict) -> RenderedRow:
+    """A language-modeling row: an empty prompt, the `text` string trained whole."""
+    text = row["text"]
+    if not isinstance(text, str):
+        raise RowError(f"field 'text' must be a string, got {type(text).__name__}")
+    _check_response(text, "text")
+    return RenderedRow("", {"completion": [(text, True)]})
 
 
 def _render_prompt_responses(row: dict, names: tuple[str, ...], render: Render) -> RenderedRow:
@@ -400,6 +425,15 @@ def _render_implicit_prompt(row: dict, render: Render) -> RenderedRow:
         ("chosen", "rejected"),
         render,
     )
+
+
+def _render_whole_conversation(messages: str | list[dict], render: Render) -> RenderedRow:
+    """An SFT conversation trained whole: an empty prompt, its full rendering the response."""
+    if isinstance(messages, str):
+        raise RowError("field 'messages' must be a list of {role, content} messages, got str")
+    _check_response(messages, "messages")
+    return RenderedRow("", {"completion": [(_render_checked(render, messages, False), True)]},
+                       conversational=True)
 
 
 def _render_messages(messages: str | list[dict], render: Render) -> RenderedRow:

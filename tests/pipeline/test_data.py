@@ -171,6 +171,37 @@ def test_empty_prompt_takes_the_first_response_token(load):
     expect_sequence(data, 0, [BOS], response, trained=[1, 1, 1, 1, 0, 0, 0, 1, 1])
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_text_rows_train_every_token_after_the_bos(load, suffix):
+    """TRL's language-modeling rows: the tokenizer's BOS is the prompt, the text and its EOS
+    the trained response (as TRL's `text + eos` tokenised with special tokens, labels all)."""
+    _, data = load([{"text": "1+2=3"}, {"text": "ab<eos>"}], suffix)
+    assert data.kind == "sft" and len(data) == 2
+    expect_sequence(data, 0, [BOS], ids("1+2=3") + [EOS])
+    expect_sequence(data, 1, [BOS], ids("ab") + [EOS])
+    assert data.columns["prompt_text"] == ["", ""]
+
+
+def test_text_rows_without_a_bos_start_from_the_first_token(tmp_path):
+    """Without a BOS nothing predicts the text's first token: it is the prompt."""
+    tokenizer = build_tokenizer(tmp_path / "tokenizer", ALPHABET)
+    tokenizer.add_bos_token = False
+    assert tokenizer("ab")["input_ids"] == ids("ab")
+    path = write(tmp_path / "data.jsonl", [{"text": "1+2=3"}])
+    data = load_data(path, tokenizer, CONFIG, cache_dir=str(tmp_path / "cache"))
+    expect_sequence(data, 0, ids("1"), ids("+2=3") + [EOS])
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"text": ""}, "row 1: field 'text' is empty"),
+    ({"text": ["a", "b"]}, "row 1: field 'text' must be a string, got list"),
+    ({"text": "ab", "prompt": "1"}, "row 1: field 'completion' is missing (the row has: text, prompt)"),
+])
+def test_bad_text_rows(load, row, message):
+    with pytest.raises(DataError, match=re.escape(message)):
+        load([row], kind="sft")
+
+
 def test_long_response_is_truncated_and_counted(load):
     _, data = load([{"prompt": "1=", "completion": "abcdefgh"}, {"prompt": "1=", "completion": "ab"}])
     assert data.stats.num_truncated == 1
@@ -529,9 +560,11 @@ def test_a_save_to_disk_folder_is_prompt_data(tokenizer, tmp_path):
     ([{"prompt": "1+2=", "chosen": "3", "rejected": "4"}], "sft",
      "are preference data (prompt/chosen/rejected), but this stage takes SFT data"),
     ([{"prompt": "1+2=", "completion": "3"}], "preference",
-     "are SFT data (prompt/completion or messages), but this stage takes preference data"),
+     "are SFT data (prompt/completion, messages or text), but this stage takes preference data"),
     ([{"messages": [{"role": "user", "content": "1+2="}, {"role": "assistant", "content": "3"}]}], "prompt",
-     "are SFT data (prompt/completion or messages), but this stage takes prompt data"),
+     "are SFT data (prompt/completion, messages or text), but this stage takes prompt data"),
+    ([{"text": "1+2=3"}], "prompt", "are SFT data (prompt/completion, messages or text), but this stage takes "
+     "prompt data"),
 ])
 def test_another_kind_of_data_is_named_as_such(load, rows, kind, message):
     with pytest.raises(DataError, match=r"data\.jsonl: the columns \[.*\] " + re.escape(message)):

@@ -8,6 +8,7 @@ Oracle: the token ids are written out by hand (the test tokenizer gives ids 0..6
 and the loss mask is checked against transformers' own
 `apply_chat_template(..., return_assistant_tokens_mask=True)`.
 """
+import dataclasses
 import json
 
 import numpy as np
@@ -63,10 +64,10 @@ CONVERSATION = [message("user", "1+1="), message("assistant", "[add]2"),
                 message("user", "x2="), message("assistant", "[double]4")]
 
 
-def load(tokenizer, tmp_path, rows):
+def load(tokenizer, tmp_path, rows, config=CONFIG):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return load_data(path, tokenizer, CONFIG, cache_dir=str(tmp_path / "cache"))
+    return load_data(path, tokenizer, config, cache_dir=str(tmp_path / "cache"))
 
 
 def row_tokens(data, row):
@@ -110,6 +111,27 @@ def test_rows_ending_with_the_trained_turn_work_either_way(tokenizer, tmp_path):
     assert prompt == [BOS, USER] + ids("1+1=") + [ASSISTANT]
     assert response == ids("[add]2") + [EOS]  # the last turn keeps its reasoning
     assert trained == [1] * len(response)
+
+
+def test_without_assistant_only_loss_the_whole_conversation_is_trained(tokenizer, tmp_path):
+    """`data.assistant_only_loss: false` (TRL's default): a `messages` row trains every token of
+    the template's rendering but the first, which nothing predicts (TRL's labels, shifted); a
+    `prompt` + `completion` row its whole completion, user turns and blocks alike."""
+    config = dataclasses.replace(CONFIG, assistant_only_loss=False)
+    rows = [{"messages": CONVERSATION}, {"prompt": CONVERSATION[:1], "completion": CONVERSATION[1:]}]
+    data = load(tokenizer, tmp_path, rows, config)
+    prompt, response, trained = row_tokens(data, 0)
+    oracle = tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    assert prompt == [BOS] and prompt + response == oracle
+    assert trained == [1] * len(response)
+    prompt, response, trained = row_tokens(data, 1)
+    assert prompt == [BOS, USER] + ids("1+1=") + [ASSISTANT]
+    assert response == ids("2") + [EOS, USER] + ids("x2=") + [ASSISTANT] + ids("[double]4") + [EOS]
+    assert trained == [1] * len(response)
+    if tokenizer.generation_blocks:  # by default only the blocks' text is trained
+        (tmp_path / "default").mkdir()
+        _, _, trained = row_tokens(load(tokenizer, tmp_path / "default", rows[1:]), 0)
+        assert trained == [1, 1] + [0] * 5 + [1] * 10
 
 
 def test_marked_spans_are_merged_and_an_unmarked_completion_is_an_error():
