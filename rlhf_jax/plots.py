@@ -22,7 +22,7 @@ def _as_runs(metrics_rows) -> dict[str, Sequence[Mapping]]:
     return {"": list(metrics_rows)}
 
 
-def _series(rows: Sequence[Mapping], key: str, x_key: str) -> tuple[np.ndarray, np.ndarray]:
+def finite_series(rows: Sequence[Mapping], key: str, x_key: str = "step") -> tuple[np.ndarray, np.ndarray]:
     """(x, y) for rows holding a finite numeric `key`, sorted by x."""
     xs, ys = [], []
     for row in rows:
@@ -76,7 +76,7 @@ def curves_figure(metrics_rows, keys: Sequence[str], title: str | None = None, *
     for axis, key in zip(axes, keys):
         drawn = False
         for index, (name, rows) in enumerate(runs.items()):  # a run keeps its colour in every subplot
-            x, y = _series(rows, key, x_key)
+            x, y = finite_series(rows, key, x_key)
             if x.size:
                 axis.plot(x, y, marker="." if x.size < 30 else None, label=name or None,
                           color=f"C{index % 10}")

@@ -16,7 +16,7 @@ import yaml
 
 from rlhf_jax.pipeline.metrics_log import METRICS_FILE, read_metrics
 from rlhf_jax.pipeline.resume_check import stage_of
-from rlhf_jax.plots import plot_curves, plot_pass_at_k
+from rlhf_jax.plots import finite_series, plot_curves, plot_pass_at_k
 from rlhf_jax.pipeline.report import Section, write_report
 
 # The curves drawn for each stage's metrics.jsonl (keys a run lacks show "no data").
@@ -51,14 +51,13 @@ def _curve_keys(stage: str, rows: Sequence[Mapping]) -> list[str]:
 
 
 def _final_value(rows: Sequence[Mapping], key: str, fraction: float = 0.1):
-    """The mean of `key` over the last `fraction` of the rows that log it (at least one row),
-    which smooths the step-to-step noise of a final value; None when no row logs it."""
-    values = [float(row[key]) for row in rows if isinstance(row.get(key), (int, float))
-              and not isinstance(row.get(key), bool) and math.isfinite(row[key])]
-    if not values:
+    """The mean of `key` over the last `fraction` of the steps that log it finite (at least
+    one), which smooths the step-to-step noise of a final value; None when no step logs it."""
+    _, values = finite_series(rows, key)
+    if not values.size:
         return None
     tail = values[-max(1, math.ceil(fraction * len(values))):]
-    return sum(tail) / len(tail)
+    return float(tail.mean())
 
 
 def comparison_table(runs: Mapping[str, Sequence[Mapping]], keys: Sequence[str]) -> list[dict]:
