@@ -118,7 +118,11 @@ class MetricsLogger:
         if wandb is not None:
             from rlhf_jax.pipeline.wandb_log import WandbRun
 
-            self._wandb = WandbRun(self.out_dir, resume=resume_step is not None, **wandb)
+            try:
+                self._wandb = WandbRun(self.out_dir, resume=resume_step is not None, **wandb)
+            except BaseException:  # e.g. no wandb package: leave no open file or writer thread
+                self.close()
+                raise
 
     def _truncate(self, resume_step: int) -> None:
         """Rewrite metrics.jsonl with only the rows at or before `resume_step` (atomically)."""

@@ -12,9 +12,10 @@ from stage_helpers import sft_overrides, tiny_task
 from wandb.proto import wandb_internal_pb2
 
 from rlhf_jax.pipeline import cli
-from rlhf_jax.pipeline.metrics_log import read_metrics
+from rlhf_jax.pipeline.metrics_log import MetricsLogger, read_metrics
 from rlhf_jax.pipeline.stages import sft
 from rlhf_jax.pipeline.wandb_log import RUN_ID_FILE
+from rlhf_jax.typed_config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +110,26 @@ def test_without_the_package_one_config_error_line(task, tmp_path, monkeypatch, 
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("rlhf-jax sft: config error: `logging.wandb` is true but the wandb package is not "
                                "installed: pip install \"rlhf_jax[wandb]\""), lines[0]
+
+
+def test_a_failed_wandb_start_closes_the_tensorboard_writer(tmp_path, monkeypatch):
+    """Nothing is left open (Python 3.12 prints a traceback at exit for a writer left running)."""
+    import tensorboardX
+
+    writers = []
+
+    class RecordingWriter(tensorboardX.SummaryWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.closed = False
+            writers.append(self)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    monkeypatch.setattr(tensorboardX, "SummaryWriter", RecordingWriter)
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ConfigError, match="wandb package is not installed"):
+        MetricsLogger(tmp_path, wandb={})
+    assert len(writers) == 1 and writers[0].closed
