@@ -7,10 +7,10 @@ scorer read decoded text, so they run on the host between the jitted generate ph
 inside a JAX callback: an error in a reward function is a `RewardError`, reported by the CLI in
 one line (`reward error`) with exit code 2.
 
-The gold scorer (`reward.kind: gold`) is the `reward` of a task (`rlhf_jax.pipeline.tasks`): it
-reads the prompt decoded without special tokens (also from a chat-rendered prompt), the
-response decoded with them, so the EOS token marks where the answer stops, and the row's
-`answer` when the data has one. Identical rows are decoded once.
+The gold scorer (`reward.kind: gold`, or `auto` without `reward.path`) is the `reward` of a
+task (`rlhf_jax.pipeline.tasks`): it reads the prompt decoded without special tokens (also
+from a chat-rendered prompt), the response decoded with them, so the EOS token marks where the
+answer stops, and the row's `answer` when the data has one. Identical rows are decoded once.
 """
 from __future__ import annotations
 
@@ -170,8 +170,7 @@ class HostScorer:
             lines.append(f"reward model (weight {self.model_weight:g})")
         if self.gold_kind is not None:
             against = " against the `answer` column" if "answer" in self.columns else ""
-            lines.append(f"gold scorer of the {load_task(self.gold_task).name} task{against} ({self.gold_kind}; "
-                         f"`reward.kind: gold`)")
+            lines.append(f"gold scorer of the {load_task(self.gold_task).name} task{against} ({self.gold_kind})")
         return lines
 
     def score_rollout(self, data, rows, *, repeat: int = 1, step=None) -> tuple[np.ndarray, dict]:
