@@ -8,9 +8,8 @@ scripts) inherit them through the environment.
 CPU: the tests' models are tiny, so compiling dominates their time and the unoptimised code
 runs fast enough (about 35% less CPU time in the compile-bound tests). XLA's own passes
 (fusion, layouts, the expansion of each op) still run; only the machine code is less tuned.
-`benchmarks/accelerator_check.py --dry-run` uses the same flag for the same reason. Unoptimised
-code is mapped into memory kernel by kernel, though, so every test module ends by dropping the
-compiled programs (below).
+`benchmarks/accelerator_check.py --dry-run` uses the same flag for the same reason. With it,
+compiled programs hold many memory mappings, so every test module ends by dropping them (below).
 """
 import os
 
@@ -24,10 +23,10 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs_after_each_module():
-    """Drop every compiled program when a test module ends. With the unoptimised backend
-    XLA:CPU maps each compiled kernel into memory separately (hundreds of mappings per program,
-    about 10x the optimised count), and a test worker that runs half the suite would otherwise
-    pass Linux's default limit of 65,530 mappings per process (`vm.max_map_count`), where the
-    next compilation crashes with a segmentation fault."""
+    """Drop every compiled program when a test module ends. With the unoptimised backend and
+    the 8 host devices, XLA:CPU keeps hundreds of memory mappings per compiled program (about
+    10x as many as optimised, or on one device), and a test worker that runs half the suite
+    would otherwise pass Linux's default limit of 65,530 mappings per process
+    (`vm.max_map_count`), where the next compilation crashes with a segmentation fault."""
     yield
     jax.clear_caches()
