@@ -427,20 +427,23 @@ def _render_implicit_prompt(row: dict, render: Render) -> RenderedRow:
     )
 
 
-def _render_whole_conversation(messages: str | list[dict], render: Render) -> RenderedRow:
-    """An SFT conversation trained whole: an empty prompt, its full rendering the response."""
+def _check_conversation(messages: str | list[dict]) -> None:
+    """A RowError unless a `messages` field is a message list that ends with an assistant turn."""
     if isinstance(messages, str):
         raise RowError("field 'messages' must be a list of {role, content} messages, got str")
     _check_response(messages, "messages")
+
+
+def _render_whole_conversation(messages: str | list[dict], render: Render) -> RenderedRow:
+    """An SFT conversation trained whole: an empty prompt, its full rendering the response."""
+    _check_conversation(messages)
     return RenderedRow("", {"completion": [(_render_checked(render, messages, False), True)]},
                        conversational=True)
 
 
 def _render_messages(messages: str | list[dict], render: Render) -> RenderedRow:
     """An SFT conversation: every assistant message is trained, the rest is context."""
-    if isinstance(messages, str):
-        raise RowError("field 'messages' must be a list of {role, content} messages, got str")
-    _check_response(messages, "messages")
+    _check_conversation(messages)
     full = _render_checked(render, messages, False)
     segments: list[tuple[str, bool]] = []
     prompt_end, position = None, 0
